@@ -1,0 +1,130 @@
+//! A read-only view of the local Nix database (`/nix/var/nix/db/db.sqlite`).
+//!
+//! # Why read SQLite directly
+//! The hook runs after every build and must finish in about a millisecond. Asking
+//! `nix path-info --json` costs 50–100 ms (Nix's evaluator and store start-up); the
+//! database holds everything we need (`ValidPaths`: hash, narSize, deriver, sigs, ca;
+//! `Refs`: references) and one recursive query returns a whole closure.
+//!
+//! The database is opened read-only (`SQLITE_OPEN_READ_ONLY`) with a busy timeout. Nix keeps
+//! it in WAL mode, so readers see a consistent snapshot and never block Nix's writers, which
+//! keeps this correct while builds run. Opening a WAL database needs write access to its
+//! `-shm` file, which root (the hook under nix-daemon) has.
+//!
+//! Schema: `ValidPaths(id, path, hash, registrationTime, deriver, narSize, ultimate, sigs,
+//! ca)` and `Refs(referrer, reference)`, unchanged since Nix 2.0 (schema version 10) up to
+//! the 2.3x releases; `hash` is `sha256:<base16>`. Tested against Debian's Nix 2.8.
+
+use rusqlite::{Connection, OpenFlags};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use thiserror::Error;
+
+use super::hash::Sha256;
+use super::path_info::PathInfo;
+use super::store_path::StorePath;
+
+#[derive(Debug, Error)]
+pub enum DbError {
+    #[error("Nix database {0}: {1}")]
+    Sqlite(PathBuf, rusqlite::Error),
+    #[error("{0} is not a valid path in the local Nix store")]
+    NotValid(StorePath),
+    #[error("Nix database row for {0}: {1}")]
+    BadRow(String, String),
+}
+
+/// `$NIX_STATE_DIR` (default `/nix/var/nix`), as Nix itself reads it.
+pub fn nix_state_dir() -> PathBuf {
+    std::env::var_os("NIX_STATE_DIR").map_or_else(|| PathBuf::from("/nix/var/nix"), PathBuf::from)
+}
+
+/// Where Nix keeps the build log of `drv`, if it kept one (`$NIX_LOG_DIR`, default
+/// `/nix/var/log/nix`; `drvs/<2 chars>/<rest>[.bz2]`).
+pub fn build_log_path(drv: &StorePath) -> Option<PathBuf> {
+    let dir = std::env::var_os("NIX_LOG_DIR").map_or_else(|| PathBuf::from("/nix/var/log/nix"), PathBuf::from);
+    let base = drv.base_name();
+    let stem = dir.join("drvs").join(&base[..2]).join(&base[2..]);
+    [stem.with_extension("drv.bz2"), stem]
+        .into_iter()
+        .find(|p| p.exists())
+}
+
+pub struct NixDb {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl NixDb {
+    pub fn open_default() -> Result<Self, DbError> {
+        Self::open(&nix_state_dir().join("db/db.sqlite"))
+    }
+
+    pub fn open(path: &Path) -> Result<Self, DbError> {
+        let err = |e| DbError::Sqlite(path.to_path_buf(), e);
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(err)?;
+        conn.busy_timeout(Duration::from_secs(2)).map_err(err)?;
+        Ok(NixDb { conn, path: path.to_path_buf() })
+    }
+
+    /// Path info for `roots` and, with `closure`, everything they reference transitively.
+    /// Every root must be valid. The result is sorted by path.
+    pub fn query(&self, roots: &[StorePath], closure: bool) -> Result<Vec<PathInfo>, DbError> {
+        if roots.is_empty() {
+            return Ok(Vec::new());
+        }
+        let err = |e| DbError::Sqlite(self.path.clone(), e);
+        let placeholders = vec!["?"; roots.len()].join(",");
+        let recurse = if closure {
+            "UNION SELECT r.reference FROM Refs r JOIN c ON r.referrer = c.id"
+        } else {
+            ""
+        };
+        let sql = format!(
+            "WITH RECURSIVE c(id) AS (SELECT id FROM ValidPaths WHERE path IN ({placeholders}) {recurse})
+             SELECT v.path, v.hash, v.narSize, v.deriver, v.sigs, v.ca,
+                    (SELECT group_concat(p.path, ' ') FROM Refs r JOIN ValidPaths p ON p.id = r.reference
+                     WHERE r.referrer = v.id)
+             FROM ValidPaths v JOIN c ON v.id = c.id ORDER BY v.path"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql).map_err(err)?;
+        let names: Vec<String> = roots.iter().map(|r| r.to_string()).collect();
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(names.iter()), |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, Option<i64>>(2)?,
+                    row.get::<_, Option<String>>(3)?,
+                    row.get::<_, Option<String>>(4)?,
+                    row.get::<_, Option<String>>(5)?,
+                    row.get::<_, Option<String>>(6)?,
+                ))
+            })
+            .map_err(err)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (path, hash, size, deriver, sigs, ca, refs) = row.map_err(err)?;
+            let bad = |why: String| DbError::BadRow(path.clone(), why);
+            let sp = |s: &str| StorePath::parse(s).map_err(|e| bad(e.to_string()));
+            out.push(PathInfo {
+                path: sp(&path)?,
+                nar_hash: Sha256::parse(&hash).map_err(|e| bad(e.to_string()))?,
+                nar_size: size.and_then(|s| u64::try_from(s).ok()).filter(|&s| s > 0).ok_or_else(|| bad("no narSize".into()))?,
+                references: refs.as_deref().unwrap_or("").split(' ').filter(|s| !s.is_empty()).map(sp).collect::<Result<BTreeSet<_>, _>>()?,
+                deriver: deriver.as_deref().filter(|d| !d.is_empty()).map(sp).transpose()?,
+                sigs: sigs.as_deref().unwrap_or("").split(' ').filter(|s| !s.is_empty()).map(str::to_string).collect(),
+                ca: ca.filter(|c| !c.is_empty()),
+            });
+        }
+        if let Some(missing) = roots.iter().find(|r| out.binary_search_by(|i| i.path.cmp(r)).is_err()) {
+            return Err(DbError::NotValid(missing.clone()));
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,176 @@
+//! Reading a derivation (`.drv`, ATerm) for its outputs.
+//!
+//! ```text
+//! Derive([("out","/nix/store/…-x","",""),…],   outputs: name, path, hash algo, hash
+//!        [("/nix/store/…-y.drv",["out"]),…],   input derivations
+//!        ["/nix/store/…-src",…],               input sources
+//!        "x86_64-linux","/bin/sh",["-c","…"],  system, builder, args
+//!        [("name","value"),…])                 environment
+//! ```
+//! The whole term is parsed (so a truncated or corrupt file is an error), but only the
+//! outputs are kept. Strings use C escapes `\" \\ \n \r \t`.
+
+use thiserror::Error;
+
+use super::store_path::{StorePath, StorePathError};
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum DrvError {
+    #[error("derivation: at byte {0}: expected {1}")]
+    Expected(usize, &'static str),
+    #[error("derivation: output {0:?}: {1}")]
+    BadOutput(String, StorePathError),
+    #[error("derivation: trailing bytes at {0}")]
+    Trailing(usize),
+}
+
+/// An output of a derivation; `path` is `None` for content-addressed outputs whose path is
+/// not known before the build.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DrvOutput {
+    pub name: String,
+    pub path: Option<StorePath>,
+}
+
+struct Parser<'a> {
+    s: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Parser<'a> {
+    fn expect(&mut self, lit: &'static str) -> Result<(), DrvError> {
+        if self.s[self.pos..].starts_with(lit.as_bytes()) {
+            self.pos += lit.len();
+            Ok(())
+        } else {
+            Err(DrvError::Expected(self.pos, lit))
+        }
+    }
+
+    fn peek(&self, c: u8) -> bool {
+        self.s.get(self.pos) == Some(&c)
+    }
+
+    fn string(&mut self) -> Result<String, DrvError> {
+        self.expect("\"")?;
+        let mut out = Vec::new();
+        loop {
+            match self.s.get(self.pos) {
+                None => return Err(DrvError::Expected(self.pos, "closing '\"'")),
+                Some(b'"') => break,
+                Some(b'\\') => {
+                    let c = *self.s.get(self.pos + 1).ok_or(DrvError::Expected(self.pos + 1, "escaped character"))?;
+                    out.push(match c {
+                        b'n' => b'\n',
+                        b'r' => b'\r',
+                        b't' => b'\t',
+                        c => c,
+                    });
+                    self.pos += 2;
+                }
+                Some(&c) => {
+                    out.push(c);
+                    self.pos += 1;
+                }
+            }
+        }
+        self.pos += 1;
+        String::from_utf8(out).map_err(|_| DrvError::Expected(self.pos, "UTF-8 string"))
+    }
+
+    /// `[item,item,…]`
+    fn list<T>(&mut self, mut item: impl FnMut(&mut Self) -> Result<T, DrvError>) -> Result<Vec<T>, DrvError> {
+        self.expect("[")?;
+        let mut v = Vec::new();
+        while !self.peek(b']') {
+            if !v.is_empty() {
+                self.expect(",")?;
+            }
+            v.push(item(self)?);
+        }
+        self.expect("]")?;
+        Ok(v)
+    }
+}
+
+/// The outputs of the derivation in `text`.
+pub fn parse_outputs(text: &[u8]) -> Result<Vec<DrvOutput>, DrvError> {
+    let mut p = Parser { s: text, pos: 0 };
+    p.expect("Derive(")?;
+    let outputs = p.list(|p| {
+        p.expect("(")?;
+        let name = p.string()?;
+        p.expect(",")?;
+        let path = p.string()?;
+        for _ in 0..2 {
+            p.expect(",")?;
+            p.string()?;
+        }
+        p.expect(")")?;
+        Ok((name, path))
+    })?;
+    p.expect(",")?;
+    p.list(|p| {
+        p.expect("(")?;
+        p.string()?;
+        p.expect(",")?;
+        p.list(Parser::string)?;
+        p.expect(")")
+    })?;
+    p.expect(",")?;
+    p.list(Parser::string)?;
+    for _ in 0..2 {
+        p.expect(",")?;
+        p.string()?;
+    }
+    p.expect(",")?;
+    p.list(Parser::string)?;
+    p.expect(",")?;
+    p.list(|p| {
+        p.expect("(")?;
+        p.string()?;
+        p.expect(",")?;
+        p.string()?;
+        p.expect(")")
+    })?;
+    p.expect(")")?;
+    if p.pos != text.len() {
+        return Err(DrvError::Trailing(p.pos));
+    }
+    outputs
+        .into_iter()
+        .map(|(name, path)| {
+            let path = if path.is_empty() {
+                None
+            } else {
+                Some(StorePath::parse(&path).map_err(|e| DrvError::BadOutput(name.clone(), e))?)
+            };
+            Ok(DrvOutput { name, path })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DRV: &str = r#"Derive([("out","/nix/store/z4asv3j07d89ywjf8fxkn7sg6mf5s9q5-dep","","")],[],[],"x86_64-linux","/bin/sh",["-c","echo \"dep\" > $out\n"],[("builder","/bin/sh"),("name","dep"),("out","/nix/store/z4asv3j07d89ywjf8fxkn7sg6mf5s9q5-dep")])"#;
+
+    #[test]
+    fn reads_outputs() {
+        let outs = parse_outputs(DRV.as_bytes()).unwrap();
+        assert_eq!(outs.len(), 1);
+        assert_eq!(outs[0].name, "out");
+        assert_eq!(outs[0].path.as_ref().unwrap().name(), "dep");
+    }
+
+    #[test]
+    fn refuses_truncated_and_corrupt() {
+        for cut in 0..DRV.len() {
+            assert!(parse_outputs(&DRV.as_bytes()[..cut]).is_err(), "prefix of {cut} bytes parsed");
+        }
+        assert_eq!(parse_outputs(format!("{DRV} ").as_bytes()), Err(DrvError::Trailing(DRV.len())));
+        let bad = DRV.replacen("/nix/store/z4asv", "/tmp/z4asv", 1);
+        assert!(matches!(parse_outputs(bad.as_bytes()), Err(DrvError::BadOutput(..))));
+    }
+}
