@@ -2,5 +2,26 @@
 //!
 //! # Layout
 //! - [`nix`]: Nix's formats (nixbase32, store paths, NAR, narinfo, keys and signatures,
-//!   `.drv` outputs) and the read-only view of the local Nix database.
+//!   `.drv` outputs) and the read-only view of the local Nix database. Pure but for `db`
+//!   and `nar::dump`.
+//! - [`config`]: the one TOML configuration of hook, daemon and CLI; [`store_url`]: Nix's
+//!   store-URL syntax.
+//! - [`protocol`]: hook ↔ daemon frames (plain `std`, so the hook needs no runtime).
+//! - [`hook`]: what `narq-hook` and `narq push` do: closure, signatures, hand-off or spool.
+//! - [`spool`]: requests written to disk while the daemon is away.
+//! - [`queue`]: the durable queue and all its policy (states, ordering, backoff).
+//! - [`upload`]: one item from store to target; [`target`]: where the cache lives.
+//! - [`daemon`]: the socket server, spool ingestion and the worker pool.
+//! - [`logging`]: journald under systemd, readable lines on stderr otherwise.
+
+pub mod config;
+pub mod daemon;
+pub mod hook;
+pub mod logging;
 pub mod nix;
+pub mod protocol;
+pub mod queue;
+pub mod spool;
+pub mod store_url;
+pub mod target;
+pub mod upload;

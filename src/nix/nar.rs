@@ -67,7 +67,7 @@ impl<W: Write> Write for HashingWriter<W> {
 const BUF_SIZE: usize = 1 << 20;
 
 /// Writes the NAR of `path` to `out`; returns its hash and size.
-pub fn dump<W: Write>(path: &Path, out: W) -> io::Result<NarStats> {
+pub fn dump<W: Write>(path: &Path, out: &mut W) -> io::Result<NarStats> {
     let mut w = NarWriter {
         out: io::BufWriter::with_capacity(64 * 1024, HashingWriter::new(out)),
         buf: vec![0u8; BUF_SIZE],
@@ -75,14 +75,14 @@ pub fn dump<W: Write>(path: &Path, out: W) -> io::Result<NarStats> {
     w.str(b"nix-archive-1")?;
     w.node(path)?;
     let hashing = w.out.into_inner().map_err(|e| e.into_error())?;
-    let (mut inner, stats) = hashing.finish();
+    let (inner, stats) = hashing.finish();
     inner.flush()?;
     Ok(stats)
 }
 
 /// Hash and size of the NAR of `path`, without writing it anywhere.
 pub fn hash_path(path: &Path) -> io::Result<NarStats> {
-    dump(path, io::sink())
+    dump(path, &mut io::sink())
 }
 
 struct NarWriter<W: Write> {

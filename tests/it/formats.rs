@@ -142,7 +142,7 @@ fn our_signatures_and_keys_work_with_nix() {
     let cache = t.join("cache-ours");
     std::fs::create_dir_all(cache.join("nar")).unwrap();
     let ni = our_narinfo(&sp, &nix_key);
-    nar::dump(Path::new(&sp.to_absolute()), std::fs::File::create(cache.join(&ni.url)).unwrap()).unwrap();
+    nar::dump(Path::new(&sp.to_absolute()), &mut std::fs::File::create(cache.join(&ni.url)).unwrap()).unwrap();
     std::fs::write(cache.join(format!("{}.narinfo", sp.hash_part())), ni.to_string()).unwrap();
     std::fs::write(cache.join("nix-cache-info"), "StoreDir: /nix/store\n").unwrap();
     let store = format!("file://{}", cache.display());

@@ -1,0 +1,210 @@
+//! One configuration, read by the hook, the daemon and the CLI, validated once.
+//!
+//! Found at `--config FILE`, else `$NARQ_CONFIG`, else `/etc/narq/config.toml`. When the
+//! default file does not exist, the defaults apply (a `file://` cache under the state dir);
+//! a file named explicitly must exist. Every error names the file, the key and the problem.
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+use crate::nix::{PublicKey, SecretKey};
+use crate::store_url::StoreUrl;
+
+pub const DEFAULT_PATH: &str = "/etc/narq/config.toml";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/narq";
+pub const DEFAULT_SOCKET: &str = "/run/narq/narq.sock";
+
+#[derive(Debug, Error)]
+#[error("config {file}{}: {msg}", key.as_ref().map(|k| format!(", key `{k}`")).unwrap_or_default())]
+pub struct ConfigError {
+    pub file: String,
+    pub key: Option<String>,
+    pub msg: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct Raw {
+    store: Option<String>,
+    #[serde(default)]
+    secret_key_files: Vec<PathBuf>,
+    #[serde(default)]
+    public_keys: Vec<String>,
+    socket: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    jobs: Option<usize>,
+    #[serde(default)]
+    allowed_users: Vec<String>,
+    #[serde(default)]
+    upstream: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where this configuration came from (for messages); `None` for built-in defaults.
+    pub file: Option<PathBuf>,
+    /// Where uploads go.
+    pub store: StoreUrl,
+    /// Keys the hook and `narq push` sign with (the daemon never needs them).
+    pub secret_key_files: Vec<PathBuf>,
+    /// Keys whose signatures the daemon accepts on handed-in paths: `public-keys`, plus the
+    /// public halves of `secret-key-files` that the daemon can read.
+    pub public_keys: Vec<PublicKey>,
+    /// The daemon's Unix socket (unless systemd passes one).
+    pub socket: PathBuf,
+    /// The durable queue, the spool of requests written while the daemon was away, temp files.
+    pub state_dir: PathBuf,
+    /// Concurrent uploads.
+    pub jobs: usize,
+    /// Users besides root and the daemon's own user who may enqueue.
+    pub allowed_uids: Vec<u32>,
+    /// Binary caches (http(s) URLs) whose paths are not uploaded again.
+    pub upstream: Vec<String>,
+}
+
+impl Config {
+    /// The config file to read: `explicit`, else `$NARQ_CONFIG`, else the default.
+    pub fn locate(explicit: Option<&Path>) -> (PathBuf, bool) {
+        if let Some(p) = explicit {
+            return (p.to_path_buf(), true);
+        }
+        match std::env::var_os("NARQ_CONFIG") {
+            Some(p) if !p.is_empty() => (PathBuf::from(p), true),
+            _ => (PathBuf::from(DEFAULT_PATH), false),
+        }
+    }
+
+    pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
+        let (path, must_exist) = Config::locate(explicit);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Config::parse(&text, Some(&path)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => Config::parse("", None),
+            Err(e) => Err(ConfigError { file: path.display().to_string(), key: None, msg: e.to_string() }),
+        }
+    }
+
+    pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, ConfigError> {
+        let fname = file.map_or("(built-in defaults)".to_string(), |f| f.display().to_string());
+        let err = |key: Option<&str>, msg: String| ConfigError { file: fname.clone(), key: key.map(str::to_string), msg };
+        let raw: Raw = toml::from_str(text).map_err(|e| {
+            let (line, key) = e
+                .span()
+                .map(|s| {
+                    let line = text[..s.start].matches('\n').count() + 1;
+                    let l = text.lines().nth(line - 1).unwrap_or("");
+                    (Some(line), l.split_once('=').map(|(k, _)| k.trim().to_string()))
+                })
+                .unwrap_or((None, None));
+            let msg = e.message().to_string();
+            let msg = line.map_or(msg.clone(), |l| format!("line {l}: {msg}"));
+            err(key.as_deref().filter(|k| !k.is_empty()), msg)
+        })?;
+        let state_dir = raw.state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        if !state_dir.is_absolute() {
+            return Err(err(Some("state-dir"), format!("{} is not an absolute path", state_dir.display())));
+        }
+        let default_store = format!("file://{}", state_dir.join("cache").display());
+        let store = StoreUrl::parse(raw.store.as_deref().unwrap_or(&default_store)).map_err(|m| err(Some("store"), m))?;
+        let mut public_keys = Vec::new();
+        for (i, k) in raw.public_keys.iter().enumerate() {
+            public_keys.push(PublicKey::parse(k).map_err(|e| err(Some(&format!("public-keys[{i}]")), e.to_string()))?);
+        }
+        let mut secret_key_files = raw.secret_key_files;
+        secret_key_files.extend(store.secret_keys.iter().cloned());
+        for f in &secret_key_files {
+            if let Ok(sk) = SecretKey::read(f) {
+                if !public_keys.contains(&sk.public()) {
+                    public_keys.push(sk.public());
+                }
+            }
+        }
+        let jobs = raw.jobs.unwrap_or(4);
+        if !(1..=256).contains(&jobs) {
+            return Err(err(Some("jobs"), format!("{jobs} is out of range 1..=256")));
+        }
+        let allowed_uids = raw
+            .allowed_users
+            .iter()
+            .map(|u| resolve_user(u).ok_or_else(|| err(Some("allowed-users"), format!("no such user {u:?}"))))
+            .collect::<Result<_, _>>()?;
+        for u in &raw.upstream {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                return Err(err(Some("upstream"), format!("{u:?} is not an http(s) binary cache URL")));
+            }
+        }
+        Ok(Config {
+            file: file.map(Path::to_path_buf),
+            store,
+            secret_key_files,
+            public_keys,
+            socket: raw.socket.unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
+            state_dir,
+            jobs,
+            allowed_uids,
+            upstream: raw.upstream.iter().map(|u| u.trim_end_matches('/').to_string()).collect(),
+        })
+    }
+
+    /// Reads every secret key file; an unreadable or malformed one is an error naming it.
+    pub fn secret_keys(&self) -> Result<Vec<SecretKey>, ConfigError> {
+        self.secret_key_files
+            .iter()
+            .map(|f| {
+                SecretKey::read(f).map_err(|e| ConfigError {
+                    file: self.file.as_ref().map_or("(built-in defaults)".into(), |p| p.display().to_string()),
+                    key: Some("secret-key-files".into()),
+                    msg: e.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    pub fn spool_dir(&self) -> PathBuf {
+        self.state_dir.join("spool")
+    }
+}
+
+/// A user name or numeric uid to a uid.
+fn resolve_user(u: &str) -> Option<u32> {
+    if let Ok(n) = u.parse() {
+        return Some(n);
+    }
+    let name = std::ffi::CString::new(u).ok()?;
+    // SAFETY: getpwnam returns NULL or a pointer to static storage, read before any other call.
+    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+    (!pw.is_null()).then(|| unsafe { (*pw).pw_uid })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_put_a_file_cache_under_the_state_dir() {
+        let c = Config::parse("state-dir = \"/tmp/x\"\n", Some(Path::new("/etc/narq/config.toml"))).unwrap();
+        assert_eq!(c.store.location, crate::store_url::Location::File("/tmp/x/cache".into()));
+        assert_eq!(c.socket, PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(c.jobs, 4);
+        assert_eq!(Config::parse("allowed-users = [\"root\", \"1000\"]", None).unwrap().allowed_uids, [0, 1000]);
+    }
+
+    #[test]
+    fn errors_name_file_key_and_problem() {
+        let f = Some(Path::new("/etc/narq/config.toml"));
+        for (text, want) in [
+            ("jobs = \"four\"", "config /etc/narq/config.toml, key `jobs`: line 1: invalid type"),
+            ("store = \"s3://b?compression=lz4\"", "key `store`: \"lz4\""),
+            ("\n\nstroe = \"x\"", "line 3: unknown field `stroe`"),
+            ("public-keys = [\"k:AAAA\"]", "key `public-keys[0]`: key \"k\": public key is 3 bytes"),
+            ("jobs = 0", "key `jobs`: 0 is out of range"),
+            ("state-dir = \"rel\"", "key `state-dir`: rel is not an absolute path"),
+            ("allowed-users = [\"no-such-user-narq\"]", "no such user"),
+            ("store = ", "line 1"),
+        ] {
+            let e = Config::parse(text, f).unwrap_err().to_string();
+            assert!(e.contains(want), "{text:?}: {e}");
+            assert!(e.starts_with("config /etc/narq/config.toml"), "{e}");
+        }
+    }
+}

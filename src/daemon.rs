@@ -1,0 +1,382 @@
+//! `narq daemon`: accepts requests on the Unix socket, keeps them in the durable queue,
+//! ingests the spool, and runs the upload workers.
+//!
+//! [`run`] takes the listener and a shutdown future, so that tests start a real daemon on
+//! a temporary socket and stop it, and systemd can hand over its socket (`LISTEN_FDS`).
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Notify;
+
+use crate::config::Config;
+use crate::nix::{PathInfo, StorePath};
+use crate::protocol::{self, FrameError, Request, Response, HEADER_LEN};
+use crate::queue::{Item, Queue};
+use crate::spool;
+use crate::target;
+use crate::upload::{UploadError, Uploader};
+
+/// How often the spool directory is checked for requests written while we were away.
+const SPOOL_POLL: Duration = Duration::from_secs(1);
+/// A client that sends nothing for this long is dropped.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+struct Shared {
+    config: Config,
+    queue: Arc<Mutex<Queue>>,
+    uploader: Uploader,
+    /// Keys of the items being uploaded now.
+    in_flight: Mutex<HashSet<String>>,
+    /// Wakes the dispatcher: something was enqueued or a worker finished.
+    wake: Notify,
+    /// Uids that may enqueue: root, our own, and `allowed-users`.
+    allowed_uids: Vec<u32>,
+}
+
+impl Shared {
+    /// Runs `f` on the queue on a blocking thread (SQLite commits fsync).
+    async fn queue<T: Send + 'static>(&self, f: impl FnOnce(&mut Queue) -> T + Send + 'static) -> T {
+        let q = self.queue.clone();
+        tokio::task::spawn_blocking(move || f(&mut q.lock().unwrap_or_else(|e| e.into_inner())))
+            .await
+            .expect("queue task panicked")
+    }
+}
+
+/// Binds the configured socket (parent created, stale socket removed, mode 0660), unless
+/// systemd passed one (`LISTEN_FDS`).
+pub fn listener(config: &Config) -> anyhow::Result<UnixListener> {
+    if let Some(l) = systemd_listener()? {
+        tracing::info!("using the socket passed by systemd");
+        return Ok(l);
+    }
+    let path = &config.socket;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing stale socket {}", path.display()))
+        }
+        _ => {}
+    }
+    let l = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o660))?;
+    Ok(l)
+}
+
+fn systemd_listener() -> anyhow::Result<Option<UnixListener>> {
+    use std::os::fd::FromRawFd;
+    let pid_ok = std::env::var("LISTEN_PID").ok().and_then(|p| p.parse::<u32>().ok()) == Some(std::process::id());
+    let fds: u32 = std::env::var("LISTEN_FDS").ok().and_then(|n| n.parse().ok()).unwrap_or(0);
+    if !pid_ok || fds == 0 {
+        return Ok(None);
+    }
+    std::env::remove_var("LISTEN_PID");
+    std::env::remove_var("LISTEN_FDS");
+    std::env::remove_var("LISTEN_FDNAMES");
+    // SAFETY: systemd passes the listening sockets as fds 3.., owned by us from here on.
+    let std_l = unsafe { std::os::unix::net::UnixListener::from_raw_fd(3) };
+    std_l.set_nonblocking(true)?;
+    Ok(Some(UnixListener::from_std(std_l)?))
+}
+
+/// Tells systemd (`Type=notify`) that we serve, if it asked.
+fn sd_notify(msg: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(e) => return tracing::warn!("sd_notify: {e}"),
+    };
+    let bytes = path.as_encoded_bytes();
+    let res = if let Some(name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(name).and_then(|a| sock.send_to_addr(msg.as_bytes(), &a))
+    } else {
+        sock.send_to(msg.as_bytes(), Path::new(&path))
+    };
+    if let Err(e) = res {
+        tracing::warn!("sd_notify to {}: {e}", path.to_string_lossy());
+    }
+}
+
+/// Runs the daemon until `shutdown` completes.
+pub async fn run(config: Config, listener: UnixListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let tmp_dir = config.state_dir.join("tmp");
+    let _ = std::fs::remove_dir_all(&tmp_dir);
+    std::fs::create_dir_all(&tmp_dir).with_context(|| format!("creating {}", tmp_dir.display()))?;
+    let db = config.state_dir.join("queue.db");
+    let queue = Queue::open(&db).with_context(|| format!("opening the queue {}", db.display()))?;
+    let target = target::open(&config.store).map_err(anyhow::Error::msg)?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let mut allowed_uids = vec![0, me];
+    allowed_uids.extend(&config.allowed_uids);
+    let shared = Arc::new(Shared {
+        uploader: Uploader { target, url: config.store.clone(), tmp_dir },
+        queue: Arc::new(Mutex::new(queue)),
+        in_flight: Mutex::new(HashSet::new()),
+        wake: Notify::new(),
+        allowed_uids,
+        config,
+    });
+    if let Err(e) = shared.uploader.ensure_cache_info().await {
+        tracing::warn!("writing nix-cache-info: {e:?} (retried at the next start)");
+    }
+    ingest_spool(&shared).await;
+    let status = shared.queue(|q| q.status()).await?;
+    tracing::info!(
+        store = %shared.uploader.target.describe(),
+        jobs = shared.config.jobs,
+        pending = status.pending,
+        "narq daemon ready"
+    );
+    sd_notify("READY=1\nSTATUS=serving");
+
+    let dispatcher = tokio::spawn(dispatch(shared.clone()));
+    let spooler = tokio::spawn({
+        let shared = shared.clone();
+        async move {
+            loop {
+                tokio::time::sleep(SPOOL_POLL).await;
+                ingest_spool(&shared).await;
+            }
+        }
+    });
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => { tokio::spawn(serve(shared.clone(), stream)); }
+                Err(e) => {
+                    tracing::warn!("accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    sd_notify("STOPPING=1");
+    dispatcher.abort();
+    spooler.abort();
+    tracing::info!("narq daemon stopped");
+    Ok(())
+}
+
+/// Starts ready items on free workers; sleeps until woken or a retry is due.
+async fn dispatch(shared: Arc<Shared>) {
+    loop {
+        let (free, busy) = {
+            let f = shared.in_flight.lock().unwrap();
+            (shared.config.jobs.saturating_sub(f.len()), f.clone())
+        };
+        let mut wait = Duration::from_secs(1);
+        if free > 0 {
+            match shared.queue(move |q| (q.ready(free, &busy), q.next_retry_in())).await {
+                (Ok(items), next) => {
+                    for item in items {
+                        shared.in_flight.lock().unwrap().insert(item.key.clone());
+                        tokio::spawn(work(shared.clone(), item));
+                    }
+                    if let Ok(Some(n)) = next {
+                        wait = wait.min(n + Duration::from_millis(5));
+                    }
+                }
+                (Err(e), _) => tracing::error!("reading the queue: {e}"),
+            }
+        }
+        tokio::select! {
+            _ = shared.wake.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+async fn work(shared: Arc<Shared>, item: Item) {
+    let result = shared.uploader.run(&item).await;
+    let key = item.key.clone();
+    let attempts = item.attempts;
+    let recorded = shared
+        .queue(move |q| -> Result<(), rusqlite::Error> {
+            match result {
+                Ok(outcome) => q.done(&key, outcome),
+                Err(UploadError::Transient(e)) => {
+                    let delay = q.retry_later(&key, attempts, &e)?;
+                    tracing::warn!(item = %key, attempt = attempts + 1, retry_in_ms = delay.as_millis() as u64, error = %e, "upload failed, will retry");
+                    Ok(())
+                }
+                Err(UploadError::Permanent(e)) => {
+                    let dependents = q.fail(&key, &e)?;
+                    tracing::error!(item = %key, dependents, error = %e, "upload failed permanently");
+                    Ok(())
+                }
+            }
+        })
+        .await;
+    if let Err(e) = recorded {
+        tracing::error!(item = %item.key, "recording the result in the queue: {e}");
+    }
+    shared.in_flight.lock().unwrap().remove(&item.key);
+    shared.wake.notify_one();
+}
+
+/// Checks an `enqueue` request before anything of it is stored.
+pub fn validate(config: &Config, paths: &[PathInfo], drv: Option<&StorePath>) -> Result<(), String> {
+    let set: HashSet<&StorePath> = paths.iter().map(|p| &p.path).collect();
+    if set.len() != paths.len() {
+        return Err("a path is listed twice".into());
+    }
+    for p in paths {
+        if p.nar_size == 0 {
+            return Err(format!("{}: NarSize is 0", p.path));
+        }
+        if let Some(r) = p.references.iter().find(|r| !set.contains(r)) {
+            return Err(format!("incomplete closure: {} references {r}, which is not in the request", p.path));
+        }
+        if let Some(s) = p.forged_sigs(&config.public_keys).first() {
+            return Err(format!("signature {s:?} on {} does not verify with the configured key of that name", p.path));
+        }
+    }
+    if let Some(d) = drv.filter(|d| !d.name().ends_with(".drv")) {
+        return Err(format!("{d} is not a derivation"));
+    }
+    Ok(())
+}
+
+async fn enqueue(shared: &Shared, paths: Vec<PathInfo>, drv: Option<StorePath>) -> Result<usize, String> {
+    validate(&shared.config, &paths, drv.as_ref())?;
+    let new = shared
+        .queue(move |q| q.enqueue(&paths, drv.as_ref()))
+        .await
+        .map_err(|e| format!("queue: {e}"))?;
+    shared.wake.notify_one();
+    Ok(new)
+}
+
+async fn ingest_spool(shared: &Shared) {
+    let dir = shared.config.spool_dir();
+    let files = match spool::list(&dir) {
+        Ok(f) => f,
+        Err(e) => return tracing::warn!("reading the spool {}: {e}", dir.display()),
+    };
+    for file in files {
+        let parsed = std::fs::File::open(&file).map_err(FrameError::from).and_then(|mut f| protocol::read::<Request>(&mut f));
+        let result = match parsed {
+            Ok(Request::Enqueue { paths, drv }) => enqueue(shared, paths, drv).await,
+            Ok(other) => Err(format!("not an enqueue request: {other:?}")),
+            Err(e) => Err(e.to_string()),
+        };
+        match result {
+            Ok(new) => {
+                tracing::info!(file = %file.display(), new, "ingested spooled request");
+                if let Err(e) = std::fs::remove_file(&file) {
+                    tracing::warn!("removing {}: {e}", file.display());
+                }
+            }
+            Err(why) => {
+                let moved = spool::reject(&file).map(|p| p.display().to_string()).unwrap_or_else(|e| e.to_string());
+                tracing::warn!(file = %file.display(), moved_to = %moved, "refused spooled request: {why}");
+            }
+        }
+    }
+}
+
+/// Serves one client connection: frames in, frames out.
+async fn serve(shared: Arc<Shared>, mut stream: UnixStream) {
+    let uid = match stream.peer_cred() {
+        Ok(c) => c.uid(),
+        Err(e) => return tracing::warn!("refused a connection: cannot read its credentials: {e}"),
+    };
+    if !shared.allowed_uids.contains(&uid) {
+        tracing::warn!(uid, "refused a connection: uid {uid} may not enqueue (allowed-users)");
+        let _ = reply(&mut stream, &Response::Error { message: format!("uid {uid} is not allowed") }).await;
+        return;
+    }
+    loop {
+        let req = match tokio::time::timeout(IDLE_TIMEOUT, read_request(&mut stream)).await {
+            Ok(Ok(Some(r))) => r,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                tracing::warn!(uid, "refused a request: {e}");
+                let _ = reply(&mut stream, &Response::Error { message: e.to_string() }).await;
+                return;
+            }
+            Err(_) => return,
+        };
+        let resp = match req {
+            Request::Enqueue { paths, drv } => {
+                let n = paths.len();
+                match enqueue(&shared, paths, drv).await {
+                    Ok(new) => {
+                        tracing::debug!(uid, paths = n, new, "enqueued");
+                        Response::Queued { new }
+                    }
+                    Err(message) => {
+                        tracing::warn!(uid, "refused a request: {message}");
+                        let _ = reply(&mut stream, &Response::Error { message }).await;
+                        return;
+                    }
+                }
+            }
+            Request::Status => status(&shared).await,
+            Request::Wait { timeout_ms } => wait(&shared, Duration::from_millis(timeout_ms)).await,
+        };
+        if reply(&mut stream, &resp).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Reads one request; `None` on a clean end of stream.
+async fn read_request(stream: &mut UnixStream) -> Result<Option<Request>, FrameError> {
+    let mut h = [0u8; HEADER_LEN];
+    match stream.read_exact(&mut h).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let len = protocol::parse_header(&h)?;
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).await?;
+    Ok(Some(serde_json::from_slice(&body)?))
+}
+
+async fn reply(stream: &mut UnixStream, resp: &Response) -> std::io::Result<()> {
+    stream.write_all(&protocol::encode(resp)).await
+}
+
+async fn status(shared: &Shared) -> Response {
+    match shared.queue(|q| q.status()).await {
+        Ok(mut s) => {
+            s.in_flight = shared.in_flight.lock().unwrap().len() as u64;
+            s.spooled = spool::list(&shared.config.spool_dir()).map_or(0, |v| v.len() as u64);
+            s.store = shared.uploader.target.describe();
+            Response::Status(s)
+        }
+        Err(e) => Response::Error { message: format!("queue: {e}") },
+    }
+}
+
+async fn wait(shared: &Shared, timeout: Duration) -> Response {
+    let start = Instant::now();
+    ingest_spool(shared).await;
+    let seq = match shared.queue(|q| q.current_seq()).await {
+        Ok(s) => s,
+        Err(e) => return Response::Error { message: format!("queue: {e}") },
+    };
+    loop {
+        match shared.queue(move |q| q.progress_since(seq)).await {
+            Ok((0, failed)) => return Response::Waited { complete: true, failed },
+            Ok((_, failed)) if start.elapsed() >= timeout => return Response::Waited { complete: false, failed },
+            Ok(_) => tokio::time::sleep(Duration::from_millis(25)).await,
+            Err(e) => return Response::Error { message: format!("queue: {e}") },
+        }
+    }
+}

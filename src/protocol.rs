@@ -1,0 +1,168 @@
+//! The hook ↔ daemon protocol: length-prefixed, versioned frames carrying JSON.
+//!
+//! ```text
+//! frame  = magic "NARQ" (4 bytes) | version u32 LE (= 1) | length u32 LE | body (length bytes)
+//! body   = one JSON object; requests are tagged by "op"
+//! ```
+//! The client sends one request frame and reads one response frame; a connection may carry
+//! several in turn. The daemon refuses (and logs) a frame with a wrong magic or version, a
+//! length above [`MAX_FRAME`], a body that is not a valid request, an invalid store path, or
+//! a signature that claims to be by a configured key and does not verify, and closes the
+//! connection after answering `{"op":"error"}`.
+//!
+//! Requests: `enqueue` (a closure with path info and signatures, the `.drv` whose log to
+//! upload), `status`, and `wait` (answer once everything enqueued so far is uploaded).
+//! This module is plain `std`: the hook links it without an async runtime.
+
+use serde::{Deserialize, Serialize};
+use std::io::{self, Read, Write};
+use thiserror::Error;
+
+use crate::nix::{PathInfo, StorePath};
+
+pub const MAGIC: &[u8; 4] = b"NARQ";
+pub const VERSION: u32 = 1;
+pub const HEADER_LEN: usize = 12;
+/// 64 MiB: a 100,000-path closure with signatures fits with room to spare.
+pub const MAX_FRAME: u32 = 64 << 20;
+
+#[derive(Debug, Error)]
+pub enum FrameError {
+    #[error("bad magic {0:02x?} (not a narq client?)")]
+    BadMagic([u8; 4]),
+    #[error("protocol version {0} is not supported (this daemon speaks {VERSION})")]
+    BadVersion(u32),
+    #[error("frame of {0} bytes is larger than the limit of {MAX_FRAME}")]
+    TooLarge(u32),
+    #[error("malformed message: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// Upload `paths` (a closure: every reference is in the list or already uploaded).
+    Enqueue {
+        paths: Vec<PathInfo>,
+        /// The derivation just built, whose build log is uploaded to `log/`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        drv: Option<StorePath>,
+    },
+    Status,
+    /// Answer once everything enqueued so far (spool included) is uploaded or failed.
+    Wait { timeout_ms: u64 },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Response {
+    /// The request is durable; `new` paths were not known before.
+    Queued { new: usize },
+    Status(Status),
+    Waited { complete: bool, failed: Vec<Failure> },
+    Error { message: String },
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub pending: u64,
+    pub in_flight: u64,
+    pub uploaded: u64,
+    /// Found already in the cache or an upstream cache, not uploaded again.
+    pub skipped: u64,
+    pub failed: u64,
+    pub spooled: u64,
+    /// Compressed bytes written to the target since the queue was created.
+    pub bytes: u64,
+    /// Bytes per second over the last minute.
+    pub rate: f64,
+    pub store: String,
+    pub last_error: Option<Failure>,
+    pub recent_failures: Vec<Failure>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Failure {
+    pub item: String,
+    pub error: String,
+}
+
+/// Parses a frame header; returns the body length.
+pub fn parse_header(h: &[u8; HEADER_LEN]) -> Result<usize, FrameError> {
+    let magic: [u8; 4] = h[0..4].try_into().unwrap();
+    if &magic != MAGIC {
+        return Err(FrameError::BadMagic(magic));
+    }
+    let version = u32::from_le_bytes(h[4..8].try_into().unwrap());
+    if version != VERSION {
+        return Err(FrameError::BadVersion(version));
+    }
+    let len = u32::from_le_bytes(h[8..12].try_into().unwrap());
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    Ok(len as usize)
+}
+
+/// A whole frame for `msg`.
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    let body = serde_json::to_vec(msg).expect("protocol messages serialise");
+    let mut out = Vec::with_capacity(HEADER_LEN + body.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+pub fn write<T: Serialize>(w: &mut impl Write, msg: &T) -> io::Result<()> {
+    w.write_all(&encode(msg))?;
+    w.flush()
+}
+
+pub fn read<T: for<'de> Deserialize<'de>>(r: &mut impl Read) -> Result<T, FrameError> {
+    let mut h = [0u8; HEADER_LEN];
+    r.read_exact(&mut h)?;
+    let len = parse_header(&h)?;
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    Ok(serde_json::from_slice(&body)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_bad_headers_are_refused() {
+        let f = encode(&Request::Wait { timeout_ms: 5 });
+        assert!(matches!(read::<Request>(&mut &f[..]).unwrap(), Request::Wait { timeout_ms: 5 }));
+        let mut bad = f.clone();
+        bad[0] = b'X';
+        assert!(matches!(read::<Request>(&mut &bad[..]), Err(FrameError::BadMagic(_))));
+        let mut bad = f.clone();
+        bad[4] = 2;
+        assert!(matches!(read::<Request>(&mut &bad[..]), Err(FrameError::BadVersion(2))));
+        let mut bad = f.clone();
+        bad[8..12].copy_from_slice(&(MAX_FRAME + 1).to_le_bytes());
+        assert!(matches!(read::<Request>(&mut &bad[..]), Err(FrameError::TooLarge(_))));
+        let body = br#"{"op":"enqueue","paths":[{"path":"/tmp/x"}]}"#;
+        let mut bad = f[..8].to_vec();
+        bad.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        bad.extend_from_slice(body);
+        let e = read::<Request>(&mut &bad[..]).unwrap_err().to_string();
+        assert!(e.contains("malformed message"), "{e}");
+    }
+}
+
+/// Sends one request to the daemon at `socket` and reads its answer (blocking, no runtime).
+/// `timeout` bounds each read and write.
+pub fn call(socket: &std::path::Path, req: &Request, timeout: Option<std::time::Duration>) -> Result<Response, FrameError> {
+    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+    s.set_read_timeout(timeout)?;
+    s.set_write_timeout(timeout)?;
+    write(&mut s, req)?;
+    read(&mut s)
+}

@@ -1,0 +1,49 @@
+//! The spool: requests the hook could not hand to the daemon, one file each, written
+//! atomically (temp file, fsync, rename, fsync of the directory) so that a file is either
+//! whole or absent. The daemon ingests them at start and while it runs, and removes each
+//! only once its paths are in the durable queue.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+const SUFFIX: &str = ".req";
+
+/// Writes `frame` (a whole protocol frame) into `dir`; returns the file's path.
+pub fn write(dir: &Path, frame: &[u8]) -> io::Result<PathBuf> {
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let name = format!("{}.{:09}-{}", now.as_secs(), now.subsec_nanos(), std::process::id());
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let dst = dir.join(format!("{name}{SUFFIX}"));
+    let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+    f.write_all(frame)?;
+    f.sync_all()?;
+    fs::rename(&tmp, &dst)?;
+    File::open(dir)?.sync_all()?;
+    Ok(dst)
+}
+
+/// The spooled requests, oldest first.
+pub fn list(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut v = match fs::read_dir(dir) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(SUFFIX) && !n.starts_with('.')))
+            .collect(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    v.sort();
+    Ok(v)
+}
+
+/// Moves a request the daemon refused out of the way, keeping it for inspection.
+pub fn reject(file: &Path) -> io::Result<PathBuf> {
+    let dir = file.parent().unwrap_or(Path::new(".")).join("rejected");
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
+    let dst = dir.join(file.file_name().unwrap_or_default());
+    fs::rename(file, &dst)?;
+    Ok(dst)
+}

@@ -1,0 +1,171 @@
+//! One item, start to finish: store path → NAR (streamed, hashed, checked against the
+//! NarHash) → compressed temp file → target, then the narinfo; or a build log to `log/`.
+
+use std::fs::File;
+use std::io::{self, BufWriter, Read};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::nix::{db, nar, NarInfo, PathInfo, StorePath};
+use crate::queue::{Item, Kind, Outcome};
+use crate::store_url::{Compression, StoreUrl};
+use crate::target::{self, Body, Target};
+
+/// Why an item did not make it.
+#[derive(Debug)]
+pub enum UploadError {
+    /// May pass: retried with backoff.
+    Transient(String),
+    /// Will not pass (path gone, contents differ from the NarHash): recorded and reported.
+    Permanent(String),
+}
+
+impl From<target::TargetError> for UploadError {
+    fn from(e: target::TargetError) -> Self {
+        if e.transient { UploadError::Transient(e.msg) } else { UploadError::Permanent(e.msg) }
+    }
+}
+
+/// What the workers share.
+pub struct Uploader {
+    pub target: Arc<dyn Target>,
+    pub url: StoreUrl,
+    /// Where compressed NARs are written before they go to the target.
+    pub tmp_dir: PathBuf,
+}
+
+/// Result of compressing a NAR into a temp file.
+struct Compressed {
+    file: PathBuf,
+    nar: nar::NarStats,
+    file_stats: nar::NarStats,
+}
+
+fn compress_nar(path: &Path, url: &StoreUrl, tmp: &Path) -> io::Result<Compressed> {
+    let out = nar::HashingWriter::new(BufWriter::with_capacity(1 << 20, File::create(tmp)?));
+    let (out, nar) = match url.compression {
+        Compression::None => {
+            let mut out = out;
+            let s = nar::dump(path, &mut out)?;
+            (out, s)
+        }
+        Compression::Zstd => {
+            let mut enc = zstd::Encoder::new(out, url.compression_level.unwrap_or(3))?;
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+            if threads > 1 {
+                enc.multithread(threads)?;
+            }
+            let s = nar::dump(path, &mut enc)?;
+            (enc.finish()?, s)
+        }
+        Compression::Xz => {
+            let mut enc = xz2::write::XzEncoder::new(out, url.compression_level.unwrap_or(6) as u32);
+            let s = nar::dump(path, &mut enc)?;
+            (enc.finish()?, s)
+        }
+    };
+    let (buf, file_stats) = out.finish();
+    buf.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    Ok(Compressed { file: tmp.to_path_buf(), nar, file_stats })
+}
+
+impl Uploader {
+    pub async fn run(&self, item: &Item) -> Result<Outcome, UploadError> {
+        match &item.kind {
+            Kind::Nar(info) => self.upload_path(info).await,
+            Kind::Log(drv) => self.upload_log(drv).await,
+        }
+    }
+
+    async fn upload_path(&self, info: &PathInfo) -> Result<Outcome, UploadError> {
+        let narinfo_key = format!("{}.narinfo", info.path.hash_part());
+        if self.target.exists(&narinfo_key).await? {
+            return Ok(Outcome::Present);
+        }
+        let start = Instant::now();
+        let store_path = PathBuf::from(info.path.to_absolute());
+        let tmp = self.tmp_dir.join(format!("{}.nar.tmp", info.path.hash_part()));
+        let url = self.url.clone();
+        let c = {
+            let (tmp, store_path) = (tmp.clone(), store_path.clone());
+            tokio::task::spawn_blocking(move || compress_nar(&store_path, &url, &tmp))
+                .await
+                .map_err(|e| UploadError::Transient(format!("worker: {e}")))?
+        };
+        let c = match c {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(if !store_path.exists() {
+                    UploadError::Permanent(format!("{} is gone from the store", info.path))
+                } else if e.kind() == io::ErrorKind::PermissionDenied {
+                    UploadError::Permanent(format!("reading {}: {e}", info.path))
+                } else {
+                    UploadError::Transient(format!("serialising {}: {e}", info.path))
+                });
+            }
+        };
+        if c.nar.hash != info.nar_hash || c.nar.size != info.nar_size {
+            let _ = std::fs::remove_file(&c.file);
+            return Err(UploadError::Permanent(format!(
+                "contents of {} do not match the Nix database: NAR has {} ({} bytes), database says {} ({} bytes); not uploaded",
+                info.path, c.nar.hash, c.nar.size, info.nar_hash, info.nar_size
+            )));
+        }
+        let ext = self.url.compression.extension();
+        let nar_key = format!("nar/{}.nar{ext}", c.file_stats.hash.to_base32());
+        let narinfo = NarInfo {
+            info: info.clone(),
+            url: nar_key.clone(),
+            compression: self.url.compression.name().to_string(),
+            file_hash: Some(c.file_stats.hash),
+            file_size: Some(c.file_stats.size),
+        };
+        if let Err(e) = self.target.put(&nar_key, Body::File(c.file.clone()), target::NAR_TYPE).await {
+            let _ = std::fs::remove_file(&c.file);
+            return Err(e.into());
+        }
+        self.target.put(&narinfo_key, Body::Bytes(narinfo.to_string().into_bytes()), target::NARINFO_TYPE).await?;
+        tracing::info!(
+            path = %info.path,
+            nar_bytes = c.nar.size,
+            bytes = c.file_stats.size,
+            duration_ms = start.elapsed().as_millis() as u64,
+            "uploaded"
+        );
+        Ok(Outcome::Uploaded { bytes: c.file_stats.size })
+    }
+
+    async fn upload_log(&self, drv: &StorePath) -> Result<Outcome, UploadError> {
+        let Some(file) = db::build_log_path(drv) else { return Ok(Outcome::NoLog) };
+        let key = format!("log/{}", drv.base_name());
+        let text = tokio::task::spawn_blocking(move || -> io::Result<Vec<u8>> {
+            let mut raw = Vec::new();
+            File::open(&file)?.read_to_end(&mut raw)?;
+            if file.extension().is_some_and(|e| e == "bz2") {
+                let mut out = Vec::new();
+                bzip2::read::BzDecoder::new(&raw[..]).read_to_end(&mut out)?;
+                Ok(out)
+            } else {
+                Ok(raw)
+            }
+        })
+        .await
+        .map_err(|e| UploadError::Transient(format!("worker: {e}")))?
+        .map_err(|e| UploadError::Permanent(format!("reading the build log of {drv}: {e}")))?;
+        let bytes = text.len() as u64;
+        self.target.put(&key, Body::Bytes(text), target::LOG_TYPE).await?;
+        tracing::info!(drv = %drv, bytes, "uploaded build log");
+        Ok(Outcome::Uploaded { bytes })
+    }
+
+    /// Writes `nix-cache-info` unless the cache has one.
+    pub async fn ensure_cache_info(&self) -> Result<(), UploadError> {
+        if !self.target.exists("nix-cache-info").await? {
+            let info = self.url.cache_info().into_bytes();
+            self.target.put("nix-cache-info", Body::Bytes(info), target::CACHE_INFO_TYPE).await?;
+        }
+        Ok(())
+    }
+}
