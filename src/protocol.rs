@@ -163,6 +163,11 @@ pub fn call(socket: &std::path::Path, req: &Request, timeout: Option<std::time::
     let mut s = std::os::unix::net::UnixStream::connect(socket)?;
     s.set_read_timeout(timeout)?;
     s.set_write_timeout(timeout)?;
-    write(&mut s, req)?;
-    read(&mut s)
+    // The daemon may answer (a refusal) and close before reading everything: read its
+    // answer even when the write failed.
+    let written = write(&mut s, req);
+    match read(&mut s) {
+        Ok(r) => Ok(r),
+        Err(e) => Err(written.err().map_or(e, FrameError::from)),
+    }
 }

@@ -1,6 +1,7 @@
 //! narq's one integration-test binary. Every test uses real Nix (Debian's nix-bin, as root)
 //! and, where it needs one, a real S3 server on 127.0.0.1; `.ci/run` installs both.
 
+mod daemon;
 mod formats;
 mod parsers;
 mod util;

@@ -110,3 +110,173 @@ pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     f()
 }
+
+/// A narq set-up in a temp dir: keys, config, nix.conf with the hook, and (when started)
+/// a real `narq daemon` process.
+pub struct Narq {
+    pub dir: TempDir,
+    pub config: PathBuf,
+    pub nix_conf: PathBuf,
+    pub public_key: String,
+    pub daemon: Option<std::process::Child>,
+}
+
+impl Narq {
+    /// `extra` is appended to the generated config.toml.
+    pub fn new(tag: &str, extra: &str) -> Narq {
+        let dir = TempDir::new(tag);
+        let sk = dir.join("key.sec");
+        let pk = dir.join("key.pub");
+        run(Command::new(bin("narq")).args(["keygen", &format!("narq-{tag}-1"), "--secret-key-file"]).arg(&sk).arg("--public-key-file").arg(&pk));
+        let public_key = std::fs::read_to_string(&pk).unwrap().trim().to_string();
+        let config = dir.join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "state-dir = \"{}\"\nsocket = \"{}\"\nsecret-key-files = [\"{}\"]\n{extra}\n",
+                dir.join("state").display(),
+                dir.join("narq.sock").display(),
+                sk.display()
+            ),
+        )
+        .unwrap();
+        let nix_conf = nix_conf(dir.path(), Some(&bin("narq-hook")));
+        Narq { dir, config, nix_conf, public_key, daemon: None }
+    }
+
+    pub fn cache(&self) -> PathBuf {
+        self.dir.join("state/cache")
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("narq.sock")
+    }
+
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Starts `narq daemon` and waits until it answers `status`.
+    pub fn start(&mut self) {
+        assert!(self.daemon.is_none());
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("daemon.log")).unwrap();
+        let child = Command::new(bin("narq"))
+            .arg("daemon")
+            .env("NARQ_CONFIG", &self.config)
+            .env_remove("JOURNAL_STREAM")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.daemon = Some(child);
+        assert!(
+            wait_for(Duration::from_secs(10), || self.narq(&["status"]).status.success()),
+            "daemon did not come up: {}",
+            self.daemon_log()
+        );
+    }
+
+    /// `kill -9` of the daemon.
+    pub fn kill9(&mut self) {
+        let mut c = self.daemon.take().expect("daemon running");
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+
+    pub fn narq(&self, args: &[&str]) -> Output {
+        output(Command::new(bin("narq")).args(args).env("NARQ_CONFIG", &self.config))
+    }
+
+    /// `narq wait`, which must succeed.
+    pub fn wait(&self, secs: u32) {
+        let out = self.narq(&["wait", "--timeout", &secs.to_string()]);
+        assert!(
+            out.status.success(),
+            "narq wait: {}\n{}\ndaemon log:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            self.daemon_log()
+        );
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let out = self.narq(&["status", "--json"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// `nix-build` with the hook, this config in the environment.
+    pub fn build(&self, expr: &str) -> (Vec<String>, String) {
+        let out = output(
+            Command::new("nix-build")
+                .args(["--no-out-link", "-E", expr])
+                .env("NIX_CONF_DIR", &self.nix_conf)
+                .env("NARQ_CONFIG", &self.config),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "nix-build failed: {stderr}");
+        (String::from_utf8(out.stdout).unwrap().lines().map(str::to_string).collect(), stderr)
+    }
+
+    /// Checks that `path`'s narinfo is in the cache.
+    pub fn has(&self, path: &str) -> bool {
+        let hash = &path["/nix/store/".len().."/nix/store/".len() + 32];
+        self.cache().join(format!("{hash}.narinfo")).exists()
+    }
+
+    /// A fresh Nix store that trusts only our key substitutes `path` from the cache.
+    pub fn substitute(&self, path: &str) -> PathBuf {
+        let client = self.dir.join(format!("client-{}", unique()));
+        let out = output(
+            Command::new("nix-store")
+                .arg("--store")
+                .arg(&client)
+                .args(["-r", path, "--option", "substituters"])
+                .arg(format!("file://{}", self.cache().display()))
+                .args(["--option", "trusted-public-keys", &self.public_key])
+                .env("NIX_CONF_DIR", &self.nix_conf),
+        );
+        assert!(out.status.success(), "substitution of {path} failed: {}", String::from_utf8_lossy(&out.stderr));
+        client
+    }
+}
+
+impl Drop for Narq {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The closure of `paths` as `nix-store -qR` lists it.
+pub fn closure(paths: &[String]) -> Vec<String> {
+    run(Command::new("nix-store").arg("-qR").args(paths)).lines().map(str::to_string).collect()
+}
+
+/// Every narinfo in `cache` has its NAR and its references' narinfos: the cache is closed.
+/// Returns the number of narinfos checked.
+pub fn check_closed(cache: &Path) -> Result<usize, String> {
+    let mut n = 0;
+    let Ok(rd) = std::fs::read_dir(cache) else { return Ok(0) };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if !name.ends_with(".narinfo") || name.starts_with('.') {
+            continue;
+        }
+        let text = std::fs::read_to_string(e.path()).map_err(|e| e.to_string())?;
+        let ni = narq::nix::NarInfo::parse(&text).map_err(|e| format!("{name}: {e}"))?;
+        if !cache.join(&ni.url).exists() {
+            return Err(format!("{name} is visible before its NAR {}", ni.url));
+        }
+        for r in &ni.info.references {
+            if !cache.join(format!("{}.narinfo", r.hash_part())).exists() {
+                return Err(format!("{name} is visible before its reference {r}"));
+            }
+        }
+        n += 1;
+    }
+    Ok(n)
+}
