@@ -194,7 +194,7 @@ mod tests {
         let f = Some(Path::new("/etc/narq/config.toml"));
         for (text, want) in [
             ("jobs = \"four\"", "config /etc/narq/config.toml, key `jobs`: line 1: invalid type"),
-            ("store = \"s3://b?compression=lz4\"", "key `store`: \"lz4\""),
+            ("store = \"s3://bucket?compression=lz4\"", "key `store`: compression=\"lz4\" is not supported"),
             ("\n\nstroe = \"x\"", "line 3: unknown field `stroe`"),
             ("public-keys = [\"k:AAAA\"]", "key `public-keys[0]`: key \"k\": public key is 3 bytes"),
             ("jobs = 0", "key `jobs`: 0 is out of range"),

@@ -77,10 +77,10 @@ fn daemon_down_builds_succeed_and_spool() {
     n.substitute(&outs[0]);
 
     // A broken config does not fail a build either; the hook names the problem.
-    std::fs::write(&n.config, "store = \"s3://x?compression=lz4\"\n").unwrap();
+    std::fs::write(&n.config, "store = \"s3://my-cache?compression=lz4\"\n").unwrap();
     let (_, stderr) = n.build(&program_expr("badconf"));
     let line = stderr.lines().find(|l| l.contains("narq-hook:")).unwrap_or_else(|| panic!("{stderr}"));
-    assert!(line.contains(&format!("config {}, key `store`", n.config.display())) && line.contains("lz4"), "{line}");
+    assert!(line.contains(&format!("config {}, key `store`", n.config.display())) && line.contains("compression=\"lz4\" is not supported"), "{line}");
     // And a missing one.
     std::fs::remove_file(&n.config).unwrap();
     let (_, stderr) = n.build(&program_expr("noconf"));

@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""narq-hook wall time and build-finished -> narinfo-visible latency, against a real daemon.
+
+Builds fresh derivations with real Nix (no hook), starts `narq daemon` on a file:// cache,
+then runs `narq-hook` as Nix would (empty OUT_PATHS, DRV_PATH set) and times it:
+  - small closure (2 paths, one of them new each run): median and p95 over N runs;
+  - a 1,000-path closure: median over 20 runs;
+  - latency from starting the hook to the path's narinfo appearing in the cache.
+A process that does nothing (/bin/true), timed the same way, is the baseline.
+Usage: bench/hook_latency.py [N]   (needs a release build: cargo build --release)
+"""
+import json, os, statistics, subprocess, sys, tempfile, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release")
+N = int(sys.argv[1]) if len(sys.argv) > 1 else 200
+
+
+def sh_drv(name, script):
+    return ('derivation { name = "%s"; system = builtins.currentSystem; builder = "/bin/sh"; '
+            'args = ["-c" %s]; }' % (name, json.dumps(script)))
+
+
+def nix_build(expr, conf):
+    env = dict(os.environ, NIX_CONF_DIR=conf)
+    out = subprocess.run(["nix-build", "--no-out-link", "-E", expr], env=env, check=True,
+                         capture_output=True, text=True).stdout.split()
+    return out
+
+
+def deriver(p):
+    return subprocess.run(["nix-store", "-q", "--deriver", p], check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def spawn_time(argv, env):
+    t = time.perf_counter()
+    pid = os.posix_spawn(argv[0], argv, env)
+    _, status = os.waitpid(pid, 0)
+    dt = time.perf_counter() - t
+    assert status == 0, argv
+    return dt
+
+
+def q(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p * (len(xs) - 1))))]
+
+
+def main():
+    tmp = tempfile.mkdtemp(prefix="narq-bench-")
+    conf = os.path.join(tmp, "nix")
+    os.makedirs(conf)
+    with open(os.path.join(conf, "nix.conf"), "w") as f:
+        f.write("sandbox = false\nbuild-users-group =\nsubstituters =\nmax-jobs = 8\n")
+    stamp = str(time.time_ns())
+    print(f"building {N} + 30 small closures and a 1,000-path closure with Nix ...", flush=True)
+    t = time.time()
+    base = sh_drv(f"bench-base-{stamp}", "echo base > $out")
+    small = nix_build(f"let base = {base}; in builtins.genList (i: "
+                      + sh_drv(f"bench-small-${{toString i}}-{stamp}", "echo ${base} ${toString i} > $out")
+                      + f") {N + 30}", conf)
+    big = nix_build(f"let leaf = i: " + sh_drv(f"bench-leaf-${{toString i}}-{stamp}", "echo ${toString i} > $out")
+                    + "; in " + sh_drv(f"bench-big-{stamp}", "echo ${toString (builtins.genList leaf 999)} > $out"), conf)[0]
+    print(f"  built in {time.time() - t:.0f} s", flush=True)
+    small_drvs = [deriver(p) for p in small]
+
+    key = os.path.join(tmp, "key.sec")
+    subprocess.run([f"{BIN}/narq", "keygen", "bench-1", "--secret-key-file", key,
+                    "--public-key-file", os.path.join(tmp, "key.pub")], check=True, capture_output=True)
+    cfg = os.path.join(tmp, "config.toml")
+    with open(cfg, "w") as f:
+        f.write(f'state-dir = "{tmp}/state"\nsocket = "{tmp}/narq.sock"\nsecret-key-files = ["{key}"]\n')
+    env = dict(os.environ, NARQ_CONFIG=cfg)
+    daemon = subprocess.Popen([f"{BIN}/narq", "daemon"], env=env, stderr=open(os.path.join(tmp, "daemon.log"), "w"))
+    try:
+        for _ in range(100):
+            if subprocess.run([f"{BIN}/narq", "status"], env=env, capture_output=True).returncode == 0:
+                break
+            time.sleep(0.05)
+        base_env = [f"{k}={v}" for k, v in env.items()]
+        true_t = [spawn_time(["/bin/true"], base_env) for _ in range(N)]
+
+        def hook(drv, out_paths=""):
+            return spawn_time([f"{BIN}/narq-hook"], base_env + ["OUT_PATHS=" + out_paths, "DRV_PATH=" + drv])
+
+        hook_t = [hook(d) for d in small_drvs[:N]]
+        big_drv = deriver(big)
+        big_t = [hook(big_drv) for _ in range(20)]
+
+        cache = os.path.join(tmp, "state", "cache")
+        lat = []
+        for p, d in zip(small[N:], small_drvs[N:]):
+            ni = os.path.join(cache, p[11:43] + ".narinfo")
+            t0 = time.perf_counter()
+            pid = os.posix_spawn(f"{BIN}/narq-hook", [f"{BIN}/narq-hook"], base_env + ["OUT_PATHS=", "DRV_PATH=" + d])
+            deadline = t0 + 10
+            while not os.path.exists(ni) and time.perf_counter() < deadline:
+                time.sleep(0.0002)
+            lat.append(time.perf_counter() - t0)
+            os.waitpid(pid, 0)
+        ms = lambda x: f"{x * 1000:.2f} ms"
+        print(f"/bin/true              median {ms(statistics.median(true_t))}  p95 {ms(q(true_t, .95))}  (n={N})")
+        print(f"narq-hook, 2 paths     median {ms(statistics.median(hook_t))}  p95 {ms(q(hook_t, .95))}  (n={N})")
+        print(f"narq-hook, 1000 paths  median {ms(statistics.median(big_t))}  p95 {ms(q(big_t, .95))}  (n=20)")
+        print(f"hook -> narinfo        median {ms(statistics.median(lat))}  p95 {ms(q(lat, .95))}  (n=30)")
+        spooled = os.listdir(os.path.join(tmp, "state", "spool")) if os.path.isdir(os.path.join(tmp, "state", "spool")) else []
+        assert not spooled, f"{len(spooled)} requests were spooled: the daemon was too slow"
+    finally:
+        daemon.terminate()
+        daemon.wait()
+        subprocess.run(["rm", "-rf", tmp])
+
+
+if __name__ == "__main__":
+    main()
