@@ -48,8 +48,8 @@ pub struct Config {
     pub store: StoreUrl,
     /// Keys the hook and `narq push` sign with (the daemon never needs them).
     pub secret_key_files: Vec<PathBuf>,
-    /// Keys whose signatures the daemon accepts on handed-in paths: `public-keys`, plus the
-    /// public halves of `secret-key-files` that the daemon can read.
+    /// `public-keys`: keys whose signatures the daemon accepts on handed-in paths (see
+    /// [`Config::trusted_keys`]).
     pub public_keys: Vec<PublicKey>,
     /// The daemon's Unix socket (unless systemd passes one).
     pub socket: PathBuf,
@@ -112,13 +112,6 @@ impl Config {
         }
         let mut secret_key_files = raw.secret_key_files;
         secret_key_files.extend(store.secret_keys.iter().cloned());
-        for f in &secret_key_files {
-            if let Ok(sk) = SecretKey::read(f) {
-                if !public_keys.contains(&sk.public()) {
-                    public_keys.push(sk.public());
-                }
-            }
-        }
         let jobs = raw.jobs.unwrap_or(4);
         if !(1..=256).contains(&jobs) {
             return Err(err(Some("jobs"), format!("{jobs} is out of range 1..=256")));
@@ -158,6 +151,19 @@ impl Config {
                 })
             })
             .collect()
+    }
+
+    /// The keys the daemon checks signatures against: `public-keys`, plus the public halves
+    /// of the `secret-key-files` it can read. (Not done while parsing: the hook has no use
+    /// for it, and deriving a public key costs a scalar multiplication.)
+    pub fn trusted_keys(&self) -> Vec<PublicKey> {
+        let mut keys = self.public_keys.clone();
+        for sk in self.secret_key_files.iter().filter_map(|f| SecretKey::read(f).ok()) {
+            if !keys.contains(&sk.public()) {
+                keys.push(sk.public());
+            }
+        }
+        keys
     }
 
     pub fn spool_dir(&self) -> PathBuf {

@@ -16,7 +16,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Notify;
 
 use crate::config::Config;
-use crate::nix::{PathInfo, StorePath};
+use crate::nix::{PathInfo, PublicKey, StorePath};
 use crate::protocol::{self, FrameError, Request, Response, HEADER_LEN};
 use crate::queue::{Item, Queue};
 use crate::spool;
@@ -38,6 +38,8 @@ struct Shared {
     wake: Notify,
     /// Uids that may enqueue: root, our own, and `allowed-users`.
     allowed_uids: Vec<u32>,
+    /// Keys that handed-in signatures are checked against ([`Config::trusted_keys`]).
+    trusted_keys: Arc<Vec<PublicKey>>,
 }
 
 impl Shared {
@@ -125,8 +127,12 @@ pub async fn run(config: Config, listener: UnixListener, shutdown: impl Future<O
         in_flight: Mutex::new(HashSet::new()),
         wake: Notify::new(),
         allowed_uids,
+        trusted_keys: Arc::new(config.trusted_keys()),
         config,
     });
+    if shared.trusted_keys.is_empty() {
+        tracing::warn!("no public-keys and no readable secret-key-files: handed-in signatures are not checked");
+    }
     if let Err(e) = shared.uploader.ensure_cache_info().await {
         tracing::warn!("writing nix-cache-info: {e:?} (retried at the next start)");
     }
@@ -227,20 +233,28 @@ async fn work(shared: Arc<Shared>, item: Item) {
     shared.wake.notify_one();
 }
 
-/// Checks an `enqueue` request before anything of it is stored.
-pub fn validate(config: &Config, paths: &[PathInfo], drv: Option<&StorePath>) -> Result<(), String> {
+/// Checks an `enqueue` request before anything of it is stored. `queued` holds the paths
+/// (of the request and of its references) that the queue already holds, pending or done:
+/// references outside the request must be among them, and their signatures are not
+/// checked, since the queue keeps what it has.
+pub fn validate(
+    keys: &[PublicKey],
+    paths: &[PathInfo],
+    drv: Option<&StorePath>,
+    queued: &HashSet<StorePath>,
+) -> Result<(), String> {
     let set: HashSet<&StorePath> = paths.iter().map(|p| &p.path).collect();
     if set.len() != paths.len() {
         return Err("a path is listed twice".into());
     }
-    for p in paths {
+    for p in paths.iter().filter(|p| !queued.contains(&p.path)) {
         if p.nar_size == 0 {
             return Err(format!("{}: NarSize is 0", p.path));
         }
-        if let Some(r) = p.references.iter().find(|r| !set.contains(r)) {
-            return Err(format!("incomplete closure: {} references {r}, which is not in the request", p.path));
+        if let Some(r) = p.references.iter().find(|r| !set.contains(r) && !queued.contains(*r)) {
+            return Err(format!("incomplete closure: {} references {r}, which is neither in the request nor queued", p.path));
         }
-        if let Some(s) = p.forged_sigs(&config.public_keys).first() {
+        if let Some(s) = p.forged_sigs(keys).first() {
             return Err(format!("signature {s:?} on {} does not verify with the configured key of that name", p.path));
         }
     }
@@ -250,12 +264,21 @@ pub fn validate(config: &Config, paths: &[PathInfo], drv: Option<&StorePath>) ->
     Ok(())
 }
 
+/// Validates and stores an `enqueue` request; returns how many paths were new.
 async fn enqueue(shared: &Shared, paths: Vec<PathInfo>, drv: Option<StorePath>) -> Result<usize, String> {
-    validate(&shared.config, &paths, drv.as_ref())?;
+    let keys = shared.trusted_keys.clone();
     let new = shared
-        .queue(move |q| q.enqueue(&paths, drv.as_ref()))
-        .await
-        .map_err(|e| format!("queue: {e}"))?;
+        .queue(move |q| {
+            let mut mentioned: Vec<&StorePath> = paths.iter().flat_map(|p| p.references.iter().chain([&p.path])).collect();
+            mentioned.sort_unstable();
+            mentioned.dedup();
+            let unknown: HashSet<StorePath> = q.not_queued(&mentioned).map_err(|e| format!("queue: {e}"))?.into_iter().collect();
+            let queued: HashSet<StorePath> = mentioned.into_iter().filter(|p| !unknown.contains(*p)).cloned().collect();
+            validate(&keys, &paths, drv.as_ref(), &queued)?;
+            let todo: Vec<PathInfo> = paths.into_iter().filter(|p| !queued.contains(&p.path)).collect();
+            q.enqueue(&todo, drv.as_ref()).map_err(|e| format!("queue: {e}"))
+        })
+        .await?;
     shared.wake.notify_one();
     Ok(new)
 }
@@ -310,6 +333,13 @@ async fn serve(shared: Arc<Shared>, mut stream: UnixStream) {
             }
             Err(_) => return,
         };
+        let started = Instant::now();
+        let op = match &req {
+            Request::Enqueue { .. } => "enqueue",
+            Request::Missing { .. } => "missing",
+            Request::Status => "status",
+            Request::Wait { .. } => "wait",
+        };
         let resp = match req {
             Request::Enqueue { paths, drv } => {
                 let n = paths.len();
@@ -325,9 +355,16 @@ async fn serve(shared: Arc<Shared>, mut stream: UnixStream) {
                     }
                 }
             }
+            Request::Missing { paths } => {
+                match shared.queue(move |q| q.not_queued(&paths.iter().collect::<Vec<_>>())).await {
+                    Ok(paths) => Response::Missing { paths },
+                    Err(e) => Response::Error { message: format!("queue: {e}") },
+                }
+            }
             Request::Status => status(&shared).await,
             Request::Wait { timeout_ms } => wait(&shared, Duration::from_millis(timeout_ms)).await,
         };
+        tracing::debug!(uid, op, micros = started.elapsed().as_micros() as u64, "handled");
         if reply(&mut stream, &resp).await.is_err() {
             return;
         }

@@ -10,8 +10,11 @@
 //! a signature that claims to be by a configured key and does not verify, and closes the
 //! connection after answering `{"op":"error"}`.
 //!
-//! Requests: `enqueue` (a closure with path info and signatures, the `.drv` whose log to
-//! upload), `status`, and `wait` (answer once everything enqueued so far is uploaded).
+//! Requests: `missing` (which of these paths are not queued or uploaded yet?), `enqueue` (paths with
+//! path info and signatures, the `.drv` whose log to upload), `status`, and `wait` (answer
+//! once everything enqueued so far is uploaded). The hook asks `missing` first and signs
+//! and sends only those paths, so a build whose closure is mostly uploaded costs no
+//! signatures for the rest.
 //! This module is plain `std`: the hook links it without an async runtime.
 
 use serde::{Deserialize, Serialize};
@@ -50,6 +53,9 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         drv: Option<StorePath>,
     },
+    /// Which of `paths` the daemon does not hold, queued or uploaded (so the client signs
+    /// and sends only those).
+    Missing { paths: Vec<StorePath> },
     Status,
     /// Answer once everything enqueued so far (spool included) is uploaded or failed.
     Wait { timeout_ms: u64 },
@@ -60,6 +66,7 @@ pub enum Request {
 pub enum Response {
     /// The request is durable; `new` paths were not known before.
     Queued { new: usize },
+    Missing { paths: Vec<StorePath> },
     Status(Status),
     Waited { complete: bool, failed: Vec<Failure> },
     Error { message: String },
@@ -157,17 +164,33 @@ mod tests {
     }
 }
 
-/// Sends one request to the daemon at `socket` and reads its answer (blocking, no runtime).
-/// `timeout` bounds each read and write.
-pub fn call(socket: &std::path::Path, req: &Request, timeout: Option<std::time::Duration>) -> Result<Response, FrameError> {
-    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
-    s.set_read_timeout(timeout)?;
-    s.set_write_timeout(timeout)?;
-    // The daemon may answer (a refusal) and close before reading everything: read its
-    // answer even when the write failed.
-    let written = write(&mut s, req);
-    match read(&mut s) {
-        Ok(r) => Ok(r),
-        Err(e) => Err(written.err().map_or(e, FrameError::from)),
+/// A blocking connection to the daemon (no runtime): the hook and the CLI use it.
+pub struct Client {
+    stream: std::os::unix::net::UnixStream,
+}
+
+impl Client {
+    /// Connects to `socket`; `timeout` bounds each later read and write.
+    pub fn connect(socket: &std::path::Path, timeout: Option<std::time::Duration>) -> Result<Client, FrameError> {
+        let stream = std::os::unix::net::UnixStream::connect(socket)?;
+        stream.set_read_timeout(timeout)?;
+        stream.set_write_timeout(timeout)?;
+        Ok(Client { stream })
     }
+
+    /// Sends one request and reads the answer.
+    pub fn call(&mut self, req: &Request) -> Result<Response, FrameError> {
+        // The daemon may answer (a refusal) and close before reading everything: read its
+        // answer even when the write failed.
+        let written = write(&mut self.stream, req);
+        match read(&mut self.stream) {
+            Ok(r) => Ok(r),
+            Err(e) => Err(written.err().map_or(e, FrameError::from)),
+        }
+    }
+}
+
+/// One request on a new connection.
+pub fn call(socket: &std::path::Path, req: &Request, timeout: Option<std::time::Duration>) -> Result<Response, FrameError> {
+    Client::connect(socket, timeout)?.call(req)
 }

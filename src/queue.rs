@@ -170,6 +170,24 @@ impl Queue {
         Ok(new)
     }
 
+    /// Those of `paths` that the queue does not hold, pending or done: unknown ones, and
+    /// failed ones (which a new request retries).
+    pub fn not_queued(&self, paths: &[&StorePath]) -> Result<Vec<StorePath>> {
+        let keys: Vec<String> = paths.iter().map(|p| p.to_string()).collect();
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT j.value FROM json_each(?1) j
+             WHERE NOT EXISTS (SELECT 1 FROM items i WHERE i.key = j.value AND i.state != 'failed')",
+        )?;
+        let json = serde_json::to_string(&keys).expect("strings serialise");
+        let rows = stmt.query_map([json], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for r in rows {
+            // Every key came from a StorePath.
+            out.extend(StorePath::parse(&r?).ok());
+        }
+        Ok(out)
+    }
+
     /// Up to `limit` items that may start now, oldest first, skipping `busy` ones.
     pub fn ready(&self, limit: usize, busy: &HashSet<String>) -> Result<Vec<Item>> {
         let mut stmt = self.conn.prepare_cached(

@@ -42,7 +42,10 @@ struct Compressed {
     file_stats: nar::NarStats,
 }
 
-fn compress_nar(path: &Path, url: &StoreUrl, tmp: &Path) -> io::Result<Compressed> {
+/// NARs at least this large are compressed with one zstd worker per core.
+const MULTITHREAD_ABOVE: u64 = 4 << 20;
+
+fn compress_nar(path: &Path, nar_size: u64, url: &StoreUrl, tmp: &Path) -> io::Result<Compressed> {
     let out = nar::HashingWriter::new(BufWriter::with_capacity(1 << 20, File::create(tmp)?));
     let (out, nar) = match url.compression {
         Compression::None => {
@@ -52,8 +55,10 @@ fn compress_nar(path: &Path, url: &StoreUrl, tmp: &Path) -> io::Result<Compresse
         }
         Compression::Zstd => {
             let mut enc = zstd::Encoder::new(out, url.compression_level.unwrap_or(3))?;
+            // Worker threads pay off only for large NARs; small ones would just take CPU
+            // from the builds.
             let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
-            if threads > 1 {
+            if threads > 1 && nar_size >= MULTITHREAD_ABOVE {
                 enc.multithread(threads)?;
             }
             let s = nar::dump(path, &mut enc)?;
@@ -86,10 +91,10 @@ impl Uploader {
         let start = Instant::now();
         let store_path = PathBuf::from(info.path.to_absolute());
         let tmp = self.tmp_dir.join(format!("{}.nar.tmp", info.path.hash_part()));
-        let url = self.url.clone();
+        let (url, nar_size) = (self.url.clone(), info.nar_size);
         let c = {
             let (tmp, store_path) = (tmp.clone(), store_path.clone());
-            tokio::task::spawn_blocking(move || compress_nar(&store_path, &url, &tmp))
+            tokio::task::spawn_blocking(move || compress_nar(&store_path, nar_size, &url, &tmp))
                 .await
                 .map_err(|e| UploadError::Transient(format!("worker: {e}")))?
         };

@@ -93,12 +93,9 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 bail!("push: no paths given");
             }
             let config = config()?;
-            let req = hook::closure_request(&config, &paths, None)?;
-            let Request::Enqueue { paths: closure, .. } = &req else { unreachable!() };
-            let n = closure.len();
-            match hook::deliver(&config, &req)? {
-                Delivery::Queued => eprintln!("narq: enqueued {n} paths"),
-                Delivery::Spooled(f, why) => eprintln!("narq: {why}; spooled {n} paths to {}", f.display()),
+            match hook::submit(&config, &paths, None)? {
+                Delivery::Queued { new } => eprintln!("narq: enqueued {new} paths not uploaded before"),
+                Delivery::Spooled(f, why) => eprintln!("narq: {why}; spooled to {}", f.display()),
             }
             if do_wait {
                 return wait(&config, None);
@@ -227,9 +224,6 @@ fn daemon(config: Config) -> anyhow::Result<ExitCode> {
     narq::logging::init();
     if let Some(f) = &config.file {
         tracing::info!(config = %f.display(), "configuration loaded");
-    }
-    if config.public_keys.is_empty() {
-        tracing::warn!("no public-keys or readable secret-key-files: handed-in signatures are not checked");
     }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {

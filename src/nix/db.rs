@@ -88,10 +88,12 @@ impl NixDb {
         let sql = format!(
             "WITH RECURSIVE c(id) AS (SELECT id FROM ValidPaths WHERE path IN ({placeholders}) {recurse})
              SELECT v.path, v.hash, v.narSize, v.deriver, v.sigs, v.ca,
-                    (SELECT group_concat(p.path, ' ') FROM Refs r JOIN ValidPaths p ON p.id = r.reference
+                    (SELECT group_concat(p.path, ' ') FROM Refs r CROSS JOIN ValidPaths p ON p.id = r.reference
                      WHERE r.referrer = v.id)
-             FROM ValidPaths v JOIN c ON v.id = c.id ORDER BY v.path"
+             FROM c CROSS JOIN ValidPaths v ON v.id = c.id"
         );
+        // CROSS JOIN fixes the join order (closure first, then its rows by primary key):
+        // without statistics the planner may otherwise scan ValidPaths.
         let mut stmt = self.conn.prepare_cached(&sql).map_err(err)?;
         let names: Vec<String> = roots.iter().map(|r| r.to_string()).collect();
         let rows = stmt
@@ -122,6 +124,7 @@ impl NixDb {
                 ca: ca.filter(|c| !c.is_empty()),
             });
         }
+        out.sort_unstable_by(|a, b| a.path.cmp(&b.path));
         if let Some(missing) = roots.iter().find(|r| out.binary_search_by(|i| i.path.cmp(r)).is_err()) {
             return Err(DbError::NotValid(missing.clone()));
         }

@@ -38,8 +38,19 @@ pub fn encode(input: &[u8]) -> String {
     out
 }
 
+/// Byte → digit, 0xff for bytes outside the alphabet.
+const DIGITS: [u8; 256] = {
+    let mut t = [0xffu8; 256];
+    let mut i = 0;
+    while i < 32 {
+        t[ALPHABET[i] as usize] = i as u8;
+        i += 1;
+    }
+    t
+};
+
 fn digit(c: u8) -> Option<u8> {
-    ALPHABET.iter().position(|&a| a == c).map(|p| p as u8)
+    Some(DIGITS[c as usize]).filter(|&d| d != 0xff)
 }
 
 /// Decodes exactly `out_len` bytes.
