@@ -40,6 +40,50 @@ struct Shared {
     allowed_uids: Vec<u32>,
     /// Keys that handed-in signatures are checked against ([`Config::trusted_keys`]).
     trusted_keys: Arc<Vec<PublicKey>>,
+    /// Whether the target works; while it does not, uploads pause.
+    health: Mutex<Health>,
+}
+
+/// The circuit breaker: a target failure pauses all uploads, for 1 s doubling up to a
+/// minute (with jitter) while failures go on; a success closes it. One log line per pause,
+/// not one per item.
+#[derive(Default)]
+struct Health {
+    failures: u32,
+    paused_until: Option<Instant>,
+    error: Option<String>,
+    /// `nix-cache-info` is known to be in the cache.
+    cache_info: bool,
+}
+
+impl Health {
+    fn fail(&mut self, e: &target::TargetError) {
+        let already = self.paused_until.is_some_and(|t| t > Instant::now());
+        let pause = crate::queue::backoff(self.failures, &e.msg).min(Duration::from_secs(60));
+        self.failures += 1;
+        self.paused_until = Some(Instant::now() + pause);
+        self.error = Some(e.msg.clone());
+        if !already {
+            let pause_ms = pause.as_millis() as u64;
+            if e.config {
+                tracing::error!(error = %e.msg, pause_ms, "the store refuses us; uploads paused");
+            } else {
+                tracing::warn!(error = %e.msg, pause_ms, "the store is unavailable; uploads paused");
+            }
+        }
+    }
+
+    fn ok(&mut self) {
+        if self.error.take().is_some() {
+            tracing::info!("the store works again; uploads resumed");
+        }
+        self.failures = 0;
+        self.paused_until = None;
+    }
+
+    fn paused_for(&self) -> Option<Duration> {
+        self.paused_until.and_then(|t| t.checked_duration_since(Instant::now()))
+    }
 }
 
 impl Shared {
@@ -116,7 +160,7 @@ pub async fn run(config: Config, listener: UnixListener, shutdown: impl Future<O
     std::fs::create_dir_all(&tmp_dir).with_context(|| format!("creating {}", tmp_dir.display()))?;
     let db = config.state_dir.join("queue.db");
     let queue = Queue::open(&db).with_context(|| format!("opening the queue {}", db.display()))?;
-    let target = target::open(&config.store).map_err(anyhow::Error::msg)?;
+    let target = target::open(&config.store).await.map_err(|e| anyhow::anyhow!("store {}: {e}", config.store.original))?;
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
     let mut allowed_uids = vec![0, me];
@@ -128,13 +172,11 @@ pub async fn run(config: Config, listener: UnixListener, shutdown: impl Future<O
         wake: Notify::new(),
         allowed_uids,
         trusted_keys: Arc::new(config.trusted_keys()),
+        health: Mutex::new(Health::default()),
         config,
     });
     if shared.trusted_keys.is_empty() {
         tracing::warn!("no public-keys and no readable secret-key-files: handed-in signatures are not checked");
-    }
-    if let Err(e) = shared.uploader.ensure_cache_info().await {
-        tracing::warn!("writing nix-cache-info: {e:?} (retried at the next start)");
     }
     ingest_spool(&shared).await;
     let status = shared.queue(|q| q.status()).await?;
@@ -176,9 +218,23 @@ pub async fn run(config: Config, listener: UnixListener, shutdown: impl Future<O
     Ok(())
 }
 
-/// Starts ready items on free workers; sleeps until woken or a retry is due.
+/// Starts ready items on free workers; sleeps until woken, a retry is due, or a pause ends.
 async fn dispatch(shared: Arc<Shared>) {
     loop {
+        let paused = shared.health.lock().unwrap().paused_for();
+        if let Some(p) = paused {
+            tokio::time::sleep(p).await;
+            continue;
+        }
+        if !shared.health.lock().unwrap().cache_info {
+            match shared.uploader.ensure_cache_info().await {
+                Ok(()) => shared.health.lock().unwrap().cache_info = true,
+                Err(e) => {
+                    shared.health.lock().unwrap().fail(&e);
+                    continue;
+                }
+            }
+        }
         let (free, busy) = {
             let f = shared.in_flight.lock().unwrap();
             (shared.config.jobs.saturating_sub(f.len()), f.clone())
@@ -207,12 +263,18 @@ async fn dispatch(shared: Arc<Shared>) {
 
 async fn work(shared: Arc<Shared>, item: Item) {
     let result = shared.uploader.run(&item).await;
+    match &result {
+        Ok(_) => shared.health.lock().unwrap().ok(),
+        Err(UploadError::Target(e)) => shared.health.lock().unwrap().fail(e),
+        Err(_) => {}
+    }
     let key = item.key.clone();
     let attempts = item.attempts;
     let recorded = shared
         .queue(move |q| -> Result<(), rusqlite::Error> {
             match result {
                 Ok(outcome) => q.done(&key, outcome),
+                Err(UploadError::Target(e)) => q.retry_later(&key, attempts, &e.msg).map(drop),
                 Err(UploadError::Transient(e)) => {
                     let delay = q.retry_later(&key, attempts, &e)?;
                     tracing::warn!(item = %key, attempt = attempts + 1, retry_in_ms = delay.as_millis() as u64, error = %e, "upload failed, will retry");
@@ -395,6 +457,8 @@ async fn status(shared: &Shared) -> Response {
             s.in_flight = shared.in_flight.lock().unwrap().len() as u64;
             s.spooled = spool::list(&shared.config.spool_dir()).map_or(0, |v| v.len() as u64);
             s.store = shared.uploader.target.describe();
+            let h = shared.health.lock().unwrap();
+            s.target_error = h.paused_for().and(h.error.clone());
             Response::Status(s)
         }
         Err(e) => Response::Error { message: format!("queue: {e}") },

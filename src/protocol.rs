@@ -86,6 +86,8 @@ pub struct Status {
     /// Bytes per second over the last minute.
     pub rate: f64,
     pub store: String,
+    /// Why uploads are paused now, if they are (the target is down, credentials are wrong…).
+    pub target_error: Option<String>,
     pub last_error: Option<Failure>,
     pub recent_failures: Vec<Failure>,
 }

@@ -19,11 +19,13 @@ pub enum UploadError {
     Transient(String),
     /// Will not pass (path gone, contents differ from the NarHash): recorded and reported.
     Permanent(String),
+    /// The target failed: retried, and all uploads pause for a while.
+    Target(target::TargetError),
 }
 
 impl From<target::TargetError> for UploadError {
     fn from(e: target::TargetError) -> Self {
-        if e.transient { UploadError::Transient(e.msg) } else { UploadError::Permanent(e.msg) }
+        UploadError::Target(e)
     }
 }
 
@@ -166,7 +168,7 @@ impl Uploader {
     }
 
     /// Writes `nix-cache-info` unless the cache has one.
-    pub async fn ensure_cache_info(&self) -> Result<(), UploadError> {
+    pub async fn ensure_cache_info(&self) -> Result<(), target::TargetError> {
         if !self.target.exists("nix-cache-info").await? {
             let info = self.url.cache_info().into_bytes();
             self.target.put("nix-cache-info", Body::Bytes(info), target::CACHE_INFO_TYPE).await?;

@@ -198,6 +198,9 @@ fn print_status(s: &Status) {
     println!("uploaded:  {} ({} bytes, {:.0} B/s over the last minute)", s.uploaded, s.bytes, s.rate);
     println!("skipped:   {} (already in the cache)", s.skipped);
     println!("failed:    {}", s.failed);
+    if let Some(e) = &s.target_error {
+        println!("paused:    {e}");
+    }
     if let Some(f) = &s.last_error {
         println!("last error: {}: {}", f.item, f.error);
     }
