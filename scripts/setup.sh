@@ -25,8 +25,12 @@ fi
 # The Nix database exists once Nix has run once.
 nix-store --init 2>/dev/null || true
 
-# A real S3 server for the S3 tests and benchmarks.
-if ! command -v moto_server >/dev/null || ! python3 -c 'import moto.server' 2>/dev/null; then
-    echo "setup: installing moto[server] from PyPI" >&2
-    python3 -m pip install -q 'moto[server]' >/dev/null
+# A real S3 server for the S3 tests and benchmarks. Pinned: moto 5.2 answers
+# CompleteMultipartUpload with a <CompleteMultipartUploadResponse> root, which real S3 (and
+# the AWS SDK for Rust) do not accept; 5.1.22 answers as S3 does.
+MOTO_VERSION=5.1.22
+if ! python3 -c "import moto, sys; sys.exit(moto.__version__ != '$MOTO_VERSION')" 2>/dev/null \
+    || ! command -v moto_server >/dev/null; then
+    echo "setup: installing moto[server]==$MOTO_VERSION from PyPI" >&2
+    python3 -m pip install -q "moto[server]==$MOTO_VERSION" >/dev/null
 fi

@@ -46,6 +46,9 @@ struct Compressed {
 
 /// NARs at least this large are compressed with one zstd worker per core.
 const MULTITHREAD_ABOVE: u64 = 4 << 20;
+/// Input per zstd worker job: small enough to keep memory flat, large enough to keep the
+/// ratio (zstd's minimum is 512 KiB).
+const ZSTD_JOB_SIZE: u32 = 2 << 20;
 
 fn compress_nar(path: &Path, nar_size: u64, url: &StoreUrl, tmp: &Path) -> io::Result<Compressed> {
     let out = nar::HashingWriter::new(BufWriter::with_capacity(1 << 20, File::create(tmp)?));
@@ -62,6 +65,8 @@ fn compress_nar(path: &Path, nar_size: u64, url: &StoreUrl, tmp: &Path) -> io::R
             let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
             if threads > 1 && nar_size >= MULTITHREAD_ABOVE {
                 enc.multithread(threads)?;
+                // Bounds what the workers buffer (by default jobs grow with the window).
+                enc.set_parameter(zstd::stream::raw::CParameter::JobSize(ZSTD_JOB_SIZE))?;
             }
             let s = nar::dump(path, &mut enc)?;
             (enc.finish()?, s)

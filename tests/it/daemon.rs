@@ -10,7 +10,7 @@ use std::time::Duration;
 
 /// A three-path closure: a library, a program that refers to it, and a derivation that
 /// prints to its build log.
-fn program_expr(tag: &str) -> String {
+pub fn program_expr(tag: &str) -> String {
     let u = unique();
     format!(
         "let lib = {}; in {}",

@@ -4,4 +4,5 @@
 mod daemon;
 mod formats;
 mod parsers;
+mod s3;
 mod util;

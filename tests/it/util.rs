@@ -152,6 +152,10 @@ impl Narq {
         self.dir.join("narq.sock")
     }
 
+    pub fn daemon_pid(&self) -> u32 {
+        self.daemon.as_ref().expect("daemon running").id()
+    }
+
     pub fn daemon_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
     }
@@ -164,6 +168,10 @@ impl Narq {
             .arg("daemon")
             .env("NARQ_CONFIG", &self.config)
             .env_remove("JOURNAL_STREAM")
+            // For S3 targets: test credentials, and no waiting for an EC2 metadata service.
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -227,13 +235,17 @@ impl Narq {
 
     /// A fresh Nix store that trusts only our key substitutes `path` from the cache.
     pub fn substitute(&self, path: &str) -> PathBuf {
+        self.substitute_from(path, &format!("file://{}", self.cache().display()))
+    }
+
+    /// The same, from the binary cache at `url`.
+    pub fn substitute_from(&self, path: &str, url: &str) -> PathBuf {
         let client = self.dir.join(format!("client-{}", unique()));
         let out = output(
             Command::new("nix-store")
                 .arg("--store")
                 .arg(&client)
-                .args(["-r", path, "--option", "substituters"])
-                .arg(format!("file://{}", self.cache().display()))
+                .args(["-r", path, "--option", "substituters", url])
                 .args(["--option", "trusted-public-keys", &self.public_key])
                 .env("NIX_CONF_DIR", &self.nix_conf),
         );
@@ -279,4 +291,151 @@ pub fn check_closed(cache: &Path) -> Result<usize, String> {
         n += 1;
     }
     Ok(n)
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A real S3 server (`moto_server`, installed by scripts/setup.sh) on 127.0.0.1.
+pub struct Moto {
+    pub port: u16,
+    child: std::process::Child,
+    pub log: PathBuf,
+}
+
+impl Moto {
+    /// `env`: extra environment for the server (e.g. `INITIAL_NO_AUTH_ACTION_COUNT`).
+    pub fn start(dir: &Path, env: &[(&str, &str)]) -> Moto {
+        let port = free_port();
+        let log = dir.join(format!("moto-{port}.log"));
+        let f = std::fs::File::create(&log).unwrap();
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .expect("moto_server (run scripts/setup.sh)");
+        let up = wait_for(Duration::from_secs(30), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+        assert!(up, "moto_server did not start: {}", std::fs::read_to_string(&log).unwrap_or_default());
+        Moto { port, child, log }
+    }
+
+    /// Creates `bucket` with a public-read policy, so that Nix can read it over plain HTTP.
+    pub fn bucket(&self, bucket: &str) {
+        let script = format!(
+            "import boto3, json\n\
+             s3 = boto3.client('s3', endpoint_url='http://127.0.0.1:{}', aws_access_key_id='test', \
+             aws_secret_access_key='test', region_name='us-east-1')\n\
+             s3.create_bucket(Bucket='{bucket}')\n\
+             s3.put_bucket_policy(Bucket='{bucket}', Policy=json.dumps({{'Version': '2012-10-17', 'Statement': \
+             [{{'Effect': 'Allow', 'Principal': '*', 'Action': 's3:GetObject', 'Resource': 'arn:aws:s3:::{bucket}/*'}}]}}))\n",
+            self.port
+        );
+        run(Command::new("python3").args(["-c", &script]));
+    }
+
+    /// Requests the server logged so far.
+    pub fn requests(&self) -> usize {
+        std::fs::read_to_string(&self.log).unwrap_or_default().lines().filter(|l| l.contains("HTTP/1.1\"")).count()
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Plain-HTTP request to 127.0.0.1:`port`; returns status line + headers (lowercased) and body.
+pub fn http(port: u16, method: &str, path: &str) -> (String, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).unwrap();
+    let split = buf.windows(4).position(|w| w == b"\r\n\r\n").map_or(buf.len(), |i| i + 4);
+    (String::from_utf8_lossy(&buf[..split]).to_lowercase(), buf[split..].to_vec())
+}
+
+/// A TCP proxy to 127.0.0.1:`upstream` that can be switched off (connections refused, open
+/// ones cut) and on again: an S3 outage without losing the server's state.
+pub struct Proxy {
+    pub port: u16,
+    on: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Proxy {
+    pub fn start(upstream: u16) -> Proxy {
+        use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+        use std::sync::Arc;
+        let port = free_port();
+        let on = Arc::new(AtomicBool::new(true));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (on2, stop2) = (on.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut listener: Option<std::net::TcpListener> = None;
+            let mut conns: Vec<std::net::TcpStream> = Vec::new();
+            // Bounded: at most 10 minutes of 5 ms steps.
+            for _ in 0..120_000 {
+                if stop2.load(Relaxed) {
+                    break;
+                }
+                if on2.load(Relaxed) && listener.is_none() {
+                    let l = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+                    l.set_nonblocking(true).unwrap();
+                    listener = Some(l);
+                } else if !on2.load(Relaxed) && listener.is_some() {
+                    listener = None;
+                    for c in conns.drain(..) {
+                        let _ = c.shutdown(std::net::Shutdown::Both);
+                    }
+                }
+                if let Some(l) = &listener {
+                    while let Ok((client, _)) = l.accept() {
+                        client.set_nonblocking(false).unwrap();
+                        let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else { continue };
+                        for (mut a, mut b) in [
+                            (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                            (server.try_clone().unwrap(), client.try_clone().unwrap()),
+                        ] {
+                            std::thread::spawn(move || {
+                                let _ = std::io::copy(&mut a, &mut b);
+                                let _ = b.shutdown(std::net::Shutdown::Write);
+                            });
+                        }
+                        conns.push(client);
+                        conns.push(server);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        assert!(wait_for(Duration::from_secs(5), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()));
+        Proxy { port, on, stop }
+    }
+
+    pub fn set(&self, on: bool) {
+        self.on.store(on, std::sync::atomic::Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Peak resident memory of a process, from /proc (VmHWM), in bytes.
+pub fn peak_rss(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = s.lines().find(|l| l.starts_with("VmHWM:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    kb * 1024
 }
