@@ -166,7 +166,15 @@ pub async fn run(config: Config, listener: UnixListener, shutdown: impl Future<O
     let mut allowed_uids = vec![0, me];
     allowed_uids.extend(&config.allowed_uids);
     let shared = Arc::new(Shared {
-        uploader: Uploader { target, url: config.store.clone(), tmp_dir },
+        uploader: Uploader {
+            target,
+            url: config.store.clone(),
+            tmp_dir,
+            upstreams: match config.upstream.is_empty() {
+                true => None,
+                false => Some(crate::upstream::Upstreams::new(&config.upstream).context("TLS roots for upstream caches")?),
+            },
+        },
         queue: Arc::new(Mutex::new(queue)),
         in_flight: Mutex::new(HashSet::new()),
         wake: Notify::new(),

@@ -10,7 +10,8 @@
 //! - [`hook`]: what `narq-hook` and `narq push` do: closure, signatures, hand-off or spool.
 //! - [`spool`]: requests written to disk while the daemon is away.
 //! - [`queue`]: the durable queue and all its policy (states, ordering, backoff).
-//! - [`upload`]: one item from store to target; [`target`]: where the cache lives.
+//! - [`upload`]: one item from store to target; [`target`]: where the cache lives;
+//!   [`upstream`]: caches whose paths are not uploaded again.
 //! - [`daemon`]: the socket server, spool ingestion and the worker pool.
 //! - [`logging`]: journald under systemd, readable lines on stderr otherwise.
 
@@ -25,3 +26,4 @@ pub mod spool;
 pub mod store_url;
 pub mod target;
 pub mod upload;
+pub mod upstream;

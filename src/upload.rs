@@ -35,6 +35,8 @@ pub struct Uploader {
     pub url: StoreUrl,
     /// Where compressed NARs are written before they go to the target.
     pub tmp_dir: PathBuf,
+    /// Caches whose paths are not uploaded again (`upstream`).
+    pub upstreams: Option<crate::upstream::Upstreams>,
 }
 
 /// Result of compressing a NAR into a temp file.
@@ -94,6 +96,12 @@ impl Uploader {
         let narinfo_key = format!("{}.narinfo", info.path.hash_part());
         if self.target.exists(&narinfo_key).await? {
             return Ok(Outcome::Present);
+        }
+        if let Some(up) = &self.upstreams {
+            if let Some(url) = up.find(&info.path).await {
+                tracing::info!(path = %info.path, upstream = url, "in an upstream cache, not uploaded");
+                return Ok(Outcome::Upstream);
+            }
         }
         let start = Instant::now();
         let store_path = PathBuf::from(info.path.to_absolute());

@@ -138,3 +138,32 @@ fn s3_wrong_credentials_give_one_clear_error() {
     assert!((1..=6).contains(&lines), "{lines} error lines:\n{log}");
     assert_eq!(n.status()["failed"], 0, "a credentials problem must not fail paths for good");
 }
+
+#[test]
+fn upstream_paths_are_not_uploaded_again() {
+    let t = TempDir::new("upstream");
+    let moto = Moto::start(t.path(), &[]);
+    moto.bucket("narq-upstream");
+    let u = unique();
+    let expr = format!(
+        "let dep = {}; in {}",
+        sh_drv(&format!("up-dep-{u}"), "echo dep > $out"),
+        sh_drv(&format!("up-top-{u}"), "echo ${dep} > $out")
+    );
+    let outs = nix_build(&nix_conf(t.path(), None), &expr, &[]);
+    let dep = closure(&outs).into_iter().find(|p| p.contains("-up-dep-")).unwrap();
+    // The dependency is in the upstream cache, put there by Nix's own uploader.
+    run(Command::new("nix")
+        .args(["--extra-experimental-features", "nix-command", "copy", "--to"])
+        .arg(format!("http://127.0.0.1:{}/narq-upstream", moto.port))
+        .arg(&dep));
+    let mut n = Narq::new("upstream", &format!("upstream = [\"http://127.0.0.1:{}/narq-upstream/\"]", moto.port));
+    n.start();
+    let push = n.narq(&["push", "--wait", &outs[0]]);
+    assert!(push.status.success(), "{}", String::from_utf8_lossy(&push.stderr));
+    assert!(n.has(&outs[0]));
+    assert!(!n.has(&dep), "a path of the upstream cache was uploaded again");
+    let s = n.status();
+    assert_eq!((s["uploaded"].as_u64(), s["skipped"].as_u64()), (Some(1), Some(1)), "{s}");
+    assert!(n.daemon_log().contains("in an upstream cache"));
+}
