@@ -66,9 +66,9 @@ impl Health {
         if !already {
             let pause_ms = pause.as_millis() as u64;
             if e.config {
-                tracing::error!(error = %e.msg, pause_ms, "the store refuses us; uploads paused");
+                tracing::error!(error = %e.msg, pause_ms, "the store refuses us; uploads paused: {}", e.msg);
             } else {
-                tracing::warn!(error = %e.msg, pause_ms, "the store is unavailable; uploads paused");
+                tracing::warn!(error = %e.msg, pause_ms, "the store is unavailable; uploads paused: {}", e.msg);
             }
         }
     }
@@ -285,12 +285,12 @@ async fn work(shared: Arc<Shared>, item: Item) {
                 Err(UploadError::Target(e)) => q.retry_later(&key, attempts, &e.msg).map(drop),
                 Err(UploadError::Transient(e)) => {
                     let delay = q.retry_later(&key, attempts, &e)?;
-                    tracing::warn!(item = %key, attempt = attempts + 1, retry_in_ms = delay.as_millis() as u64, error = %e, "upload failed, will retry");
+                    tracing::warn!(item = %key, attempt = attempts + 1, retry_in_ms = delay.as_millis() as u64, error = %e, "upload failed, will retry: {key}: {e}");
                     Ok(())
                 }
                 Err(UploadError::Permanent(e)) => {
                     let dependents = q.fail(&key, &e)?;
-                    tracing::error!(item = %key, dependents, error = %e, "upload failed permanently");
+                    tracing::error!(item = %key, dependents, error = %e, "upload failed permanently: {key}: {e}");
                     Ok(())
                 }
             }

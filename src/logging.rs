@@ -13,7 +13,8 @@ pub fn init() {
         .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO));
     if std::env::var_os("JOURNAL_STREAM").is_some() {
         if let Ok(j) = tracing_journald::layer() {
-            tracing_subscriber::registry().with(j.with_syslog_identifier("narq".into())).with(filter).init();
+            let j = j.with_syslog_identifier("narq".into()).with_field_prefix(None);
+            tracing_subscriber::registry().with(j).with(filter).init();
             return;
         }
     }

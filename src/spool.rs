@@ -11,13 +11,27 @@ use std::path::{Path, PathBuf};
 const SUFFIX: &str = ".req";
 
 /// Writes `frame` (a whole protocol frame) into `dir`; returns the file's path.
+///
+/// The hook runs as root, the daemon often as its own user: the spool directory and each
+/// file are given to the owner of the state dir (`dir`'s parent), so the daemon can read
+/// and remove them.
 pub fn write(dir: &Path, frame: &[u8]) -> io::Result<PathBuf> {
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    use std::os::unix::fs::MetadataExt;
+    let owner = dir.parent().and_then(|p| fs::metadata(p).ok()).map(|m| (m.uid(), m.gid()));
+    if !dir.exists() {
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        if let Some((uid, gid)) = owner {
+            let _ = std::os::unix::fs::chown(dir, Some(uid), Some(gid));
+        }
+    }
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let name = format!("{}.{:09}-{}", now.as_secs(), now.subsec_nanos(), std::process::id());
     let tmp = dir.join(format!(".{name}.tmp"));
     let dst = dir.join(format!("{name}{SUFFIX}"));
     let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+    if let Some((uid, gid)) = owner {
+        let _ = std::os::unix::fs::fchown(&f, Some(uid), Some(gid));
+    }
     f.write_all(frame)?;
     f.sync_all()?;
     fs::rename(&tmp, &dst)?;

@@ -147,12 +147,17 @@ impl Uploader {
             return Err(e.into());
         }
         self.target.put(&narinfo_key, Body::Bytes(narinfo.to_string().into_bytes()), target::NARINFO_TYPE).await?;
+        // The message stands alone for `journalctl -u narq`; the fields are for queries.
+        let ms = start.elapsed().as_millis() as u64;
         tracing::info!(
             path = %info.path,
             nar_bytes = c.nar.size,
             bytes = c.file_stats.size,
-            duration_ms = start.elapsed().as_millis() as u64,
-            "uploaded"
+            duration_ms = ms,
+            "uploaded {} ({} bytes, {} compressed, {ms} ms)",
+            info.path,
+            c.nar.size,
+            c.file_stats.size
         );
         Ok(Outcome::Uploaded { bytes: c.file_stats.size })
     }
@@ -176,7 +181,7 @@ impl Uploader {
         .map_err(|e| UploadError::Permanent(format!("reading the build log of {drv}: {e}")))?;
         let bytes = text.len() as u64;
         self.target.put(&key, Body::Bytes(text), target::LOG_TYPE).await?;
-        tracing::info!(drv = %drv, bytes, "uploaded build log");
+        tracing::info!(drv = %drv, bytes, "uploaded the build log of {drv}");
         Ok(Outcome::Uploaded { bytes })
     }
 

@@ -53,7 +53,7 @@ fn build_lands_signed_and_substitutes() {
     assert_eq!(std::fs::read_to_string(n.cache().join("nix-cache-info")).unwrap(), "StoreDir: /nix/store\n");
     // Logged: one line per upload with path, bytes and duration.
     let dlog = n.daemon_log();
-    let line = dlog.lines().find(|l| l.contains("uploaded path=") && l.contains(&outs[0])).unwrap_or_else(|| panic!("{dlog}"));
+    let line = dlog.lines().find(|l| l.contains(&format!("uploaded {} (", outs[0]))).unwrap_or_else(|| panic!("{dlog}"));
     assert!(line.contains("bytes=") && line.contains("duration_ms="), "{line}");
 }
 

@@ -3,6 +3,7 @@
 
 mod daemon;
 mod formats;
+mod nixos;
 mod parsers;
 mod s3;
 mod util;

@@ -1,0 +1,115 @@
+# services.narq: every store path this machine builds, uploaded to a signed binary cache.
+#
+#   services.narq = {
+#     enable = true;
+#     settings.store = "s3://my-cache?region=eu-central-1";
+#     secretKeyFiles = [ "/etc/nix/my-cache.sec" ];
+#     environmentFile = "/etc/narq/aws.env";   # AWS_ACCESS_KEY_ID=… (never in the store)
+#   };
+{ config, lib, pkgs, ... }:
+let
+  cfg = config.services.narq;
+  inherit (lib) mkOption mkEnableOption mkIf types literalExpression;
+  settings = import ./settings.nix cfg;
+  configFile = pkgs.writeText "narq.toml" (import ./toml.nix settings);
+  units = import ./units.nix {
+    narq = cfg.package;
+    inherit configFile;
+    inherit (cfg.settings) socket;
+    inherit (cfg) user group environmentFile;
+  };
+  # The hook runs as root under nix-daemon and reads the same file.
+  hook = pkgs.writeShellScript "narq-hook" ''
+    export NARQ_CONFIG=${configFile}
+    exec ${cfg.package}/bin/narq-hook
+  '';
+in
+{
+  options.services.narq = {
+    enable = mkEnableOption "narq, which uploads every store path this machine builds to a binary cache";
+    package = mkOption {
+      type = types.package;
+      description = "The narq package.";
+    };
+    secretKeyFiles = mkOption {
+      type = types.listOf types.path;
+      default = [ ];
+      example = [ "/etc/nix/my-cache.sec" ];
+      description = ''
+        Signing keys (NAME:BASE64, as nix-store --generate-binary-cache-key writes them). Only the
+        hook (root) reads them: keep them root-only, and outside the Nix store (a string path).
+      '';
+    };
+    environmentFile = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/etc/narq/aws.env";
+      description = "Environment for the daemon, e.g. AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; never in the Nix store.";
+    };
+    user = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      description = "User the daemon runs as; null for a systemd DynamicUser.";
+    };
+    group = mkOption {
+      type = types.str;
+      default = "narq";
+      description = "Group of the daemon; members may also enqueue over the socket.";
+    };
+    settings = {
+      store = mkOption {
+        type = types.str;
+        default = "file:///var/lib/narq/cache";
+        example = "s3://my-cache?region=eu-central-1&compression=zstd";
+        description = "Where uploads go, in Nix's store-URL syntax (file:// or s3:// with Nix's parameters).";
+      };
+      publicKeys = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        description = "Public keys the daemon checks handed-in signatures against (the daemon cannot read the secret keys).";
+      };
+      socket = mkOption {
+        type = types.str;
+        default = "/run/narq/narq.sock";
+        description = "The socket the hook hands builds to.";
+      };
+      jobs = mkOption {
+        type = types.ints.between 1 256;
+        default = 4;
+        description = "Concurrent uploads.";
+      };
+      upstream = mkOption {
+        type = types.listOf types.str;
+        default = [ "https://cache.nixos.org" ];
+        description = "Binary caches whose paths are not uploaded again.";
+      };
+      allowedUsers = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        description = "Users besides root and the daemon who may enqueue.";
+      };
+    };
+  };
+
+  config = mkIf cfg.enable {
+    assertions = [
+      {
+        assertion = builtins.all (f: !(lib.hasPrefix builtins.storeDir (toString f))) cfg.secretKeyFiles;
+        message = "services.narq.secretKeyFiles must not be in the Nix store (it is world-readable).";
+      }
+      {
+        assertion = cfg.environmentFile == null || !(lib.hasPrefix builtins.storeDir cfg.environmentFile);
+        message = "services.narq.environmentFile must not be in the Nix store.";
+      }
+    ];
+    users.groups.${cfg.group} = { };
+    users.users = mkIf (cfg.user != null) {
+      ${cfg.user} = { isSystemUser = true; group = cfg.group; };
+    };
+    nix.settings.post-build-hook = hook;
+    environment.systemPackages = [ cfg.package ];
+    environment.variables.NARQ_CONFIG = toString configFile;
+    systemd.sockets.narq = units.socket;
+    systemd.services.narq = units.service;
+  };
+}

@@ -1,0 +1,12 @@
+# The module's options (config.services.narq) to narq's config keys, without nixpkgs: the
+# module renders it with toml.nix, and the test suite loads the result in `narq daemon`.
+cfg: {
+  store = cfg.settings.store;
+  secret-key-files = map toString cfg.secretKeyFiles;
+  public-keys = cfg.settings.publicKeys;
+  socket = cfg.settings.socket;
+  state-dir = "/var/lib/narq";
+  jobs = cfg.settings.jobs;
+  upstream = cfg.settings.upstream;
+  allowed-users = cfg.settings.allowedUsers;
+}
