@@ -83,6 +83,10 @@ pub struct Queue {
     conn: Connection,
 }
 
+fn next_seq(conn: &Connection) -> Result<i64> {
+    conn.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM items", [], |r| r.get(0))
+}
+
 fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as i64
 }
@@ -108,13 +112,9 @@ impl Queue {
         Ok(Queue { conn })
     }
 
-    fn next_seq(&self) -> Result<i64> {
-        self.conn.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM items", [], |r| r.get(0))
-    }
-
     /// The highest sequence number handed out so far.
     pub fn current_seq(&self) -> Result<i64> {
-        Ok(self.next_seq()? - 1)
+        Ok(next_seq(&self.conn)? - 1)
     }
 
     /// Adds paths (and a build log) in one durable transaction; returns how many were new.
@@ -122,7 +122,7 @@ impl Queue {
     /// are retried.
     pub fn enqueue(&mut self, paths: &[PathInfo], log: Option<&StorePath>) -> Result<usize> {
         let tx = self.conn.transaction()?;
-        let seq: i64 = tx.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM items", [], |r| r.get(0))?;
+        let seq = next_seq(&tx)?;
         let mut new = 0;
         {
             let mut get = tx.prepare_cached("SELECT state, info FROM items WHERE key = ?1")?;

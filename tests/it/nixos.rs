@@ -4,7 +4,7 @@
 use crate::util::*;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 fn repo() -> PathBuf {
@@ -115,20 +115,15 @@ fn socket_activation_serves_hooks_and_notifies_readiness() {
     notify.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     // systemd-socket-activate listens on the configured socket and starts the daemon on the
     // first connection, passing the socket as LISTEN_FDS.
-    let log = std::fs::File::create(n.dir.join("daemon.log")).unwrap();
-    let child = Command::new("systemd-socket-activate")
-        .arg("-l")
-        .arg(n.socket())
-        .arg(format!("--setenv=NARQ_CONFIG={}", n.config.display()))
-        .arg(format!("--setenv=NOTIFY_SOCKET={}", notify_path.display()))
-        .arg(bin("narq"))
-        .arg("daemon")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    n.daemon = Some(child);
+    n.spawn_daemon(
+        Command::new("systemd-socket-activate")
+            .arg("-l")
+            .arg(n.socket())
+            .arg(format!("--setenv=NARQ_CONFIG={}", n.config.display()))
+            .arg(format!("--setenv=NOTIFY_SOCKET={}", notify_path.display()))
+            .arg(bin("narq"))
+            .arg("daemon"),
+    );
     assert!(wait_for(Duration::from_secs(10), || n.socket().exists()));
     let (outs, stderr) = n.build(&crate::daemon::program_expr("activate"));
     assert!(!stderr.contains("narq-hook:"), "{stderr}");
@@ -155,16 +150,7 @@ fn under_systemd_the_daemon_logs_structured_fields_to_journald() {
     let _cleanup = Cleanup;
     sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let mut n = Narq::new("journal", "");
-    let child = Command::new(bin("narq"))
-        .arg("daemon")
-        .env("NARQ_CONFIG", &n.config)
-        .env("JOURNAL_STREAM", "8:1234")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    n.daemon = Some(child);
+    n.spawn_daemon(Command::new(bin("narq")).arg("daemon").env("JOURNAL_STREAM", "8:1234"));
     assert!(wait_for(Duration::from_secs(10), || n.narq(&["status"]).status.success()));
     let u = unique();
     let outs = nix_build(&nix_conf(n.dir.path(), None), &sh_drv(&format!("journal-{u}"), "echo j > $out"), &[]);

@@ -162,13 +162,21 @@ impl Narq {
 
     /// Starts `narq daemon` and waits until it answers `status`.
     pub fn start(&mut self) {
+        self.spawn_daemon(Command::new(bin("narq")).arg("daemon").env_remove("JOURNAL_STREAM"));
+        assert!(
+            wait_for(Duration::from_secs(10), || self.narq(&["status"]).status.success()),
+            "daemon did not come up: {}",
+            self.daemon_log()
+        );
+    }
+
+    /// Spawns `cmd` (which runs the daemon) with this config, test credentials for S3
+    /// targets, no waiting for an EC2 metadata service, and its output in `daemon.log`.
+    pub fn spawn_daemon(&mut self, cmd: &mut Command) {
         assert!(self.daemon.is_none());
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("daemon.log")).unwrap();
-        let child = Command::new(bin("narq"))
-            .arg("daemon")
+        let child = cmd
             .env("NARQ_CONFIG", &self.config)
-            .env_remove("JOURNAL_STREAM")
-            // For S3 targets: test credentials, and no waiting for an EC2 metadata service.
             .env("AWS_ACCESS_KEY_ID", "test")
             .env("AWS_SECRET_ACCESS_KEY", "test")
             .env("AWS_EC2_METADATA_DISABLED", "true")
@@ -178,11 +186,6 @@ impl Narq {
             .spawn()
             .unwrap();
         self.daemon = Some(child);
-        assert!(
-            wait_for(Duration::from_secs(10), || self.narq(&["status"]).status.success()),
-            "daemon did not come up: {}",
-            self.daemon_log()
-        );
     }
 
     /// `kill -9` of the daemon.
