@@ -7,6 +7,8 @@ then runs `narq-hook` as Nix would (empty OUT_PATHS, DRV_PATH set) and times it:
   - a 1,000-path closure: once when all of it is new, then (uploaded) median over 20 runs;
   - latency from starting the hook to the path's narinfo appearing in the cache.
 A process that does nothing (/bin/true), timed the same way, is the baseline.
+Hooks run 50 ms apart (a build takes far longer), so each finds the daemon done with the
+previous upload; NARQ_BENCH_GAP_MS=0 runs them back to back, against the uploads.
 Usage: bench/hook_latency.py [N]   (needs a release build: cargo build --release)
 """
 import json, os, statistics, subprocess, sys, tempfile, time
@@ -14,6 +16,7 @@ import json, os, statistics, subprocess, sys, tempfile, time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release")
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 200
+GAP = int(os.environ.get("NARQ_BENCH_GAP_MS", "50")) / 1000
 
 
 def sh_drv(name, script):
@@ -82,6 +85,7 @@ def main():
         true_t = [spawn_time(["/bin/true"], base_env) for _ in range(N)]
 
         def hook(drv, out_paths=""):
+            time.sleep(GAP)
             return spawn_time([f"{BIN}/narq-hook"], dict(base_env, OUT_PATHS=out_paths, DRV_PATH=drv))
 
         hook_t = [hook(d) for d in small_drvs[:N]]

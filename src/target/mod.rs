@@ -1,0 +1,66 @@
+//! Where the cache lives. The queue and the uploader see only [`Target`]; each
+//! implementation (`file://` here, S3 next) knows its own storage.
+
+pub mod file;
+pub mod s3;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use crate::store_url::{Location, StoreUrl};
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What to put: small objects in memory, NARs as a file the uploader wrote (compressed)
+/// under the state dir, so that memory does not grow with NAR size.
+pub enum Body {
+    Bytes(Vec<u8>),
+    /// A temporary file the target may move or delete.
+    File(PathBuf),
+}
+
+/// A failure to talk to the target. Nothing the target says is final for an item: the
+/// network comes back, throttling ends, a disk is cleared, credentials are fixed. But it
+/// concerns every item alike, so the daemon pauses all uploads (with backoff) rather than
+/// let each item retry on its own.
+#[derive(Debug, thiserror::Error)]
+#[error("{msg}")]
+pub struct TargetError {
+    pub msg: String,
+    /// Needs a person: wrong credentials, a missing bucket, a refused policy.
+    pub config: bool,
+}
+
+impl TargetError {
+    pub fn transient(msg: impl Into<String>) -> Self {
+        TargetError { msg: msg.into(), config: false }
+    }
+    pub fn target(msg: impl Into<String>) -> Self {
+        TargetError { msg: msg.into(), config: true }
+    }
+}
+
+pub const NARINFO_TYPE: &str = "text/x-nix-narinfo";
+pub const NAR_TYPE: &str = "application/x-nix-nar";
+pub const CACHE_INFO_TYPE: &str = "text/x-nix-cache-info";
+pub const LOG_TYPE: &str = "text/plain; charset=utf-8";
+pub const LISTING_TYPE: &str = "application/json";
+
+pub trait Target: Send + Sync {
+    /// True if an object exists at `key` (e.g. `<hash>.narinfo`).
+    fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, TargetError>>;
+    /// Stores `body` at `key`; durable once this returns `Ok`.
+    fn put<'a>(&'a self, key: &'a str, body: Body, content_type: &'static str) -> BoxFuture<'a, Result<(), TargetError>>;
+    /// For messages: where this target writes.
+    fn describe(&self) -> String;
+}
+
+/// The target for a store URL.
+pub async fn open(url: &StoreUrl) -> Result<Arc<dyn Target>, String> {
+    Ok(match &url.location {
+        Location::File(dir) => Arc::new(file::FileTarget::new(dir.clone())),
+        Location::S3 { bucket } => Arc::new(s3::S3Target::new(url, bucket).await?),
+    })
+}

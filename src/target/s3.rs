@@ -1,0 +1,318 @@
+//! `s3://BUCKET?…`: any S3-compatible store (AWS, MinIO, R2, Garage, Ceph RGW, B2), with
+//! Nix's store-URL parameters. The only module that knows the AWS SDK.
+//!
+//! - Credentials: the standard AWS chain (environment, `~/.aws/credentials` and
+//!   `~/.aws/config` with `profile=`, SSO, credential processes, IMDS).
+//! - `endpoint=` (with `scheme=http|https`) selects a custom endpoint, addressed path-style.
+//! - Checksums: recent SDKs add CRC trailers to every upload, which several S3-compatible
+//!   servers reject. `checksum=when-required` (the default with a custom endpoint) sends
+//!   them only where S3 requires one; `checksum=when-supported` (the default for AWS) always.
+//! - NARs at most one part large go in one PUT, larger ones as a multipart upload of
+//!   `buffer-size` parts (default 16 MiB, at least 5 MiB), 6 parts in flight, each read from
+//!   the compressed temp file: memory stays flat whatever the NAR size. A failed multipart
+//!   upload is aborted. `multipart-upload=false` forces single PUTs.
+
+use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::{ByteStream, Length};
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use std::path::Path;
+use std::sync::Arc;
+
+use super::{Body, BoxFuture, Target, TargetError};
+use crate::store_url::StoreUrl;
+
+const MIN_PART: u64 = 5 << 20;
+const DEFAULT_PART: u64 = 16 << 20;
+const PARTS_IN_FLIGHT: usize = 6;
+
+/// A listing of the narinfos at the bucket's root, when the bucket is small enough to list.
+struct Listing {
+    keys: std::collections::HashSet<String>,
+    at: std::time::Instant,
+}
+
+/// Buckets with up to this many pages (1,000 keys each) at the root are listed in one go,
+/// instead of one HEAD per path.
+const LIST_PAGES: usize = 10;
+/// How long a listing answers "is it there?" before the bucket is listed again.
+const LIST_TTL: std::time::Duration = std::time::Duration::from_secs(600);
+
+pub struct S3Target {
+    client: aws_sdk_s3::Client,
+    /// The bucket's narinfos as last listed; `None` inside when the bucket is too large to
+    /// list (then every check is a HEAD).
+    listing: tokio::sync::Mutex<Option<Option<Listing>>>,
+    bucket: String,
+    /// Part size of multipart uploads (`buffer-size`).
+    part_size: u64,
+    /// `multipart-upload` (default true): large NARs as multipart uploads.
+    multipart: bool,
+    /// For messages.
+    describe: String,
+}
+
+/// Sorts an SDK error: wrong credentials and a missing bucket concern the whole target,
+/// throttling, 5xx, timeouts and dropped connections may pass, the rest is reported as is.
+fn classify<E: ProvideErrorMetadata + std::error::Error + 'static>(what: &str, e: SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> TargetError {
+    let status = e.raw_response().map(|r| r.status().as_u16());
+    let code = e.as_service_error().and_then(|s| s.code()).unwrap_or("").to_string();
+    // A service error in one line (status, code, message); anything else with its causes.
+    let msg = match (&e, status) {
+        (SdkError::ServiceError(se), Some(st)) => {
+            let m = se.err().message().unwrap_or("");
+            format!("{what}: HTTP {st} {code} {m}").trim_end().to_string()
+        }
+        _ => format!("{what}: {}", DisplayErrorContext(&e)),
+    };
+    let auth = matches!(status, Some(401 | 403))
+        || matches!(code.as_str(), "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "AccessDenied" | "ExpiredToken" | "NoSuchBucket")
+        || matches!(e, SdkError::ConstructionFailure(_));
+    if auth {
+        return TargetError::target(format!("{msg} (check the credentials, the bucket and its policy)"));
+    }
+    TargetError::transient(msg)
+}
+
+impl S3Target {
+    pub async fn new(url: &StoreUrl, bucket: &str) -> Result<Self, String> {
+        use aws_config::BehaviorVersion;
+        use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
+        let p = |k: &str| url.params.get(k).map(String::as_str);
+        let http = aws_smithy_http_client::Builder::new().tls_provider(tls::Provider::Rustls(CryptoMode::Ring)).build_https();
+        let mut loader = aws_config::defaults(BehaviorVersion::latest()).http_client(http);
+        if let Some(region) = p("region") {
+            loader = loader.region(aws_sdk_s3::config::Region::new(region.to_string()));
+        }
+        if let Some(profile) = p("profile") {
+            loader = loader.profile_name(profile);
+        }
+        let sdk = loader.load().await;
+        let mut b = aws_sdk_s3::config::Builder::from(&sdk);
+        if sdk.region().is_none() {
+            // As Nix does.
+            b = b.region(aws_sdk_s3::config::Region::new("us-east-1"));
+        }
+        let endpoint = p("endpoint").map(|e| {
+            if e.contains("://") { e.to_string() } else { format!("{}://{e}", p("scheme").unwrap_or("https")) }
+        });
+        let checksum = match p("checksum") {
+            Some("when-required") => RequestChecksumCalculation::WhenRequired,
+            Some("when-supported") => RequestChecksumCalculation::WhenSupported,
+            Some(other) => return Err(format!("checksum={other:?}: expected when-required or when-supported")),
+            None if endpoint.is_some() => RequestChecksumCalculation::WhenRequired,
+            None => RequestChecksumCalculation::WhenSupported,
+        };
+        if checksum == RequestChecksumCalculation::WhenRequired {
+            b = b.response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+        }
+        b = b.request_checksum_calculation(checksum);
+        if let Some(e) = &endpoint {
+            b = b.endpoint_url(e).force_path_style(true);
+        }
+        // The queue retries with its own backoff; one quick retry here covers a dropped
+        // keep-alive connection.
+        b = b.retry_config(aws_sdk_s3::config::retry::RetryConfig::standard().with_max_attempts(2));
+        let part_size = match p("buffer-size") {
+            Some(s) => s.parse::<u64>().map_err(|_| format!("buffer-size={s:?} is not a number"))?.max(MIN_PART),
+            None => DEFAULT_PART,
+        };
+        let multipart = match p("multipart-upload") {
+            Some("false" | "0") => false,
+            Some("true" | "1") | None => true,
+            Some(o) => return Err(format!("multipart-upload={o:?}: expected true or false")),
+        };
+        let describe = format!("s3://{bucket}{}", endpoint.map(|e| format!(" at {e}")).unwrap_or_default());
+        Ok(S3Target {
+            client: aws_sdk_s3::Client::from_conf(b.build()),
+            listing: tokio::sync::Mutex::new(None),
+            bucket: bucket.to_string(),
+            part_size,
+            multipart,
+            describe,
+        })
+    }
+
+    /// Lists the `.narinfo` keys at the root (up to [`LIST_PAGES`] pages); `None` if there
+    /// are more.
+    async fn list_narinfos(&self) -> Result<Option<Listing>, TargetError> {
+        let mut keys = std::collections::HashSet::new();
+        let mut token = None;
+        for _ in 0..LIST_PAGES {
+            let out = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .delimiter("/")
+                .set_continuation_token(token)
+                .send()
+                .await
+                .map_err(|e| classify("listing the bucket", e))?;
+            keys.extend(out.contents().iter().filter_map(|o| o.key()).filter(|k| k.ends_with(".narinfo")).map(str::to_string));
+            token = out.next_continuation_token().map(str::to_string);
+            if token.is_none() {
+                return Ok(Some(Listing { keys, at: std::time::Instant::now() }));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn put_multipart(&self, key: &str, file: &Path, size: u64, content_type: &str) -> Result<(), TargetError> {
+        let created = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type(content_type)
+            .send()
+            .await
+            .map_err(|e| classify(&format!("starting the multipart upload of {key}"), e))?;
+        let upload_id = created.upload_id().unwrap_or_default().to_string();
+        let result = self.upload_parts(key, &upload_id, file, size).await;
+        let parts = match result {
+            Ok(p) => p,
+            Err(e) => {
+                let abort = self.client.abort_multipart_upload().bucket(&self.bucket).key(key).upload_id(&upload_id).send().await;
+                if let Err(a) = abort {
+                    tracing::warn!(key, "aborting the multipart upload: {}", DisplayErrorContext(&a));
+                }
+                return Err(e);
+            }
+        };
+        self.client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(&upload_id)
+            .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+            .send()
+            .await
+            .map_err(|e| classify(&format!("completing the multipart upload of {key}"), e))?;
+        Ok(())
+    }
+
+    /// Uploads the parts, `PARTS_IN_FLIGHT` at a time, each streamed from its range of the file.
+    async fn upload_parts(&self, key: &str, upload_id: &str, file: &Path, size: u64) -> Result<Vec<CompletedPart>, TargetError> {
+        let count = size.div_ceil(self.part_size);
+        let sem = Arc::new(tokio::sync::Semaphore::new(PARTS_IN_FLIGHT));
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut parts = Vec::with_capacity(count as usize);
+        let joined = |r: Result<Result<CompletedPart, TargetError>, tokio::task::JoinError>| {
+            r.map_err(|e| TargetError::transient(format!("part upload task: {e}")))?
+        };
+        for i in 0..count {
+            let permit = sem.clone().acquire_owned().await.expect("semaphore open");
+            let offset = i * self.part_size;
+            let len = self.part_size.min(size - offset);
+            let (client, bucket, key, upload_id, file) =
+                (self.client.clone(), self.bucket.clone(), key.to_string(), upload_id.to_string(), file.to_path_buf());
+            tasks.spawn(async move {
+                let _permit = permit;
+                let body = ByteStream::read_from()
+                    .path(&file)
+                    .offset(offset)
+                    .length(Length::Exact(len))
+                    .build()
+                    .await
+                    .map_err(|e| TargetError::transient(format!("reading {}: {e}", file.display())))?;
+                let n = (i + 1) as i32;
+                let out = client
+                    .upload_part()
+                    .bucket(bucket)
+                    .key(&key)
+                    .upload_id(upload_id)
+                    .part_number(n)
+                    .content_length(len as i64)
+                    .body(body)
+                    .send()
+                    .await
+                    .map_err(|e| classify(&format!("uploading part {n} of {key}"), e))?;
+                Ok(CompletedPart::builder().part_number(n).set_e_tag(out.e_tag().map(str::to_string)).build())
+            });
+            // Fail fast: a failed part stops the upload (dropping `tasks` aborts the rest).
+            while let Some(done) = tasks.try_join_next() {
+                parts.push(joined(done)?);
+            }
+        }
+        while let Some(done) = tasks.join_next().await {
+            parts.push(joined(done)?);
+        }
+        parts.sort_by_key(|p| p.part_number());
+        Ok(parts)
+    }
+}
+
+impl Target for S3Target {
+    /// For narinfos of a bucket small enough to list, the answer comes from a listing made
+    /// at most [`LIST_TTL`] ago (one request for the whole closure of a first push);
+    /// otherwise, and for other keys, a HEAD request. A narinfo written by someone else
+    /// after the listing is uploaded again: the same content, no harm.
+    fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, TargetError>> {
+        Box::pin(async move {
+            if key.ends_with(".narinfo") && !key.contains('/') {
+                let mut listing = self.listing.lock().await;
+                let stale = match &*listing {
+                    None => true,
+                    Some(Some(l)) => l.at.elapsed() > LIST_TTL,
+                    Some(None) => false,
+                };
+                if stale {
+                    *listing = Some(self.list_narinfos().await?);
+                }
+                if let Some(Some(l)) = &*listing {
+                    return Ok(l.keys.contains(key));
+                }
+            }
+            match self.client.head_object().bucket(&self.bucket).key(key).send().await {
+                Ok(_) => Ok(true),
+                Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => Ok(false),
+                Err(e) => Err(classify(&format!("checking {key}"), e)),
+            }
+        })
+    }
+
+    fn put<'a>(&'a self, key: &'a str, body: Body, content_type: &'static str) -> BoxFuture<'a, Result<(), TargetError>> {
+        Box::pin(async move {
+            let (stream, len) = match body {
+                Body::Bytes(b) => {
+                    let n = b.len() as i64;
+                    (ByteStream::from(b), n)
+                }
+                Body::File(f) => {
+                    let size = std::fs::metadata(&f).map_err(|e| TargetError::transient(format!("{}: {e}", f.display())))?.len();
+                    let result = if self.multipart && size > self.part_size {
+                        self.put_multipart(key, &f, size, content_type).await
+                    } else {
+                        match ByteStream::from_path(&f).await {
+                            Ok(s) => self.put_one(key, s, size as i64, content_type).await,
+                            Err(e) => Err(TargetError::transient(format!("reading {}: {e}", f.display()))),
+                        }
+                    };
+                    let _ = std::fs::remove_file(&f);
+                    return result;
+                }
+            };
+            self.put_one(key, stream, len, content_type).await
+        })
+    }
+
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+}
+
+impl S3Target {
+    async fn put_one(&self, key: &str, body: ByteStream, len: i64, content_type: &str) -> Result<(), TargetError> {
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type(content_type)
+            .content_length(len)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| classify(&format!("uploading {key}"), e))?;
+        Ok(())
+    }
+}
