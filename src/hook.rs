@@ -57,31 +57,31 @@ pub fn submit(config: &Config, roots: &[StorePath], drv: Option<StorePath>) -> a
             }
         }
     };
-    let handed = |paths: &mut Vec<PathInfo>| -> Result<Response, protocol::FrameError> {
+    // Works on copies, so that `paths` stays whole for the spool if the daemon fails us.
+    let handed = || -> Result<Response, protocol::FrameError> {
         let mut client = Client::connect(&config.socket, Some(DAEMON_TIMEOUT))?;
         // Signing a small closure costs less than a round trip to ask what to sign.
-        if paths.len() > SIGN_ALL_BELOW {
+        let mut todo: Vec<PathInfo> = if paths.len() > SIGN_ALL_BELOW {
             let all = paths.iter().map(|p| p.path.clone()).collect();
             match client.call(&Request::Missing { paths: all })? {
                 Response::Missing { paths: missing } => {
                     let missing: HashSet<StorePath> = missing.into_iter().collect();
-                    paths.retain(|p| missing.contains(&p.path));
+                    paths.iter().filter(|p| missing.contains(&p.path)).cloned().collect()
                 }
                 other => return Ok(other),
             }
-        }
-        sign(paths);
-        client.call(&Request::Enqueue { paths: std::mem::take(paths), drv: drv.clone() })
+        } else {
+            paths.clone()
+        };
+        sign(&mut todo);
+        client.call(&Request::Enqueue { paths: todo, drv: drv.clone() })
     };
-    let why = match handed(&mut paths) {
+    let why = match handed() {
         Ok(Response::Queued { new }) => return Ok(Delivery::Queued { new }),
         Ok(Response::Error { message }) => anyhow::bail!("the daemon refused the request: {message}"),
         Ok(other) => format!("unexpected answer {other:?}"),
         Err(e) => format!("daemon at {} unreachable: {e}", config.socket.display()),
     };
-    // Paths may have been filtered and handed over before the failure: start again from the
-    // database, so the spool holds the whole closure.
-    let mut paths = NixDb::open_default()?.query(roots, true)?;
     sign(&mut paths);
     let req = Request::Enqueue { paths, drv };
     let file = spool::write(&config.spool_dir(), &protocol::encode(&req))
