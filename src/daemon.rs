@@ -42,6 +42,9 @@ struct Shared {
     trusted_keys: Arc<Vec<PublicKey>>,
     /// Whether the target works; while it does not, uploads pause.
     health: Mutex<Health>,
+    /// Held while the spool is ingested: the poller and `wait` both ingest, and two at once
+    /// would read a file the other is removing and log a false refusal.
+    spool: tokio::sync::Mutex<()>,
 }
 
 /// The circuit breaker: a target failure pauses all uploads, for 1 s doubling up to a
@@ -181,6 +184,7 @@ pub async fn run(config: Config, listener: UnixListener, shutdown: impl Future<O
         allowed_uids,
         trusted_keys: Arc::new(config.trusted_keys()),
         health: Mutex::new(Health::default()),
+        spool: tokio::sync::Mutex::new(()),
         config,
     });
     if shared.trusted_keys.is_empty() {
@@ -354,6 +358,7 @@ async fn enqueue(shared: &Shared, paths: Vec<PathInfo>, drv: Option<StorePath>) 
 }
 
 async fn ingest_spool(shared: &Shared) {
+    let _ingesting = shared.spool.lock().await;
     let dir = shared.config.spool_dir();
     let files = match spool::list(&dir) {
         Ok(f) => f,
