@@ -85,7 +85,7 @@ impl Config {
     }
 
     pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, ConfigError> {
-        let fname = file.map_or("(built-in defaults)".to_string(), |f| f.display().to_string());
+        let fname = describe(file);
         let err = |key: Option<&str>, msg: String| ConfigError { file: fname.clone(), key: key.map(str::to_string), msg };
         let raw: Raw = toml::from_str(text).map_err(|e| {
             let (line, key) = e
@@ -145,7 +145,7 @@ impl Config {
             .iter()
             .map(|f| {
                 SecretKey::read(f).map_err(|e| ConfigError {
-                    file: self.file.as_ref().map_or("(built-in defaults)".into(), |p| p.display().to_string()),
+                    file: describe(self.file.as_deref()),
                     key: Some("secret-key-files".into()),
                     msg: e.to_string(),
                 })
@@ -169,6 +169,11 @@ impl Config {
     pub fn spool_dir(&self) -> PathBuf {
         self.state_dir.join("spool")
     }
+}
+
+/// The config file, as error messages name it.
+fn describe(file: Option<&Path>) -> String {
+    file.map_or("(built-in defaults)".to_string(), |f| f.display().to_string())
 }
 
 /// A user name or numeric uid to a uid.

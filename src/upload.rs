@@ -39,9 +39,8 @@ pub struct Uploader {
     pub upstreams: Option<crate::upstream::Upstreams>,
 }
 
-/// Result of compressing a NAR into a temp file.
+/// Result of compressing a NAR into the temp file.
 struct Compressed {
-    file: PathBuf,
     nar: nar::NarStats,
     file_stats: nar::NarStats,
 }
@@ -81,7 +80,7 @@ fn compress_nar(path: &Path, nar_size: u64, url: &StoreUrl, tmp: &Path) -> io::R
     };
     let (buf, file_stats) = out.finish();
     buf.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-    Ok(Compressed { file: tmp.to_path_buf(), nar, file_stats })
+    Ok(Compressed { nar, file_stats })
 }
 
 impl Uploader {
@@ -127,7 +126,7 @@ impl Uploader {
             }
         };
         if c.nar.hash != info.nar_hash || c.nar.size != info.nar_size {
-            let _ = std::fs::remove_file(&c.file);
+            let _ = std::fs::remove_file(&tmp);
             return Err(UploadError::Permanent(format!(
                 "contents of {} do not match the Nix database: NAR has {} ({} bytes), database says {} ({} bytes); not uploaded",
                 info.path, c.nar.hash, c.nar.size, info.nar_hash, info.nar_size
@@ -142,8 +141,8 @@ impl Uploader {
             file_hash: Some(c.file_stats.hash),
             file_size: Some(c.file_stats.size),
         };
-        if let Err(e) = self.target.put(&nar_key, Body::File(c.file.clone()), target::NAR_TYPE).await {
-            let _ = std::fs::remove_file(&c.file);
+        if let Err(e) = self.target.put(&nar_key, Body::File(tmp.clone()), target::NAR_TYPE).await {
+            let _ = std::fs::remove_file(&tmp);
             return Err(e.into());
         }
         self.target.put(&narinfo_key, Body::Bytes(narinfo.to_string().into_bytes()), target::NARINFO_TYPE).await?;
