@@ -97,6 +97,12 @@ impl Shared {
             .await
             .expect("queue task panicked")
     }
+
+    /// Runs `f` on the queue on this thread: for the socket thread (see [`run`]), for which a
+    /// hop to the blocking pool and back costs more than the request itself.
+    fn queue_here<T>(&self, f: impl FnOnce(&mut Queue) -> T) -> T {
+        f(&mut self.queue.lock().unwrap_or_else(|e| e.into_inner()))
+    }
 }
 
 /// Binds the configured socket (parent created, stale socket removed, mode 0660), unless
@@ -210,10 +216,38 @@ pub async fn run(config: Config, listener: UnixListener, shutdown: impl Future<O
             }
         }
     });
-    tokio::pin!(shutdown);
+    // The socket is served on a thread of its own with a single-threaded runtime: a hook's
+    // request is read, stored (one fsync) and answered without waking any other thread,
+    // which on an idle machine saves the wake-up of a sleeping CPU per hop, and busy upload
+    // workers cannot delay a build's hook.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("the socket runtime")?;
+    let listener = {
+        let _in = rt.enter();
+        UnixListener::from_std(listener.into_std()?)?
+    };
+    let server = std::thread::Builder::new()
+        .name("narq-socket".into())
+        .spawn({
+            let shared = shared.clone();
+            move || rt.block_on(accept(shared, listener, stopped))
+        })
+        .context("starting the socket thread")?;
+    shutdown.await;
+    sd_notify("STOPPING=1");
+    let _ = stop.send(true);
+    let _ = server.join();
+    dispatcher.abort();
+    spooler.abort();
+    tracing::info!("narq daemon stopped");
+    Ok(())
+}
+
+/// Accepts clients and serves each in a task until `stop` turns true.
+async fn accept(shared: Arc<Shared>, listener: UnixListener, mut stop: tokio::sync::watch::Receiver<bool>) {
     loop {
         tokio::select! {
-            _ = &mut shutdown => break,
+            _ = stop.changed() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => { tokio::spawn(serve(shared.clone(), stream)); }
                 Err(e) => {
@@ -223,11 +257,6 @@ pub async fn run(config: Config, listener: UnixListener, shutdown: impl Future<O
             },
         }
     }
-    sd_notify("STOPPING=1");
-    dispatcher.abort();
-    spooler.abort();
-    tracing::info!("narq daemon stopped");
-    Ok(())
 }
 
 /// Starts ready items on free workers; sleeps until woken, a retry is due, or a pause ends.
@@ -321,16 +350,18 @@ pub fn validate(
     if set.len() != paths.len() {
         return Err("a path is listed twice".into());
     }
-    for p in paths.iter().filter(|p| !queued.contains(&p.path)) {
+    let new: Vec<&PathInfo> = paths.iter().filter(|p| !queued.contains(&p.path)).collect();
+    for p in &new {
         if p.nar_size == 0 {
             return Err(format!("{}: NarSize is 0", p.path));
         }
         if let Some(r) = p.references.iter().find(|r| !set.contains(r) && !queued.contains(*r)) {
             return Err(format!("incomplete closure: {} references {r}, which is neither in the request nor queued", p.path));
         }
-        if let Some(s) = p.forged_sigs(keys).first() {
-            return Err(format!("signature {s:?} on {} does not verify with the configured key of that name", p.path));
-        }
+    }
+    let forged = crate::par::map(&new, |p| p.forged_sigs(keys).first().map(|s| format!("signature {s:?} on {}", p.path)));
+    if let Some(f) = forged.into_iter().flatten().next() {
+        return Err(format!("{f} does not verify with the configured key of that name"));
     }
     if let Some(d) = drv.filter(|d| !d.name().ends_with(".drv")) {
         return Err(format!("{d} is not a derivation"));
@@ -338,23 +369,16 @@ pub fn validate(
     Ok(())
 }
 
-/// Validates and stores an `enqueue` request; returns how many paths were new.
-async fn enqueue(shared: &Shared, paths: Vec<PathInfo>, drv: Option<StorePath>) -> Result<usize, String> {
-    let keys = shared.trusted_keys.clone();
-    let new = shared
-        .queue(move |q| {
-            let mut mentioned: Vec<&StorePath> = paths.iter().flat_map(|p| p.references.iter().chain([&p.path])).collect();
-            mentioned.sort_unstable();
-            mentioned.dedup();
-            let unknown: HashSet<StorePath> = q.not_queued(&mentioned).map_err(|e| format!("queue: {e}"))?.into_iter().collect();
-            let queued: HashSet<StorePath> = mentioned.into_iter().filter(|p| !unknown.contains(*p)).cloned().collect();
-            validate(&keys, &paths, drv.as_ref(), &queued)?;
-            let todo: Vec<PathInfo> = paths.into_iter().filter(|p| !queued.contains(&p.path)).collect();
-            q.enqueue(&todo, drv.as_ref()).map_err(|e| format!("queue: {e}"))
-        })
-        .await?;
-    shared.wake.notify_one();
-    Ok(new)
+/// Validates and stores an `enqueue` request in `q`; returns how many paths were new.
+fn enqueue(q: &mut Queue, keys: &[PublicKey], paths: Vec<PathInfo>, drv: Option<StorePath>) -> Result<usize, String> {
+    let mut mentioned: Vec<&StorePath> = paths.iter().flat_map(|p| p.references.iter().chain([&p.path])).collect();
+    mentioned.sort_unstable();
+    mentioned.dedup();
+    let unknown: HashSet<StorePath> = q.not_queued(&mentioned).map_err(|e| format!("queue: {e}"))?.into_iter().collect();
+    let queued: HashSet<StorePath> = mentioned.into_iter().filter(|p| !unknown.contains(*p)).cloned().collect();
+    validate(keys, &paths, drv.as_ref(), &queued)?;
+    let todo: Vec<PathInfo> = paths.into_iter().filter(|p| !queued.contains(&p.path)).collect();
+    q.enqueue(&todo, drv.as_ref()).map_err(|e| format!("queue: {e}"))
 }
 
 async fn ingest_spool(shared: &Shared) {
@@ -367,7 +391,12 @@ async fn ingest_spool(shared: &Shared) {
     for file in files {
         let parsed = std::fs::File::open(&file).map_err(FrameError::from).and_then(|mut f| protocol::read::<Request>(&mut f));
         let result = match parsed {
-            Ok(Request::Enqueue { paths, drv }) => enqueue(shared, paths, drv).await,
+            Ok(Request::Enqueue { paths, drv }) => {
+                let keys = shared.trusted_keys.clone();
+                let new = shared.queue(move |q| enqueue(q, &keys, paths, drv)).await;
+                shared.wake.notify_one();
+                new
+            }
             Ok(other) => Err(format!("not an enqueue request: {other:?}")),
             Err(e) => Err(e.to_string()),
         };
@@ -418,8 +447,9 @@ async fn serve(shared: Arc<Shared>, mut stream: UnixStream) {
         let resp = match req {
             Request::Enqueue { paths, drv } => {
                 let n = paths.len();
-                match enqueue(&shared, paths, drv).await {
+                match shared.queue_here(|q| enqueue(q, &shared.trusted_keys, paths, drv)) {
                     Ok(new) => {
+                        shared.wake.notify_one();
                         tracing::debug!(uid, paths = n, new, "enqueued");
                         Response::Queued { new }
                     }
@@ -431,12 +461,12 @@ async fn serve(shared: Arc<Shared>, mut stream: UnixStream) {
                 }
             }
             Request::Missing { paths } => {
-                match shared.queue(move |q| q.not_queued(&paths.iter().collect::<Vec<_>>())).await {
+                match shared.queue_here(|q| q.not_queued(&paths.iter().collect::<Vec<_>>())) {
                     Ok(paths) => Response::Missing { paths },
                     Err(e) => Response::Error { message: format!("queue: {e}") },
                 }
             }
-            Request::Status => status(&shared).await,
+            Request::Status => status(&shared),
             Request::Wait { timeout_ms } => wait(&shared, Duration::from_millis(timeout_ms)).await,
         };
         tracing::debug!(uid, op, micros = started.elapsed().as_micros() as u64, "handled");
@@ -464,8 +494,8 @@ async fn reply(stream: &mut UnixStream, resp: &Response) -> std::io::Result<()> 
     stream.write_all(&protocol::encode(resp)).await
 }
 
-async fn status(shared: &Shared) -> Response {
-    match shared.queue(|q| q.status()).await {
+fn status(shared: &Shared) -> Response {
+    match shared.queue_here(|q| q.status()) {
         Ok(mut s) => {
             s.in_flight = shared.in_flight.lock().unwrap().len() as u64;
             s.spooled = spool::list(&shared.config.spool_dir()).map_or(0, |v| v.len() as u64);
@@ -481,12 +511,9 @@ async fn status(shared: &Shared) -> Response {
 async fn wait(shared: &Shared, timeout: Duration) -> Response {
     let start = Instant::now();
     ingest_spool(shared).await;
-    let seq = match shared.queue(|q| q.current_seq()).await {
-        Ok(s) => s,
-        Err(e) => return Response::Error { message: format!("queue: {e}") },
-    };
+    let seq = shared.queue_here(|q| q.current_seq());
     loop {
-        match shared.queue(move |q| q.progress_since(seq)).await {
+        match shared.queue_here(|q| q.progress_since(seq)) {
             Ok((0, failed)) => return Response::Waited { complete: true, failed },
             Ok((_, failed)) if start.elapsed() >= timeout => return Response::Waited { complete: false, failed },
             Ok(_) => tokio::time::sleep(Duration::from_millis(25)).await,

@@ -50,13 +50,6 @@ pub enum Delivery {
 pub fn submit(config: &Config, roots: &[StorePath], drv: Option<StorePath>) -> anyhow::Result<Delivery> {
     let keys = config.secret_keys()?;
     let mut paths = NixDb::open_default()?.query(roots, true)?;
-    let sign = |paths: &mut [PathInfo]| {
-        for p in paths {
-            for k in &keys {
-                p.sign(k);
-            }
-        }
-    };
     // Works on copies, so that `paths` stays whole for the spool if the daemon fails us.
     let handed = || -> Result<Response, protocol::FrameError> {
         let mut client = Client::connect(&config.socket, Some(DAEMON_TIMEOUT))?;
@@ -73,7 +66,7 @@ pub fn submit(config: &Config, roots: &[StorePath], drv: Option<StorePath>) -> a
         } else {
             paths.clone()
         };
-        sign(&mut todo);
+        PathInfo::sign_all(&mut todo, &keys);
         client.call(&Request::Enqueue { paths: todo, drv: drv.clone() })
     };
     let why = match handed() {
@@ -82,7 +75,7 @@ pub fn submit(config: &Config, roots: &[StorePath], drv: Option<StorePath>) -> a
         Ok(other) => format!("unexpected answer {other:?}"),
         Err(e) => format!("daemon at {} unreachable: {e}", config.socket.display()),
     };
-    sign(&mut paths);
+    PathInfo::sign_all(&mut paths, &keys);
     let req = Request::Enqueue { paths, drv };
     let file = spool::write(&config.spool_dir(), &protocol::encode(&req))
         .map_err(|e| anyhow::anyhow!("{why}; and spooling to {} failed: {e}", config.spool_dir().display()))?;

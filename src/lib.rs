@@ -8,7 +8,8 @@
 //!   store-URL syntax.
 //! - [`protocol`]: hook ↔ daemon frames (plain `std`, so the hook needs no runtime).
 //! - [`hook`]: what `narq-hook` and `narq push` do: closure, signatures, hand-off or spool.
-//! - [`spool`]: requests written to disk while the daemon is away.
+//! - [`spool`]: requests written to disk while the daemon is away; [`par`]: signing and
+//!   checking signatures on all CPUs.
 //! - [`queue`]: the durable queue and all its policy (states, ordering, backoff).
 //! - [`upload`]: one item from store to target; [`target`]: where the cache lives;
 //!   [`upstream`]: caches whose paths are not uploaded again.
@@ -20,6 +21,7 @@ pub mod daemon;
 pub mod hook;
 pub mod logging;
 pub mod nix;
+pub mod par;
 pub mod protocol;
 pub mod queue;
 pub mod spool;

@@ -81,10 +81,8 @@ pub enum Outcome {
 
 pub struct Queue {
     conn: Connection,
-}
-
-fn next_seq(conn: &Connection) -> Result<i64> {
-    conn.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM items", [], |r| r.get(0))
+    /// The highest sequence number handed out; only [`Queue::enqueue`] hands them out.
+    last_seq: i64,
 }
 
 fn now_ms() -> i64 {
@@ -109,12 +107,13 @@ impl Queue {
         conn.pragma_update(None, "journal_mode", "wal")?;
         conn.pragma_update(None, "synchronous", "full")?;
         conn.execute_batch(SCHEMA)?;
-        Ok(Queue { conn })
+        let last_seq = conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM items", [], |r| r.get(0))?;
+        Ok(Queue { conn, last_seq })
     }
 
     /// The highest sequence number handed out so far.
-    pub fn current_seq(&self) -> Result<i64> {
-        Ok(next_seq(&self.conn)? - 1)
+    pub fn current_seq(&self) -> i64 {
+        self.last_seq
     }
 
     /// Adds paths (and a build log) in one durable transaction; returns how many were new.
@@ -122,7 +121,7 @@ impl Queue {
     /// are retried.
     pub fn enqueue(&mut self, paths: &[PathInfo], log: Option<&StorePath>) -> Result<usize> {
         let tx = self.conn.transaction()?;
-        let seq = next_seq(&tx)?;
+        let seq = self.last_seq + 1;
         let mut new = 0;
         {
             let mut get = tx.prepare_cached("SELECT state, info FROM items WHERE key = ?1")?;
@@ -158,15 +157,17 @@ impl Queue {
                 }
             }
             if let Some(drv) = log {
-                let n = tx.execute(
-                    "INSERT INTO items (key, kind, info, state, seq) VALUES (?1, 'log', ?2, 'pending', ?3)
-                     ON CONFLICT(key) DO NOTHING",
-                    params![format!("log:{drv}"), drv.to_string(), seq],
-                )?;
+                let n = tx
+                    .prepare_cached(
+                        "INSERT INTO items (key, kind, info, state, seq) VALUES (?1, 'log', ?2, 'pending', ?3)
+                         ON CONFLICT(key) DO NOTHING",
+                    )?
+                    .execute(params![format!("log:{drv}"), drv.to_string(), seq])?;
                 new += n;
             }
         }
         tx.commit()?;
+        self.last_seq = seq;
         Ok(new)
     }
 

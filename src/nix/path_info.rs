@@ -34,6 +34,17 @@ impl PathInfo {
         self.sigs.insert(key.sign(&self.fingerprint()));
     }
 
+    /// Signs every path with every key (on all CPUs when there are many paths).
+    pub fn sign_all(paths: &mut [PathInfo], keys: &[SecretKey]) {
+        let sigs = crate::par::map(paths, |p| {
+            let fp = p.fingerprint();
+            keys.iter().map(|k| k.sign(&fp)).collect::<Vec<_>>()
+        });
+        for (p, s) in paths.iter_mut().zip(sigs) {
+            p.sigs.extend(s);
+        }
+    }
+
     /// The signatures among `sigs` that were made by none of `keys`: a path handed to
     /// the daemon may carry other keys' signatures, but every one *named* like one of
     /// our keys must verify with it.
