@@ -18,11 +18,6 @@ let
     inherit (cfg.settings) socket;
     inherit (cfg) user group environmentFile;
   };
-  # The hook runs as root under nix-daemon and reads the same file.
-  hook = pkgs.writeShellScript "narq-hook" ''
-    export NARQ_CONFIG=${configFile}
-    exec ${cfg.package}/bin/narq-hook
-  '';
 in
 {
   options.services.narq = {
@@ -106,9 +101,11 @@ in
     users.users = mkIf (cfg.user != null) {
       ${cfg.user} = { isSystemUser = true; group = cfg.group; };
     };
-    nix.settings.post-build-hook = hook;
+    # The hook itself, no wrapper: it runs after every build, and a shell would cost more
+    # than the hook. It (root, under nix-daemon) and the CLI read the default config path.
+    nix.settings.post-build-hook = "${cfg.package}/bin/narq-hook";
+    environment.etc."narq/config.toml".source = configFile;
     environment.systemPackages = [ cfg.package ];
-    environment.variables.NARQ_CONFIG = toString configFile;
     systemd.sockets.narq = units.socket;
     systemd.services.narq = units.service;
   };

@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo build --release --locked -q
 bin=$PWD/target/release
+hook=$(scripts/build-hook.sh)   # static (musl): what the README recommends installing
 
 demo=${NARQ_DEMO_DIR:-/tmp/narq-demo}
 rm -rf "$demo"; mkdir -p "$demo"
@@ -19,7 +20,7 @@ secret-key-files = ["$demo/key.sec"]
 TOML
 export NARQ_CONFIG=$demo/config.toml
 mkdir -p "$demo/nix"
-printf 'sandbox = false\nbuild-users-group =\nsubstituters =\npost-build-hook = %s\n' "$bin/narq-hook" > "$demo/nix/nix.conf"
+printf 'sandbox = false\nbuild-users-group =\nsubstituters =\npost-build-hook = %s\n' "$hook" > "$demo/nix/nix.conf"
 
 "$bin/narq" daemon 2> "$demo/daemon.log" &
 daemon=$!

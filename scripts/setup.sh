@@ -7,10 +7,18 @@ need_apt=()
 command -v nix-build >/dev/null || need_apt+=(nix-bin)
 command -v sqlite3 >/dev/null || need_apt+=(sqlite3)
 command -v systemd-socket-activate >/dev/null || need_apt+=(systemd)
+command -v musl-gcc >/dev/null || need_apt+=(musl-tools)   # the static hook (scripts/build-hook.sh)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "setup: installing ${need_apt[*]} from Debian" >&2
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+# The static hook is built for musl.
+musl_target=$(uname -m)-unknown-linux-musl
+if ! rustup target list --installed | grep -qx "$musl_target"; then
+    echo "setup: adding the Rust target $musl_target" >&2
+    rustup target add "$musl_target" >/dev/null
 fi
 
 # Debian's nix-bin: builds as root without a sandbox (no nixpkgs; builders are /bin/sh).

@@ -15,17 +15,26 @@
 //!   [`upstream`]: caches whose paths are not uploaded again.
 //! - [`daemon`]: the socket server, spool ingestion and the worker pool.
 //! - [`logging`]: journald under systemd, readable lines on stderr otherwise.
+//!
+//! Without the `daemon` feature only what `narq-hook` needs is built: `nix`, `config`,
+//! `store_url`, `protocol`, `hook`, `spool` and `par`.
 
 pub mod config;
+#[cfg(feature = "daemon")]
 pub mod daemon;
 pub mod hook;
+#[cfg(feature = "daemon")]
 pub mod logging;
 pub mod nix;
 pub mod par;
 pub mod protocol;
+#[cfg(feature = "daemon")]
 pub mod queue;
 pub mod spool;
 pub mod store_url;
+#[cfg(feature = "daemon")]
 pub mod target;
+#[cfg(feature = "daemon")]
 pub mod upload;
+#[cfg(feature = "daemon")]
 pub mod upstream;

@@ -274,3 +274,28 @@ fn fifty_hooks_at_once_all_land() {
     }
     assert_eq!(n.status()["uploaded"].as_u64().unwrap(), 100, "50 paths and 50 build logs");
 }
+
+/// The hook as the README and the flake install it: static (musl), built without the
+/// daemon's dependencies (scripts/build-hook.sh). It does the whole job for a real build.
+#[test]
+fn static_hook_lands_a_build() {
+    let hook = std::path::PathBuf::from(run(&mut Command::new("scripts/build-hook.sh")).trim());
+    let headers = run(Command::new("readelf").arg("-lW").arg(&hook));
+    assert!(headers.contains("LOAD") && !headers.contains("INTERP"), "{} is not static:\n{headers}", hook.display());
+    // No async runtime and no S3 client in the hook (their panic locations name their crates).
+    let bytes = std::fs::read(&hook).unwrap();
+    for name in ["tokio", "aws-sdk-s3", "hyper"] {
+        assert!(!bytes.windows(name.len()).any(|w| w == name.as_bytes()), "{name} is linked into the hook");
+    }
+    let mut n = Narq::new("static", "");
+    n.nix_conf = nix_conf(n.dir.path(), Some(&hook));
+    n.start();
+    let (outs, stderr) = n.build(&program_expr("static"));
+    assert!(!stderr.contains("narq-hook:"), "the hook complained: {stderr}");
+    n.wait(60);
+    for p in closure(&outs) {
+        assert!(n.has(&p), "{p} missing from the cache");
+    }
+    let client = n.substitute(&outs[0]);
+    assert_eq!(run(&mut Command::new(client.join(&outs[0][1..]).join("bin/hello"))), "hello from narq\n");
+}
