@@ -7,16 +7,22 @@ then runs `narq-hook` as Nix would (empty OUT_PATHS, DRV_PATH set) and times it:
   - a 1,000-path closure: once when all of it is new, then (uploaded) median over 20 runs;
   - latency from starting the hook to the path's narinfo appearing in the cache.
 A process that does nothing (/bin/true), timed the same way, is the baseline.
+The Nix database is held open by this script while hooks run, as Nix holds it while it runs
+post-build-hook (a hook that finds nobody else using it would rebuild SQLite's WAL index).
 Hooks run 50 ms apart (a build takes far longer), so each finds the daemon done with the
 previous upload; NARQ_BENCH_GAP_MS=0 runs them back to back, against the uploads.
+The hook timed is NARQ_BENCH_HOOK, else the static musl build (scripts/build-hook.sh), else
+target/release/narq-hook.
 Usage: bench/hook_latency.py [N]   (needs a release build: cargo build --release)
 """
-import json, os, statistics, subprocess, sys, tempfile, time
+import json, os, sqlite3, statistics, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release")
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 200
 GAP = int(os.environ.get("NARQ_BENCH_GAP_MS", "50")) / 1000
+MUSL_HOOK = os.path.join(ROOT, "target", "x86_64-unknown-linux-musl", "release", "narq-hook")
+HOOK = os.environ.get("NARQ_BENCH_HOOK") or (MUSL_HOOK if os.path.exists(MUSL_HOOK) else f"{BIN}/narq-hook")
 
 
 def sh_drv(name, script):
@@ -82,11 +88,15 @@ def main():
                 break
             time.sleep(0.05)
         base_env = env
+        state = os.environ.get("NIX_STATE_DIR", "/nix/var/nix")
+        nix_db = sqlite3.connect(f"file:{state}/db/db.sqlite?mode=ro", uri=True)
+        nix_db.execute("SELECT count(*) FROM ValidPaths").fetchall()
+        print(f"hook: {HOOK}", flush=True)
         true_t = [spawn_time(["/bin/true"], base_env) for _ in range(N)]
 
         def hook(drv, out_paths=""):
             time.sleep(GAP)
-            return spawn_time([f"{BIN}/narq-hook"], dict(base_env, OUT_PATHS=out_paths, DRV_PATH=drv))
+            return spawn_time([HOOK], dict(base_env, OUT_PATHS=out_paths, DRV_PATH=drv))
 
         hook_t = [hook(d) for d in small_drvs[:N]]
         big_drv = deriver(big)
@@ -99,7 +109,7 @@ def main():
         for p, d in zip(small[N:], small_drvs[N:]):
             ni = os.path.join(cache, p[11:43] + ".narinfo")
             t0 = time.perf_counter()
-            pid = os.posix_spawn(f"{BIN}/narq-hook", [f"{BIN}/narq-hook"], dict(base_env, OUT_PATHS="", DRV_PATH=d))
+            pid = os.posix_spawn(HOOK, [HOOK], dict(base_env, OUT_PATHS="", DRV_PATH=d))
             deadline = t0 + 10
             while not os.path.exists(ni) and time.perf_counter() < deadline:
                 time.sleep(0.0002)

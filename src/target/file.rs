@@ -6,6 +6,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use super::{Body, BoxFuture, Target, TargetError};
 
@@ -13,10 +14,35 @@ pub struct FileTarget {
     dir: PathBuf,
 }
 
+/// Temp files untouched this long are left over from a writer that died (`kill -9`, power
+/// loss): an object being written is touched every few seconds at most. Another daemon
+/// writing to the same directory keeps its own temp files fresh.
+const STALE_TEMP: Duration = Duration::from_secs(3600);
+
 impl FileTarget {
-    pub fn new(dir: PathBuf) -> Self {
+    /// The target at `dir`; removes temp files that died writers left behind.
+    pub fn open(dir: PathBuf) -> Self {
+        let removed: usize = [dir.clone(), dir.join("nar"), dir.join("log")].iter().map(|d| remove_stale_temp_files(d, STALE_TEMP)).sum();
+        if removed > 0 {
+            tracing::info!(removed, "removed temp files left in {} by an interrupted writer", dir.display());
+        }
         FileTarget { dir }
     }
+}
+
+/// Removes our temp files (`.NAME.PID-N.tmp`) in `dir` not modified for `age`; returns how many.
+fn remove_stale_temp_files(dir: &Path, age: Duration) -> usize {
+    let Ok(entries) = fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with('.') && name.ends_with(".tmp")
+        })
+        .filter(|e| e.metadata().and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().is_ok_and(|a| a >= age)))
+        .filter(|e| fs::remove_file(e.path()).is_ok())
+        .count()
 }
 
 fn io_err(what: &str, path: &Path, e: io::Error) -> TargetError {
@@ -80,5 +106,28 @@ impl Target for FileTarget {
 
     fn describe(&self) -> String {
         format!("file://{}", self.dir.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_stale_temp_files_are_removed() {
+        let dir = std::env::temp_dir().join(format!("narq-stale-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let old = SystemTime::now() - Duration::from_secs(7200);
+        for (name, stale) in [(".x.nar.1-0.tmp", true), (".y.narinfo.2-0.tmp", false), ("x.narinfo", true), (".hidden", true)] {
+            let f = File::create(dir.join(name)).unwrap();
+            if stale {
+                f.set_modified(old).unwrap();
+            }
+        }
+        assert_eq!(remove_stale_temp_files(&dir, STALE_TEMP), 1);
+        let mut left: Vec<String> = fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+        left.sort();
+        assert_eq!(left, [".hidden", ".y.narinfo.2-0.tmp", "x.narinfo"]);
+        fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -60,7 +60,7 @@ pub trait Target: Send + Sync {
 /// The target for a store URL.
 pub async fn open(url: &StoreUrl) -> Result<Arc<dyn Target>, String> {
     Ok(match &url.location {
-        Location::File(dir) => Arc::new(file::FileTarget::new(dir.clone())),
+        Location::File(dir) => Arc::new(file::FileTarget::open(dir.clone())),
         Location::S3 { bucket } => Arc::new(s3::S3Target::new(url, bucket).await?),
     })
 }
