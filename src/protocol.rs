@@ -140,32 +140,6 @@ pub fn read<T: for<'de> Deserialize<'de>>(r: &mut impl Read) -> Result<T, FrameE
     Ok(serde_json::from_slice(&body)?)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn frames_round_trip_and_bad_headers_are_refused() {
-        let f = encode(&Request::Wait { timeout_ms: 5 });
-        assert!(matches!(read::<Request>(&mut &f[..]).unwrap(), Request::Wait { timeout_ms: 5 }));
-        let mut bad = f.clone();
-        bad[0] = b'X';
-        assert!(matches!(read::<Request>(&mut &bad[..]), Err(FrameError::BadMagic(_))));
-        let mut bad = f.clone();
-        bad[4] = 2;
-        assert!(matches!(read::<Request>(&mut &bad[..]), Err(FrameError::BadVersion(2))));
-        let mut bad = f.clone();
-        bad[8..12].copy_from_slice(&(MAX_FRAME + 1).to_le_bytes());
-        assert!(matches!(read::<Request>(&mut &bad[..]), Err(FrameError::TooLarge(_))));
-        let body = br#"{"op":"enqueue","paths":[{"path":"/tmp/x"}]}"#;
-        let mut bad = f[..8].to_vec();
-        bad.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        bad.extend_from_slice(body);
-        let e = read::<Request>(&mut &bad[..]).unwrap_err().to_string();
-        assert!(e.contains("malformed message"), "{e}");
-    }
-}
-
 /// A blocking connection to the daemon (no runtime): the hook and the CLI use it.
 pub struct Client {
     stream: std::os::unix::net::UnixStream,
@@ -195,4 +169,30 @@ impl Client {
 /// One request on a new connection.
 pub fn call(socket: &std::path::Path, req: &Request, timeout: Option<std::time::Duration>) -> Result<Response, FrameError> {
     Client::connect(socket, timeout)?.call(req)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_bad_headers_are_refused() {
+        let f = encode(&Request::Wait { timeout_ms: 5 });
+        assert!(matches!(read::<Request>(&mut &f[..]).unwrap(), Request::Wait { timeout_ms: 5 }));
+        let mut bad = f.clone();
+        bad[0] = b'X';
+        assert!(matches!(read::<Request>(&mut &bad[..]), Err(FrameError::BadMagic(_))));
+        let mut bad = f.clone();
+        bad[4] = 2;
+        assert!(matches!(read::<Request>(&mut &bad[..]), Err(FrameError::BadVersion(2))));
+        let mut bad = f.clone();
+        bad[8..12].copy_from_slice(&(MAX_FRAME + 1).to_le_bytes());
+        assert!(matches!(read::<Request>(&mut &bad[..]), Err(FrameError::TooLarge(_))));
+        let body = br#"{"op":"enqueue","paths":[{"path":"/tmp/x"}]}"#;
+        let mut bad = f[..8].to_vec();
+        bad.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        bad.extend_from_slice(body);
+        let e = read::<Request>(&mut &bad[..]).unwrap_err().to_string();
+        assert!(e.contains("malformed message"), "{e}");
+    }
 }

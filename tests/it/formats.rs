@@ -50,7 +50,7 @@ fn nar_bytes_and_hash_equal_nix() {
     assert_eq!(stats.size, nix_nar.len() as u64);
     let nix_hash = run(Command::new("nix-hash").args(["--type", "sha256", "--base32", &path]));
     assert_eq!(stats.hash.to_base32(), nix_hash.trim());
-    let info = &NixDb::open_default().unwrap().query(&[sp.clone()], false).unwrap()[0];
+    let info = &NixDb::open_default().unwrap().query(std::slice::from_ref(&sp), false).unwrap()[0];
     assert_eq!(info.nar_hash, stats.hash);
     assert_eq!(info.nar_size, stats.size);
     // A single file and a symlink at the top level, too.
@@ -87,7 +87,7 @@ fn nix_copy(cache: &Path, key: &Path, path: &str) {
 
 /// Our narinfo for `sp`, signed with `key`, for a `compression=none` cache.
 fn our_narinfo(sp: &StorePath, key: &SecretKey) -> NarInfo {
-    let mut info = NixDb::open_default().unwrap().query(&[sp.clone()], false).unwrap().remove(0);
+    let mut info = NixDb::open_default().unwrap().query(std::slice::from_ref(sp), false).unwrap().remove(0);
     info.sign(key);
     NarInfo {
         url: format!("nar/{}.nar", info.nar_hash.to_base32()),

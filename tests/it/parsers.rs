@@ -86,7 +86,10 @@ fn narinfo_parser_never_panics_and_round_trips() {
                 assert_eq!(again, ni);
                 true
             }
-            Err(e) => !e.to_string().is_empty() && false,
+            Err(e) => {
+                assert!(!e.to_string().is_empty(), "an error without a message");
+                false
+            }
         }
     });
 }
@@ -113,6 +116,9 @@ fn drv_parser_never_panics() {
             assert!(!outs.is_empty() || b.starts_with(b"Derive([]"));
             true
         }
-        Err(e) => !e.to_string().is_empty() && false,
+        Err(e) => {
+            assert!(!e.to_string().is_empty(), "an error without a message");
+            false
+        }
     });
 }
