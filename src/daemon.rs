@@ -6,6 +6,7 @@
 
 use std::collections::HashSet;
 use std::future::Future;
+use std::os::unix::net::UnixListener as StdUnixListener;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -106,8 +107,8 @@ impl Shared {
 }
 
 /// Binds the configured socket (parent created, stale socket removed, mode 0660), unless
-/// systemd passed one (`LISTEN_FDS`).
-pub fn listener(config: &Config) -> anyhow::Result<UnixListener> {
+/// systemd passed one (`LISTEN_FDS`). Non-blocking, for [`run`] to serve.
+pub fn listener(config: &Config) -> anyhow::Result<StdUnixListener> {
     if let Some(l) = systemd_listener()? {
         tracing::info!("using the socket passed by systemd");
         return Ok(l);
@@ -122,12 +123,13 @@ pub fn listener(config: &Config) -> anyhow::Result<UnixListener> {
         }
         _ => {}
     }
-    let l = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let l = StdUnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o660))?;
+    l.set_nonblocking(true)?;
     Ok(l)
 }
 
-fn systemd_listener() -> anyhow::Result<Option<UnixListener>> {
+fn systemd_listener() -> anyhow::Result<Option<StdUnixListener>> {
     use std::os::fd::FromRawFd;
     let pid_ok = std::env::var("LISTEN_PID").ok().and_then(|p| p.parse::<u32>().ok()) == Some(std::process::id());
     let fds: u32 = std::env::var("LISTEN_FDS").ok().and_then(|n| n.parse().ok()).unwrap_or(0);
@@ -138,9 +140,9 @@ fn systemd_listener() -> anyhow::Result<Option<UnixListener>> {
     std::env::remove_var("LISTEN_FDS");
     std::env::remove_var("LISTEN_FDNAMES");
     // SAFETY: systemd passes the listening sockets as fds 3.., owned by us from here on.
-    let std_l = unsafe { std::os::unix::net::UnixListener::from_raw_fd(3) };
-    std_l.set_nonblocking(true)?;
-    Ok(Some(UnixListener::from_std(std_l)?))
+    let l = unsafe { StdUnixListener::from_raw_fd(3) };
+    l.set_nonblocking(true)?;
+    Ok(Some(l))
 }
 
 /// Tells systemd (`Type=notify`) that we serve, if it asked.
@@ -163,7 +165,7 @@ fn sd_notify(msg: &str) {
 }
 
 /// Runs the daemon until `shutdown` completes.
-pub async fn run(config: Config, listener: UnixListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let tmp_dir = config.state_dir.join("tmp");
     let _ = std::fs::remove_dir_all(&tmp_dir);
     std::fs::create_dir_all(&tmp_dir).with_context(|| format!("creating {}", tmp_dir.display()))?;
@@ -224,7 +226,7 @@ pub async fn run(config: Config, listener: UnixListener, shutdown: impl Future<O
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("the socket runtime")?;
     let listener = {
         let _in = rt.enter();
-        UnixListener::from_std(listener.into_std()?)?
+        UnixListener::from_std(listener)?
     };
     let server = std::thread::Builder::new()
         .name("narq-socket".into())
