@@ -141,10 +141,7 @@ impl Uploader {
             file_hash: Some(c.file_stats.hash),
             file_size: Some(c.file_stats.size),
         };
-        if let Err(e) = self.target.put(&nar_key, Body::File(tmp.clone()), target::NAR_TYPE).await {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e.into());
-        }
+        self.target.put(&nar_key, Body::File(tmp), target::NAR_TYPE).await?;
         self.target.put(&narinfo_key, Body::Bytes(narinfo.to_string().into_bytes()), target::NARINFO_TYPE).await?;
         // The message stands alone for `journalctl -u narq`; the fields are for queries.
         let ms = start.elapsed().as_millis() as u64;

@@ -97,8 +97,19 @@ impl Target for FileTarget {
 
     fn put<'a>(&'a self, key: &'a str, body: Body, _content_type: &'static str) -> BoxFuture<'a, Result<(), TargetError>> {
         let (dir, key) = (self.dir.clone(), key.to_string());
+        // We own a file body: whatever happens, it is not left behind.
+        let src = match &body {
+            Body::File(f) => Some(f.clone()),
+            Body::Bytes(_) => None,
+        };
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || put_sync(&dir, &key, body))
+            tokio::task::spawn_blocking(move || {
+                let put = put_sync(&dir, &key, body);
+                if let (Err(_), Some(src)) = (&put, src) {
+                    let _ = fs::remove_file(src);
+                }
+                put
+            })
                 .await
                 .map_err(|e| TargetError::transient(e.to_string()))?
         })

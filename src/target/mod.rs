@@ -17,7 +17,8 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// under the state dir, so that memory does not grow with NAR size.
 pub enum Body {
     Bytes(Vec<u8>),
-    /// A temporary file the target may move or delete.
+    /// A temporary file the target takes over: it is moved or deleted whether or not the
+    /// put succeeds.
     File(PathBuf),
 }
 
