@@ -371,16 +371,40 @@ pub fn validate(
     Ok(())
 }
 
+/// Why an `enqueue` request was not stored.
+#[derive(Debug)]
+pub enum NotStored {
+    /// The request is wrong (a forged signature, an incomplete closure…): it would be
+    /// refused again, so it is not kept.
+    Refused(String),
+    /// The daemon could not store it now (disk full, database locked): the request must be
+    /// kept and sent again (the hook spools it; spool ingestion leaves the file in place).
+    Transient(String),
+}
+
+impl NotStored {
+    fn queue(e: rusqlite::Error) -> NotStored {
+        NotStored::Transient(format!("queue: {e}"))
+    }
+
+    fn response(self) -> Response {
+        match self {
+            NotStored::Refused(m) => Response::refused(m),
+            NotStored::Transient(m) => Response::unavailable(m),
+        }
+    }
+}
+
 /// Validates and stores an `enqueue` request in `q`; returns how many paths were new.
-fn enqueue(q: &mut Queue, keys: &[PublicKey], paths: Vec<PathInfo>, drv: Option<StorePath>) -> Result<usize, String> {
+fn enqueue(q: &mut Queue, keys: &[PublicKey], paths: Vec<PathInfo>, drv: Option<StorePath>) -> Result<usize, NotStored> {
     let mut mentioned: Vec<&StorePath> = paths.iter().flat_map(|p| p.references.iter().chain([&p.path])).collect();
     mentioned.sort_unstable();
     mentioned.dedup();
-    let unknown: HashSet<StorePath> = q.not_queued(&mentioned).map_err(|e| format!("queue: {e}"))?.into_iter().collect();
+    let unknown: HashSet<StorePath> = q.not_queued(&mentioned).map_err(NotStored::queue)?.into_iter().collect();
     let queued: HashSet<StorePath> = mentioned.into_iter().filter(|p| !unknown.contains(*p)).cloned().collect();
-    validate(keys, &paths, drv.as_ref(), &queued)?;
+    validate(keys, &paths, drv.as_ref(), &queued).map_err(NotStored::Refused)?;
     let todo: Vec<PathInfo> = paths.into_iter().filter(|p| !queued.contains(&p.path)).collect();
-    q.enqueue(&todo, drv.as_ref()).map_err(|e| format!("queue: {e}"))
+    q.enqueue(&todo, drv.as_ref()).map_err(NotStored::queue)
 }
 
 async fn ingest_spool(shared: &Shared) {
@@ -399,8 +423,9 @@ async fn ingest_spool(shared: &Shared) {
                 shared.wake.notify_one();
                 new
             }
-            Ok(other) => Err(format!("not an enqueue request: {other:?}")),
-            Err(e) => Err(e.to_string()),
+            Ok(other) => Err(NotStored::Refused(format!("not an enqueue request: {other:?}"))),
+            Err(FrameError::Io(e)) => Err(NotStored::Transient(format!("reading it: {e}"))),
+            Err(e) => Err(NotStored::Refused(e.to_string())),
         };
         match result {
             Ok(new) => {
@@ -409,7 +434,11 @@ async fn ingest_spool(shared: &Shared) {
                     tracing::warn!("removing {}: {e}", file.display());
                 }
             }
-            Err(why) => {
+            Err(NotStored::Transient(why)) => {
+                // Left in place: the next ingestion tries again.
+                tracing::warn!(file = %file.display(), "could not ingest a spooled request, will retry: {why}");
+            }
+            Err(NotStored::Refused(why)) => {
                 let moved = spool::reject(&file).map(|p| p.display().to_string()).unwrap_or_else(|e| e.to_string());
                 tracing::warn!(file = %file.display(), moved_to = %moved, "refused spooled request: {why}");
             }
@@ -425,7 +454,7 @@ async fn serve(shared: Arc<Shared>, mut stream: UnixStream) {
     };
     if !shared.allowed_uids.contains(&uid) {
         tracing::warn!(uid, "refused a connection: uid {uid} may not enqueue (allowed-users)");
-        let _ = reply(&mut stream, &Response::Error { message: format!("uid {uid} is not allowed") }).await;
+        let _ = reply(&mut stream, &Response::refused(format!("uid {uid} is not allowed"))).await;
         return;
     }
     loop {
@@ -434,7 +463,7 @@ async fn serve(shared: Arc<Shared>, mut stream: UnixStream) {
             Ok(Ok(None)) => return,
             Ok(Err(e)) => {
                 tracing::warn!(uid, "refused a request: {e}");
-                let _ = reply(&mut stream, &Response::Error { message: e.to_string() }).await;
+                let _ = reply(&mut stream, &Response::refused(e.to_string())).await;
                 return;
             }
             Err(_) => return,
@@ -455,17 +484,21 @@ async fn serve(shared: Arc<Shared>, mut stream: UnixStream) {
                         tracing::debug!(uid, paths = n, new, "enqueued");
                         Response::Queued { new }
                     }
-                    Err(message) => {
+                    Err(NotStored::Refused(message)) => {
                         tracing::warn!(uid, "refused a request: {message}");
-                        let _ = reply(&mut stream, &Response::Error { message }).await;
+                        let _ = reply(&mut stream, &Response::refused(message)).await;
                         return;
+                    }
+                    Err(NotStored::Transient(message)) => {
+                        tracing::warn!(uid, "could not store a request (the client keeps it): {message}");
+                        Response::unavailable(message)
                     }
                 }
             }
             Request::Missing { paths } => {
                 match shared.queue_here(|q| q.not_queued(&paths.iter().collect::<Vec<_>>())) {
                     Ok(paths) => Response::Missing { paths },
-                    Err(e) => Response::Error { message: format!("queue: {e}") },
+                    Err(e) => Response::unavailable(format!("queue: {e}")),
                 }
             }
             Request::Status => status(&shared),
@@ -506,7 +539,7 @@ fn status(shared: &Shared) -> Response {
             s.target_error = h.paused_for().and(h.error.clone());
             Response::Status(s)
         }
-        Err(e) => Response::Error { message: format!("queue: {e}") },
+        Err(e) => Response::unavailable(format!("queue: {e}")),
     }
 }
 
@@ -519,7 +552,7 @@ async fn wait(shared: &Shared, timeout: Duration) -> Response {
             Ok((0, failed)) => return Response::Waited { complete: true, failed },
             Ok((_, failed)) if start.elapsed() >= timeout => return Response::Waited { complete: false, failed },
             Ok(_) => tokio::time::sleep(Duration::from_millis(25)).await,
-            Err(e) => return Response::Error { message: format!("queue: {e}") },
+            Err(e) => return Response::unavailable(format!("queue: {e}")),
         }
     }
 }

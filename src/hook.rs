@@ -45,8 +45,8 @@ pub enum Delivery {
 /// Hands the closure of `roots` (and the build log of `drv`) to the daemon.
 ///
 /// Asks the daemon which paths it lacks and signs and sends only those. If the daemon is
-/// unreachable or too slow at any step, the whole closure is signed and spooled. An
-/// explicit refusal is an error: spooling would only be refused again.
+/// unreachable, too slow at any step, or cannot store the request now, the whole closure is
+/// signed and spooled. An explicit refusal is an error: spooling would only be refused again.
 pub fn submit(config: &Config, roots: &[StorePath], drv: Option<StorePath>) -> anyhow::Result<Delivery> {
     let keys = config.secret_keys()?;
     let mut paths = NixDb::open_default()?.query(roots, true)?;
@@ -71,7 +71,8 @@ pub fn submit(config: &Config, roots: &[StorePath], drv: Option<StorePath>) -> a
     };
     let why = match handed() {
         Ok(Response::Queued { new }) => return Ok(Delivery::Queued { new }),
-        Ok(Response::Error { message }) => anyhow::bail!("the daemon refused the request: {message}"),
+        Ok(Response::Error { message, retryable: false }) => anyhow::bail!("the daemon refused the request: {message}"),
+        Ok(Response::Error { message, retryable: true }) => format!("the daemon could not store the request ({message})"),
         Ok(other) => format!("unexpected answer {other:?}"),
         Err(e) => format!("daemon at {} unreachable: {e}", config.socket.display()),
     };

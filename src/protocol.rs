@@ -69,7 +69,26 @@ pub enum Response {
     Missing { paths: Vec<StorePath> },
     Status(Status),
     Waited { complete: bool, failed: Vec<Failure> },
-    Error { message: String },
+    /// The request was not stored. `retryable`: the daemon could not store it now (a full
+    /// disk, a locked database) and the client should keep it (the hook spools it); otherwise
+    /// it was refused and sending it again would be refused again.
+    Error {
+        message: String,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        retryable: bool,
+    },
+}
+
+impl Response {
+    /// A refusal: the request is wrong and will stay wrong.
+    pub fn refused(message: impl Into<String>) -> Response {
+        Response::Error { message: message.into(), retryable: false }
+    }
+
+    /// A failure of the daemon that may pass: the client keeps the request.
+    pub fn unavailable(message: impl Into<String>) -> Response {
+        Response::Error { message: message.into(), retryable: true }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

@@ -169,7 +169,7 @@ fn to_store_path(p: &Path) -> anyhow::Result<StorePath> {
 
 fn call(config: &Config, req: &Request, timeout: Option<Duration>) -> anyhow::Result<Response> {
     match protocol::call(&config.socket, req, timeout) {
-        Ok(Response::Error { message }) => bail!("the daemon refused: {message}"),
+        Ok(Response::Error { message, .. }) => bail!("the daemon refused: {message}"),
         Ok(r) => Ok(r),
         Err(e) => Err(e).with_context(|| format!("asking the daemon at {}", config.socket.display())),
     }

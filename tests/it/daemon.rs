@@ -182,7 +182,7 @@ fn raw_exchange(sock: &std::path::Path, bytes: &[u8]) -> Option<Response> {
 
 fn refused(r: Option<Response>, want: &str) {
     match r {
-        Some(Response::Error { message }) => assert!(message.contains(want), "{message} lacks {want:?}"),
+        Some(Response::Error { message, .. }) => assert!(message.contains(want), "{message} lacks {want:?}"),
         other => panic!("expected a refusal with {want:?}, got {other:?}"),
     }
 }
