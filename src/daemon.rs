@@ -170,7 +170,11 @@ pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Futur
     let _ = std::fs::remove_dir_all(&tmp_dir);
     std::fs::create_dir_all(&tmp_dir).with_context(|| format!("creating {}", tmp_dir.display()))?;
     let db = config.state_dir.join("queue.db");
-    let queue = Queue::open(&db).with_context(|| format!("opening the queue {}", db.display()))?;
+    let mut queue = Queue::open(&db).with_context(|| format!("opening the queue {}", db.display()))?;
+    let forgotten = queue.bind_store(&config.store.identity()).with_context(|| format!("updating the queue {}", db.display()))?;
+    if forgotten > 0 {
+        tracing::info!(forgotten, "the queue last uploaded to another store: {forgotten} paths remembered as uploaded will be checked again");
+    }
     let target = target::open(&config.store).await.map_err(|e| anyhow::anyhow!("store {}: {e}", config.store.original))?;
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
@@ -199,6 +203,7 @@ pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Futur
         tracing::warn!("no public-keys and no readable secret-key-files: handed-in signatures are not checked");
     }
     ingest_spool(&shared).await;
+    keep_reserve(&shared.config.state_dir);
     let status = shared.queue(|q| q.status()).await?;
     tracing::info!(
         store = %shared.uploader.target.describe(),
@@ -215,6 +220,7 @@ pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Futur
             loop {
                 tokio::time::sleep(SPOOL_POLL).await;
                 ingest_spool(&shared).await;
+                keep_reserve(&shared.config.state_dir);
             }
         }
     });
@@ -403,8 +409,34 @@ fn enqueue(q: &mut Queue, keys: &[PublicKey], paths: Vec<PathInfo>, drv: Option<
     let unknown: HashSet<StorePath> = q.not_queued(&mentioned).map_err(NotStored::queue)?.into_iter().collect();
     let queued: HashSet<StorePath> = mentioned.into_iter().filter(|p| !unknown.contains(*p)).cloned().collect();
     validate(keys, &paths, drv.as_ref(), &queued).map_err(NotStored::Refused)?;
-    let todo: Vec<PathInfo> = paths.into_iter().filter(|p| !queued.contains(&p.path)).collect();
-    q.enqueue(&todo, drv.as_ref()).map_err(NotStored::queue)
+    let todo: Vec<PathInfo> = paths.iter().filter(|p| !queued.contains(&p.path)).cloned().collect();
+    let new = q.enqueue(&todo, drv.as_ref()).map_err(NotStored::queue)?;
+    // Builds of these paths that the hook dropped earlier are handed over now.
+    q.clear_dropped(paths.iter().map(|p| &p.path).chain(drv.as_ref())).map_err(NotStored::queue)?;
+    Ok(new)
+}
+
+/// Stores a non-enqueue request that changes the queue (`report`, `recheck`).
+fn record(q: &mut Queue, req: Request) -> Result<usize, NotStored> {
+    match req {
+        Request::Report { roots, drv, reason } => {
+            let reason: String = reason.chars().filter(|c| !c.is_control()).take(1000).collect();
+            tracing::warn!(roots = ?roots.iter().map(ToString::to_string).collect::<Vec<_>>(), "a build was not handed over: {reason}");
+            q.record_dropped(&roots, drv.as_ref(), &format!("not handed to the daemon: {reason}")).map_err(NotStored::queue)?;
+            Ok(roots.len().max(1))
+        }
+        Request::Recheck { paths } => q.recheck(&paths).map_err(NotStored::queue),
+        other => Err(NotStored::Refused(format!("not a request that changes the queue: {other:?}"))),
+    }
+}
+
+/// Keeps the state dir's reserve ([`spool::ensure_reserve`]) while there is room for it.
+fn keep_reserve(state_dir: &Path) {
+    match spool::ensure_reserve(state_dir) {
+        Ok(true) => tracing::info!("the state disk has room again: its reserve is back"),
+        Ok(false) => {}
+        Err(e) => tracing::debug!("keeping the reserve in {}: {e}", state_dir.display()),
+    }
 }
 
 async fn ingest_spool(shared: &Shared) {
@@ -423,6 +455,7 @@ async fn ingest_spool(shared: &Shared) {
                 shared.wake.notify_one();
                 new
             }
+            Ok(req @ Request::Report { .. }) => shared.queue(move |q| record(q, req)).await,
             Ok(other) => Err(NotStored::Refused(format!("not an enqueue request: {other:?}"))),
             Err(FrameError::Io(e)) => Err(NotStored::Transient(format!("reading it: {e}"))),
             Err(e) => Err(NotStored::Refused(e.to_string())),
@@ -474,6 +507,9 @@ async fn serve(shared: Arc<Shared>, mut stream: UnixStream) {
             Request::Missing { .. } => "missing",
             Request::Status => "status",
             Request::Wait { .. } => "wait",
+            Request::Report { .. } => "report",
+            Request::Dropped => "dropped",
+            Request::Recheck { .. } => "recheck",
         };
         let resp = match req {
             Request::Enqueue { paths, drv } => {
@@ -502,7 +538,18 @@ async fn serve(shared: Arc<Shared>, mut stream: UnixStream) {
                 }
             }
             Request::Status => status(&shared),
-            Request::Wait { timeout_ms } => wait(&shared, Duration::from_millis(timeout_ms)).await,
+            Request::Wait { timeout_ms, paths } => wait(&shared, Duration::from_millis(timeout_ms), paths).await,
+            req @ (Request::Report { .. } | Request::Recheck { .. }) => match shared.queue_here(|q| record(q, req)) {
+                Ok(count) => {
+                    shared.wake.notify_one();
+                    Response::Recorded { count }
+                }
+                Err(e) => e.response(),
+            },
+            Request::Dropped => match shared.queue_here(|q| q.dropped()) {
+                Ok(builds) => Response::Dropped { builds },
+                Err(e) => Response::unavailable(format!("queue: {e}")),
+            },
         };
         tracing::debug!(uid, op, micros = started.elapsed().as_micros() as u64, "handled");
         if reply(&mut stream, &resp).await.is_err() {
@@ -543,13 +590,30 @@ fn status(shared: &Shared) -> Response {
     }
 }
 
-async fn wait(shared: &Shared, timeout: Duration) -> Response {
+/// Waits until the items enqueued so far (or `paths`) are done or failed, or `timeout`.
+/// Without `paths`, reports the failures since the last wait that saw everything done (the
+/// checkpoint), and moves the checkpoint once everything is done.
+async fn wait(shared: &Shared, timeout: Duration, paths: Option<Vec<StorePath>>) -> Response {
     let start = Instant::now();
     ingest_spool(shared).await;
-    let seq = shared.queue_here(|q| q.current_seq());
+    let (upto, since) = match shared.queue_here(|q| q.wait_checkpoint().map(|c| (q.current_seq(), c))) {
+        Ok(s) => s,
+        Err(e) => return Response::unavailable(format!("queue: {e}")),
+    };
     loop {
-        match shared.queue_here(|q| q.progress_since(seq)) {
-            Ok((0, failed)) => return Response::Waited { complete: true, failed },
+        let progress = shared.queue_here(|q| match &paths {
+            Some(p) => q.progress_of(p),
+            None => q.progress(upto, since),
+        });
+        match progress {
+            Ok((0, failed)) => {
+                if paths.is_none() {
+                    if let Err(e) = shared.queue_here(|q| q.set_wait_checkpoint(upto)) {
+                        tracing::warn!("recording the wait checkpoint: {e}");
+                    }
+                }
+                return Response::Waited { complete: true, failed };
+            }
             Ok((_, failed)) if start.elapsed() >= timeout => return Response::Waited { complete: false, failed },
             Ok(_) => tokio::time::sleep(Duration::from_millis(25)).await,
             Err(e) => return Response::unavailable(format!("queue: {e}")),

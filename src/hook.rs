@@ -42,14 +42,18 @@ pub enum Delivery {
     Spooled(PathBuf, String),
 }
 
-/// Hands the closure of `roots` (and the build log of `drv`) to the daemon.
+/// The path info of `roots` and everything they reference, from the Nix database.
+pub fn closure(roots: &[StorePath]) -> anyhow::Result<Vec<PathInfo>> {
+    Ok(NixDb::open_default()?.query(roots, true)?)
+}
+
+/// Hands `paths` (a closure, from [`closure`]) and the build log of `drv` to the daemon.
 ///
 /// Asks the daemon which paths it lacks and signs and sends only those. If the daemon is
 /// unreachable, too slow at any step, or cannot store the request now, the whole closure is
 /// signed and spooled. An explicit refusal is an error: spooling would only be refused again.
-pub fn submit(config: &Config, roots: &[StorePath], drv: Option<StorePath>) -> anyhow::Result<Delivery> {
+pub fn submit(config: &Config, mut paths: Vec<PathInfo>, drv: Option<StorePath>) -> anyhow::Result<Delivery> {
     let keys = config.secret_keys()?;
-    let mut paths = NixDb::open_default()?.query(roots, true)?;
     // Works on copies, so that `paths` stays whole for the spool if the daemon fails us.
     let handed = || -> Result<Response, protocol::FrameError> {
         let mut client = Client::connect(&config.socket, Some(DAEMON_TIMEOUT))?;
@@ -77,22 +81,56 @@ pub fn submit(config: &Config, roots: &[StorePath], drv: Option<StorePath>) -> a
         Err(e) => format!("daemon at {} unreachable: {e}", config.socket.display()),
     };
     PathInfo::sign_all(&mut paths, &keys);
-    let req = Request::Enqueue { paths, drv };
-    let file = spool::write(&config.spool_dir(), &protocol::encode(&req))
-        .map_err(|e| anyhow::anyhow!("{why}; and spooling to {} failed: {e}", config.spool_dir().display()))?;
+    deliver_or_spool(config, &Request::Enqueue { paths, drv }, why)
+}
+
+/// Spools `req`, which the daemon did not take (`why`). On a full disk, the daemon's reserve
+/// ([`spool::RESERVE_NAME`]) makes room for it.
+fn deliver_or_spool(config: &Config, req: &Request, why: String) -> anyhow::Result<Delivery> {
+    let frame = protocol::encode(req);
+    let mut written = spool::write(&config.spool_dir(), &frame);
+    if written.as_ref().is_err_and(|e| e.raw_os_error() == Some(libc::ENOSPC)) && spool::release_reserve(&config.state_dir) {
+        written = spool::write(&config.spool_dir(), &frame);
+    }
+    let file = written.map_err(|e| anyhow::anyhow!("{why}; and spooling to {} failed: {e}", config.spool_dir().display()))?;
     Ok(Delivery::Spooled(file, why))
+}
+
+/// Tells the daemon that the build of `roots` (or of `drv`) was not handed over, and why, so
+/// that `narq status` and `narq wait` report it until `narq retry` hands it over. Spooled
+/// when the daemon does not answer. Returns the line for the build log.
+pub fn report(config: &Config, roots: &[StorePath], drv: Option<StorePath>, why: &anyhow::Error) -> String {
+    let reason = format!("{why:#}");
+    let req = Request::Report { roots: roots.to_vec(), drv, reason: reason.clone() };
+    let kept = match protocol::call(&config.socket, &req, Some(DAEMON_TIMEOUT)) {
+        Ok(Response::Recorded { .. }) => Ok(()),
+        Ok(other) => Err(format!("{other:?}")),
+        Err(e) => Err(format!("daemon at {} unreachable: {e}", config.socket.display())),
+    }
+    .or_else(|why| deliver_or_spool(config, &req, why).map(drop).map_err(|e| format!("{e:#}")));
+    match kept {
+        Ok(()) => format!("{reason}; this build is not uploaded (recorded: `narq retry` uploads it once fixed)"),
+        Err(e) => format!("{reason}; this build is not uploaded, and recording that failed: {e}"),
+    }
 }
 
 /// The hook's whole job. `Ok(None)`: nothing to say; `Ok(Some(line))`/`Err`: one line for stderr.
 pub fn run(config_file: Option<&Path>, out_paths: Option<&str>, drv_path: Option<&str>) -> anyhow::Result<Option<String>> {
     let config = Config::load(config_file)?;
-    let roots = outputs(out_paths, drv_path)?;
+    let drv = drv_path.filter(|d| !d.is_empty()).map(StorePath::parse).transpose()?;
+    let roots = match outputs(out_paths, drv_path) {
+        Ok(r) => r,
+        Err(e) => return Ok(Some(report(&config, &[], drv, &e))),
+    };
     if roots.is_empty() {
         return Ok(None);
     }
-    let drv = drv_path.filter(|d| !d.is_empty()).map(StorePath::parse).transpose()?;
-    Ok(match submit(&config, &roots, drv)? {
-        Delivery::Queued { .. } => None,
-        Delivery::Spooled(file, why) => Some(format!("{why}; spooled to {}", file.display())),
+    // Whatever stops the hand-off from here on (an unreadable key or Nix database, a refusal)
+    // is recorded with the daemon: a build the hook saw is never silently missing.
+    let delivered = closure(&roots).and_then(|paths| submit(&config, paths, drv.clone()));
+    Ok(match delivered {
+        Ok(Delivery::Queued { .. }) => None,
+        Ok(Delivery::Spooled(file, why)) => Some(format!("{why}; spooled to {}", file.display())),
+        Err(e) => Some(report(&config, &roots, drv, &e)),
     })
 }

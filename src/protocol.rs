@@ -11,8 +11,10 @@
 //! connection after answering `{"op":"error"}`.
 //!
 //! Requests: `missing` (which of these paths are not queued or uploaded yet?), `enqueue` (paths with
-//! path info and signatures, the `.drv` whose log to upload), `status`, and `wait` (answer
-//! once everything enqueued so far is uploaded). The hook asks `missing` first and signs
+//! path info and signatures, the `.drv` whose log to upload), `status`, `wait` (answer
+//! once everything enqueued so far is uploaded), `report` (a build the hook could not hand
+//! over, and why), `dropped` (those builds, for `narq retry`) and `recheck` (check the cache
+//! for these paths again). The hook asks `missing` first and signs
 //! and sends only those paths, so a build whose closure is mostly uploaded costs no
 //! signatures for the rest.
 //! This module is plain `std`: the hook links it without an async runtime.
@@ -57,8 +59,26 @@ pub enum Request {
     /// and sends only those).
     Missing { paths: Vec<StorePath> },
     Status,
-    /// Answer once everything enqueued so far (spool included) is uploaded or failed.
-    Wait { timeout_ms: u64 },
+    /// Answer once everything enqueued so far (spool included) is uploaded or failed; with
+    /// `paths`, once those are. See [`Response::Waited`] for which failures it reports.
+    Wait {
+        timeout_ms: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        paths: Option<Vec<StorePath>>,
+    },
+    /// A build the hook saw but could not hand over (`reason`): recorded as failed, so that
+    /// `status` and `wait` report it, until its paths are enqueued (`narq retry`).
+    Report {
+        roots: Vec<StorePath>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        drv: Option<StorePath>,
+        reason: String,
+    },
+    /// The dropped builds ([`Request::Report`]), for `narq retry`.
+    Dropped,
+    /// Forget that these paths are uploaded: the daemon checks the cache for them again
+    /// (and uploads them if they are gone). `narq push` sends it for its closure.
+    Recheck { paths: Vec<StorePath> },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -68,7 +88,12 @@ pub enum Response {
     Queued { new: usize },
     Missing { paths: Vec<StorePath> },
     Status(Status),
+    /// `failed`: without `paths`, the failures of items enqueued since the last wait that
+    /// saw everything done (not every failure ever recorded); with `paths`, those of the paths.
     Waited { complete: bool, failed: Vec<Failure> },
+    /// Recorded (a [`Request::Report`]), or rechecked (`count` paths).
+    Recorded { count: usize },
+    Dropped { builds: Vec<DroppedBuild> },
     /// The request was not stored. `retryable`: the daemon could not store it now (a full
     /// disk, a locked database) and the client should keep it (the hook spools it); otherwise
     /// it was refused and sending it again would be refused again.
@@ -109,6 +134,15 @@ pub struct Status {
     pub target_error: Option<String>,
     pub last_error: Option<Failure>,
     pub recent_failures: Vec<Failure>,
+}
+
+/// A build the hook could not hand over.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DroppedBuild {
+    /// An output of the build; `None` when the hook could not read the outputs.
+    pub root: Option<StorePath>,
+    pub drv: Option<StorePath>,
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -196,8 +230,8 @@ mod tests {
 
     #[test]
     fn frames_round_trip_and_bad_headers_are_refused() {
-        let f = encode(&Request::Wait { timeout_ms: 5 });
-        assert!(matches!(read::<Request>(&mut &f[..]).unwrap(), Request::Wait { timeout_ms: 5 }));
+        let f = encode(&Request::Wait { timeout_ms: 5, paths: None });
+        assert!(matches!(read::<Request>(&mut &f[..]).unwrap(), Request::Wait { timeout_ms: 5, paths: None }));
         let mut bad = f.clone();
         bad[0] = b'X';
         assert!(matches!(read::<Request>(&mut &bad[..]), Err(FrameError::BadMagic(_))));

@@ -18,6 +18,19 @@
 //! A path that is `done` is never uploaded again ("remembered locally"); enqueuing a
 //! `failed` one again retries it.
 //!
+//! A build the hook saw but could not hand over (no readable key, an unreadable Nix
+//! database, a refusal) is a `dropped` item: failed from the start, with the reason, so that
+//! `narq status` and `narq wait` report it until a later request (`narq retry`, `narq push`)
+//! queues its paths.
+//!
+//! # What "done" is worth
+//! `done` means "in the cache this queue uploads to". The queue records which cache that is
+//! ([`Queue::bind_store`]); opened for another one, it forgets every `done` (they become
+//! pending again, and the uploader's cheap existence check finds what the new cache already
+//! has), so a closure is never completed with a path that is only in the old cache.
+//! [`Queue::recheck`] does the same for given paths (`narq push`), for caches that someone
+//! else may have pruned.
+//!
 //! # Ordering
 //! A `nar` item is ready only when every reference (other than itself) is `done`, so a
 //! narinfo is never visible before the narinfos of its references.
@@ -28,7 +41,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::nix::{PathInfo, StorePath};
-use crate::protocol::{Failure, Status};
+use crate::protocol::{DroppedBuild, Failure, Status};
 
 pub type Result<T> = std::result::Result<T, rusqlite::Error>;
 
@@ -53,7 +66,14 @@ CREATE TABLE IF NOT EXISTS refs (
     PRIMARY KEY (key, ref)
 );
 CREATE INDEX IF NOT EXISTS refs_ref ON refs(ref);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,             -- 'store': the cache 'done' refers to; 'waited': see wait_checkpoint
+    value TEXT NOT NULL
+);
 ";
+
+/// Key prefix of builds the hook could not hand over (`dropped:<root>` or `dropped:<drv>`).
+const DROPPED: &str = "dropped:";
 
 #[derive(Debug, Clone)]
 pub enum Kind {
@@ -77,6 +97,19 @@ pub enum Outcome {
     Upstream,
     /// No build log was kept.
     NoLog,
+}
+
+
+/// `ORDER BY` term that puts failures of their own before those of their dependents.
+const ROOT_CAUSES_FIRST: &str = "(COALESCE(last_error, '') LIKE 'depends on %')";
+
+/// An item's key as users read it: a store path, `log:<drv>`, or the output of a dropped build.
+fn display_key(key: &str) -> String {
+    key.strip_prefix(DROPPED).unwrap_or(key).to_string()
+}
+
+fn failure(r: &rusqlite::Row) -> rusqlite::Result<Failure> {
+    Ok(Failure { item: display_key(&r.get::<_, String>(0)?), error: r.get(1)? })
 }
 
 pub struct Queue {
@@ -114,6 +147,107 @@ impl Queue {
     /// The highest sequence number handed out so far.
     pub fn current_seq(&self) -> i64 {
         self.last_seq
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<String>> {
+        self.conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()
+    }
+
+    fn set_meta(&self, key: &str, value: &str) -> Result<()> {
+        self.conn.execute("INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = ?2", [key, value])?;
+        Ok(())
+    }
+
+    /// Ties what the queue remembers as `done` to the cache `store` (see the module doc).
+    /// If the queue last uploaded somewhere else (or does not know where), every `done` item
+    /// becomes pending again. Returns how many.
+    pub fn bind_store(&mut self, store: &str) -> Result<usize> {
+        if self.meta("store")?.as_deref() == Some(store) {
+            return Ok(0);
+        }
+        let tx = self.conn.transaction()?;
+        let n = tx.execute(
+            "UPDATE items SET state = 'pending', outcome = NULL, bytes = 0, attempts = 0, next_try = 0,
+             last_error = NULL, done_at = NULL WHERE state = 'done'",
+            [],
+        )?;
+        tx.execute("INSERT INTO meta (key, value) VALUES ('store', ?1) ON CONFLICT(key) DO UPDATE SET value = ?1", [store])?;
+        tx.commit()?;
+        Ok(n)
+    }
+
+    /// Makes those of `paths` that are `done` pending again, so that the uploader checks that
+    /// they are still in the cache (and uploads them if not). Returns how many.
+    pub fn recheck(&mut self, paths: &[StorePath]) -> Result<usize> {
+        let keys: Vec<String> = paths.iter().map(|p| p.to_string()).collect();
+        let seq = self.last_seq + 1;
+        let n = self.conn.execute(
+            "UPDATE items SET state = 'pending', outcome = NULL, bytes = 0, attempts = 0, next_try = 0,
+             last_error = NULL, done_at = NULL, seq = ?2
+             WHERE state = 'done' AND kind = 'nar' AND key IN (SELECT value FROM json_each(?1))",
+            params![serde_json::to_string(&keys).expect("strings serialise"), seq],
+        )?;
+        if n > 0 {
+            self.last_seq = seq;
+        }
+        Ok(n)
+    }
+
+    /// Records a build the hook could not hand over, failed with `reason`: one item per
+    /// output (or one for the derivation, when its outputs are unknown).
+    pub fn record_dropped(&mut self, roots: &[StorePath], drv: Option<&StorePath>, reason: &str) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        let seq = self.last_seq + 1;
+        let drv_s = drv.map(|d| d.to_string()).unwrap_or_default();
+        let keys: Vec<String> = match roots.is_empty() {
+            true => drv.map(|d| d.to_string()).into_iter().collect(),
+            false => roots.iter().map(|r| r.to_string()).collect(),
+        };
+        for k in keys {
+            // An output that is queued already is on its way: nothing was dropped.
+            let queued: bool = tx.query_row(
+                "SELECT EXISTS (SELECT 1 FROM items WHERE key = ?1 AND state != 'failed')",
+                [&k],
+                |r| r.get(0),
+            )?;
+            if queued {
+                continue;
+            }
+            tx.execute(
+                "INSERT INTO items (key, kind, info, state, seq, last_error, done_at) VALUES (?1, 'dropped', ?2, 'failed', ?3, ?4, ?5)
+                 ON CONFLICT(key) DO UPDATE SET info = ?2, state = 'failed', seq = ?3, last_error = ?4, done_at = ?5",
+                params![format!("{DROPPED}{k}"), drv_s, seq, reason, now_ms()],
+            )?;
+        }
+        tx.commit()?;
+        self.last_seq = seq;
+        Ok(())
+    }
+
+    /// Forgets the dropped builds of `paths` (outputs or derivations now queued).
+    pub fn clear_dropped<'a>(&self, paths: impl IntoIterator<Item = &'a StorePath>) -> Result<usize> {
+        let keys: Vec<String> = paths.into_iter().map(|p| format!("{DROPPED}{p}")).collect();
+        self.conn.execute(
+            "DELETE FROM items WHERE kind = 'dropped' AND key IN (SELECT value FROM json_each(?1))",
+            [serde_json::to_string(&keys).expect("strings serialise")],
+        )
+    }
+
+    /// Every dropped build, oldest first.
+    pub fn dropped(&self) -> Result<Vec<DroppedBuild>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT key, info, COALESCE(last_error, '') FROM items WHERE kind = 'dropped' ORDER BY seq, key",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (key, drv, reason) = row?;
+            let Ok(path) = StorePath::parse(&key[DROPPED.len()..]) else { continue };
+            let drv = StorePath::parse(&drv).ok();
+            let root = (drv.as_ref() != Some(&path)).then_some(path);
+            out.push(DroppedBuild { root, drv, reason });
+        }
+        Ok(out)
     }
 
     /// Adds paths (and a build log) in one durable transaction; returns how many were new.
@@ -265,22 +399,65 @@ impl Queue {
             "WITH RECURSIVE dep(key) AS (SELECT ?1 UNION SELECT r.key FROM refs r JOIN dep ON r.ref = dep.key)
              UPDATE items SET state = 'failed', last_error = ?2, done_at = ?3
              WHERE key IN (SELECT key FROM dep) AND key != ?1 AND state = 'pending'",
-            params![key, format!("depends on {key}, which failed"), now_ms()],
+            params![key, format!("depends on {key}, which failed: {error}"), now_ms()],
         )?;
         tx.commit()?;
         Ok(n)
     }
 
-    /// Items with `seq <= seq` still pending, and those that failed.
-    pub fn progress_since(&self, seq: i64) -> Result<(u64, Vec<Failure>)> {
+    /// What `narq wait` reports by default: failures of items enqueued after this sequence
+    /// number (the start of the last wait that saw everything done), so that a wait answers
+    /// for what happened since the previous one, not for every failure ever recorded.
+    pub fn wait_checkpoint(&self) -> Result<i64> {
+        Ok(self.meta("waited")?.and_then(|v| v.parse().ok()).unwrap_or(0))
+    }
+
+    /// Moves the checkpoint forward to `seq` (never back).
+    pub fn set_wait_checkpoint(&self, seq: i64) -> Result<()> {
+        if seq > self.wait_checkpoint()? {
+            self.set_meta("waited", &seq.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Items with `seq <= upto` still pending, and the failures of items with `seq > since`,
+    /// root causes first.
+    pub fn progress(&self, upto: i64, since: i64) -> Result<(u64, Vec<Failure>)> {
         let pending: u64 =
-            self.conn.query_row("SELECT COUNT(*) FROM items WHERE state = 'pending' AND seq <= ?1", [seq], |r| r.get(0))?;
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT key, COALESCE(last_error, '') FROM items WHERE state = 'failed' AND seq <= ?1 ORDER BY key LIMIT 100",
-        )?;
-        let failed = stmt
-            .query_map([seq], |r| Ok(Failure { item: r.get(0)?, error: r.get(1)? }))?
-            .collect::<Result<_>>()?;
+            self.conn.query_row("SELECT COUNT(*) FROM items WHERE state = 'pending' AND seq <= ?1", [upto], |r| r.get(0))?;
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT key, COALESCE(last_error, '') FROM items WHERE state = 'failed' AND seq > ?1
+             ORDER BY {ROOT_CAUSES_FIRST}, key LIMIT 100"
+        ))?;
+        let failed = stmt.query_map([since], failure)?.collect::<Result<_>>()?;
+        Ok((pending, failed))
+    }
+
+    /// The same for the closure `paths` (`narq push --wait`): how many are pending, and the
+    /// failures among them, including builds of them the hook dropped and paths the queue does
+    /// not hold at all.
+    pub fn progress_of(&self, paths: &[StorePath]) -> Result<(u64, Vec<Failure>)> {
+        let keys: Vec<String> = paths.iter().flat_map(|p| [p.to_string(), format!("{DROPPED}{p}")]).collect();
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT key, state, COALESCE(last_error, '') FROM items WHERE key IN (SELECT value FROM json_each(?1))
+             ORDER BY {ROOT_CAUSES_FIRST}, key"
+        ))?;
+        let rows = stmt.query_map([serde_json::to_string(&keys).expect("strings serialise")], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
+        })?;
+        let (mut pending, mut failed, mut seen) = (0, Vec::new(), HashSet::new());
+        for row in rows {
+            let (key, state, error) = row?;
+            seen.insert(key.clone());
+            match state.as_str() {
+                "pending" => pending += 1,
+                "failed" => failed.push(Failure { item: display_key(&key), error }),
+                _ => {}
+            }
+        }
+        for p in paths.iter().map(|p| p.to_string()).filter(|k| !seen.contains(k)) {
+            failed.push(Failure { item: p, error: "not in the queue (was it pushed?)".into() });
+        }
         Ok((pending, failed))
     }
 
@@ -305,12 +482,12 @@ impl Queue {
         let recent: Option<i64> =
             self.conn.query_row("SELECT SUM(bytes) FROM items WHERE done_at >= ?1", [minute_ago], |r| r.get(0))?;
         s.rate = recent.unwrap_or(0) as f64 / 60.0;
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT key, last_error FROM items WHERE last_error IS NOT NULL ORDER BY COALESCE(done_at, next_try) DESC LIMIT 10",
-        )?;
-        s.recent_failures = stmt
-            .query_map([], |r| Ok(Failure { item: r.get(0)?, error: r.get(1)? }))?
-            .collect::<Result<_>>()?;
+        // Root causes first: "depends on X, which failed" says less than X's own error.
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT key, last_error FROM items WHERE last_error IS NOT NULL
+             ORDER BY {ROOT_CAUSES_FIRST}, COALESCE(done_at, next_try) DESC LIMIT 10"
+        ))?;
+        s.recent_failures = stmt.query_map([], failure)?.collect::<Result<_>>()?;
         s.last_error = s.recent_failures.first().cloned();
         Ok(s)
     }

@@ -144,6 +144,18 @@ impl StoreUrl {
         })
     }
 
+    /// Which cache this is, whatever the upload settings: what the queue's "uploaded" is
+    /// remembered for. Two URLs with the same identity name the same objects.
+    pub fn identity(&self) -> String {
+        match &self.location {
+            Location::File(dir) => format!("file://{}", dir.display()),
+            Location::S3 { bucket } => {
+                let endpoint = self.params.get("endpoint").map(|e| e.trim_end_matches('/')).unwrap_or("aws");
+                format!("s3://{bucket}@{endpoint}")
+            }
+        }
+    }
+
     /// The text of `nix-cache-info`.
     pub fn cache_info(&self) -> String {
         let mut s = String::from("StoreDir: /nix/store\n");

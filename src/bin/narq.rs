@@ -17,7 +17,9 @@ commands:
   daemon                     run the queue and the uploaders (foreground)
   push [--wait] PATH...      enqueue paths and their closures, signed like the hook does
   status [--json]            queue depth, in flight, uploaded, failed, bytes and rate
-  wait [--timeout SECS]      wait until everything enqueued so far is uploaded
+  wait [--timeout SECS]      wait until everything enqueued so far is uploaded; report
+                             what failed since the last wait
+  retry                      hand over again the builds the hook could not (see status)
   keygen NAME --secret-key-file F --public-key-file F
                              make a key pair in Nix's format
   nar-hash PATH              print the NAR hash and size of PATH (like nix-hash --base32)
@@ -93,12 +95,22 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 bail!("push: no paths given");
             }
             let config = config()?;
-            match hook::submit(&config, &paths, None)? {
+            let closure = hook::closure(&paths)?;
+            let all: Vec<StorePath> = closure.iter().map(|p| p.path.clone()).collect();
+            // What the daemon remembers as uploaded may have been deleted from the cache since
+            // (by hand, by another tool): have it checked again, so that a push always ends
+            // with the closure in the cache. Skipped if the daemon is away (then it is spooled).
+            if let Ok(Response::Recorded { count }) = protocol::call(&config.socket, &Request::Recheck { paths: all.clone() }, Some(hook::DAEMON_TIMEOUT)) {
+                if count > 0 {
+                    eprintln!("narq: checking the cache again for {count} paths uploaded before");
+                }
+            }
+            match hook::submit(&config, closure, None)? {
                 Delivery::Queued { new } => eprintln!("narq: enqueued {new} paths not uploaded before"),
                 Delivery::Spooled(f, why) => eprintln!("narq: {why}; spooled to {}", f.display()),
             }
             if do_wait {
-                return wait(&config, None);
+                return wait(&config, None, Some(all));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -126,7 +138,13 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                     a => return Err(a.unexpected().into()),
                 }
             }
-            wait(&config()?, timeout)
+            wait(&config()?, timeout, None)
+        }
+        "retry" => {
+            if let Some(a) = p.next()? {
+                return Err(a.unexpected().into());
+            }
+            retry(&config()?)
         }
         "keygen" => {
             let (mut name, mut sk, mut pk) = (None, None, None);
@@ -175,9 +193,46 @@ fn call(config: &Config, req: &Request, timeout: Option<Duration>) -> anyhow::Re
     }
 }
 
-fn wait(config: &Config, timeout: Option<Duration>) -> anyhow::Result<ExitCode> {
+/// Hands over again the builds the hook could not (`narq status` lists them as failed).
+fn retry(config: &Config) -> anyhow::Result<ExitCode> {
+    let Response::Dropped { builds } = call(config, &Request::Dropped, Some(Duration::from_secs(10)))? else {
+        bail!("unexpected answer from the daemon")
+    };
+    if builds.is_empty() {
+        eprintln!("narq: no dropped builds");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut failed = 0;
+    // One submission per build: outputs of one derivation together, with its log.
+    let mut seen = std::collections::HashSet::new();
+    for b in &builds {
+        if !seen.insert((b.drv.clone(), if b.drv.is_some() { None } else { b.root.clone() })) {
+            continue;
+        }
+        let roots: Vec<StorePath> = match &b.drv {
+            Some(d) => match hook::outputs(None, Some(&d.to_string())) {
+                Ok(r) => r,
+                Err(_) => b.root.iter().cloned().collect(),
+            },
+            None => b.root.iter().cloned().collect(),
+        };
+        let what = b.drv.as_ref().map_or_else(|| roots.iter().map(ToString::to_string).collect::<Vec<_>>().join(" "), ToString::to_string);
+        match hook::closure(&roots).and_then(|c| hook::submit(config, c, b.drv.clone())) {
+            Ok(Delivery::Queued { new }) => eprintln!("narq: {what}: enqueued ({new} paths not uploaded before)"),
+            Ok(Delivery::Spooled(f, why)) => eprintln!("narq: {what}: {why}; spooled to {}", f.display()),
+            Err(e) => {
+                failed += 1;
+                eprintln!("narq: {what}: still not handed over: {e:#}");
+            }
+        }
+    }
+    Ok(if failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+fn wait(config: &Config, timeout: Option<Duration>, paths: Option<Vec<StorePath>>) -> anyhow::Result<ExitCode> {
     let t = timeout.unwrap_or(Duration::from_secs(10 * 365 * 86400));
-    let resp = call(config, &Request::Wait { timeout_ms: t.as_millis() as u64 }, timeout.map(|t| t + Duration::from_secs(30)))?;
+    let req = Request::Wait { timeout_ms: t.as_millis() as u64, paths };
+    let resp = call(config, &req, timeout.map(|t| t + Duration::from_secs(30)))?;
     let Response::Waited { complete, failed } = resp else { bail!("unexpected answer: {resp:?}") };
     for f in &failed {
         eprintln!("narq: failed: {}: {}", f.item, f.error);
@@ -201,8 +256,12 @@ fn print_status(s: &Status) {
     if let Some(e) = &s.target_error {
         println!("paused:    {e}");
     }
-    if let Some(f) = &s.last_error {
-        println!("last error: {}: {}", f.item, f.error);
+    if !s.recent_failures.is_empty() {
+        // Root causes first (the daemon orders them so).
+        println!("recent failures:");
+        for f in &s.recent_failures {
+            println!("  {}: {}", f.item, f.error);
+        }
     }
 }
 

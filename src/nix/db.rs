@@ -27,12 +27,22 @@ use super::store_path::StorePath;
 
 #[derive(Debug, Error)]
 pub enum DbError {
-    #[error("Nix database {0}: {1}")]
+    #[error("Nix database {}: {}", .0.display(), one_line(.1))]
     Sqlite(PathBuf, rusqlite::Error),
     #[error("{0} is not a valid path in the local Nix store")]
     NotValid(StorePath),
     #[error("Nix database row for {0}: {1}")]
     BadRow(String, String),
+}
+
+/// An SQLite error without the SQL text that rusqlite appends to some (several lines that
+/// would reach the user's terminal through the hook).
+fn one_line(e: &rusqlite::Error) -> String {
+    let msg = match e {
+        rusqlite::Error::SqlInputError { msg, .. } => msg.clone(),
+        e => e.to_string(),
+    };
+    msg.lines().next().unwrap_or_default().to_string()
 }
 
 /// `$NIX_STATE_DIR` (default `/nix/var/nix`), as Nix itself reads it.

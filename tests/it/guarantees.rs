@@ -1,4 +1,197 @@
-//! Nothing lost, nothing silently missing: store changes, dropped builds, transient errors, wait verdicts.
+//! Nothing lost, nothing silently missing: store changes, dropped builds, transient errors,
+//! wait verdicts.
 
-#[allow(unused_imports)]
+use crate::daemon::program_expr;
 use crate::util::*;
+use std::process::Command;
+use std::time::Duration;
+
+/// Adds `line` to the config file.
+fn configure(n: &Narq, line: &str) {
+    let mut text = std::fs::read_to_string(&n.config).unwrap();
+    text.push_str(line);
+    text.push('\n');
+    std::fs::write(&n.config, text).unwrap();
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+fn narinfo_in(cache: &std::path::Path, path: &str) -> bool {
+    cache.join(format!("{}.narinfo", &path[11..43])).exists()
+}
+
+/// Issue 9.1: the queue's "uploaded" belongs to the store it uploaded to.
+#[test]
+fn a_new_store_gets_whole_closures() {
+    let mut n = Narq::new("newstore", "");
+    n.start();
+    let u = unique();
+    let lib = sh_drv(&format!("newstore-lib-{u}"), "echo 'echo shared' > $out");
+    let app = |name: &str| format!("let lib = {lib}; in {}", sh_drv(&format!("newstore-{name}-{u}"), "echo . ${lib} > $out"));
+    let (first, _) = n.build(&app("one"));
+    n.wait(60);
+    assert!(n.has(&first[0]));
+    // The user moves to another cache with the same state dir.
+    let second_cache = n.dir.join("second-cache");
+    configure(&n, &format!("store = \"file://{}\"", second_cache.display()));
+    n.kill9();
+    n.start();
+    // A new build over the same library: its closure must be whole in the new cache.
+    let (two, log) = n.build(&app("two"));
+    assert!(!log.contains("narq-hook:"), "{log}");
+    n.wait(60);
+    for p in closure(&two) {
+        assert!(narinfo_in(&second_cache, &p), "{p} missing from the new cache");
+    }
+    check_closed(&second_cache).unwrap();
+    n.substitute_from(&two[0], &format!("file://{}", second_cache.display()));
+    // `narq push` of a path uploaded only to the old cache ends with it in the new one.
+    let push = n.narq(&["push", "--wait", &first[0]]);
+    assert!(push.status.success(), "{}", stderr(&push));
+    assert!(narinfo_in(&second_cache, &first[0]));
+    // And a path deleted from the cache behind the daemon's back comes back with a push.
+    std::fs::remove_file(second_cache.join(format!("{}.narinfo", &first[0][11..43]))).unwrap();
+    let push = n.narq(&["push", "--wait", &first[0]]);
+    assert!(push.status.success(), "{}", stderr(&push));
+    assert!(narinfo_in(&second_cache, &first[0]), "push did not upload a path deleted from the cache");
+    assert_eq!(check_closed(&second_cache).unwrap(), 3);
+}
+
+/// Issue 9.2 and 9.6: a build the hook could not hand over (no key, an unreadable Nix
+/// database) is reported by status and wait, naming the path, and `narq retry` uploads it
+/// once the cause is fixed.
+#[test]
+fn dropped_builds_are_reported_until_retried() {
+    let mut n = Narq::new("dropped", "");
+    let key = n.dir.join("key.sec");
+    configure(&n, &format!("public-keys = [\"{}\"]", n.public_key));
+    n.start();
+    // The key is missing: the build succeeds, the hook says so in one line.
+    std::fs::rename(&key, n.dir.join("key.away")).unwrap();
+    let (outs, err) = n.build(&program_expr("dropped"));
+    let lines: Vec<&str> = err.lines().filter(|l| l.contains("narq-hook:")).collect();
+    assert!(!lines.is_empty() && lines.iter().all(|l| l.contains("not uploaded") && l.contains("narq retry")), "{err}");
+    let s = n.status();
+    assert!(s["failed"].as_u64().unwrap() >= 1, "{s}");
+    let failures = s["recent_failures"].to_string();
+    assert!(failures.contains(&outs[0]) && failures.contains("key.sec"), "{failures}");
+    let wait = n.narq(&["wait", "--timeout", "30"]);
+    assert_eq!(wait.status.code(), Some(1), "{}", stderr(&wait));
+    assert!(stderr(&wait).contains(&outs[0]), "{}", stderr(&wait));
+
+    // A Nix database the hook cannot read (another schema): one line, recorded too.
+    let db_dir = n.dir.join("nix-state/db");
+    std::fs::create_dir_all(&db_dir).unwrap();
+    run(Command::new("sqlite3").arg(db_dir.join("db.sqlite")).arg("CREATE TABLE Other (x);"));
+    std::fs::rename(n.dir.join("key.away"), &key).unwrap();
+    let other = nix_build(&nix_conf(n.dir.path(), None), &sh_drv(&format!("dropped-db-{}", unique()), "echo db > $out"), &[]);
+    let drv = run(Command::new("nix-store").args(["-q", "--deriver", &other[0]])).trim().to_string();
+    let hook = output(
+        Command::new(bin("narq-hook"))
+            .env("NARQ_CONFIG", &n.config)
+            .env("NIX_STATE_DIR", n.dir.join("nix-state"))
+            .env("OUT_PATHS", &other[0])
+            .env("DRV_PATH", &drv),
+    );
+    assert!(hook.status.success());
+    let line = stderr(&hook);
+    assert_eq!(line.lines().count(), 1, "{line}");
+    assert!(line.contains("Nix database") && line.contains("no such table") && line.contains("narq retry"), "{line}");
+    assert!(n.status()["recent_failures"].to_string().contains(&other[0]));
+
+    // Fixed: `narq retry` hands both builds over, and everything lands.
+    let retry = n.narq(&["retry"]);
+    assert!(retry.status.success(), "{}", stderr(&retry));
+    n.wait(60);
+    for p in closure(&outs).iter().chain(&other) {
+        assert!(n.has(p), "{p} missing after retry");
+    }
+    n.substitute(&outs[0]);
+    assert_eq!(n.status()["failed"], 0);
+    let again = n.narq(&["retry"]);
+    assert!(again.status.success() && stderr(&again).contains("no dropped builds"), "{}", stderr(&again));
+}
+
+/// Issue 9.4 and 9.18: `narq wait` answers for what it waits for, not for every failure ever
+/// recorded; `narq status` shows root causes before their consequences.
+#[test]
+fn wait_answers_for_its_own_and_status_shows_causes_first() {
+    let mut n = Narq::new("verdict", "");
+    n.start();
+    let u = unique();
+    let expr = format!(
+        "let lib = {}; in {}",
+        sh_drv(&format!("verdict-lib-{u}"), "echo original > $out"),
+        sh_drv(&format!("verdict-app-{u}"), "echo ${lib} > $out")
+    );
+    let outs = nix_build(&nix_conf(n.dir.path(), None), &expr, &[]);
+    let lib = closure(&outs).into_iter().find(|p| p.contains("verdict-lib")).unwrap();
+    std::fs::set_permissions(&lib, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    std::fs::write(&lib, "tampered\n").unwrap();
+    let push = n.narq(&["push", "--wait", &outs[0]]);
+    assert_eq!(push.status.code(), Some(1), "{}", stderr(&push));
+    // Causes first: the library's own error, then the app that depends on it.
+    let s = n.status();
+    let f = s["recent_failures"].as_array().unwrap();
+    assert_eq!(f[0]["item"], lib.as_str(), "{s}");
+    assert!(f[0]["error"].as_str().unwrap().contains("do not match"), "{s}");
+    assert!(f[1]["error"].as_str().unwrap().contains("depends on") && f[1]["error"].as_str().unwrap().contains("do not match"), "{s}");
+    let human = String::from_utf8_lossy(&n.narq(&["status"]).stdout).to_string();
+    let (cause, effect) = (human.find(&format!("{lib}: contents")).unwrap(), human.find(&format!("{}: depends on", outs[0])).unwrap());
+    assert!(cause < effect, "{human}");
+
+    // The first wait reports the failures; a later one after a fresh, good build does not.
+    let wait = n.narq(&["wait", "--timeout", "30"]);
+    assert_eq!(wait.status.code(), Some(1));
+    assert!(stderr(&wait).contains(&lib));
+    let (good, _) = n.build(&program_expr("verdict-good"));
+    n.wait(60);
+    let pushed = n.narq(&["push", "--wait", &good[0]]);
+    assert!(pushed.status.success(), "{}", stderr(&pushed));
+    // Waiting for the broken closure still says what is wrong with it.
+    let again = n.narq(&["push", "--wait", &outs[0]]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(stderr(&again).contains(&lib), "{}", stderr(&again));
+    let _ = Command::new("nix-store").args(["--delete", &outs[0], &lib]).output();
+}
+
+/// Issue 9.3: a build made while the state disk is full is uploaded once space is back,
+/// with no manual step.
+#[test]
+fn a_full_state_disk_delays_uploads_and_loses_nothing() {
+    let mut n = Narq::new("diskfull", "");
+    let state = n.dir.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    run(Command::new("mount").args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"]).arg(&state));
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(state.clone());
+    let cache = n.dir.join("cache");
+    configure(&n, &format!("store = \"file://{}\"", cache.display()));
+    n.start();
+    // Fill the state disk to the last byte.
+    let fill = state.join("fill");
+    let _ = Command::new("dd").args(["if=/dev/zero", "bs=64k"]).arg(format!("of={}", fill.display())).output();
+    let (outs, err) = n.build(&program_expr("diskfull"));
+    // The daemon could not store the request and said so; the hook spooled it in the room
+    // the reserve left.
+    let lines: Vec<&str> = err.lines().filter(|l| l.contains("narq-hook:")).collect();
+    assert!(!lines.is_empty() && lines.iter().all(|l| l.contains("could not store") && l.contains("spooled to")), "{err}");
+    assert!(!state.join("reserve").exists());
+    std::thread::sleep(Duration::from_secs(2));
+    // Space comes back; nothing else is done by hand.
+    std::fs::remove_file(&fill).unwrap();
+    n.wait(120);
+    for p in closure(&outs) {
+        assert!(narinfo_in(&cache, &p), "{p} lost while the disk was full:\n{err}\n{}", n.daemon_log());
+    }
+    n.substitute_from(&outs[0], &format!("file://{}", cache.display()));
+    assert!(wait_for(Duration::from_secs(10), || state.join("reserve").exists()), "the reserve did not come back");
+    n.kill9();
+}
