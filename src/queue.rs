@@ -139,6 +139,10 @@ impl Queue {
         conn.busy_timeout(Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "wal")?;
         conn.pragma_update(None, "synchronous", "full")?;
+        // A small WAL, truncated after each checkpoint: the queue must not grow into the room
+        // the state dir's reserve keeps for the spool (see `spool::RESERVE_BYTES`).
+        conn.pragma_update(None, "wal_autocheckpoint", 64)?;
+        conn.pragma_update(None, "journal_size_limit", 256 * 1024)?;
         conn.execute_batch(SCHEMA)?;
         let last_seq = conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM items", [], |r| r.get(0))?;
         Ok(Queue { conn, last_seq })

@@ -195,3 +195,159 @@ fn a_full_state_disk_delays_uploads_and_loses_nothing() {
     assert!(wait_for(Duration::from_secs(10), || state.join("reserve").exists()), "the reserve did not come back");
     n.kill9();
 }
+
+/// A small deterministic generator: the soak test prints its seed, so a failure can be replayed
+/// (`NARQ_SOAK_SEED`).
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Issue 9, "Done when": hooks, pushes, daemon restarts and `kill -9` at random moments, with
+/// the state disk filling and emptying. Afterwards every path a hook saw is in the cache (or
+/// reported), the cache was closed under references at every look, and `nix store verify`
+/// accepts it.
+#[test]
+fn soak_hooks_pushes_kills_and_a_filling_disk() {
+    let seed = std::env::var("NARQ_SOAK_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| unique()[10..].parse::<u64>().unwrap() | 1);
+    eprintln!("soak seed: {seed} (NARQ_SOAK_SEED={seed} replays it)");
+    let mut rng = Rng(seed);
+    let mut n = Narq::new("soak", "");
+    let state = n.dir.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    run(Command::new("mount").args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"]).arg(&state));
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(state.clone());
+    let cache = n.dir.join("cache");
+    configure(&n, &format!("store = \"file://{}\"\npublic-keys = [\"{}\"]", cache.display(), n.public_key));
+
+    // 24 libraries and 24 apps over two libraries each, built without the hook; the hook is
+    // then run for each build as Nix runs it, at random moments.
+    let u = unique();
+    let expr = format!(
+        "let lib = i: {}; app = i: {}; in (builtins.genList lib 24) ++ (builtins.genList app 24)",
+        sh_drv(&format!("soak-lib-${{toString i}}-{u}"), "mkdir $out; head -c 30000 /dev/urandom > $out/data"),
+        sh_drv(&format!("soak-app-${{toString i}}-{u}"), "echo ${lib i} ${lib (if i < 20 then i + 4 else 0)} > $out")
+    );
+    let outs = nix_build(&nix_conf(n.dir.path(), None), &expr, &[]);
+    assert_eq!(outs.len(), 48);
+    let drvs: Vec<String> =
+        outs.iter().map(|p| run(Command::new("nix-store").args(["-q", "--deriver", p])).trim().to_string()).collect();
+    let mut order: Vec<usize> = (0..outs.len()).collect();
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (cache, stop) = (cache.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut looks = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && looks < 200_000 {
+                check_closed(&cache).unwrap_or_else(|e| panic!("cache not closed: {e}"));
+                looks += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            looks
+        })
+    };
+
+    n.start();
+    let fill = state.join("fill");
+    let mut hooks: Vec<std::process::Child> = Vec::new();
+    let (mut kills, mut restarts, mut fills, mut pushes) = (0, 0, 0, 0);
+    let started = std::time::Instant::now();
+    for (step, &i) in order.iter().enumerate() {
+        assert!(started.elapsed() < Duration::from_secs(180), "the soak ran out of time at step {step}");
+        let out_paths = if rng.below(2) == 0 { outs[i].as_str() } else { "" };
+        hooks.push(
+            Command::new(bin("narq-hook"))
+                .env("NARQ_CONFIG", &n.config)
+                .env("OUT_PATHS", out_paths)
+                .env("DRV_PATH", &drvs[i])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        match rng.below(12) {
+            0 | 1 if n.daemon.is_some() => {
+                std::thread::sleep(Duration::from_millis(rng.below(300)));
+                n.kill9();
+                kills += 1;
+            }
+            2 if n.daemon.is_some() => {
+                let pid = n.daemon_pid().to_string();
+                run(Command::new("kill").args(["-TERM", &pid]));
+                let _ = n.daemon.take().unwrap().wait();
+                restarts += 1;
+            }
+            // Something else fills the disk, while narq's reserve is there (without it, a full
+            // disk leaves nowhere to keep a request; the hook's line says so).
+            3 if !fill.exists() && state.join("reserve").exists() => {
+                let _ = Command::new("dd").args(["if=/dev/zero", "bs=64k"]).arg(format!("of={}", fill.display())).output();
+                fills += 1;
+            }
+            4 => {
+                let _ = std::fs::remove_file(&fill);
+            }
+            5 if n.daemon.is_some() => {
+                let p = &outs[rng.below(outs.len() as u64) as usize];
+                let push = n.narq(&["push", p]);
+                // On a full disk a push may fail, loudly; the hooks' builds must not.
+                assert!(push.status.success() || fill.exists(), "narq push: {}", String::from_utf8_lossy(&push.stderr));
+                pushes += 1;
+            }
+            _ => {}
+        }
+        if n.daemon.is_none() && rng.below(2) == 0 {
+            n.start();
+        }
+        std::thread::sleep(Duration::from_millis(rng.below(150)));
+    }
+    let mut said = String::new();
+    for h in hooks {
+        let out = h.wait_with_output().unwrap();
+        assert!(out.status.success());
+        assert!(out.stderr.iter().filter(|&&b| b == b'\n').count() <= 1, "{}", String::from_utf8_lossy(&out.stderr));
+        said.push_str(&String::from_utf8_lossy(&out.stderr));
+    }
+    // The disk has room again and the daemon runs: everything lands with no manual step but
+    // `narq retry` for builds the hook could not hand over (none are expected).
+    let _ = std::fs::remove_file(&fill);
+    if n.daemon.is_none() {
+        n.start();
+    }
+    n.wait(180);
+    let status = n.status();
+    eprintln!("soak: {kills} kill -9, {restarts} restarts, {fills} full disks, {pushes} pushes; status {status}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let looks = watcher.join().unwrap();
+    assert!(looks > 10, "the watcher looked only {looks} times");
+    let reported = status["recent_failures"].to_string();
+    let everything = closure(&outs);
+    for p in &everything {
+        assert!(narinfo_in(&cache, p) || reported.contains(p.as_str()), "{p} is neither in the cache nor reported\nhooks said:\n{said}\n{}", n.daemon_log());
+    }
+    assert_eq!(status["failed"], 0, "{status}");
+    assert_eq!(check_closed(&cache).unwrap(), everything.len());
+    let verify = output(
+        Command::new("nix")
+            .args(["store", "verify", "--store", &format!("file://{}", cache.display()), "--sigs-needed", "1"])
+            .args(["--option", "trusted-public-keys", &n.public_key])
+            .args(&everything)
+            .env("NIX_CONF_DIR", &n.nix_conf),
+    );
+    assert!(verify.status.success(), "nix store verify: {}", String::from_utf8_lossy(&verify.stderr));
+}
