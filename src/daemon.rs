@@ -403,10 +403,13 @@ pub fn validate(
         });
     }
     // The request's own references stand for its paths; what is queued for them is replaced.
-    let edges = paths
-        .iter()
-        .flat_map(|p| p.references.iter().map(move |r| (&p.path, r)))
-        .chain(pending_edges.iter().filter(|(k, _)| !set.contains(k)).map(|(k, r)| (k, r)));
+    // Without pending edges, [`check`] has already looked at the request's own graph.
+    let queued_edges: Vec<(&StorePath, &StorePath)> =
+        pending_edges.iter().filter(|(k, r)| !set.contains(k) && k != r).map(|(k, r)| (k, r)).collect();
+    if queued_edges.is_empty() {
+        return Ok(());
+    }
+    let edges = paths.iter().flat_map(|p| p.references.iter().map(move |r| (&p.path, r))).chain(queued_edges);
     find_cycle(edges).map_or(Ok(()), |c| Err(cycle_message(&c)))
 }
 

@@ -397,17 +397,27 @@ fn reference_cycles_and_changed_references_are_refused() {
 }
 
 /// The queue-dependent part of item 4: a cycle closed through references of paths that are
-/// already pending (here given directly, as `Queue::pending_edges` returns them).
+/// already pending. The queue (filled directly, as an older narq that checked nothing could
+/// have) gives the daemon's validation the pending part of the graph.
 #[test]
 fn a_cycle_through_pending_paths_is_refused() {
+    let t = TempDir::new("pending-cycle");
     let key = SecretKey::generate("k-1").unwrap();
     let keys = [key.public()];
-    let q = fake("q", &[], &key);
-    let p = fake("p", &[&q.path], &key);
-    // q is pending and (in a queue an older narq filled) references p.
+    let (r, p0) = (fake("r", &[], &key), fake("p", &[], &key));
+    // q references p (not queued) and r; r is pending too.
+    let q = fake("q", &[&p0.path, &r.path], &key);
+    let mut queue = narq::queue::Queue::open(&t.join("q.db")).unwrap();
+    assert_eq!(queue.enqueue(&[q.clone(), r.clone()], None).unwrap(), 2);
+    // The request: p, referencing q.
+    let mut p = PathInfo { references: [p0.path.clone(), q.path.clone()].into(), sigs: Default::default(), ..p0.clone() };
+    p.sign(&key);
     let queued: HashSet<StorePath> = [q.path.clone()].into();
-    let edges = vec![(q.path.clone(), p.path.clone())];
+    let edges = queue.pending_edges(&[&q.path]).unwrap();
+    assert!(edges.contains(&(q.path.clone(), p.path.clone())) && edges.contains(&(q.path.clone(), r.path.clone())), "{edges:?}");
     let why = narq::daemon::validate(&keys, &[p.clone()], &queued, &HashMap::new(), &edges).unwrap_err();
-    assert!(why.contains("reference cycle"), "{why}");
-    assert!(narq::daemon::validate(&keys, &[p], &queued, &HashMap::new(), &[]).is_ok());
+    assert!(why.contains("reference cycle") && why.contains(&q.path.to_string()), "{why}");
+    // Pending paths that do not lead back to p close no cycle.
+    let edges = queue.pending_edges(&[&r.path]).unwrap();
+    assert!(narq::daemon::validate(&keys, &[p], &queued, &HashMap::new(), &edges).is_ok());
 }
