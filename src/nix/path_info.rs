@@ -88,7 +88,10 @@ impl PathInfo {
 /// `text:sha256:HASH`, or `fixed:[r:|git:]ALGO:HASH` with ALGO one of md5, sha1, sha256,
 /// sha512 and HASH its digest in base16, nixbase32 or base64.
 pub fn check_ca(ca: &str) -> Result<(), String> {
-    let bad = |why: &str| Err(format!("CA {ca:?} {why}"));
+    // Quoted (control characters escaped) and cut short: the error reaches the log.
+    let shown: String = ca.chars().take(120).collect();
+    let more = if shown.len() < ca.len() { "…" } else { "" };
+    let bad = |why: &str| Err(format!("CA {shown:?}{more} {why}"));
     let (algo, hash) = if let Some(rest) = ca.strip_prefix("text:") {
         match rest.split_once(':') {
             Some(("sha256", h)) => ("sha256", h),
@@ -187,10 +190,11 @@ mod tests {
             ("fixed:r:sha256".to_string(), "not fixed:"),
             (format!("fixed:r:crc32:{h32}"), "unknown hash algorithm"),
             ("bogus".to_string(), "neither"),
+            (format!("fixed:r:sha256:{}", "0".repeat(100_000)), "…"),
             (format!("fixed:sha256:{}", "z".repeat(64)), "no valid sha256 digest"),
         ] {
             let e = check_ca(&bad).unwrap_err();
-            assert!(e.contains(why) && !e.contains('\n'), "{bad:?}: {e}");
+            assert!(e.contains(why) && !e.contains('\n') && e.len() < 300, "{bad:?}: {e}");
         }
     }
 }
