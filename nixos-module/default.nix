@@ -4,6 +4,7 @@
 #     enable = true;
 #     settings.store = "s3://my-cache?region=eu-central-1";
 #     secretKeyFiles = [ "/etc/nix/my-cache.sec" ];
+#     settings.publicKeys = [ "my-cache:BASE64..." ];     # the .pub next to it
 #     environmentFile = "/etc/narq/aws.env";   # AWS_ACCESS_KEY_ID=… (never in the store)
 #   };
 { config, lib, pkgs, ... }:
@@ -61,7 +62,12 @@ in
       publicKeys = mkOption {
         type = types.listOf types.str;
         default = [ ];
-        description = "Public keys the daemon checks handed-in signatures against (the daemon cannot read the secret keys).";
+        example = [ "my-cache:BASE64..." ];
+        description = ''
+          Public keys (NAME:BASE64) the daemon checks handed-in signatures against; required (an
+          assertion), since the daemon cannot read the root-only secret keys. A path is uploaded
+          only with a signature by one of these keys.
+        '';
       };
       socket = mkOption {
         type = types.str;
@@ -87,16 +93,7 @@ in
   };
 
   config = mkIf cfg.enable {
-    assertions = [
-      {
-        assertion = builtins.all (f: !(lib.hasPrefix builtins.storeDir (toString f))) cfg.secretKeyFiles;
-        message = "services.narq.secretKeyFiles must not be in the Nix store (it is world-readable).";
-      }
-      {
-        assertion = cfg.environmentFile == null || !(lib.hasPrefix builtins.storeDir cfg.environmentFile);
-        message = "services.narq.environmentFile must not be in the Nix store.";
-      }
-    ];
+    assertions = import ./assertions.nix cfg;
     users.groups.${cfg.group} = { };
     users.users = mkIf (cfg.user != null) {
       ${cfg.user} = { isSystemUser = true; group = cfg.group; };

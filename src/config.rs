@@ -166,6 +166,20 @@ impl Config {
         keys
     }
 
+    /// [`Config::trusted_keys`], which the daemon cannot do without: it uploads a path only
+    /// with a signature by one of them. None is an error naming the file and `public-keys`.
+    pub fn required_trusted_keys(&self) -> Result<Vec<PublicKey>, ConfigError> {
+        let keys = self.trusted_keys();
+        if keys.is_empty() {
+            return Err(ConfigError {
+                file: describe(self.file.as_deref()),
+                key: Some("public-keys".into()),
+                msg: "no key to check signatures with: set the cache's public key here (the daemon could read none of secret-key-files)".into(),
+            });
+        }
+        Ok(keys)
+    }
+
     pub fn spool_dir(&self) -> PathBuf {
         self.state_dir.join("spool")
     }

@@ -104,6 +104,19 @@ pub enum Response {
     },
 }
 
+/// The `op` a request is tagged with, for messages.
+pub fn op_name(req: &Request) -> &'static str {
+    match req {
+        Request::Enqueue { .. } => "enqueue",
+        Request::Missing { .. } => "missing",
+        Request::Status => "status",
+        Request::Wait { .. } => "wait",
+        Request::Report { .. } => "report",
+        Request::Dropped => "dropped",
+        Request::Recheck { .. } => "recheck",
+    }
+}
+
 impl Response {
     /// A refusal: the request is wrong and will stay wrong.
     pub fn refused(message: impl Into<String>) -> Response {

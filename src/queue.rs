@@ -36,7 +36,7 @@
 //! narinfo is never visible before the narinfos of its references.
 
 use rusqlite::{params, Connection, OptionalExtension};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -255,40 +255,43 @@ impl Queue {
     }
 
     /// Adds paths (and a build log) in one durable transaction; returns how many were new.
-    /// Signatures of a pending path are merged; `done` paths are left alone; `failed` ones
-    /// are retried.
+    /// A pending path's info is replaced by the new one, which the daemon admitted only with
+    /// a signature by a trusted key and the references it was queued with (so what an older
+    /// narq queued unsigned gives way to a signed request); `done` paths are left alone;
+    /// `failed` ones are retried.
     pub fn enqueue(&mut self, paths: &[PathInfo], log: Option<&StorePath>) -> Result<usize> {
         let tx = self.conn.transaction()?;
         let seq = self.last_seq + 1;
         let mut new = 0;
         {
-            let mut get = tx.prepare_cached("SELECT state, info FROM items WHERE key = ?1")?;
+            let mut get = tx.prepare_cached("SELECT state FROM items WHERE key = ?1")?;
             let mut insert = tx.prepare_cached(
                 "INSERT INTO items (key, kind, info, state, seq) VALUES (?1, ?2, ?3, 'pending', ?4)
                  ON CONFLICT(key) DO UPDATE SET info = ?3, state = 'pending', seq = ?4, attempts = 0,
                  next_try = 0, last_error = NULL",
             )?;
             let mut add_ref = tx.prepare_cached("INSERT OR IGNORE INTO refs (key, ref) VALUES (?1, ?2)")?;
+            let mut clear_refs = tx.prepare_cached("DELETE FROM refs WHERE key = ?1")?;
+            // A pending path keeps its place (its seq, which `wait` counts on, and its backoff).
+            let mut replace = tx.prepare_cached("UPDATE items SET info = ?2 WHERE key = ?1")?;
             for p in paths {
                 let key = p.path.to_string();
-                let old: Option<(String, String)> = get.query_row([&key], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
-                let mut info = p.clone();
-                match old {
-                    Some((state, _)) if state == "done" => continue,
-                    Some((state, old_info)) => {
-                        if let Ok(o) = serde_json::from_str::<PathInfo>(&old_info) {
-                            info.sigs.extend(o.sigs);
-                        }
-                        // A pending path keeps its place; a failed one is retried.
-                        if state == "failed" {
-                            new += 1;
-                        }
+                let old: Option<String> = get.query_row([&key], |r| r.get(0)).optional()?;
+                let json = serde_json::to_string(p).expect("PathInfo serialises");
+                match old.as_deref() {
+                    Some("done") => continue,
+                    Some("pending") => {
+                        replace.execute(params![key, json])?;
                     }
-                    None => new += 1,
+                    // A failed one is retried.
+                    _ => {
+                        new += 1;
+                        insert.execute(params![key, "nar", json, seq])?;
+                    }
                 }
-                let json = serde_json::to_string(&info).expect("PathInfo serialises");
-                insert.execute(params![key, "nar", json, seq])?;
-                for r in &info.references {
+                // The references of the info that replaced the old one, not of both.
+                clear_refs.execute([&key])?;
+                for r in &p.references {
                     if r != &p.path {
                         add_ref.execute(params![key, r.to_string()])?;
                     }
@@ -323,6 +326,53 @@ impl Queue {
         for r in rows {
             // Every key came from a StorePath.
             out.extend(StorePath::parse(&r?).ok());
+        }
+        Ok(out)
+    }
+
+    /// The pending ones among `paths`, with their info (`None` if it no longer parses, as
+    /// when an older narq stored what is now refused).
+    pub fn pending_infos(&self, paths: &[&StorePath]) -> Result<HashMap<StorePath, Option<PathInfo>>> {
+        let keys: Vec<String> = paths.iter().map(|p| p.to_string()).collect();
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT i.key, i.info FROM json_each(?1) j JOIN items i ON i.key = j.value
+             WHERE i.kind = 'nar' AND i.state = 'pending'",
+        )?;
+        let json = serde_json::to_string(&keys).expect("strings serialise");
+        let rows = stmt.query_map([json], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let mut out = HashMap::new();
+        for r in rows {
+            let (key, info) = r?;
+            if let Ok(p) = StorePath::parse(&key) {
+                out.insert(p, serde_json::from_str(&info).ok());
+            }
+        }
+        Ok(out)
+    }
+
+    /// The references (other than to itself) of every pending path that `from` reach
+    /// through pending paths: the part of the queue's graph that a request's new paths
+    /// join, for the daemon to refuse a request that would close a cycle.
+    pub fn pending_edges(&self, from: &[&StorePath]) -> Result<Vec<(StorePath, StorePath)>> {
+        let keys: Vec<String> = from.iter().map(|p| p.to_string()).collect();
+        let mut stmt = self.conn.prepare_cached(
+            "WITH RECURSIVE reach(k) AS (
+                 SELECT value FROM json_each(?1)
+                 UNION
+                 SELECT r.ref FROM reach JOIN items i ON i.key = reach.k AND i.state = 'pending'
+                 JOIN refs r ON r.key = reach.k
+             )
+             SELECT r.key, r.ref FROM reach JOIN items i ON i.key = reach.k AND i.state = 'pending'
+             JOIN refs r ON r.key = reach.k",
+        )?;
+        let json = serde_json::to_string(&keys).expect("strings serialise");
+        let rows = stmt.query_map([json], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let mut out = Vec::new();
+        for r in rows {
+            let (k, r) = r?;
+            if let (Ok(k), Ok(r)) = (StorePath::parse(&k), StorePath::parse(&r)) {
+                out.push((k, r));
+            }
         }
         Ok(out)
     }

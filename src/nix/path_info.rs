@@ -4,8 +4,14 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 
 use super::hash::Sha256;
-use super::signing::{fingerprint, PublicKey, SecretKey};
+use super::nixbase32;
+use super::signing::{check_signature_syntax, fingerprint, PublicKey, SecretKey};
 use super::store_path::StorePath;
+
+/// The most signatures a path may carry. Nix paths carry one per cache they were signed
+/// for, a handful at most; the cap bounds what checking a request can cost (a signature
+/// check is ~50 µs) and stops the parsing of one that carries more at the first extra one.
+pub const MAX_SIGS: usize = 32;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -17,11 +23,13 @@ pub struct PathInfo {
     pub references: BTreeSet<StorePath>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deriver: Option<StorePath>,
-    /// `NAME:BASE64` signatures, sorted.
-    #[serde(default)]
+    /// `NAME:BASE64` signatures, sorted; at most [`MAX_SIGS`], each checked by
+    /// [`check_signature_syntax`] when parsed.
+    #[serde(default, deserialize_with = "de_sigs")]
     pub sigs: BTreeSet<String>,
-    /// Content-address assertion (`fixed:r:sha256:…`, `text:sha256:…`), if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Content-address assertion (`fixed:r:sha256:…`, `text:sha256:…`), if any; checked
+    /// by [`check_ca`] when parsed.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "de_ca")]
     pub ca: Option<String>,
 }
 
@@ -45,19 +53,28 @@ impl PathInfo {
         }
     }
 
-    /// The signatures among `sigs` that were made by none of `keys`: a path handed to
-    /// the daemon may carry other keys' signatures, but every one *named* like one of
-    /// our keys must verify with it.
-    pub fn forged_sigs<'a>(&'a self, keys: &[PublicKey]) -> Vec<&'a str> {
+    /// Admits the path on its signatures: every one named like one of `keys` must verify
+    /// with it (the first forged one ends the check), and at least one must. Signatures by
+    /// other keys are kept but prove nothing.
+    pub fn check_sigs(&self, keys: &[PublicKey]) -> Result<(), String> {
         let fp = self.fingerprint();
-        self.sigs
-            .iter()
-            .filter(|s| {
-                let name = s.split_once(':').map_or(s.as_str(), |n| n.0);
-                keys.iter().any(|k| k.name == name) && !keys.iter().any(|k| k.verify(&fp, s))
-            })
-            .map(String::as_str)
-            .collect()
+        let mut verified = false;
+        for s in &self.sigs {
+            let name = s.split_once(':').map_or(s.as_str(), |n| n.0);
+            let mut named = keys.iter().filter(|k| k.name == name).peekable();
+            if named.peek().is_none() {
+                continue;
+            }
+            if !named.any(|k| k.verify(&fp, s)) {
+                return Err(format!("signature {s:?} on {} does not verify with the configured key of that name", self.path));
+            }
+            verified = true;
+        }
+        if verified {
+            return Ok(());
+        }
+        let names: Vec<&str> = keys.iter().map(|k| k.name.as_str()).collect();
+        Err(format!("{} carries no signature by a trusted key ({})", self.path, names.join(", ")))
     }
 
     /// True if some signature verifies with one of `keys`.
@@ -65,6 +82,82 @@ impl PathInfo {
         let fp = self.fingerprint();
         self.sigs.iter().any(|s| keys.iter().any(|k| k.verify(&fp, s)))
     }
+}
+
+/// Checks a content-address assertion as Nix writes one (`ContentAddress::render`):
+/// `text:sha256:HASH`, or `fixed:[r:|git:]ALGO:HASH` with ALGO one of md5, sha1, sha256,
+/// sha512 and HASH its digest in base16, nixbase32 or base64.
+pub fn check_ca(ca: &str) -> Result<(), String> {
+    // Quoted (control characters escaped) and cut short: the error reaches the log.
+    let shown: String = ca.chars().take(120).collect();
+    let more = if shown.len() < ca.len() { "…" } else { "" };
+    let bad = |why: &str| Err(format!("CA {shown:?}{more} {why}"));
+    let (algo, hash) = if let Some(rest) = ca.strip_prefix("text:") {
+        match rest.split_once(':') {
+            Some(("sha256", h)) => ("sha256", h),
+            _ => return bad("is not text:sha256:HASH"),
+        }
+    } else if let Some(rest) = ca.strip_prefix("fixed:") {
+        let rest = rest.strip_prefix("r:").or_else(|| rest.strip_prefix("git:")).unwrap_or(rest);
+        match rest.split_once(':') {
+            Some(ah) => ah,
+            None => return bad("is not fixed:[r:]ALGO:HASH"),
+        }
+    } else {
+        return bad("is neither text:… nor fixed:…");
+    };
+    let len = match algo {
+        "md5" => 16,
+        "sha1" => 20,
+        "sha256" => 32,
+        "sha512" => 64,
+        _ => return bad("names an unknown hash algorithm"),
+    };
+    use base64::Engine;
+    let ok = if hash.len() == 2 * len {
+        hash.bytes().all(|b| b.is_ascii_hexdigit())
+    } else if hash.len() == (len * 8 - 1) / 5 + 1 {
+        nixbase32::decode(hash.as_bytes(), len).is_ok()
+    } else if hash.len() == len.div_ceil(3) * 4 {
+        base64::engine::general_purpose::STANDARD.decode(hash).is_ok_and(|b| b.len() == len)
+    } else {
+        false
+    };
+    if !ok {
+        return bad(&format!("has no valid {algo} digest"));
+    }
+    Ok(())
+}
+
+fn de_sigs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeSet<String>, D::Error> {
+    struct Sigs;
+    impl<'de> serde::de::Visitor<'de> for Sigs {
+        type Value = BTreeSet<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "a list of at most {MAX_SIGS} signatures")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            use serde::de::Error;
+            let mut out = BTreeSet::new();
+            while let Some(s) = seq.next_element::<std::borrow::Cow<'de, str>>()? {
+                if out.len() == MAX_SIGS {
+                    return Err(A::Error::custom(format!("more than {MAX_SIGS} signatures on one path")));
+                }
+                check_signature_syntax(&s).map_err(|why| A::Error::custom(format!("malformed signature: {why}")))?;
+                out.insert(s.into_owned());
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_seq(Sigs)
+}
+
+fn de_ca<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let ca = Option::<String>::deserialize(d)?;
+    if let Some(c) = &ca {
+        check_ca(c).map_err(serde::de::Error::custom)?;
+    }
+    Ok(ca)
 }
 
 impl Serialize for Sha256 {
@@ -77,5 +170,31 @@ impl<'de> Deserialize<'de> for Sha256 {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
         Sha256::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ca_forms() {
+        let h32 = Sha256::digest(b"x").to_base32();
+        let h16 = Sha256::digest(b"x").to_hex();
+        for ok in [format!("text:sha256:{h32}"), format!("fixed:r:sha256:{h32}"), format!("fixed:sha256:{h16}"), format!("fixed:git:sha1:{}", "0".repeat(40)), format!("fixed:md5:{}", "a".repeat(32))] {
+            assert_eq!(check_ca(&ok), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            (format!("fixed:r:sha256:{h32}\nSig: evil:AAAA"), "no valid sha256 digest"),
+            (format!("text:sha1:{h32}"), "not text:sha256"),
+            ("fixed:r:sha256".to_string(), "not fixed:"),
+            (format!("fixed:r:crc32:{h32}"), "unknown hash algorithm"),
+            ("bogus".to_string(), "neither"),
+            (format!("fixed:r:sha256:{}", "0".repeat(100_000)), "…"),
+            (format!("fixed:sha256:{}", "z".repeat(64)), "no valid sha256 digest"),
+        ] {
+            let e = check_ca(&bad).unwrap_err();
+            assert!(e.contains(why) && !e.contains('\n') && e.len() < 300, "{bad:?}: {e}");
+        }
     }
 }

@@ -57,6 +57,28 @@ pub fn fingerprint<'a>(
     format!("1;{path};{};{nar_size};{}", nar_hash.to_nix_string(), refs.join(","))
 }
 
+/// Checks that `sig` has the form of a signature: `NAME:BASE64` of 64 bytes, with a
+/// name of printable ASCII (a control character or a space would split or break the
+/// narinfo's `Sig:` line). Says what is wrong, without the signature itself.
+pub fn check_signature_syntax(sig: &str) -> Result<(), String> {
+    let (name, b64) = sig.split_once(':').ok_or("it is not NAME:BASE64")?;
+    if name.is_empty() {
+        return Err("its key name is empty".into());
+    }
+    if let Some(c) = name.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(format!("its key name contains {c:?}"));
+    }
+    // 64 bytes are 88 base64 characters; checking the length first bounds the work.
+    match b64.len() {
+        88 => match B64.decode(b64) {
+            Ok(b) if b.len() == 64 => Ok(()),
+            Ok(b) => Err(format!("it decodes to {} bytes, not 64", b.len())),
+            Err(e) => Err(format!("bad base64: {e}")),
+        },
+        n => Err(format!("its base64 part is {n} characters, not 88 (64 bytes)")),
+    }
+}
+
 pub struct SecretKey {
     pub name: String,
     key: ed25519_dalek::SigningKey,
@@ -173,5 +195,24 @@ mod tests {
         let e = SecretKey::parse("k:***secret***").unwrap_err().to_string();
         assert!(!e.contains("secret***"), "{e}");
         assert!(PublicKey::parse("k:").is_err());
+    }
+
+    #[test]
+    fn signature_syntax() {
+        let sig = SecretKey::generate("k-1").unwrap().sign("x");
+        assert_eq!(check_signature_syntax(&sig), Ok(()));
+        let b64 = sig.split_once(':').unwrap().1;
+        for (bad, why) in [
+            ("nocolon".to_string(), "NAME:BASE64"),
+            (format!(":{b64}"), "empty"),
+            (format!("k\n1:{b64}"), "'\\n'"),
+            (format!("k 1:{b64}"), "' '"),
+            (format!("k:{b64}\n"), "89 characters"),
+            ("k:AAAA".to_string(), "4 characters"),
+            (format!("k:{}", "*".repeat(88)), "bad base64"),
+        ] {
+            let e = check_signature_syntax(&bad).unwrap_err();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
     }
 }
