@@ -170,7 +170,15 @@ pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Futur
     let _ = std::fs::remove_dir_all(&tmp_dir);
     std::fs::create_dir_all(&tmp_dir).with_context(|| format!("creating {}", tmp_dir.display()))?;
     let db = config.state_dir.join("queue.db");
-    let mut queue = Queue::open(&db).with_context(|| format!("opening the queue {}", db.display()))?;
+    let mut queue = match Queue::open(&db) {
+        // On a full disk SQLite cannot even map its shared memory: the reserve makes room.
+        Err(e) if spool::release_reserve(&config.state_dir) => {
+            tracing::warn!("opening the queue: {e}; released the state dir's reserve to make room");
+            Queue::open(&db)
+        }
+        q => q,
+    }
+    .with_context(|| format!("opening the queue {}", db.display()))?;
     let forgotten = queue.bind_store(&config.store.identity()).with_context(|| format!("updating the queue {}", db.display()))?;
     if forgotten > 0 {
         tracing::info!(forgotten, "the queue last uploaded to another store: {forgotten} paths remembered as uploaded will be checked again");
