@@ -466,12 +466,16 @@ fn enqueue(q: &mut Queue, keys: &[PublicKey], paths: Vec<PathInfo>, drv: Option<
 async fn ingest_spool(shared: &Shared) {
     let _ingesting = shared.spool.lock().await;
     let dir = shared.config.spool_dir();
+    match spool::tidy(&dir) {
+        Ok(done) => done.iter().for_each(|d| tracing::warn!("spool: {d}")),
+        Err(e) => tracing::warn!("tidying the spool {}: {e}", dir.display()),
+    }
     let files = match spool::list(&dir) {
         Ok(f) => f,
         Err(e) => return tracing::warn!("reading the spool {}: {e}", dir.display()),
     };
     for file in files {
-        let parsed = std::fs::File::open(&file).map_err(FrameError::from).and_then(|mut f| protocol::read::<Request>(&mut f));
+        let parsed = spool::open(&file).map_err(FrameError::from).and_then(|mut f| protocol::read::<Request>(&mut f));
         let result = match parsed {
             Ok(Request::Enqueue { paths, drv }) => {
                 let keys = shared.trusted_keys.clone();
@@ -480,6 +484,10 @@ async fn ingest_spool(shared: &Shared) {
                 new
             }
             Ok(other) => Err(NotStored::Refused(format!("not an enqueue request: {other:?}"))),
+            // Not a request (a FIFO, too large) or cut short: reading it again would not help.
+            Err(FrameError::Io(e)) if matches!(e.kind(), std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof) => {
+                Err(NotStored::Refused(format!("reading it: {e}")))
+            }
             Err(FrameError::Io(e)) => Err(NotStored::Transient(format!("reading it: {e}"))),
             Err(e) => Err(NotStored::Refused(e.to_string())),
         };

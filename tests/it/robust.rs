@@ -53,3 +53,66 @@ fn second_daemon_on_the_same_state_dir_exits_and_names_the_first() {
     n.kill9();
     n.start();
 }
+
+/// Sets the modification time of the regular file `p` to `age` ago.
+fn age(p: &std::path::Path, age: Duration) {
+    let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+    f.set_modified(std::time::SystemTime::now() - age).unwrap();
+}
+
+fn mkfifo(p: &std::path::Path) {
+    run(Command::new("mkfifo").arg(p));
+}
+
+/// Issue 9 item 15, the spool: a FIFO named like a request wedged ingestion (and `narq
+/// wait` with it); temp files of failed writes stayed forever; `rejected/` grew without
+/// limit.
+#[test]
+fn spool_skips_and_reports_what_it_cannot_read_and_stays_bounded() {
+    let mut n = Narq::new("spooljunk", "");
+    let (outs, stderr) = n.build(&sh_drv(&format!("spooljunk-{}", unique()), "echo hi > $out"));
+    assert!(stderr.contains("spooled to"), "{stderr}");
+    let spool = n.dir.join("state/spool");
+    // Sorted before the real request, so that it is read first.
+    mkfifo(&spool.join("0000000000.000000000-1.req"));
+    std::fs::write(spool.join("0000000000.000000001-1.req"), "not a frame").unwrap();
+    std::fs::create_dir(spool.join("0000000000.000000002-1.req")).unwrap();
+    let (stale, fresh) = (spool.join(".1.000000000-1.tmp"), spool.join(".2.000000000-1.tmp"));
+    std::fs::write(&stale, "half a request").unwrap();
+    age(&stale, Duration::from_secs(2 * 3600));
+    std::fs::write(&fresh, "a request being written").unwrap();
+    let rejected = spool.join("rejected");
+    std::fs::create_dir(&rejected).unwrap();
+    for i in 0..150u64 {
+        let f = rejected.join(format!("old-{i:03}.req"));
+        std::fs::write(&f, "refused long ago").unwrap();
+        age(&f, Duration::from_secs(3600 + 60 * (150 - i)));
+    }
+    let ancient = rejected.join("ancient.req");
+    std::fs::write(&ancient, "refused 40 days ago").unwrap();
+    age(&ancient, Duration::from_secs(40 * 86400));
+
+    n.start();
+    let started = Instant::now();
+    let out = n.narq(&["wait", "--timeout", "3"]);
+    let took = started.elapsed();
+    assert!(out.status.success(), "narq wait: {}\n{}", String::from_utf8_lossy(&out.stderr), n.daemon_log());
+    assert!(took < Duration::from_secs(5), "narq wait --timeout 3 took {took:?}");
+    assert!(outs.iter().all(|p| n.has(p)), "the spooled build was not uploaded:\n{}", n.daemon_log());
+
+    // What could not be read is out of the spool, kept in rejected/, and reported.
+    let left: Vec<_> = std::fs::read_dir(&spool).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let mut left: Vec<&str> = left.iter().map(String::as_str).collect();
+    left.sort();
+    assert_eq!(left, [".2.000000000-1.tmp", "rejected"], "the stale temp file goes, the fresh one stays");
+    let log = n.daemon_log();
+    for name in ["0000000000.000000000-1.req", "0000000000.000000001-1.req", "0000000000.000000002-1.req"] {
+        assert!(rejected.join(name).symlink_metadata().is_ok(), "{name} is not in rejected/");
+        assert!(log.lines().any(|l| l.contains(name) && l.contains("WARN")), "{name} is not reported:\n{log}");
+    }
+    assert!(log.contains(".1.000000000-1.tmp"), "the stale temp file's removal is not reported:\n{log}");
+    // rejected/ is capped: the newest 100 stay, older and too old ones go.
+    let kept = std::fs::read_dir(&rejected).unwrap().count();
+    assert_eq!(kept, 100, "rejected/ holds {kept} files");
+    assert!(!ancient.exists() && !rejected.join("old-000.req").exists() && rejected.join("old-149.req").exists());
+}
