@@ -225,7 +225,18 @@ pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Futur
     let _ = std::fs::remove_dir_all(&tmp_dir);
     std::fs::create_dir_all(&tmp_dir).with_context(|| format!("creating {}", tmp_dir.display()))?;
     let db = config.state_dir.join("queue.db");
-    let queue = Queue::open(&db).with_context(|| format!("opening the queue {}", db.display()))?;
+    let queue = match Queue::open(&db) {
+        // Nothing in it can be read: keep it for inspection and start afresh. What was
+        // pending comes back from the spool and the next hooks, and what is uploaded already
+        // is found in the cache by the uploader's existence check.
+        Err(e) if crate::queue::is_corrupt(&e) => {
+            let to = crate::queue::set_aside(&db).with_context(|| format!("the queue {} is damaged ({e}); moving it aside", db.display()))?;
+            tracing::error!(moved_to = %to.display(), "the queue {} is damaged ({e}): moved it to {} and started an empty one", db.display(), to.display());
+            Queue::open(&db)
+        }
+        r => r,
+    }
+    .with_context(|| format!("opening the queue {}", db.display()))?;
     let target = target::open(&config.store).await.map_err(|e| anyhow::anyhow!("store {}: {e}", config.store.original))?;
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };

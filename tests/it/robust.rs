@@ -116,3 +116,82 @@ fn spool_skips_and_reports_what_it_cannot_read_and_stays_bounded() {
     assert_eq!(kept, 100, "rejected/ holds {kept} files");
     assert!(!ancient.exists() && !rejected.join("old-000.req").exists() && rejected.join("old-149.req").exists());
 }
+
+/// Issue 9 item 15, the queue: one row with an out-of-range value stopped every upload, and
+/// one that did not parse stayed pending forever, unseen.
+#[test]
+fn a_bad_queue_row_is_reported_and_stops_nothing_else() {
+    let mut n = Narq::new("badrow", "");
+    // Uploads pause while the cache cannot be made: the requests stay pending in the queue.
+    std::fs::create_dir_all(n.dir.join("state")).unwrap();
+    std::fs::write(n.cache(), "not a directory").unwrap();
+    n.start();
+    let u = unique();
+    let expr = format!(
+        "[ ({}) ({}) ({}) ]",
+        sh_drv(&format!("badrow-a-{u}"), "echo a > $out"),
+        sh_drv(&format!("badrow-b-{u}"), "echo b > $out"),
+        sh_drv(&format!("badrow-c-{u}"), "echo c > $out")
+    );
+    let (outs, _) = n.build(&expr);
+    assert_eq!(outs.len(), 3);
+    assert!(wait_for(Duration::from_secs(10), || n.status()["pending"] == 6), "{}", n.status());
+    n.kill9();
+    std::fs::remove_file(n.cache()).unwrap();
+    let db = rusqlite::Connection::open(n.dir.join("state/queue.db")).unwrap();
+    db.execute("UPDATE items SET attempts = 1 << 40 WHERE key = ?1", [&outs[0]]).unwrap();
+    db.execute("UPDATE items SET info = '{\"path\": 7' WHERE key = ?1", [&outs[1]]).unwrap();
+    drop(db);
+
+    n.start();
+    let out = n.narq(&["wait", "--timeout", "20"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "narq wait: {stderr}\n{}", n.daemon_log());
+    assert!(n.has(&outs[0]) && n.has(&outs[2]), "the good rows were not uploaded:\n{}", n.daemon_log());
+    assert!(!n.has(&outs[1]));
+    assert!(stderr.contains(&format!("failed: {}: unreadable queue row: path info:", outs[1])), "{stderr}");
+    let s = n.status();
+    assert_eq!((s["failed"].as_u64(), s["pending"].as_u64()), (Some(1), Some(0)), "{s}");
+    assert!(s["last_error"]["error"].as_str().unwrap().starts_with("unreadable queue row"), "{s}");
+}
+
+/// Issue 9 item 15: a damaged `queue.db` stopped start-up with no way forward.
+#[test]
+fn a_damaged_queue_is_set_aside_and_the_daemon_starts_afresh() {
+    let mut n = Narq::new("corruptdb", "");
+    n.start();
+    let u = unique();
+    let (first, _) = n.build(&sh_drv(&format!("corrupt-1-{u}"), "echo 1 > $out"));
+    n.wait(30);
+    n.kill9();
+    // Damage every page but the first (the schema): the tables themselves are garbage.
+    let db = n.dir.join("state/queue.db");
+    let c = rusqlite::Connection::open(&db).unwrap();
+    c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).unwrap();
+    drop(c);
+    let mut bytes = std::fs::read(&db).unwrap();
+    assert!(bytes.len() > 4096, "{} bytes", bytes.len());
+    bytes[4096..].fill(0x5a);
+    std::fs::write(&db, bytes).unwrap();
+    // A build while the daemon is down is spooled.
+    let (second, stderr) = n.build(&sh_drv(&format!("corrupt-2-{u}"), "echo 2 > $out"));
+    assert!(stderr.contains("spooled to"), "{stderr}");
+
+    n.start();
+    n.wait(30);
+    assert!(n.has(&second[0]), "the spooled build was not uploaded:\n{}", n.daemon_log());
+    let log = n.daemon_log();
+    let said: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+    assert_eq!(said.len(), 1, "one error line:\n{log}");
+    assert!(said[0].contains("is damaged") && said[0].contains("queue.db.corrupt-"), "{}", said[0]);
+    let aside: Vec<_> = std::fs::read_dir(n.dir.join("state"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|f| f.starts_with("queue.db.corrupt-"))
+        .collect();
+    assert!(!aside.is_empty(), "the damaged queue is not kept");
+    // What was uploaded before is found in the cache, not uploaded again.
+    let push = n.narq(&["push", "--wait", &first[0]]);
+    assert!(push.status.success(), "{}", String::from_utf8_lossy(&push.stderr));
+    assert_eq!(n.status()["skipped"], 1, "{}", n.status());
+}
