@@ -4,7 +4,7 @@
 //! [`run`] takes the listener and a shutdown future, so that tests start a real daemon on
 //! a temporary socket and stop it, and systemd can hand over its socket (`LISTEN_FDS`).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::os::unix::net::UnixListener as StdUnixListener;
 use std::path::{Path, PathBuf};
@@ -28,6 +28,9 @@ use crate::upload::{UploadError, Uploader};
 const SPOOL_POLL: Duration = Duration::from_secs(1);
 /// A client that sends nothing for this long is dropped.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A client that does not take our answer for this long is dropped, and the memory the
+/// answer holds with it.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 struct Shared {
     config: Config,
@@ -313,17 +316,127 @@ pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Futur
 }
 
 /// Accepts clients and serves each in a task until `stop` turns true.
+///
+/// Connections are capped (see [`Conns`]): at the cap, clients wait in the listen backlog,
+/// which costs us no file descriptor. An accept that fails (out of file descriptors, most
+/// likely) is retried after a pause that grows to a second, and said once, not each time.
 async fn accept(shared: Arc<Shared>, listener: UnixListener, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let conns = Conns::new();
+    let mut failures = 0u32;
     loop {
-        tokio::select! {
+        let permit = tokio::select! {
             _ = stop.changed() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => { tokio::spawn(serve(shared.clone(), stream)); }
-                Err(e) => {
-                    tracing::warn!("accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+            p = conns.total.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
             },
+        };
+        let accepted = tokio::select! {
+            _ = stop.changed() => break,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                if failures > 0 {
+                    tracing::info!(failures, "accepting connections again after {failures} failures");
+                    failures = 0;
+                }
+                if let Some(guard) = conns.admit(&stream, permit) {
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        serve(shared, stream).await;
+                        drop(guard);
+                    });
+                }
+            }
+            Err(e) => {
+                if failures == 0 {
+                    tracing::warn!("accept: {e}; retrying with a growing pause until it passes");
+                }
+                failures = failures.saturating_add(1);
+                let pause = Duration::from_millis(10 << failures.min(7)).min(Duration::from_secs(1));
+                tokio::select! {
+                    _ = stop.changed() => break,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Caps on open connections, so that clients cannot take the file descriptors (and the
+/// memory) that uploads and other clients need.
+struct Conns {
+    /// One permit per open connection; the accept loop takes one before it accepts.
+    total: Arc<tokio::sync::Semaphore>,
+    /// Open connections per peer uid, and how many were refused since it reached the cap.
+    per_uid: Mutex<HashMap<u32, (usize, u64)>>,
+    /// The most one uid may hold open, so that one user cannot starve the others.
+    uid_max: usize,
+}
+
+impl Conns {
+    /// Raises the soft file limit to the hard one (nothing here uses `select()`), and sizes
+    /// the caps from it: a quarter of the file descriptors for clients (uploads and the
+    /// queue need the rest), at most 1024; a quarter of those for one uid.
+    fn new() -> Arc<Conns> {
+        let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit and setrlimit with valid pointers to a struct of the right type.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+                let raised = libc::rlimit { rlim_cur: r.rlim_max, rlim_max: r.rlim_max };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                    r = raised;
+                }
+            }
+        }
+        let total = (r.rlim_cur / 4).clamp(4, 1024) as usize;
+        let uid_max = (total / 4).max(2);
+        tracing::debug!(total, uid_max, file_limit = r.rlim_cur, "connection limits");
+        Arc::new(Conns { total: Arc::new(tokio::sync::Semaphore::new(total)), per_uid: Mutex::default(), uid_max })
+    }
+
+    /// Counts `stream` against its uid's cap; over it, answers a retryable error (the hook
+    /// spools) and closes it.
+    fn admit(self: &Arc<Self>, stream: &UnixStream, permit: tokio::sync::OwnedSemaphorePermit) -> Option<ConnGuard> {
+        // Without credentials `serve` refuses it; it still holds a permit meanwhile.
+        let Ok(uid) = stream.peer_cred().map(|c| c.uid()) else {
+            return Some(ConnGuard { conns: self.clone(), uid: None, _permit: permit });
+        };
+        let mut per_uid = self.per_uid.lock().unwrap_or_else(|e| e.into_inner());
+        let (open, refused) = per_uid.entry(uid).or_default();
+        if *open >= self.uid_max {
+            *refused += 1;
+            // Logged at 1, 2, 4, 8… refusals: a flood is seen, not echoed.
+            if refused.is_power_of_two() {
+                tracing::warn!(uid, open = *open, refused = *refused, "refused a connection: uid {uid} has {open} open, the limit per user ({refused} refused)");
+            }
+            let msg = Response::unavailable(format!("too many connections from uid {uid} (limit {})", self.uid_max));
+            // The answer fits in the socket's buffer; if not, the client learns it from the close.
+            let _ = stream.try_write(&protocol::encode(&msg));
+            return None;
+        }
+        *open += 1;
+        Some(ConnGuard { conns: self.clone(), uid: Some(uid), _permit: permit })
+    }
+}
+
+/// An admitted connection: frees its place (and permit) when dropped.
+struct ConnGuard {
+    conns: Arc<Conns>,
+    uid: Option<u32>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        let Some(uid) = self.uid else { return };
+        let mut per_uid = self.conns.per_uid.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((open, _)) = per_uid.get_mut(&uid) {
+            *open -= 1;
+            if *open == 0 {
+                per_uid.remove(&uid);
+            }
         }
     }
 }
@@ -580,7 +693,10 @@ async fn serve(shared: Arc<Shared>, mut stream: UnixStream) {
             Request::Wait { timeout_ms } => wait(&shared, Duration::from_millis(timeout_ms)).await,
         };
         tracing::debug!(uid, op, micros = started.elapsed().as_micros() as u64, "handled");
-        if reply(&mut stream, &resp).await.is_err() {
+        if let Err(e) = reply(&mut stream, &resp).await {
+            if e.kind() == std::io::ErrorKind::TimedOut {
+                tracing::warn!(uid, op, "dropped a client: {e}");
+            }
             return;
         }
     }
@@ -595,13 +711,27 @@ async fn read_request(stream: &mut UnixStream) -> Result<Option<Request>, FrameE
         Err(e) => return Err(e.into()),
     }
     let len = protocol::parse_header(&h)?;
-    let mut body = vec![0u8; len];
-    stream.read_exact(&mut body).await?;
+    // Grown with what arrives, not allocated from what the header announces: a header
+    // alone costs nothing.
+    let mut body = Vec::with_capacity(len.min(64 << 10));
+    AsyncReadExt::take(&mut *stream, len as u64).read_to_end(&mut body).await?;
+    if body.len() < len {
+        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+    }
     Ok(Some(serde_json::from_slice(&body)?))
 }
 
+/// Writes `resp`, giving up after [`WRITE_TIMEOUT`]: a client that does not read must not
+/// pin the connection and the answer's memory.
 async fn reply(stream: &mut UnixStream, resp: &Response) -> std::io::Result<()> {
-    stream.write_all(&protocol::encode(resp)).await
+    let frame = protocol::encode(resp);
+    match tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&frame)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("it did not read a {} byte answer within {} s", frame.len(), WRITE_TIMEOUT.as_secs()),
+        )),
+    }
 }
 
 fn status(shared: &Shared) -> Response {

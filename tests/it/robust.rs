@@ -195,3 +195,136 @@ fn a_damaged_queue_is_set_aside_and_the_daemon_starts_afresh() {
     assert!(push.status.success(), "{}", String::from_utf8_lossy(&push.stderr));
     assert_eq!(n.status()["skipped"], 1, "{}", n.status());
 }
+
+/// Resident memory of a process now, from /proc (VmRSS), in bytes.
+fn rss(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = s.lines().find(|l| l.starts_with("VmRSS:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    kb * 1024
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+/// A frame header announcing a body of `len` bytes.
+fn header(len: u32) -> Vec<u8> {
+    let mut h = narq::protocol::MAGIC.to_vec();
+    h.extend_from_slice(&narq::protocol::VERSION.to_le_bytes());
+    h.extend_from_slice(&len.to_le_bytes());
+    h
+}
+
+/// Issue 9 item 11: the body buffer was allocated in full as soon as a header arrived
+/// (100 connections announcing 8 MiB each: 832 MB resident), and an answer the client
+/// never read pinned the connection and its memory for good.
+#[test]
+fn a_connection_costs_what_it_sends_and_an_unread_answer_times_out() {
+    use std::io::Write;
+    let mut n = Narq::new("connmem", "");
+    n.start();
+    let pid = n.daemon_pid();
+    // A large request (every path unknown: a ~10 MB answer), served and read. Its memory,
+    // once freed, is what the allocator hands out to later large buffers, already touched.
+    let paths: Vec<String> = (0..150_000).map(|i| format!("/nix/store/{}-p{i}", nixbase32(i))).collect();
+    let req = serde_json::to_vec(&serde_json::json!({"op": "missing", "paths": paths})).unwrap();
+    {
+        let mut c = std::os::unix::net::UnixStream::connect(n.socket()).unwrap();
+        c.write_all(&header(req.len() as u32)).unwrap();
+        c.write_all(&req).unwrap();
+        let answer: narq::protocol::Response = narq::protocol::read(&mut c).unwrap();
+        assert!(matches!(answer, narq::protocol::Response::Missing { paths } if paths.len() == 150_000));
+    }
+    let (rss0, fds0) = (rss(pid), open_fds(pid));
+    let conns: Vec<_> = (0..100)
+        .map(|_| {
+            let mut c = std::os::unix::net::UnixStream::connect(n.socket()).unwrap();
+            c.write_all(&header(8 << 20)).unwrap();
+            c.write_all(br#"{"op":"missing","#).unwrap();
+            c
+        })
+        .collect();
+    // (Give or take the spool poller's directory handle.)
+    assert!(wait_for(Duration::from_secs(10), || open_fds(pid) >= fds0 + 99), "not all connections were accepted: {} fds, {fds0} before", open_fds(pid));
+    std::thread::sleep(Duration::from_millis(500));
+    let grown = rss(pid).saturating_sub(rss0);
+    eprintln!("100 connections announcing 8 MiB each: resident memory grew by {} MiB", grown >> 20);
+    assert!(grown < 64 << 20, "100 connections announcing 8 MiB each cost {} MiB", grown >> 20);
+    drop(conns);
+    assert!(wait_for(Duration::from_secs(10), || open_fds(pid) <= fds0 + 1), "closed connections stay open in the daemon");
+
+    // Three clients send it again and never read the answer.
+    let stuck: Vec<_> = (0..3)
+        .map(|_| {
+            let mut c = std::os::unix::net::UnixStream::connect(n.socket()).unwrap();
+            c.write_all(&header(req.len() as u32)).unwrap();
+            c.write_all(&req).unwrap();
+            c
+        })
+        .collect();
+    assert!(n.narq(&["status"]).status.success(), "other clients are served meanwhile");
+    let started = Instant::now();
+    assert!(
+        wait_for(Duration::from_secs(30), || open_fds(pid) < fds0 + 3),
+        "the daemon still holds the connections of clients that do not read ({} fds, {} before)",
+        open_fds(pid),
+        fds0
+    );
+    eprintln!("unread answers: connections dropped after {:?}", started.elapsed());
+    drop(stuck);
+}
+
+/// A valid store-path hash part for `i` (32 nixbase32 characters).
+fn nixbase32(mut i: usize) -> String {
+    const ALPHABET: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
+    (0..32)
+        .map(|_| {
+            let c = ALPHABET[i % 32] as char;
+            i /= 32;
+            c
+        })
+        .collect()
+}
+
+/// Issue 9 item 11: with a low file limit, 100 idle connections starved every other
+/// client, and `accept: Too many open files` was logged ten times a second.
+#[test]
+fn idle_connections_of_one_user_do_not_starve_another() {
+    let mut n = Narq::new("connlimit", "allowed-users = [\"nobody\"]");
+    n.spawn_daemon(Command::new("prlimit").arg("--nofile=64:64").arg(bin("narq")).arg("daemon").env_remove("JOURNAL_STREAM"));
+    assert!(wait_for(Duration::from_secs(10), || n.narq(&["status"]).status.success()), "{}", n.daemon_log());
+    // Only for this test: let `nobody` reach the socket.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(n.socket(), std::fs::Permissions::from_mode(0o666)).unwrap();
+    // 100 idle connections from root, connected before the other user comes.
+    let idle: Vec<_> = (0..100)
+        .filter_map(|_| {
+            let c = std::os::unix::net::UnixStream::connect(n.socket()).ok()?;
+            c.set_nonblocking(true).ok()?;
+            Some(c)
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    for i in 0..3 {
+        let started = Instant::now();
+        let out = output(
+            Command::new("setpriv")
+                .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .arg(bin("narq"))
+                .args(["status", "--json"])
+                .env("NARQ_CONFIG", &n.config),
+        );
+        let took = started.elapsed();
+        assert!(
+            out.status.success() && took < Duration::from_secs(3),
+            "status #{i} as another user: {} after {took:?}: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            n.daemon_log()
+        );
+    }
+    drop(idle);
+    let log = n.daemon_log();
+    let emfile = log.lines().filter(|l| l.contains("Too many open files")).count();
+    assert!(emfile <= 2, "{emfile} lines about the file limit:\n{log}");
+}
