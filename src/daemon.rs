@@ -411,9 +411,15 @@ impl Conns {
             if refused.is_power_of_two() {
                 tracing::warn!(uid, open = *open, refused = *refused, "refused a connection: uid {uid} has {open} open, the limit per user ({refused} refused)");
             }
-            let msg = Response::unavailable(format!("too many connections from uid {uid} (limit {})", self.uid_max));
-            // The answer fits in the socket's buffer; if not, the client learns it from the close.
-            let _ = stream.try_write(&protocol::encode(&msg));
+            let msg = protocol::encode(&Response::unavailable(format!("too many connections from uid {uid} (limit {})", self.uid_max)));
+            // One non-blocking send, straight away (tokio's `try_write` would wait for the
+            // reactor to see the new socket writable): the answer fits in an empty socket
+            // buffer, and if it does not, the client learns from the close.
+            // SAFETY: a valid buffer and an open socket that `stream` owns.
+            unsafe {
+                use std::os::fd::AsRawFd;
+                libc::send(stream.as_raw_fd(), msg.as_ptr().cast(), msg.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+            };
             return None;
         }
         *open += 1;

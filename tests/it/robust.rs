@@ -297,13 +297,7 @@ fn idle_connections_of_one_user_do_not_starve_another() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(n.socket(), std::fs::Permissions::from_mode(0o666)).unwrap();
     // 100 idle connections from root, connected before the other user comes.
-    let idle: Vec<_> = (0..100)
-        .filter_map(|_| {
-            let c = std::os::unix::net::UnixStream::connect(n.socket()).ok()?;
-            c.set_nonblocking(true).ok()?;
-            Some(c)
-        })
-        .collect();
+    let mut idle: Vec<_> = (0..100).filter_map(|_| std::os::unix::net::UnixStream::connect(n.socket()).ok()).collect();
     std::thread::sleep(Duration::from_millis(500));
     for i in 0..3 {
         let started = Instant::now();
@@ -323,8 +317,18 @@ fn idle_connections_of_one_user_do_not_starve_another() {
             n.daemon_log()
         );
     }
+    // Root's connections beyond its share were refused, with a reason the hook spools on.
+    let last = idle.last_mut().unwrap();
+    last.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    match narq::protocol::read::<narq::protocol::Response>(last) {
+        Ok(narq::protocol::Response::Error { message, retryable: true }) => {
+            assert!(message.contains("too many connections from uid 0"), "{message}")
+        }
+        other => panic!("a connection over the limit got {other:?}"),
+    }
     drop(idle);
     let log = n.daemon_log();
+    assert!(log.contains("refused a connection: uid 0 has"), "the refusals are not reported:\n{log}");
     let emfile = log.lines().filter(|l| l.contains("Too many open files")).count();
     assert!(emfile <= 2, "{emfile} lines about the file limit:\n{log}");
 }
