@@ -7,7 +7,7 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::os::unix::net::UnixListener as StdUnixListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,9 @@ use crate::upload::{UploadError, Uploader};
 const SPOOL_POLL: Duration = Duration::from_secs(1);
 /// A client that sends nothing for this long is dropped.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A client that does not take our answer for this long is dropped, and the memory the
+/// answer holds with it.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 struct Shared {
     config: Config,
@@ -106,9 +109,63 @@ impl Shared {
     }
 }
 
+/// The state dirs whose lock this process holds, with the open lock file (closing it
+/// would release the lock).
+static LOCKS: Mutex<Vec<(PathBuf, std::fs::File)>> = Mutex::new(Vec::new());
+
+/// Takes the exclusive lock on `dir` (`flock` of `<dir>/lock`, which holds our pid), or
+/// fails naming the daemon that holds it. A second daemon on the same state dir would
+/// unlink the first one's socket, wipe its `tmp/` and share its queue. Taking it again in
+/// the process that holds it is a no-op: both [`listener`] and [`run`] take it, before
+/// either touches anything.
+fn lock_state_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut held = LOCKS.lock().unwrap_or_else(|e| e.into_inner());
+    if held.iter().any(|(d, _)| d == dir) {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating the state dir {}", dir.display()))?;
+    let path = dir.join("lock");
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .with_context(|| format!("opening the lock file {}", path.display()))?;
+    // SAFETY: flock on a file descriptor we own; the lock lives as long as the file is open.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(e).with_context(|| format!("locking {}", path.display()));
+        }
+        let mut pid = String::new();
+        let _ = f.read_to_string(&mut pid);
+        let pid = match pid.trim() {
+            "" => "pid unknown".to_string(),
+            p => format!("pid {p}"),
+        };
+        anyhow::bail!("another narq daemon ({pid}) is running on the state dir {} (it holds {})", dir.display(), path.display());
+    }
+    f.set_len(0).and_then(|()| writeln!(f, "{}", std::process::id())).with_context(|| format!("writing {}", path.display()))?;
+    held.push((dir.to_path_buf(), f));
+    Ok(())
+}
+
+/// Releases the lock [`lock_state_dir`] took on `dir`.
+fn unlock_state_dir(dir: &Path) {
+    LOCKS.lock().unwrap_or_else(|e| e.into_inner()).retain(|(d, _)| d != dir);
+}
+
 /// Binds the configured socket (parent created, stale socket removed, mode 0660), unless
-/// systemd passed one (`LISTEN_FDS`). Non-blocking, for [`run`] to serve.
+/// systemd passed one (`LISTEN_FDS`). Non-blocking, for [`run`] to serve. Takes the state
+/// dir's lock first, so that a second daemon leaves a running one's socket alone.
 pub fn listener(config: &Config) -> anyhow::Result<StdUnixListener> {
+    lock_state_dir(&config.state_dir)?;
     if let Some(l) = systemd_listener()? {
         tracing::info!("using the socket passed by systemd");
         return Ok(l);
@@ -166,17 +223,26 @@ fn sd_notify(msg: &str) {
 
 /// Runs the daemon until `shutdown` completes.
 pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    lock_state_dir(&config.state_dir)?;
     let tmp_dir = config.state_dir.join("tmp");
     let _ = std::fs::remove_dir_all(&tmp_dir);
     std::fs::create_dir_all(&tmp_dir).with_context(|| format!("creating {}", tmp_dir.display()))?;
     let db = config.state_dir.join("queue.db");
     let mut queue = match Queue::open(&db) {
+        // Nothing in it can be read: keep it for inspection and start afresh. What was
+        // pending comes back from the spool and the next hooks, and what is uploaded already
+        // is found in the cache by the uploader's existence check.
+        Err(e) if crate::queue::is_corrupt(&e) => {
+            let to = crate::queue::set_aside(&db).with_context(|| format!("the queue {} is damaged ({e}); moving it aside", db.display()))?;
+            tracing::error!(moved_to = %to.display(), "the queue {} is damaged ({e}): moved it to {} and started an empty one", db.display(), to.display());
+            Queue::open(&db)
+        }
         // On a full disk SQLite cannot even map its shared memory: the reserve makes room.
         Err(e) if spool::release_reserve(&config.state_dir) => {
             tracing::warn!("opening the queue: {e}; released the state dir's reserve to make room");
             Queue::open(&db)
         }
-        q => q,
+        r => r,
     }
     .with_context(|| format!("opening the queue {}", db.display()))?;
     let forgotten = queue.bind_store(&config.store.identity()).with_context(|| format!("updating the queue {}", db.display()))?;
@@ -252,22 +318,139 @@ pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Futur
     let _ = server.join();
     dispatcher.abort();
     spooler.abort();
+    unlock_state_dir(&shared.config.state_dir);
     tracing::info!("narq daemon stopped");
     Ok(())
 }
 
 /// Accepts clients and serves each in a task until `stop` turns true.
+///
+/// Connections are capped (see [`Conns`]): at the cap, clients wait in the listen backlog,
+/// which costs us no file descriptor. An accept that fails (out of file descriptors, most
+/// likely) is retried after a pause that grows to a second, and said once, not each time.
 async fn accept(shared: Arc<Shared>, listener: UnixListener, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let conns = Conns::new();
+    let mut failures = 0u32;
     loop {
-        tokio::select! {
+        let permit = tokio::select! {
             _ = stop.changed() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => { tokio::spawn(serve(shared.clone(), stream)); }
-                Err(e) => {
-                    tracing::warn!("accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+            p = conns.total.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
             },
+        };
+        let accepted = tokio::select! {
+            _ = stop.changed() => break,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                if failures > 0 {
+                    tracing::info!(failures, "accepting connections again after {failures} failures");
+                    failures = 0;
+                }
+                if let Some(guard) = conns.admit(&stream, permit) {
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        serve(shared, stream).await;
+                        drop(guard);
+                    });
+                }
+            }
+            Err(e) => {
+                if failures == 0 {
+                    tracing::warn!("accept: {e}; retrying with a growing pause until it passes");
+                }
+                failures = failures.saturating_add(1);
+                let pause = Duration::from_millis(10 << failures.min(7)).min(Duration::from_secs(1));
+                tokio::select! {
+                    _ = stop.changed() => break,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Caps on open connections, so that clients cannot take the file descriptors (and the
+/// memory) that uploads and other clients need.
+struct Conns {
+    /// One permit per open connection; the accept loop takes one before it accepts.
+    total: Arc<tokio::sync::Semaphore>,
+    /// Open connections per peer uid, and how many were refused since it reached the cap.
+    per_uid: Mutex<HashMap<u32, (usize, u64)>>,
+    /// The most one uid may hold open, so that one user cannot starve the others.
+    uid_max: usize,
+}
+
+impl Conns {
+    /// Raises the soft file limit to the hard one (nothing here uses `select()`), and sizes
+    /// the caps from it: a quarter of the file descriptors for clients (uploads and the
+    /// queue need the rest), at most 1024; a quarter of those for one uid.
+    fn new() -> Arc<Conns> {
+        let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit and setrlimit with valid pointers to a struct of the right type.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+                let raised = libc::rlimit { rlim_cur: r.rlim_max, rlim_max: r.rlim_max };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                    r = raised;
+                }
+            }
+        }
+        let total = (r.rlim_cur / 4).clamp(4, 1024) as usize;
+        let uid_max = (total / 4).max(2);
+        tracing::debug!(total, uid_max, file_limit = r.rlim_cur, "connection limits");
+        Arc::new(Conns { total: Arc::new(tokio::sync::Semaphore::new(total)), per_uid: Mutex::default(), uid_max })
+    }
+
+    /// Counts `stream` against its uid's cap; over it, answers a retryable error (the hook
+    /// spools) and closes it.
+    fn admit(self: &Arc<Self>, stream: &UnixStream, permit: tokio::sync::OwnedSemaphorePermit) -> Option<ConnGuard> {
+        // Without credentials `serve` refuses it; it still holds a permit meanwhile.
+        let Ok(uid) = stream.peer_cred().map(|c| c.uid()) else {
+            return Some(ConnGuard { conns: self.clone(), uid: None, _permit: permit });
+        };
+        let mut per_uid = self.per_uid.lock().unwrap_or_else(|e| e.into_inner());
+        let (open, refused) = per_uid.entry(uid).or_default();
+        if *open >= self.uid_max {
+            *refused += 1;
+            // Logged at 1, 2, 4, 8… refusals: a flood is seen, not echoed.
+            if refused.is_power_of_two() {
+                tracing::warn!(uid, open = *open, refused = *refused, "refused a connection: uid {uid} has {open} open, the limit per user ({refused} refused)");
+            }
+            let msg = protocol::encode(&Response::unavailable(format!("too many connections from uid {uid} (limit {})", self.uid_max)));
+            // One non-blocking send, straight away (tokio's `try_write` would wait for the
+            // reactor to see the new socket writable): the answer fits in an empty socket
+            // buffer, and if it does not, the client learns from the close.
+            // SAFETY: a valid buffer and an open socket that `stream` owns.
+            unsafe {
+                use std::os::fd::AsRawFd;
+                libc::send(stream.as_raw_fd(), msg.as_ptr().cast(), msg.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+            };
+            return None;
+        }
+        *open += 1;
+        Some(ConnGuard { conns: self.clone(), uid: Some(uid), _permit: permit })
+    }
+}
+
+/// An admitted connection: frees its place (and permit) when dropped.
+struct ConnGuard {
+    conns: Arc<Conns>,
+    uid: Option<u32>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        let Some(uid) = self.uid else { return };
+        let mut per_uid = self.conns.per_uid.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((open, _)) = per_uid.get_mut(&uid) {
+            *open -= 1;
+            if *open == 0 {
+                per_uid.remove(&uid);
+            }
         }
     }
 }
@@ -581,12 +764,16 @@ fn keep_reserve(state_dir: &Path) {
 async fn ingest_spool(shared: &Shared) {
     let _ingesting = shared.spool.lock().await;
     let dir = shared.config.spool_dir();
+    match spool::tidy(&dir) {
+        Ok(done) => done.iter().for_each(|d| tracing::warn!("spool: {d}")),
+        Err(e) => tracing::warn!("tidying the spool {}: {e}", dir.display()),
+    }
     let files = match spool::list(&dir) {
         Ok(f) => f,
         Err(e) => return tracing::warn!("reading the spool {}: {e}", dir.display()),
     };
     for file in files {
-        let parsed = std::fs::File::open(&file).map_err(FrameError::from).and_then(|mut f| protocol::read::<Request>(&mut f));
+        let parsed = spool::open(&file).map_err(FrameError::from).and_then(|mut f| protocol::read::<Request>(&mut f));
         let result = match parsed {
             Ok(Request::Enqueue { paths, drv }) => {
                 let keys = shared.trusted_keys.clone();
@@ -599,6 +786,10 @@ async fn ingest_spool(shared: &Shared) {
             }
             Ok(req @ Request::Report { .. }) => shared.queue(move |q| record(q, req)).await,
             Ok(other) => Err(NotStored::Refused(format!("not an enqueue request: {other:?}"))),
+            // Not a request (a FIFO, too large) or cut short: reading it again would not help.
+            Err(FrameError::Io(e)) if matches!(e.kind(), std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof) => {
+                Err(NotStored::Refused(format!("reading it: {e}")))
+            }
             Err(FrameError::Io(e)) => Err(NotStored::Transient(format!("reading it: {e}"))),
             Err(e) => Err(NotStored::Refused(e.to_string())),
         };
@@ -690,7 +881,10 @@ async fn serve(shared: Arc<Shared>, mut stream: UnixStream) {
             },
         };
         tracing::debug!(uid, op, micros = started.elapsed().as_micros() as u64, "handled");
-        if reply(&mut stream, &resp).await.is_err() {
+        if let Err(e) = reply(&mut stream, &resp).await {
+            if e.kind() == std::io::ErrorKind::TimedOut {
+                tracing::warn!(uid, op, "dropped a client: {e}");
+            }
             return;
         }
     }
@@ -705,13 +899,27 @@ async fn read_request(stream: &mut UnixStream) -> Result<Option<Request>, FrameE
         Err(e) => return Err(e.into()),
     }
     let len = protocol::parse_header(&h)?;
-    let mut body = vec![0u8; len];
-    stream.read_exact(&mut body).await?;
+    // Grown with what arrives, not allocated from what the header announces: a header
+    // alone costs nothing.
+    let mut body = Vec::with_capacity(len.min(64 << 10));
+    AsyncReadExt::take(&mut *stream, len as u64).read_to_end(&mut body).await?;
+    if body.len() < len {
+        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+    }
     Ok(Some(serde_json::from_slice(&body)?))
 }
 
+/// Writes `resp`, giving up after [`WRITE_TIMEOUT`]: a client that does not read must not
+/// pin the connection and the answer's memory.
 async fn reply(stream: &mut UnixStream, resp: &Response) -> std::io::Result<()> {
-    stream.write_all(&protocol::encode(resp)).await
+    let frame = protocol::encode(resp);
+    match tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&frame)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("it did not read a {} byte answer within {} s", frame.len(), WRITE_TIMEOUT.as_secs()),
+        )),
+    }
 }
 
 fn status(shared: &Shared) -> Response {

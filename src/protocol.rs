@@ -201,8 +201,12 @@ pub fn read<T: for<'de> Deserialize<'de>>(r: &mut impl Read) -> Result<T, FrameE
     let mut h = [0u8; HEADER_LEN];
     r.read_exact(&mut h)?;
     let len = parse_header(&h)?;
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body)?;
+    // Grown with what arrives, not allocated from what the header announces.
+    let mut body = Vec::with_capacity(len.min(64 << 10));
+    r.take(len as u64).read_to_end(&mut body)?;
+    if body.len() < len {
+        return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+    }
     Ok(serde_json::from_slice(&body)?)
 }
 

@@ -133,6 +133,46 @@ pub fn backoff(attempts: u32, key: &str) -> Duration {
     base.mul_f64(0.5 + (h % 1000) as f64 / 2000.0)
 }
 
+/// Parses a row of [`Queue::ready`]'s query: `rowid, key, kind, info, attempts`.
+fn item(r: &rusqlite::Row) -> std::result::Result<Item, String> {
+    let key: String = r.get(1).map_err(|e| format!("key: {e}"))?;
+    let kind: String = r.get(2).map_err(|e| format!("kind: {e}"))?;
+    let info: String = r.get(3).map_err(|e| format!("info: {e}"))?;
+    // Only the backoff depends on it: out of range (or not a number) is clamped, not fatal.
+    let attempts = r.get::<_, i64>(4).unwrap_or(0).clamp(0, i64::from(u32::MAX - 1)) as u32;
+    let kind = match kind.as_str() {
+        "nar" => Kind::Nar(Box::new(serde_json::from_str(&info).map_err(|e| format!("path info: {e}"))?)),
+        "log" => Kind::Log(StorePath::parse(&info).map_err(|e| format!("derivation: {e}"))?),
+        other => return Err(format!("unknown kind {other:?}")),
+    };
+    Ok(Item { key, kind, attempts })
+}
+
+/// Whether `e` says that the database file is damaged, or not a database at all.
+pub fn is_corrupt(e: &rusqlite::Error) -> bool {
+    matches!(e.sqlite_error_code(), Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase))
+}
+
+/// Moves a damaged database at `path`, with its `-wal` and `-shm` files, to
+/// `<path>.corrupt-<unix time>` (kept for inspection); returns the new name of `path`.
+pub fn set_aside(path: &Path) -> std::io::Result<std::path::PathBuf> {
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    let name = |suffix: &str| {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        std::path::PathBuf::from(p)
+    };
+    let to = name(&format!(".corrupt-{secs}"));
+    for extra in ["-wal", "-shm"] {
+        match std::fs::rename(name(extra), name(&format!(".corrupt-{secs}{extra}"))) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    std::fs::rename(path, &to)?;
+    Ok(to)
+}
+
 impl Queue {
     pub fn open(path: &Path) -> Result<Queue> {
         let conn = Connection::open(path)?;
@@ -378,34 +418,43 @@ impl Queue {
     }
 
     /// Up to `limit` items that may start now, oldest first, skipping `busy` ones.
-    pub fn ready(&self, limit: usize, busy: &HashSet<String>) -> Result<Vec<Item>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT key, kind, info, attempts FROM items i
-             WHERE state = 'pending' AND next_try <= ?1
-               AND NOT EXISTS (SELECT 1 FROM refs r JOIN items d ON d.key = r.ref
-                               WHERE r.key = i.key AND d.state != 'done')
-             ORDER BY seq, key LIMIT ?2",
-        )?;
-        let rows = stmt.query_map(params![now_ms(), (limit + busy.len()) as i64], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, u32>(3)?))
-        })?;
+    ///
+    /// A row that does not parse (edited by hand, written by a bug) must neither stop every
+    /// upload nor stay pending forever unseen: it is marked failed, with the reason, which
+    /// `narq status` and `narq wait` report, and the paths that depend on it fail with it.
+    pub fn ready(&mut self, limit: usize, busy: &HashSet<String>) -> Result<Vec<Item>> {
         let mut out = Vec::new();
-        for row in rows {
-            let (key, kind, info, attempts) = row?;
-            if busy.contains(&key) || out.len() >= limit {
-                continue;
+        let mut unreadable = Vec::new();
+        {
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT rowid, key, kind, info, attempts FROM items i
+                 WHERE state = 'pending' AND next_try <= ?1
+                   AND NOT EXISTS (SELECT 1 FROM refs r JOIN items d ON d.key = r.ref
+                                   WHERE r.key = i.key AND d.state != 'done')
+                 ORDER BY seq, key LIMIT ?2",
+            )?;
+            let mut rows = stmt.query(params![now_ms(), (limit + busy.len()) as i64])?;
+            while let Some(r) = rows.next()? {
+                let key: Option<String> = r.get(1).ok();
+                if key.as_ref().is_some_and(|k| busy.contains(k)) || out.len() >= limit {
+                    continue;
+                }
+                match item(r) {
+                    Ok(item) => out.push(item),
+                    Err(why) => unreadable.push((r.get::<_, i64>(0)?, key, why)),
+                }
             }
-            let kind = match kind.as_str() {
-                "nar" => match serde_json::from_str(&info) {
-                    Ok(i) => Kind::Nar(Box::new(i)),
-                    Err(_) => continue,
-                },
-                _ => match StorePath::parse(&info) {
-                    Ok(p) => Kind::Log(p),
-                    Err(_) => continue,
-                },
-            };
-            out.push(Item { key, kind, attempts });
+        }
+        for (rowid, key, why) in unreadable {
+            let why = format!("unreadable queue row: {why}");
+            tracing::error!(item = key.as_deref().unwrap_or("?"), rowid, "{why}; marked failed");
+            match key {
+                Some(key) => drop(self.fail(&key, &why)?),
+                None => drop(self.conn.execute(
+                    "UPDATE items SET state = 'failed', last_error = ?2, done_at = ?3 WHERE rowid = ?1",
+                    params![rowid, why, now_ms()],
+                )?),
+            }
         }
         Ok(out)
     }
@@ -592,6 +641,50 @@ mod tests {
         // Reopened (as after kill -9): the same state.
         let q = Queue::open(&dir.join("q.db")).unwrap();
         assert_eq!(q.status().unwrap().pending, 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_bad_row_fails_with_its_reason_and_stops_nothing_else() {
+        let dir = std::env::temp_dir().join(format!("narq-queue-rows-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut q = Queue::open(&dir.join("q.db")).unwrap();
+        let (a, b, c, d) = (info("a", &[]), info("b", &[]), info("c", &["b"]), info("d", &[]));
+        q.enqueue(&[a.clone(), b.clone(), c.clone(), d.clone()], None).unwrap();
+        let set = |sql: &str, key: &PathInfo| q.conn.execute(sql, [key.path.to_string()]).unwrap();
+        set("UPDATE items SET attempts = 1 << 40 WHERE key = ?1", &a);
+        set("UPDATE items SET info = '{not json' WHERE key = ?1", &b);
+        set("UPDATE items SET kind = 'what' WHERE key = ?1", &d);
+        let keys = |v: Vec<Item>| v.into_iter().map(|i| i.key).collect::<Vec<_>>();
+        assert_eq!(keys(q.ready(10, &HashSet::new()).unwrap()), [a.path.to_string()]);
+        let (pending, failed) = q.progress(i64::MAX, 0).unwrap();
+        assert_eq!(pending, 1, "only a is left");
+        let reasons: Vec<(String, String)> = failed.into_iter().map(|f| (f.item, f.error)).collect();
+        for (k, e) in &reasons {
+            match k {
+                k if k == &b.path.to_string() => assert!(e.starts_with("unreadable queue row: path info:"), "{e}"),
+                k if k == &c.path.to_string() => assert!(e.contains("depends on"), "{e}"),
+                k if k == &d.path.to_string() => assert!(e.contains("unknown kind \"what\""), "{e}"),
+                k => panic!("{k} failed: {e}"),
+            }
+        }
+        assert_eq!(reasons.len(), 3);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_damaged_database_is_recognised_and_set_aside() {
+        let dir = std::env::temp_dir().join(format!("narq-queue-bad-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = dir.join("q.db");
+        std::fs::write(&db, vec![b'x'; 8192]).unwrap();
+        let e = Queue::open(&db).err().expect("garbage opens as a queue");
+        assert!(is_corrupt(&e), "{e}");
+        let to = set_aside(&db).unwrap();
+        assert!(to.to_str().unwrap().contains("q.db.corrupt-") && to.exists() && !db.exists());
+        Queue::open(&db).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -7,8 +7,17 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use crate::protocol::{HEADER_LEN, MAX_FRAME};
 
 const SUFFIX: &str = ".req";
+/// A temp file this old was left by a write that failed (a full disk, a killed hook): no
+/// write takes this long.
+const STALE_TMP: Duration = Duration::from_secs(3600);
+/// `rejected/` keeps the newest this many files, none older than [`REJECTED_AGE`].
+const REJECTED_MAX: usize = 100;
+const REJECTED_AGE: Duration = Duration::from_secs(30 * 86400);
 
 /// Writes `frame` (a whole protocol frame) into `dir`; returns the file's path.
 ///
@@ -39,12 +48,18 @@ pub fn write(dir: &Path, frame: &[u8]) -> io::Result<PathBuf> {
     Ok(dst)
 }
 
-/// The spooled requests, oldest first.
+fn is_request(name: &str) -> bool {
+    name.ends_with(SUFFIX) && !name.starts_with('.')
+}
+
+/// The spooled requests, oldest first: regular files only (a FIFO or a symlink named like
+/// a request is not one; [`tidy`] moves them away).
 pub fn list(dir: &Path) -> io::Result<Vec<PathBuf>> {
     let mut v = match fs::read_dir(dir) {
         Ok(rd) => rd
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(SUFFIX) && !n.starts_with('.')))
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()) && e.file_name().to_str().is_some_and(is_request))
+            .map(|e| e.path())
             .collect(),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
         Err(e) => return Err(e),
@@ -53,13 +68,95 @@ pub fn list(dir: &Path) -> io::Result<Vec<PathBuf>> {
     Ok(v)
 }
 
-/// Moves a request the daemon refused out of the way, keeping it for inspection.
+/// Opens a spooled request for reading without ever blocking or following a link
+/// (`O_NONBLOCK | O_NOFOLLOW`): whatever sits in the spool, reading it cannot stall the
+/// daemon. Anything but a regular file of at most one frame is an `InvalidData` error.
+pub fn open(file: &Path) -> io::Result<File> {
+    let f = OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW).open(file).map_err(|e| {
+        match e.raw_os_error() {
+            Some(libc::ELOOP) => io::Error::new(io::ErrorKind::InvalidData, "a symbolic link, not a request"),
+            _ => e,
+        }
+    })?;
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("not a regular file ({:?})", meta.file_type())));
+    }
+    let max = (HEADER_LEN + MAX_FRAME as usize) as u64;
+    if meta.len() > max {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{} bytes, more than a request can be ({max})", meta.len())));
+    }
+    Ok(f)
+}
+
+/// Clears what ingestion would otherwise trip over or keep forever: removes temp files
+/// older than [`STALE_TMP`], and moves entries named like a request that are not regular
+/// files (a FIFO, a symlink, a directory) to `rejected/`. Returns one line per thing done,
+/// for the daemon to log.
+pub fn tidy(dir: &Path) -> io::Result<Vec<String>> {
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let now = SystemTime::now();
+    let mut done = Vec::new();
+    for e in rd.filter_map(|e| e.ok()) {
+        let (Some(name), Ok(meta)) = (e.file_name().to_str().map(str::to_string), e.metadata()) else { continue };
+        let path = e.path();
+        if name.starts_with('.') && name.ends_with(".tmp") && meta.is_file() {
+            let age = meta.modified().ok().and_then(|m| now.duration_since(m).ok()).unwrap_or_default();
+            if age > STALE_TMP {
+                match fs::remove_file(&path) {
+                    Ok(()) => done.push(format!("removed {}, left {} min ago by a spool write that failed", path.display(), age.as_secs() / 60)),
+                    Err(e) => done.push(format!("could not remove the stale temp file {}: {e}", path.display())),
+                }
+            }
+        } else if is_request(&name) && !meta.is_file() {
+            match reject(&path) {
+                Ok(to) => done.push(format!("moved {} to {}: not a regular file ({:?})", path.display(), to.display(), meta.file_type())),
+                Err(e) => done.push(format!("{} is not a regular file ({:?}) and could not be moved: {e}", path.display(), meta.file_type())),
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// Moves a request the daemon refused out of the way, keeping it for inspection, and
+/// trims `rejected/` to the newest [`REJECTED_MAX`] files none older than [`REJECTED_AGE`].
 pub fn reject(file: &Path) -> io::Result<PathBuf> {
     let dir = file.parent().unwrap_or(Path::new(".")).join("rejected");
     fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
     let dst = dir.join(file.file_name().unwrap_or_default());
     fs::rename(file, &dst)?;
+    // Its age in rejected/ counts from now, not from when it was spooled.
+    touch(&dst);
+    trim_rejected(&dir);
     Ok(dst)
+}
+
+/// Sets the modification time of `p` (not following a link) to now.
+fn touch(p: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else { return };
+    // SAFETY: a valid C string; a null `times` means "now".
+    unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), std::ptr::null(), libc::AT_SYMLINK_NOFOLLOW) };
+}
+
+/// Best effort: what cannot be removed now is tried again at the next refusal.
+fn trim_rejected(dir: &Path) {
+    let Ok(rd) = fs::read_dir(dir) else { return };
+    let now = SystemTime::now();
+    let mut files: Vec<(SystemTime, PathBuf, bool)> = rd
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.metadata().ok().map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), e.path(), m.is_dir())))
+        .collect();
+    files.sort_by(|a, b| b.0.cmp(&a.0));
+    for (i, (modified, path, is_dir)) in files.iter().enumerate() {
+        if i >= REJECTED_MAX || now.duration_since(*modified).unwrap_or_default() > REJECTED_AGE {
+            let _ = if *is_dir { fs::remove_dir_all(path) } else { fs::remove_file(path) };
+        }
+    }
 }
 
 /// The reserve: a file of [`RESERVE_BYTES`] that the daemon keeps in the state dir while
