@@ -14,9 +14,9 @@ use crate::nix::{db::NixDb, drv, PathInfo, StorePath};
 use crate::protocol::{self, Client, Request, Response};
 use crate::spool;
 
-/// How long the hook waits for each answer of the daemon before spooling. The daemon answers
-/// after one fsync (about a millisecond); two seconds is far beyond that under any load and
-/// still short next to a build.
+/// How long the hook's whole hand-off may take (connect, ask, send, answer) before it spools.
+/// The daemon answers after one fsync (about a millisecond); two seconds is far beyond that
+/// under any load and still short next to a build.
 pub const DAEMON_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Up to this many paths, the hook signs the whole closure instead of first asking the

@@ -2,3 +2,176 @@
 
 #[allow(unused_imports)]
 use crate::util::*;
+
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The hook's whole hand-off may take 2 s (`hook::DAEMON_TIMEOUT`); this leaves room for a
+/// loaded machine, and is far below "forever".
+const HOOK_BOUND: Duration = Duration::from_secs(6);
+
+/// Builds a small derivation without the hook (so the test decides when the hook runs).
+fn build_plain(n: &Narq, tag: &str) -> String {
+    let conf = nix_conf(&n.dir.join("plain"), None);
+    let out = nix_build(&conf, &sh_drv(&format!("hook-{tag}"), &format!("echo {tag}-{} > $out", unique())), &[]);
+    out.into_iter().next().expect("one output")
+}
+
+/// What one run of `narq-hook` did: exit status, stderr, how long it took. It is killed
+/// after 20 s (the test then fails on the time).
+struct HookRun {
+    ok: bool,
+    stderr: String,
+    took: Duration,
+}
+
+fn run_hook(n: &Narq, out_path: &str) -> HookRun {
+    let start = Instant::now();
+    let mut child = Command::new(bin("narq-hook"))
+        .env("OUT_PATHS", out_path)
+        .env("DRV_PATH", "")
+        .env("NARQ_CONFIG", &n.config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut status = None;
+    while start.elapsed() < Duration::from_secs(20) {
+        if let Some(s) = child.try_wait().unwrap() {
+            status = Some(s);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = start.elapsed();
+    if status.is_none() {
+        let _ = child.kill();
+        status = Some(child.wait().unwrap());
+    }
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    HookRun { ok: status.is_some_and(|s| s.success()), stderr, took }
+}
+
+/// The spooled requests (`*.req`) in `dir`.
+fn spooled(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "req")).collect())
+        .unwrap_or_default()
+}
+
+/// A Unix socket at `path` that listens and never accepts, its backlog filled: a wedged
+/// daemon. Returns the listener and the connections that fill it (kept open).
+fn full_listener(path: &Path) -> (OwnedFd, Vec<OwnedFd>) {
+    use std::os::unix::ffi::OsStrExt;
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(path.as_os_str().as_bytes()) {
+        *d = *s as libc::c_char;
+    }
+    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    let sock = |flags| unsafe { OwnedFd::from_raw_fd(libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC | flags, 0)) };
+    let l = sock(0);
+    use std::os::fd::AsRawFd;
+    assert_eq!(unsafe { libc::bind(l.as_raw_fd(), (&addr as *const libc::sockaddr_un).cast(), len) }, 0);
+    assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 0) }, 0);
+    let mut filling = Vec::new();
+    // Bounded: a backlog of 0 holds one or two connections.
+    for _ in 0..1000 {
+        let c = sock(libc::SOCK_NONBLOCK);
+        if unsafe { libc::connect(c.as_raw_fd(), (&addr as *const libc::sockaddr_un).cast(), len) } != 0 {
+            assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EAGAIN), "filling the backlog");
+            return (l, filling);
+        }
+        filling.push(c);
+    }
+    panic!("the backlog never filled");
+}
+
+/// Issue 9, item 5: a daemon whose listen backlog is full (it never accepts) made
+/// `connect()` block, and the hook with it, forever. Now the whole hand-off is bounded:
+/// the hook spools, exits 0 within the bound, and the daemon uploads the spool later.
+#[test]
+fn hook_spools_when_the_daemon_never_accepts() {
+    let mut n = Narq::new("hook-backlog", "");
+    let path = build_plain(&n, "backlog");
+    let (listener, filling) = full_listener(&n.socket());
+    let r = run_hook(&n, &path);
+    assert!(r.took < HOOK_BOUND, "the hook took {:?} against a full backlog: {}", r.took, r.stderr);
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(r.stderr.lines().count(), 1, "one line: {}", r.stderr);
+    assert!(r.stderr.contains("spooled to"), "{}", r.stderr);
+    let spool = n.dir.join("state/spool");
+    assert_eq!(spooled(&spool).len(), 1);
+    eprintln!("hook against a full backlog: {:?}: {}", r.took, r.stderr.trim());
+
+    drop((listener, filling));
+    std::fs::remove_file(n.socket()).unwrap();
+    n.start();
+    n.wait(60);
+    assert!(n.has(&path), "the spooled request was not uploaded: {}", n.daemon_log());
+}
+
+/// Issue 9, item 5: a daemon that accepts and then says nothing, or trickles its answer a
+/// byte at a time (each read got its own timeout, so a trickle kept the hook for as long as
+/// the daemon liked). One deadline covers the whole exchange.
+#[test]
+fn hook_spools_when_the_daemon_does_not_answer_in_time() {
+    let n = Narq::new("hook-mute", "");
+    let path = build_plain(&n, "mute");
+    let spool = n.dir.join("state/spool");
+    for (i, trickle) in [true, false].into_iter().enumerate() {
+        let _ = std::fs::remove_file(n.socket());
+        let listener = std::os::unix::net::UnixListener::bind(n.socket()).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let server = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            let mut sent = 0u32;
+            // Bounded: 30 s of 100 ms steps.
+            for _ in 0..300 {
+                if stop2.load(Ordering::Relaxed) {
+                    break;
+                }
+                if let Ok((c, _)) = listener.accept() {
+                    c.set_nonblocking(false).unwrap();
+                    if trickle {
+                        // The start of a valid frame with a 1000-byte body, sent slowly.
+                        let mut h = narq::protocol::MAGIC.to_vec();
+                        h.extend_from_slice(&narq::protocol::VERSION.to_le_bytes());
+                        h.extend_from_slice(&1000u32.to_le_bytes());
+                        (&c).write_all(&h).unwrap();
+                    }
+                    held.push(c);
+                }
+                if trickle {
+                    for mut c in &held {
+                        let _ = c.write_all(b" ");
+                        sent += 1;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            sent
+        });
+        let r = run_hook(&n, &path);
+        stop.store(true, Ordering::Relaxed);
+        let sent = server.join().unwrap();
+        let what = if trickle { "trickles its answer" } else { "never answers" };
+        assert!(r.took < HOOK_BOUND, "the hook took {:?} against a daemon that {what}: {}", r.took, r.stderr);
+        assert!(r.ok, "{}", r.stderr);
+        assert_eq!(r.stderr.lines().count(), 1, "one line: {}", r.stderr);
+        assert!(r.stderr.contains("spooled to") && r.stderr.contains("in time"), "{}", r.stderr);
+        assert_eq!(spooled(&spool).len(), i + 1);
+        assert!(!trickle || sent > 0, "the trickling server sent nothing");
+        eprintln!("hook against a daemon that {what}: {:?}: {}", r.took, r.stderr.trim());
+    }
+}
+
