@@ -5,6 +5,7 @@ use crate::util::*;
 
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -64,6 +65,15 @@ fn spooled(dir: &Path) -> Vec<PathBuf> {
     std::fs::read_dir(dir)
         .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "req")).collect())
         .unwrap_or_default()
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()
+}
+
+fn euid() -> u32 {
+    // SAFETY: no preconditions.
+    unsafe { libc::geteuid() }
 }
 
 /// A Unix socket at `path` that listens and never accepts, its backlog filled: a wedged
@@ -175,3 +185,108 @@ fn hook_spools_when_the_daemon_does_not_answer_in_time() {
     }
 }
 
+/// Gives `p` to nobody (65534), as if the daemon's user had made it.
+fn give_to_nobody(p: &Path) {
+    std::os::unix::fs::lchown(p, Some(65534), Some(65534)).unwrap();
+}
+
+/// Issue 9, item 7: the daemon's user owns the state dir and can make the hook spool (stop
+/// answering). With `spool` a symlink to a root-owned directory, the root hook created a
+/// file there. Now it refuses, says so in its one line, and exits 0.
+#[test]
+fn root_hook_does_not_spool_through_a_planted_symlink() {
+    assert_eq!(euid(), 0, "this test plays root and the daemon's user");
+    let n = Narq::new("hook-symlink", "");
+    let path = build_plain(&n, "symlink");
+    let state = n.dir.join("state");
+    let victim = n.dir.join("victim");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::create_dir_all(&victim).unwrap();
+    give_to_nobody(&state);
+    std::os::unix::fs::symlink(&victim, state.join("spool")).unwrap();
+    give_to_nobody(&state.join("spool"));
+
+    // No daemon: the hook spools.
+    let r = run_hook(&n, &path);
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(entries(&victim), Vec::<String>::new(), "the hook wrote through the symlink: {}", r.stderr);
+    assert_eq!(std::fs::metadata(&victim).unwrap().uid(), 0);
+    assert_eq!(r.stderr.lines().count(), 1, "one line: {}", r.stderr);
+    assert!(r.stderr.contains("spool is a symbolic link, not followed"), "{}", r.stderr);
+    assert!(r.stderr.contains("not uploaded"), "{}", r.stderr);
+    eprintln!("{}", r.stderr.trim());
+}
+
+/// A racer playing the daemon's user: each time `spool` is made in `state`, it moves it
+/// away and puts a symlink to `victim` in its place (inotify, as fast as it can; Debian's
+/// python3, which nobody can run, unlike a pyenv shim under /root). Exits
+/// by itself after 60 s.
+const RACER: &str = r#"
+import ctypes, os, signal, struct, sys
+signal.alarm(60)
+state, victim = sys.argv[1], sys.argv[2]
+libc = ctypes.CDLL(None, use_errno=True)
+fd = libc.inotify_init()
+assert libc.inotify_add_watch(fd, state.encode(), 0x100) >= 0  # IN_CREATE
+spool, n = os.path.join(state, "spool"), 0
+print("ready", flush=True)
+while True:
+    buf = os.read(fd, 4096)
+    i = 0
+    while i < len(buf):
+        _, mask, _, ln = struct.unpack_from("iIII", buf, i)
+        name = buf[i + 16:i + 16 + ln].rstrip(b"\0")
+        i += 16 + ln
+        if name == b"spool" and mask & 0x40000000:  # IN_ISDIR
+            n += 1
+            try:
+                os.rename(spool, os.path.join(state, "old-%d" % n))
+                os.symlink(victim, spool)
+            except OSError:
+                pass
+"#;
+
+/// Issue 9, item 7: the hook made `spool`, then chowned it by path; a racer that swapped a
+/// symlink in between got a root-owned directory given to it (and files written there).
+/// Now the directory is opened without following and chowned by handle.
+#[test]
+fn root_hook_never_chowns_or_writes_through_a_swapped_spool_dir() {
+    assert_eq!(euid(), 0, "this test plays root and the daemon's user");
+    let n = Narq::new("hook-race", "");
+    let path = build_plain(&n, "race");
+    let state = n.dir.join("state");
+    let victim = n.dir.join("victim");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::create_dir_all(&victim).unwrap();
+    // nobody must be able to reach the state dir to race in it.
+    std::fs::set_permissions(n.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    give_to_nobody(&state);
+    let mut racer = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", RACER])
+        .arg(&state)
+        .arg(&victim)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("setpriv");
+    let mut ready = [0u8; 6];
+    racer.stdout.take().unwrap().read_exact(&mut ready).unwrap();
+    let mut lines = Vec::new();
+    for _ in 0..10 {
+        let _ = std::fs::remove_file(state.join("spool"));
+        let _ = std::fs::remove_dir_all(state.join("spool"));
+        let r = run_hook(&n, &path);
+        lines.push(r.stderr.trim().to_string());
+        assert!(r.ok, "{}", r.stderr);
+        let m = std::fs::metadata(&victim).unwrap();
+        let wrote = entries(&victim);
+        if m.uid() != 0 || !wrote.is_empty() {
+            let _ = racer.kill();
+            panic!("through the swapped spool dir: victim owned by {}, holds {wrote:?}; hook said: {}", m.uid(), r.stderr);
+        }
+    }
+    let _ = racer.kill();
+    let _ = racer.wait();
+    let raced = entries(&state).iter().filter(|e| e.starts_with("old-")).count();
+    eprintln!("the racer swapped {raced} of 10 spool dirs; the hook said e.g.: {}", lines[0]);
+}
