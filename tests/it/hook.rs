@@ -290,3 +290,98 @@ fn root_hook_never_chowns_or_writes_through_a_swapped_spool_dir() {
     let raced = entries(&state).iter().filter(|e| e.starts_with("old-")).count();
     eprintln!("the racer swapped {raced} of 10 spool dirs; the hook said e.g.: {}", lines[0]);
 }
+
+/// Issue 9, item 7: the daemon's `tmp/` is wiped and made anew at start; a symlink planted
+/// at `tmp` must not make the daemon write elsewhere.
+#[test]
+fn daemon_does_not_write_through_a_symlink_planted_at_tmp() {
+    let mut n = Narq::new("hook-tmp", "");
+    let state = n.dir.join("state");
+    let victim = n.dir.join("victim");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::create_dir_all(&victim).unwrap();
+    std::fs::write(victim.join("keep"), "x").unwrap();
+    std::os::unix::fs::symlink(&victim, state.join("tmp")).unwrap();
+    n.start();
+    let (out, _) = n.build(&sh_drv("hook-tmp", &format!("echo {} > $out", unique())));
+    n.wait(60);
+    assert!(n.has(&out[0]));
+    assert_eq!(entries(&victim), ["keep"]);
+    let m = std::fs::symlink_metadata(state.join("tmp")).unwrap();
+    assert!(m.is_dir() && m.permissions().mode() & 0o077 == 0, "tmp is {m:?}");
+}
+
+/// Issue 9, item 7: between wiping `tmp` and making it again, a symlink put back in the
+/// meantime was adopted (`create_dir_all` follows it). A racer plants one as fast as it
+/// can while the daemon starts: the daemon must either refuse to start, or have a real,
+/// private `tmp`.
+#[test]
+fn daemon_start_never_adopts_a_symlink_raced_in_at_tmp() {
+    let mut n = Narq::new("hook-tmprace", "");
+    let state = n.dir.join("state");
+    let victim = n.dir.join("victim");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::create_dir_all(&victim).unwrap();
+    let (mut refused, mut started) = (0, 0);
+    for _ in 0..5 {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (stop2, tmp, target) = (stop.clone(), state.join("tmp"), victim.clone());
+        let racer = std::thread::spawn(move || {
+            let t = Instant::now();
+            while !stop2.load(Ordering::Relaxed) && t.elapsed() < Duration::from_secs(20) {
+                let _ = std::os::unix::fs::symlink(&target, &tmp);
+            }
+        });
+        n.spawn_daemon(Command::new(bin("narq")).arg("daemon").env_remove("JOURNAL_STREAM"));
+        let up = wait_for(Duration::from_secs(15), || {
+            n.daemon.as_mut().unwrap().try_wait().unwrap().is_some() || n.narq(&["status"]).status.success()
+        });
+        stop.store(true, Ordering::Relaxed);
+        racer.join().unwrap();
+        assert!(up, "the daemon neither started nor stopped: {}", n.daemon_log());
+        let m = std::fs::symlink_metadata(state.join("tmp")).unwrap();
+        if n.daemon.as_mut().unwrap().try_wait().unwrap().is_some() {
+            n.daemon = None;
+            assert!(n.daemon_log().contains("/tmp: "), "{}", n.daemon_log());
+            refused += 1;
+        } else {
+            assert!(m.is_dir() && m.permissions().mode() & 0o077 == 0, "the daemon runs with tmp = {m:?}");
+            n.kill9();
+            started += 1;
+        }
+        let _ = std::fs::remove_file(state.join("tmp"));
+    }
+    assert_eq!(entries(&victim), Vec::<String>::new());
+    eprintln!("with a racer at tmp: the daemon refused to start {refused} times, started with its own tmp {started} times");
+}
+
+/// Issue 9, item 7: in a `file://` cache, `nar/` and `log/` replaced by symlinks made the
+/// daemon write NARs and logs wherever they pointed. Now it refuses (uploads pause with the
+/// cause in `narq status`) and goes on once they are real directories again.
+#[test]
+fn daemon_does_not_write_through_symlinks_planted_in_a_file_cache() {
+    let mut n = Narq::new("hook-cache", "");
+    let cache = n.cache();
+    let victim = n.dir.join("victim");
+    std::fs::create_dir_all(&cache).unwrap();
+    std::fs::create_dir_all(&victim).unwrap();
+    std::os::unix::fs::symlink(&victim, cache.join("nar")).unwrap();
+    std::os::unix::fs::symlink(&victim, cache.join("log")).unwrap();
+    n.start();
+    let (out, _) = n.build(&sh_drv("hook-cache", &format!("echo {} > $out", unique())));
+    let paused = wait_for(Duration::from_secs(30), || {
+        n.status()["target_error"].as_str().is_some_and(|e| e.contains("nar is a symbolic link, not followed"))
+    });
+    assert!(paused, "status: {}\n{}", n.status(), n.daemon_log());
+    assert_eq!(entries(&victim), Vec::<String>::new());
+    assert!(!n.has(&out[0]));
+
+    // The admin puts real directories back: the upload goes on by itself.
+    std::fs::remove_file(cache.join("nar")).unwrap();
+    std::fs::remove_file(cache.join("log")).unwrap();
+    n.wait(120);
+    assert!(n.has(&out[0]));
+    assert!(std::fs::symlink_metadata(cache.join("nar")).unwrap().is_dir());
+    assert_eq!(entries(&victim), Vec::<String>::new());
+    check_closed(&cache).unwrap();
+}
