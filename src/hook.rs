@@ -91,8 +91,14 @@ pub fn run(config_file: Option<&Path>, out_paths: Option<&str>, drv_path: Option
         return Ok(None);
     }
     let drv = drv_path.filter(|d| !d.is_empty()).map(StorePath::parse).transpose()?;
-    Ok(match submit(&config, &roots, drv)? {
+    let said = submit(&config, &roots, drv).map(|d| match d {
         Delivery::Queued { .. } => None,
         Delivery::Spooled(file, why) => Some(format!("{why}; spooled to {}", file.display())),
-    })
+    });
+    // An exposed key is said on every build, in the same one line as anything else.
+    match (config.secret_key_warning(), said) {
+        (None, said) => said,
+        (Some(w), Ok(line)) => Ok(Some(line.map_or(w.clone(), |l| format!("{w}; {l}")))),
+        (Some(w), Err(e)) => Err(anyhow::anyhow!("{w}; {e:#}")),
+    }
 }

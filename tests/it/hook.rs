@@ -385,3 +385,25 @@ fn daemon_does_not_write_through_symlinks_planted_in_a_file_cache() {
     assert_eq!(entries(&victim), Vec::<String>::new());
     check_closed(&cache).unwrap();
 }
+
+/// Issue 9, item 16: a secret key file others may read was used silently. The hook signs
+/// with it anyway (a build never suffers) and says so in its one line, once per build.
+#[test]
+fn hook_warns_about_a_secret_key_others_can_read() {
+    let mut n = Narq::new("hook-keymode", "");
+    let key = n.dir.join("key.sec");
+    n.start();
+
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (out, stderr) = n.build(&sh_drv("hook-keymode", &format!("echo {} > $out", unique())));
+    let said: Vec<&str> = stderr.lines().filter(|l| l.contains("narq-hook: ")).collect();
+    assert_eq!(said.len(), 1, "one line from the hook: {stderr}");
+    assert!(said[0].contains(&format!("secret key file {} (mode 0644) is readable or writable by other users", key.display())), "{}", said[0]);
+    n.wait(60);
+    assert!(n.has(&out[0]), "signed and uploaded all the same");
+
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let path = build_plain(&n, "keymode-ok");
+    let r = run_hook(&n, &path);
+    assert!(r.ok && r.stderr.is_empty(), "a private key says nothing: {}", r.stderr);
+}
