@@ -345,6 +345,7 @@ fn daemon_start_never_adopts_a_symlink_raced_in_at_tmp() {
             assert!(n.daemon_log().contains("/tmp: "), "{}", n.daemon_log());
             refused += 1;
         } else {
+            assert!(!m.file_type().is_symlink(), "the daemon adopted the symlink raced in at tmp");
             assert!(m.is_dir() && m.permissions().mode() & 0o077 == 0, "the daemon runs with tmp = {m:?}");
             n.kill9();
             started += 1;
