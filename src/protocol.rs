@@ -15,7 +15,8 @@
 //! once everything enqueued so far is uploaded). The hook asks `missing` first and signs
 //! and sends only those paths, so a build whose closure is mostly uploaded costs no
 //! signatures for the rest.
-//! This module is plain `std`: the hook links it without an async runtime.
+//! This module is plain `std` (and `libc` for a bounded connect): the hook links it without
+//! an async runtime.
 
 use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
