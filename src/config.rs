@@ -153,6 +153,26 @@ impl Config {
             .collect()
     }
 
+    /// One line naming the secret key files that other users may read or write, or `None`.
+    ///
+    /// ssh refuses such a key; narq signs with it anyway and says so: the key may already
+    /// have been read, and refusing it would leave every build unuploaded without undoing
+    /// that. Group read is allowed: `root:narq 0640` lets the daemon derive the public key.
+    pub fn secret_key_warning(&self) -> Option<String> {
+        use std::os::unix::fs::PermissionsExt;
+        let open: Vec<String> = self
+            .secret_key_files
+            .iter()
+            .filter_map(|f| {
+                let mode = std::fs::metadata(f).ok()?.permissions().mode() & 0o7777;
+                (mode & 0o026 != 0).then(|| format!("{} (mode {mode:04o})", f.display()))
+            })
+            .collect();
+        (!open.is_empty()).then(|| {
+            format!("secret key file {} is readable or writable by other users: signing with it anyway; chmod 600 it and consider the key exposed", open.join(", "))
+        })
+    }
+
     /// The keys the daemon checks signatures against: `public-keys`, plus the public halves
     /// of the `secret-key-files` it can read. (Not done while parsing: the hook has no use
     /// for it, and deriving a public key costs a scalar multiplication.)
@@ -212,6 +232,25 @@ mod tests {
         assert_eq!(c.socket, PathBuf::from(DEFAULT_SOCKET));
         assert_eq!(c.jobs, 4);
         assert_eq!(Config::parse("allowed-users = [\"root\", \"1000\"]", None).unwrap().allowed_uids, [0, 1000]);
+    }
+
+    #[test]
+    fn secret_keys_others_may_read_or_write_are_named() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("narq-keymode-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (mode, warned) in [(0o600, false), (0o640, false), (0o400, false), (0o644, true), (0o660, true), (0o602, true)] {
+            let f = dir.join("k.sec");
+            std::fs::write(&f, "k:x").unwrap();
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(mode)).unwrap();
+            let c = Config::parse(&format!("secret-key-files = [{:?}]", f.display().to_string()), None).unwrap();
+            let w = c.secret_key_warning();
+            assert_eq!(w.is_some(), warned, "{mode:o}: {w:?}");
+            if let Some(w) = w {
+                assert!(w.contains(&format!("{} (mode {mode:04o})", f.display())), "{w}");
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

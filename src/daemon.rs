@@ -221,12 +221,34 @@ fn sd_notify(msg: &str) {
     }
 }
 
+/// Empties `state/tmp` and makes it anew, ours alone (0700), so that nothing planted there
+/// (a symlink at `tmp` or inside it) receives what the uploader writes. `remove_dir_all`
+/// removes a symlink, not what it points to; the directory is then made exclusively (a
+/// symlink put back in between makes this fail instead of being followed) and checked.
+fn fresh_tmp_dir(state_dir: &Path) -> std::io::Result<std::path::PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let tmp = state_dir.join("tmp");
+    std::fs::create_dir_all(state_dir)?;
+    match std::fs::remove_dir_all(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    std::fs::DirBuilder::new().mode(0o700).create(&tmp).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => std::io::Error::new(e.kind(), "something was put back there as soon as it was removed; not used"),
+        _ => e,
+    })?;
+    let m = std::fs::symlink_metadata(&tmp)?;
+    // SAFETY: geteuid has no preconditions.
+    if !m.is_dir() || m.uid() != unsafe { libc::geteuid() } {
+        return Err(std::io::Error::new(std::io::ErrorKind::Other, "replaced while it was made; not used"));
+    }
+    Ok(tmp)
+}
+
 /// Runs the daemon until `shutdown` completes.
 pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     lock_state_dir(&config.state_dir)?;
-    let tmp_dir = config.state_dir.join("tmp");
-    let _ = std::fs::remove_dir_all(&tmp_dir);
-    std::fs::create_dir_all(&tmp_dir).with_context(|| format!("creating {}", tmp_dir.display()))?;
+    let tmp_dir = fresh_tmp_dir(&config.state_dir).with_context(|| format!("creating {}", config.state_dir.join("tmp").display()))?;
     let db = config.state_dir.join("queue.db");
     let mut queue = match Queue::open(&db) {
         // Nothing in it can be read: keep it for inspection and start afresh. What was

@@ -14,9 +14,9 @@ use crate::nix::{db::NixDb, drv, PathInfo, StorePath};
 use crate::protocol::{self, Client, Request, Response};
 use crate::spool;
 
-/// How long the hook waits for each answer of the daemon before spooling. The daemon answers
-/// after one fsync (about a millisecond); two seconds is far beyond that under any load and
-/// still short next to a build.
+/// How long the hook's whole hand-off may take (connect, ask, send, answer) before it spools.
+/// The daemon answers after one fsync (about a millisecond); two seconds is far beyond that
+/// under any load and still short next to a build.
 pub const DAEMON_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Up to this many paths, the hook signs the whole closure instead of first asking the
@@ -128,9 +128,14 @@ pub fn run(config_file: Option<&Path>, out_paths: Option<&str>, drv_path: Option
     // Whatever stops the hand-off from here on (an unreadable key or Nix database, a refusal)
     // is recorded with the daemon: a build the hook saw is never silently missing.
     let delivered = closure(&roots).and_then(|paths| submit(&config, paths, drv.clone()));
-    Ok(match delivered {
+    let line = match delivered {
         Ok(Delivery::Queued { .. }) => None,
         Ok(Delivery::Spooled(file, why)) => Some(format!("{why}; spooled to {}", file.display())),
         Err(e) => Some(report(&config, &roots, drv, &e)),
+    };
+    // An exposed key is said on every build, in the same one line as anything else.
+    Ok(match (config.secret_key_warning(), line) {
+        (None, line) => line,
+        (Some(w), line) => Some(line.map_or(w.clone(), |l| format!("{w}; {l}"))),
     })
 }

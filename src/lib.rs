@@ -9,7 +9,8 @@
 //! - [`protocol`]: hook ↔ daemon frames (plain `std`, so the hook needs no runtime).
 //! - [`hook`]: what `narq-hook` and `narq push` do: closure, signatures, hand-off or spool.
 //! - [`spool`]: requests written to disk while the daemon is away; [`par`]: signing and
-//!   checking signatures on all CPUs.
+//!   checking signatures on all CPUs; [`dirfd`]: directories used by handle, so that no
+//!   symlink planted below them is followed.
 //! - [`queue`]: the durable queue and all its policy (states, ordering, backoff).
 //! - [`upload`]: one item from store to target; [`target`]: where the cache lives;
 //!   [`upstream`]: caches whose paths are not uploaded again.
@@ -17,11 +18,12 @@
 //! - [`logging`]: journald under systemd, readable lines on stderr otherwise.
 //!
 //! Without the `daemon` feature only what `narq-hook` needs is built: `nix`, `config`,
-//! `store_url`, `protocol`, `hook`, `spool` and `par`.
+//! `store_url`, `protocol`, `hook`, `spool`, `dirfd` and `par`.
 
 pub mod config;
 #[cfg(feature = "daemon")]
 pub mod daemon;
+pub mod dirfd;
 pub mod hook;
 #[cfg(feature = "daemon")]
 pub mod logging;

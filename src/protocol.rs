@@ -17,10 +17,14 @@
 //! for these paths again). The hook asks `missing` first and signs
 //! and sends only those paths, so a build whose closure is mostly uploaded costs no
 //! signatures for the rest.
-//! This module is plain `std`: the hook links it without an async runtime.
+//! This module is plain `std` (and `libc` for a bounded connect): the hook links it without
+//! an async runtime.
 
 use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use crate::nix::{PathInfo, StorePath};
@@ -213,31 +217,136 @@ pub fn read<T: for<'de> Deserialize<'de>>(r: &mut impl Read) -> Result<T, FrameE
 /// A blocking connection to the daemon (no runtime): the hook and the CLI use it.
 pub struct Client {
     stream: std::os::unix::net::UnixStream,
+    /// When the whole exchange must be over: every later write and read gets what is left,
+    /// so a daemon that trickles its answer cannot stretch it.
+    deadline: Option<Instant>,
 }
 
 impl Client {
-    /// Connects to `socket`; `timeout` bounds each later read and write.
-    pub fn connect(socket: &std::path::Path, timeout: Option<std::time::Duration>) -> Result<Client, FrameError> {
-        let stream = std::os::unix::net::UnixStream::connect(socket)?;
-        stream.set_read_timeout(timeout)?;
-        stream.set_write_timeout(timeout)?;
-        Ok(Client { stream })
+    /// Connects to `socket`; `timeout` bounds the whole exchange from now on: the connect
+    /// itself and every call on this client, together.
+    pub fn connect(socket: &Path, timeout: Option<Duration>) -> Result<Client, FrameError> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let stream = match deadline {
+            None => UnixStream::connect(socket)?,
+            Some(d) => connect_by(socket, d)?,
+        };
+        Ok(Client { stream, deadline })
     }
 
     /// Sends one request and reads the answer.
     pub fn call(&mut self, req: &Request) -> Result<Response, FrameError> {
+        let mut conn = Bounded { stream: &self.stream, deadline: self.deadline };
         // The daemon may answer (a refusal) and close before reading everything: read its
         // answer even when the write failed.
-        let written = write(&mut self.stream, req);
-        match read(&mut self.stream) {
+        let written = write(&mut conn, req);
+        match read(&mut conn) {
             Ok(r) => Ok(r),
             Err(e) => Err(written.err().map_or(e, FrameError::from)),
         }
     }
 }
 
+/// Connects to a Unix socket, giving up at `deadline`. A plain `connect` blocks for as long
+/// as the listener's backlog is full (a wedged daemon, one that never accepts); a
+/// non-blocking one fails at once with EAGAIN there, and polling cannot wait for room in
+/// another socket's backlog. The kernel bounds a blocking connect by the socket's send
+/// timeout (socket(7), `SO_SNDTIMEO`), and wakes it as soon as there is room.
+fn connect_by(socket: &Path, deadline: Instant) -> io::Result<UnixStream> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "connecting timed out (the daemon accepts no connections)");
+    // SAFETY: zeroed sockaddr_un is valid; sun_path is filled below within its length.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let path = socket.as_os_str().as_bytes();
+    if path.len() >= addr.sun_path.len() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "socket path is too long"));
+    }
+    for (d, s) in addr.sun_path.iter_mut().zip(path) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: plain syscall; the fd is owned from here on.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a new socket nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let len = (std::mem::size_of::<libc::sa_family_t>() + path.len()) as libc::socklen_t;
+    // Bounded: each try waits at most until the deadline, and only a signal ends one early.
+    for _ in 0..1000 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(timed_out());
+        }
+        // A zero timeout would mean "forever": at least one microsecond.
+        let tv = libc::timeval { tv_sec: left.as_secs() as libc::time_t, tv_usec: left.subsec_micros().max(1) as libc::suseconds_t };
+        // SAFETY: tv is a valid timeval for SO_SNDTIMEO; addr/len describe a valid sockaddr_un.
+        let r = unsafe {
+            libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_SNDTIMEO, (&tv as *const libc::timeval).cast(), std::mem::size_of::<libc::timeval>() as libc::socklen_t)
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: as above.
+        if unsafe { libc::connect(fd.as_raw_fd(), (&addr as *const libc::sockaddr_un).cast(), len) } == 0 {
+            return Ok(UnixStream::from(fd));
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EAGAIN) | Some(libc::EINPROGRESS) => return Err(timed_out()),
+            _ => return Err(e),
+        }
+    }
+    Err(timed_out())
+}
+
+/// The stream seen through a deadline: each read and write may block only for what is left.
+struct Bounded<'a> {
+    stream: &'a UnixStream,
+    deadline: Option<Instant>,
+}
+
+impl Bounded<'_> {
+    fn arm(&self, set: impl Fn(&UnixStream, Option<Duration>) -> io::Result<()>) -> io::Result<()> {
+        let Some(d) = self.deadline else { return Ok(()) };
+        let left = d.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(timed_out(io::ErrorKind::TimedOut.into()));
+        }
+        set(self.stream, Some(left))
+    }
+}
+
+/// A socket timeout shows as EAGAIN ("Resource temporarily unavailable"): say what it is.
+fn timed_out(e: io::Error) -> io::Error {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(io::ErrorKind::TimedOut, "the daemon did not answer in time"),
+        _ => e,
+    }
+}
+
+impl Read for Bounded<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.arm(UnixStream::set_read_timeout)?;
+        (&mut &*self.stream).read(buf).map_err(timed_out)
+    }
+}
+
+impl Write for Bounded<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.arm(UnixStream::set_write_timeout)?;
+        (&mut &*self.stream).write(buf).map_err(timed_out)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// One request on a new connection.
-pub fn call(socket: &std::path::Path, req: &Request, timeout: Option<std::time::Duration>) -> Result<Response, FrameError> {
+pub fn call(socket: &Path, req: &Request, timeout: Option<Duration>) -> Result<Response, FrameError> {
     Client::connect(socket, timeout)?.call(req)
 }
 

@@ -11,6 +11,8 @@ use std::time::{Duration, SystemTime};
 
 use crate::protocol::{HEADER_LEN, MAX_FRAME};
 
+use crate::dirfd::Dir;
+
 const SUFFIX: &str = ".req";
 /// A temp file this old was left by a write that failed (a full disk, a killed hook): no
 /// write takes this long.
@@ -21,31 +23,35 @@ const REJECTED_AGE: Duration = Duration::from_secs(30 * 86400);
 
 /// Writes `frame` (a whole protocol frame) into `dir`; returns the file's path.
 ///
-/// The hook runs as root, the daemon often as its own user: the spool directory and each
-/// file are given to the owner of the state dir (`dir`'s parent), so the daemon can read
-/// and remove them.
+/// The hook runs as root, the daemon often as its own user, who owns the state dir
+/// (`dir`'s parent) and could plant a symlink or swap a directory in it: everything below
+/// the state dir is reached by handle, never through a symlink (see [`crate::dirfd`]). The
+/// spool directory and each file are given, by handle, to the state dir's owner, so the
+/// daemon can read and remove them.
 pub fn write(dir: &Path, frame: &[u8]) -> io::Result<PathBuf> {
-    use std::os::unix::fs::MetadataExt;
-    let owner = dir.parent().and_then(|p| fs::metadata(p).ok()).map(|m| (m.uid(), m.gid()));
-    if !dir.exists() {
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
-        if let Some((uid, gid)) = owner {
-            let _ = std::os::unix::fs::chown(dir, Some(uid), Some(gid));
-        }
+    let (Some(state), Some(spool)) = (dir.parent(), dir.file_name().and_then(|n| n.to_str())) else {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not a spool directory", dir.display())));
+    };
+    // The state dir's own path is the configuration's: made if missing, as before.
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(state)?;
+    let state = Dir::open(state)?;
+    let (uid, gid) = state.owner()?;
+    let spool = state.subdir(spool, Some(0o700))?;
+    if spool.owner()? != (uid, gid) {
+        // Fails unless we are root; as any other user we are the daemon's user, or cannot help it.
+        let _ = spool.chown(uid, gid);
     }
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let name = format!("{}.{:09}-{}", now.as_secs(), now.subsec_nanos(), std::process::id());
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let dst = dir.join(format!("{name}{SUFFIX}"));
-    let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-    if let Some((uid, gid)) = owner {
-        let _ = std::os::unix::fs::fchown(&f, Some(uid), Some(gid));
-    }
+    let tmp = format!(".{name}.tmp");
+    let dst = format!("{name}{SUFFIX}");
+    let mut f = spool.create_file(&tmp, 0o600)?;
+    let _ = std::os::unix::fs::fchown(&f, Some(uid), Some(gid));
     f.write_all(frame)?;
     f.sync_all()?;
-    fs::rename(&tmp, &dst)?;
-    File::open(dir)?.sync_all()?;
-    Ok(dst)
+    spool.rename(&tmp, &dst)?;
+    spool.sync()?;
+    Ok(dir.join(dst))
 }
 
 fn is_request(name: &str) -> bool {

@@ -2,13 +2,13 @@
 //! Every object is written to a temporary name, fsynced, renamed into place, and the
 //! directory fsynced: a reader (or a crash) sees an object whole or not at all.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{Body, BoxFuture, Target, TargetError};
+use crate::dirfd::Dir;
 
 pub struct FileTarget {
     dir: PathBuf,
@@ -32,6 +32,10 @@ impl FileTarget {
 
 /// Removes our temp files (`.NAME.PID-N.tmp`) in `dir` not modified for `age`; returns how many.
 fn remove_stale_temp_files(dir: &Path, age: Duration) -> usize {
+    // Not into a symlinked `nar/` or `log/`: those files are not ours.
+    if !fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir()) {
+        return 0;
+    }
     let Ok(entries) = fs::read_dir(dir) else { return 0 };
     entries
         .flatten()
@@ -50,43 +54,60 @@ fn io_err(what: &str, path: &Path, e: io::Error) -> TargetError {
     TargetError::transient(format!("{what} {}: {e}", path.display()))
 }
 
+/// The directory that holds `key` under `root`, and the object's name in it. Reached by
+/// handle, component by component, never through a symlink: whoever may write in the cache
+/// could otherwise point `nar/` (or a temp name) anywhere and have us write there.
+fn open_parent<'k>(root: &Path, key: &'k str, create: bool) -> io::Result<(Dir, &'k str)> {
+    if create {
+        fs::create_dir_all(root)?;
+    }
+    let (parents, name) = key.rsplit_once('/').unwrap_or(("", key));
+    let mut dir = Dir::open(root)?;
+    for c in parents.split('/').filter(|c| !c.is_empty()) {
+        dir = dir.subdir(c, create.then_some(0o755))?;
+    }
+    Ok((dir, name))
+}
+
 fn put_sync(dir: &Path, key: &str, body: Body) -> Result<(), TargetError> {
     let dst = dir.join(key);
-    let parent = dst.parent().unwrap_or(dir).to_path_buf();
-    fs::create_dir_all(&parent).map_err(|e| io_err("creating", &parent, e))?;
+    let (parent, name) = open_parent(dir, key, true).map_err(|e| io_err("opening the directory of", &dst, e))?;
     static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let base = dst.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = parent.join(format!(".{base}.{}-{n}.tmp", std::process::id()));
+    let tmp_name = format!(".{name}.{}-{n}.tmp", std::process::id());
+    let tmp = dst.with_file_name(&tmp_name);
     match body {
         Body::Bytes(b) => {
-            let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o644).open(&tmp)
-                .map_err(|e| io_err("creating", &tmp, e))?;
+            let mut f = parent.create_file(&tmp_name, 0o644).map_err(|e| io_err("creating", &tmp, e))?;
             io::Write::write_all(&mut f, &b).map_err(|e| io_err("writing", &tmp, e))?;
             f.sync_all().map_err(|e| io_err("syncing", &tmp, e))?;
         }
         Body::File(src) => {
             // The uploader's temp file is on the state dir's file system; move it when the
             // cache is on the same one, copy it otherwise.
-            if fs::rename(&src, &tmp).is_err() {
-                fs::copy(&src, &tmp).map_err(|e| io_err("copying to", &tmp, e))?;
+            if parent.rename_into(&src, &tmp_name).is_err() {
+                let mut from = File::open(&src).map_err(|e| io_err("opening", &src, e))?;
+                let mut to = parent.create_file(&tmp_name, 0o644).map_err(|e| io_err("creating", &tmp, e))?;
+                io::copy(&mut from, &mut to).map_err(|e| io_err("copying to", &tmp, e))?;
                 let _ = fs::remove_file(&src);
             }
-            let f = File::open(&tmp).map_err(|e| io_err("opening", &tmp, e))?;
+            let f = parent.open_file(&tmp_name).map_err(|e| io_err("opening", &tmp, e))?;
             let _ = f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
             f.sync_all().map_err(|e| io_err("syncing", &tmp, e))?;
         }
     }
-    fs::rename(&tmp, &dst).map_err(|e| io_err("renaming to", &dst, e))?;
-    File::open(&parent).and_then(|d| d.sync_all()).map_err(|e| io_err("syncing", &parent, e))
+    // A symlink planted at the object's name is replaced, not followed.
+    parent.rename(&tmp_name, name).map_err(|e| io_err("renaming to", &dst, e))?;
+    parent.sync().map_err(|e| io_err("syncing the directory of", &dst, e))
 }
 
 impl Target for FileTarget {
     fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, TargetError>> {
         let path = self.dir.join(key);
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || match fs::symlink_metadata(&path) {
-                Ok(_) => Ok(true),
+            let (dir, key) = (self.dir.clone(), key.to_string());
+            tokio::task::spawn_blocking(move || match open_parent(&dir, &key, false).and_then(|(d, name)| d.stat(name)) {
+                Ok(found) => Ok(found.is_some()),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
                 Err(e) => Err(io_err("checking", &path, e)),
             })
