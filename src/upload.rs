@@ -24,8 +24,13 @@ pub enum UploadError {
 }
 
 impl From<target::TargetError> for UploadError {
+    /// A refusal of this one object fails the item; anything else pauses the target.
     fn from(e: target::TargetError) -> Self {
-        UploadError::Target(e)
+        if e.permanent {
+            UploadError::Permanent(e.msg)
+        } else {
+            UploadError::Target(e)
+        }
     }
 }
 
