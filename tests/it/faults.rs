@@ -51,3 +51,364 @@ fn s3_missing_credentials_are_one_line() {
     assert!(!paused.is_empty() && paused.iter().all(|l| l.contains("no AWS credentials found") && l.len() < 600), "{log}");
     assert_eq!(n.status()["failed"], 0);
 }
+
+/// What the fault proxy does to a request.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Fault {
+    /// Forwarded to the server.
+    Pass,
+    /// Half the body is read, then the connection is cut.
+    Drop,
+    /// `503 SlowDown` with `Retry-After: secs`.
+    SlowDown(u64),
+    /// `500 InternalError`.
+    Error500,
+    /// `400 EntityTooLarge`: S3's answer to an object over its size limit.
+    TooLarge,
+    /// Held this long, then forwarded.
+    Stall(Duration),
+}
+
+/// Applies `fault` to the next `times` requests whose method is `method` and whose target
+/// contains `needle`.
+struct Rule {
+    method: &'static str,
+    needle: &'static str,
+    fault: Fault,
+    times: usize,
+}
+
+/// One request the proxy saw.
+#[derive(Clone, Debug)]
+struct Seen {
+    at: std::time::Instant,
+    method: String,
+    target: String,
+    fault: Fault,
+    /// The status the client got (`None`: the connection was cut).
+    status: Option<u16>,
+}
+
+type Shared<T> = std::sync::Arc<std::sync::Mutex<T>>;
+
+/// An HTTP-aware proxy on 127.0.0.1 in front of `moto_server`: each request is matched
+/// against the rules (first match with times left wins) and passed, cut, answered with an
+/// error, or held. Every request goes to the server on a connection of its own.
+struct FaultProxy {
+    port: u16,
+    rules: Shared<Vec<Rule>>,
+    seen: Shared<Vec<Seen>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FaultProxy {
+    fn start(upstream: u16) -> FaultProxy {
+        use std::sync::atomic::Ordering::Relaxed;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        l.set_nonblocking(true).unwrap();
+        let p = FaultProxy { port, rules: Default::default(), seen: Default::default(), stop: Default::default() };
+        let (rules, seen, stop) = (p.rules.clone(), p.seen.clone(), p.stop.clone());
+        std::thread::spawn(move || {
+            // Bounded: at most 5 minutes of 5 ms steps.
+            for _ in 0..60_000 {
+                if stop.load(Relaxed) {
+                    break;
+                }
+                while let Ok((client, _)) = l.accept() {
+                    let (rules, seen) = (rules.clone(), seen.clone());
+                    std::thread::spawn(move || serve_faulty(client, upstream, &rules, &seen));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        p
+    }
+
+    fn add(&self, method: &'static str, needle: &'static str, fault: Fault, times: usize) {
+        self.rules.lock().unwrap().push(Rule { method, needle, fault, times });
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Reads up to the end of an HTTP head; `None` at a clean end of stream.
+fn read_head(s: &mut std::net::TcpStream) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() > 64 << 10 || s.read(&mut b).ok()? == 0 {
+            return None;
+        }
+        head.push(b[0]);
+    }
+    Some(head)
+}
+
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.trim()))
+}
+
+fn s3_error(client: &mut std::net::TcpStream, status: &str, code: &str, extra: &str) {
+    use std::io::Write;
+    let body = format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Message>injected by the test proxy</Message></Error>");
+    let _ = write!(
+        client,
+        "HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{body}",
+        body.len()
+    );
+}
+
+fn serve_faulty(mut client: std::net::TcpStream, upstream: u16, rules: &Shared<Vec<Rule>>, seen: &Shared<Vec<Seen>>) {
+    use std::io::{Read, Write};
+    client.set_nonblocking(false).unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    // One request per connection: the answer says `Connection: close`.
+    let Some(head) = read_head(&mut client) else { return };
+    let text = String::from_utf8_lossy(&head).to_string();
+    let mut first = text.lines().next().unwrap_or("").split(' ');
+    let (method, target) = (first.next().unwrap_or("").to_string(), first.next().unwrap_or("").to_string());
+    assert!(header(&text, "transfer-encoding").is_none(), "chunked request bodies are not handled: {text}");
+    let len: usize = header(&text, "content-length").map_or(0, |v| v.parse().unwrap());
+    let fault = {
+        let mut rules = rules.lock().unwrap();
+        match rules.iter_mut().find(|r| r.times > 0 && r.method == method && target.contains(r.needle)) {
+            Some(r) => {
+                r.times -= 1;
+                r.fault
+            }
+            None => Fault::Pass,
+        }
+    };
+    let at = std::time::Instant::now();
+    if header(&text, "expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue")) {
+        let _ = client.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+    }
+    let mut body = vec![0u8; len];
+    if fault == Fault::Drop {
+        let _ = client.read_exact(&mut body[..len / 2]);
+        let _ = client.shutdown(std::net::Shutdown::Both);
+        seen.lock().unwrap().push(Seen { at, method, target, fault, status: None });
+        return;
+    }
+    if client.read_exact(&mut body).is_err() {
+        return;
+    }
+    let status = match fault {
+        Fault::SlowDown(secs) => {
+            s3_error(&mut client, "503 Slow Down", "SlowDown", &format!("Retry-After: {secs}\r\n"));
+            Some(503)
+        }
+        Fault::Error500 => {
+            s3_error(&mut client, "500 Internal Server Error", "InternalError", "");
+            Some(500)
+        }
+        Fault::TooLarge => {
+            s3_error(&mut client, "400 Bad Request", "EntityTooLarge", "");
+            Some(400)
+        }
+        Fault::Pass | Fault::Stall(_) | Fault::Drop => {
+            if let Fault::Stall(d) = fault {
+                std::thread::sleep(d);
+            }
+            // The request as it came, but for its own connection to the server.
+            let head: String = text
+                .split("\r\n")
+                .filter(|l| !l.is_empty())
+                .filter(|l| !l.to_ascii_lowercase().starts_with("connection:") && !l.to_ascii_lowercase().starts_with("expect:"))
+                .map(|l| format!("{l}\r\n"))
+                .collect();
+            let mut server = std::net::TcpStream::connect(("127.0.0.1", upstream)).unwrap();
+            server.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let _ = server.write_all(format!("{head}Connection: close\r\n\r\n").as_bytes());
+            let _ = server.write_all(&body);
+            let mut resp = Vec::new();
+            let _ = server.read_to_end(&mut resp);
+            let status = String::from_utf8_lossy(&resp[..resp.len().min(12)]).split(' ').nth(1).and_then(|s| s.parse().ok());
+            let _ = client.write_all(&resp);
+            status
+        }
+    };
+    let _ = client.shutdown(std::net::Shutdown::Both);
+    seen.lock().unwrap().push(Seen { at, method, target, fault, status });
+}
+
+/// Issue 9 item 17: S3 refusing one object (`EntityTooLarge`) fails that item and leaves
+/// the other uploads going; it does not pause every upload and retry forever.
+#[test]
+fn s3_refused_object_fails_its_item_only() {
+    let t = TempDir::new("toolarge");
+    let moto = Moto::start(t.path(), &[]);
+    moto.bucket("narq-toolarge");
+    let proxy = FaultProxy::start(moto.port);
+    let mut n = s3_narq("toolarge", proxy.port, "", "jobs = 1");
+    n.start();
+    let u = unique();
+    let conf = nix_conf(n.dir.path(), None);
+    let a = nix_build(&conf, &sh_drv(&format!("toolarge-a-{u}"), "echo a > $out"), &[]).remove(0);
+    let b = nix_build(&conf, &sh_drv(&format!("toolarge-b-{u}"), "echo b > $out"), &[]).remove(0);
+    // The first NAR sent is refused for good; the second would pass.
+    proxy.add("PUT", "/nar/", Fault::TooLarge, 1);
+    assert!(n.narq(&["push", &a, &b]).status.success());
+    let wait = n.narq(&["wait", "--timeout", "20"]);
+    let s = n.status();
+    let log = n.daemon_log();
+    assert_eq!(s["failed"], 1, "the refused path was not failed: {s}\n{log}");
+    assert_eq!(s["uploaded"], 1, "{s}\n{log}");
+    assert_eq!(wait.status.code(), Some(1), "narq wait must report the failure: {}", String::from_utf8_lossy(&wait.stderr));
+    assert!(log.contains("upload failed permanently") && log.contains("EntityTooLarge"), "{log}");
+    assert!(!log.contains("uploads paused"), "one refused object paused every upload:\n{log}");
+    let nars = proxy.seen().iter().filter(|r| r.method == "PUT" && r.target.contains("/nar/")).count();
+    assert_eq!(nars, 2, "the refused NAR was sent again: {:?}", proxy.seen());
+}
+
+/// The objects in a moto bucket, listed directly (not through the proxy).
+fn bucket_keys(port: u16, bucket: &str) -> std::collections::HashSet<String> {
+    let (head, body) = http(port, "GET", &format!("/{bucket}?list-type=2&max-keys=10000"));
+    assert!(head.starts_with("http/1.1 200"), "listing {bucket}: {head}");
+    let body = String::from_utf8(body).unwrap();
+    assert!(!body.contains("<IsTruncated>true"), "listing truncated");
+    body.split("<Key>").skip(1).filter_map(|s| s.split_once("</Key>")).map(|(k, _)| k.to_string()).collect()
+}
+
+/// Every narinfo in the bucket has its NAR and its references' narinfos; returns the
+/// narinfo keys.
+fn check_bucket_closed(port: u16, bucket: &str) -> Result<Vec<String>, String> {
+    let keys = bucket_keys(port, bucket);
+    let mut narinfos = Vec::new();
+    for k in keys.iter().filter(|k| k.ends_with(".narinfo")) {
+        let (_, body) = http(port, "GET", &format!("/{bucket}/{k}"));
+        let ni = narq::nix::NarInfo::parse(&String::from_utf8_lossy(&body)).map_err(|e| format!("{k}: {e}"))?;
+        if !keys.contains(&ni.url) {
+            return Err(format!("{k} is visible before its NAR {}", ni.url));
+        }
+        for r in &ni.info.references {
+            if !keys.contains(&format!("{}.narinfo", r.hash_part())) {
+                return Err(format!("{k} is visible before its reference {r}"));
+            }
+        }
+        narinfos.push(k.clone());
+    }
+    Ok(narinfos)
+}
+
+/// The "Done when" of issue 9: S3 behind a proxy that cuts a part upload mid-body, throttles
+/// with `Retry-After`, fails with 500 and stalls. Every path arrives exactly once, the
+/// bucket is closed under references at every look, `narq status` shows each pause's
+/// cause, and the pause after a `Retry-After` lasts at least that long.
+#[test]
+fn s3_faults_every_path_once_and_closed() {
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    let started = std::time::Instant::now();
+    let t = TempDir::new("faults");
+    let moto = Moto::start(t.path(), &[]);
+    moto.bucket("narq-faults");
+    let proxy = FaultProxy::start(moto.port);
+    // One worker, so that "the next request after the throttling" is a clear measure of the
+    // pause; 5 MiB parts, so that the big path goes up in 3 parts.
+    let mut n = s3_narq("faults", proxy.port, "&buffer-size=5242880", "jobs = 1");
+    n.start();
+    const RETRY_AFTER: u64 = 3;
+    // Each fault twice in a row: the SDK retries once by itself, the second makes it a pause
+    // (the 3 parts go up at once: 6 cuts).
+    proxy.add("PUT", "partNumber=", Fault::Drop, 6);
+    proxy.add("PUT", ".narinfo", Fault::SlowDown(RETRY_AFTER), 2);
+    proxy.add("PUT", ".narinfo", Fault::Error500, 2);
+    proxy.add("PUT", "/log/", Fault::Stall(Duration::from_secs(3)), 1);
+
+    // Watchers: the bucket must be closed at every look, and every pause cause is recorded.
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let looker = {
+        let (stop, port) = (stop.clone(), moto.port);
+        std::thread::spawn(move || {
+            let mut looks = 0;
+            // Bounded: 3 minutes of looks at most.
+            for _ in 0..1800 {
+                if stop.load(Relaxed) {
+                    break;
+                }
+                if let Err(e) = check_bucket_closed(port, "narq-faults") {
+                    return Err(e);
+                }
+                looks += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Ok(looks)
+        })
+    };
+    let causes: Shared<Vec<String>> = Default::default();
+    let watcher = {
+        let (stop, causes, config) = (stop.clone(), causes.clone(), n.config.clone());
+        std::thread::spawn(move || {
+            for _ in 0..3600 {
+                if stop.load(Relaxed) {
+                    break;
+                }
+                let out = output(Command::new(bin("narq")).args(["status", "--json"]).env("NARQ_CONFIG", &config));
+                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
+                    if let Some(e) = v["target_error"].as_str() {
+                        let mut c = causes.lock().unwrap();
+                        if !c.iter().any(|x| x == e) {
+                            c.push(e.to_string());
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+
+    let u = unique();
+    let expr = format!(
+        "let big = {}; lib = {}; in {}",
+        sh_drv(&format!("faults-big-{u}"), "echo making the big one; head -c 12000000 /dev/urandom > $out"),
+        sh_drv(&format!("faults-lib-{u}"), "echo lib > $out"),
+        sh_drv(&format!("faults-top-{u}"), "echo linking; echo ${big} ${lib} > $out"),
+    );
+    let (outs, stderr) = n.build(&expr);
+    assert!(!stderr.contains("narq-hook:"), "{stderr}");
+    let wait = n.narq(&["wait", "--timeout", "90"]);
+    stop.store(true, Relaxed);
+    let looks = looker.join().unwrap().unwrap_or_else(|e| panic!("the bucket was not closed at one look: {e}\n{}", n.daemon_log()));
+    watcher.join().unwrap();
+    let log = n.daemon_log();
+    assert!(wait.status.success(), "narq wait: {}\n{log}", String::from_utf8_lossy(&wait.stderr));
+    let seen = proxy.seen();
+
+    // Every fault happened.
+    for f in [Fault::Drop, Fault::SlowDown(RETRY_AFTER), Fault::Error500, Fault::Stall(Duration::from_secs(3))] {
+        assert!(seen.iter().any(|r| r.fault == f), "{f:?} never happened: {seen:#?}");
+    }
+    // Every path arrives, its narinfo exactly once.
+    let all = closure(&outs);
+    assert_eq!(all.len(), 3);
+    let narinfos = check_bucket_closed(moto.port, "narq-faults").unwrap();
+    for p in &all {
+        let key = format!("{}.narinfo", &p[11..43]);
+        assert!(narinfos.contains(&key), "{p} missing");
+        let stored = seen.iter().filter(|r| r.method == "PUT" && r.target.contains(&key) && r.status == Some(200)).count();
+        assert_eq!(stored, 1, "{p}'s narinfo was stored {stored} times");
+    }
+    n.substitute_from(&outs[0], &format!("http://127.0.0.1:{}/narq-faults", moto.port));
+    // Each pause's cause was in `narq status`.
+    let causes = causes.lock().unwrap().clone();
+    eprintln!("{looks} looks at the bucket; pauses seen in status: {causes:#?}");
+    for (what, needles) in [("the cut part", &["uploading part"][..]), ("the throttling", &["503", "SlowDown"]), ("the 500", &["500", "InternalError"])] {
+        assert!(causes.iter().any(|c| needles.iter().all(|n| c.contains(n))), "{what} was not shown in status: {causes:#?}\n{log}");
+    }
+    // The pause after a `Retry-After` lasted at least that long.
+    let last_503 = seen.iter().filter(|r| r.status == Some(503)).map(|r| r.at).max().unwrap();
+    let next = seen.iter().filter(|r| r.at > last_503).map(|r| r.at).min().unwrap();
+    let gap = next - last_503;
+    eprintln!("gap after Retry-After: {RETRY_AFTER}: {gap:?}; whole test {:?}", started.elapsed());
+    assert!(gap >= Duration::from_millis(RETRY_AFTER * 1000 - 100), "the store asked for {RETRY_AFTER} s, the next request came after {gap:?}");
+}
