@@ -412,3 +412,93 @@ fn s3_faults_every_path_once_and_closed() {
     eprintln!("gap after Retry-After: {RETRY_AFTER}: {gap:?}; whole test {:?}", started.elapsed());
     assert!(gap >= Duration::from_millis(RETRY_AFTER * 1000 - 100), "the store asked for {RETRY_AFTER} s, the next request came after {gap:?}");
 }
+
+/// A stub upstream cache on 127.0.0.1: answers every request with `200 not found`, or
+/// (`stall`) reads it and never answers. Stops with the returned flag.
+fn stub_upstream(stall: bool) -> (u16, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use std::io::Write;
+    use std::sync::atomic::Ordering::Relaxed;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    l.set_nonblocking(true).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        // Bounded: at most 5 minutes of 5 ms steps.
+        for _ in 0..60_000 {
+            if stop2.load(Relaxed) {
+                break;
+            }
+            while let Ok((mut c, _)) = l.accept() {
+                c.set_nonblocking(false).unwrap();
+                c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let _ = read_head(&mut c);
+                if stall {
+                    held.push(c);
+                } else {
+                    let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 9\r\nConnection: close\r\n\r\nnot found");
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    (port, stop)
+}
+
+/// Issue 9 item 12: an upstream answering `200 "not found"` does not have the path: it is
+/// uploaded, not skipped for good.
+#[test]
+fn upstream_200_without_a_narinfo_is_not_trusted() {
+    let (port, stop) = stub_upstream(false);
+    let mut n = Narq::new("up200", &format!("upstream = [\"http://127.0.0.1:{port}\"]"));
+    n.start();
+    let p = nix_build(&nix_conf(n.dir.path(), None), &sh_drv(&format!("up200-{}", unique()), "echo x > $out"), &[]).remove(0);
+    let push = n.narq(&["push", "--wait", &p]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(push.status.success(), "{}", String::from_utf8_lossy(&push.stderr));
+    let s = n.status();
+    assert!(n.has(&p), "skipped because an upstream said 200: {s}\n{}", n.daemon_log());
+    assert_eq!(s["skipped"], 0, "{s}");
+    assert!(n.daemon_log().contains("no valid narinfo"), "{}", n.daemon_log());
+}
+
+/// Issue 9 item 12: a stalled upstream neither hides the answer of another upstream nor
+/// costs its timeout once per path of a chain; it is named in the log.
+#[test]
+fn stalled_upstream_costs_one_timeout_not_one_per_path() {
+    let t = TempDir::new("upstall");
+    let moto = Moto::start(t.path(), &[]);
+    moto.bucket("narq-upstall");
+    let (stalled, stop) = stub_upstream(true);
+    let u = unique();
+    let expr = format!(
+        "let dep = {}; mid = {}; in {}",
+        sh_drv(&format!("upstall-dep-{u}"), "echo dep > $out"),
+        sh_drv(&format!("upstall-mid-{u}"), "echo ${dep} > $out"),
+        sh_drv(&format!("upstall-top-{u}"), "echo ${mid} > $out"),
+    );
+    let outs = nix_build(&nix_conf(t.path(), None), &expr, &[]);
+    let dep = closure(&outs).into_iter().find(|p| p.contains("-upstall-dep-")).unwrap();
+    run(Command::new("nix")
+        .args(["--extra-experimental-features", "nix-command", "copy", "--to"])
+        .arg(format!("http://127.0.0.1:{}/narq-upstall", moto.port))
+        .arg(&dep));
+    let mut n = Narq::new(
+        "upstall",
+        &format!("upstream = [\"http://127.0.0.1:{stalled}\", \"http://127.0.0.1:{}/narq-upstall\"]\njobs = 1", moto.port),
+    );
+    n.start();
+    let start = std::time::Instant::now();
+    let push = n.narq(&["push", "--wait", &outs[0]]);
+    let took = start.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(push.status.success(), "{}", String::from_utf8_lossy(&push.stderr));
+    let s = n.status();
+    eprintln!("3 paths past a stalled upstream in {took:?}");
+    assert_eq!((s["uploaded"].as_u64(), s["skipped"].as_u64()), (Some(2), Some(1)), "{s}");
+    assert!(!n.has(&dep));
+    assert!(took < Duration::from_secs(12), "a stalled upstream cost {took:?} for 3 paths");
+    let log = n.daemon_log();
+    assert!(log.contains(&format!("upstream http://127.0.0.1:{stalled} did not answer")), "{log}");
+}
