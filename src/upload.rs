@@ -2,7 +2,7 @@
 //! NarHash) → compressed temp file → target, then the narinfo; or a build log to `log/`.
 
 use std::fs::File;
-use std::io::{self, BufWriter, Read};
+use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -88,6 +88,56 @@ fn compress_nar(path: &Path, nar_size: u64, url: &StoreUrl, tmp: &Path) -> io::R
     Ok(Compressed { nar, file_stats })
 }
 
+/// Build logs are cut here (with a note at the end). Nix keeps logs bzip2-compressed, and a
+/// few KiB of bzip2 can expand to gigabytes: the cap bounds the time, disk and cache space
+/// one log costs, whoever ran the build.
+pub const MAX_LOG: u64 = 64 << 20;
+
+/// xz preset for build logs: logs compress well at any level, and a low one keeps the
+/// encoder's memory at a few MiB.
+const LOG_XZ_PRESET: u32 = 1;
+
+/// Streams the build log at `src` (plain or `.bz2`) into `tmp`, at most [`MAX_LOG`] bytes of
+/// text, xz-compressed if `xz`; returns the bytes of text written and whether it was cut.
+fn copy_log(src: &Path, tmp: &Path, xz: bool) -> io::Result<(u64, bool)> {
+    let file = io::BufReader::new(File::open(src)?);
+    let mut text: Box<dyn Read> = match src.extension().is_some_and(|e| e == "bz2") {
+        true => Box::new(bzip2::read::BzDecoder::new(file)),
+        false => Box::new(file),
+    };
+    let out = BufWriter::new(File::create(tmp)?);
+    let mut out: Box<dyn WriteFinish> = match xz {
+        true => Box::new(xz2::write::XzEncoder::new(out, LOG_XZ_PRESET)),
+        false => Box::new(out),
+    };
+    let mut n = io::copy(&mut (&mut text).take(MAX_LOG), &mut out)?;
+    let truncated = n == MAX_LOG && text.read(&mut [0u8; 1])? > 0;
+    if truncated {
+        let note = format!("\n[narq: build log truncated: only its first {} MiB were uploaded]\n", MAX_LOG >> 20);
+        out.write_all(note.as_bytes())?;
+        n += note.len() as u64;
+    }
+    out.finish()?.sync_all()?;
+    Ok((n, truncated))
+}
+
+/// A writer over a file that can be finished (compressors write their end) and synced.
+trait WriteFinish: Write {
+    fn finish(self: Box<Self>) -> io::Result<File>;
+}
+
+impl WriteFinish for BufWriter<File> {
+    fn finish(self: Box<Self>) -> io::Result<File> {
+        self.into_inner().map_err(|e| e.into_error())
+    }
+}
+
+impl WriteFinish for xz2::write::XzEncoder<BufWriter<File>> {
+    fn finish(self: Box<Self>) -> io::Result<File> {
+        (*self).finish()?.into_inner().map_err(|e| e.into_error())
+    }
+}
+
 impl Uploader {
     pub async fn run(&self, item: &Item) -> Result<Outcome, UploadError> {
         match &item.kind {
@@ -166,23 +216,34 @@ impl Uploader {
     async fn upload_log(&self, drv: &StorePath) -> Result<Outcome, UploadError> {
         let Some(file) = db::build_log_path(drv) else { return Ok(Outcome::NoLog) };
         let key = format!("log/{}", drv.base_name());
-        let text = tokio::task::spawn_blocking(move || -> io::Result<Vec<u8>> {
-            let mut raw = Vec::new();
-            File::open(&file)?.read_to_end(&mut raw)?;
-            if file.extension().is_some_and(|e| e == "bz2") {
-                let mut out = Vec::new();
-                bzip2::read::BzDecoder::new(&raw[..]).read_to_end(&mut out)?;
-                Ok(out)
-            } else {
-                Ok(raw)
+        let tmp = self.tmp_dir.join(format!("{}.log.tmp", drv.hash_part()));
+        let encoding = self.target.log_encoding();
+        let copied = {
+            let tmp = tmp.clone();
+            tokio::task::spawn_blocking(move || copy_log(&file, &tmp, encoding.is_some()))
+                .await
+                .map_err(|e| UploadError::Transient(format!("worker: {e}")))?
+        };
+        let (text_bytes, truncated) = match copied {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(if e.kind() == io::ErrorKind::StorageFull {
+                    UploadError::Transient(format!("writing the build log of {drv} to {}: {e}", self.tmp_dir.display()))
+                } else {
+                    UploadError::Permanent(format!("reading the build log of {drv}: {e}"))
+                });
             }
-        })
-        .await
-        .map_err(|e| UploadError::Transient(format!("worker: {e}")))?
-        .map_err(|e| UploadError::Permanent(format!("reading the build log of {drv}: {e}")))?;
-        let bytes = text.len() as u64;
-        self.target.put(&key, Body::Bytes(text), target::LOG_TYPE).await?;
-        tracing::info!(drv = %drv, bytes, "uploaded the build log of {drv}");
+        };
+        if truncated {
+            tracing::warn!(drv = %drv, "the build log of {drv} is over {} MiB; uploaded its first {} MiB", MAX_LOG >> 20, MAX_LOG >> 20);
+        }
+        let bytes = std::fs::metadata(&tmp).map_or(0, |m| m.len());
+        match encoding {
+            Some(enc) => self.target.put_encoded(&key, Body::File(tmp), target::LOG_TYPE, enc).await?,
+            None => self.target.put(&key, Body::File(tmp), target::LOG_TYPE).await?,
+        }
+        tracing::info!(drv = %drv, bytes, log_bytes = text_bytes, "uploaded the build log of {drv}");
         Ok(Outcome::Uploaded { bytes })
     }
 

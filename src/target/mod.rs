@@ -65,6 +65,17 @@ pub trait Target: Send + Sync {
     fn put<'a>(&'a self, key: &'a str, body: Body, content_type: &'static str) -> BoxFuture<'a, Result<(), TargetError>>;
     /// For messages: where this target writes.
     fn describe(&self) -> String;
+    /// The `Content-Encoding` its readers undo for build logs, if any. Nix's HTTP client
+    /// decompresses by `Content-Encoding` (`xz` is its own), while a `file://` cache is
+    /// read as is, so there logs stay plain.
+    fn log_encoding(&self) -> Option<&'static str> {
+        None
+    }
+    /// Stores `body` at `key` with that `Content-Encoding`. Only called when
+    /// [`Target::log_encoding`] names one; the default stores the body as is.
+    fn put_encoded<'a>(&'a self, key: &'a str, body: Body, content_type: &'static str, _encoding: &'static str) -> BoxFuture<'a, Result<(), TargetError>> {
+        self.put(key, body, content_type)
+    }
 }
 
 /// The target for a store URL.

@@ -247,13 +247,14 @@ impl S3Target {
         Ok(None)
     }
 
-    async fn put_multipart(&self, key: &str, file: &Path, size: u64, content_type: &str) -> Result<(), TargetError> {
+    async fn put_multipart(&self, key: &str, file: &Path, size: u64, content_type: &str, encoding: Option<&str>) -> Result<(), TargetError> {
         let created = self
             .client
             .create_multipart_upload()
             .bucket(&self.bucket)
             .key(key)
             .content_type(content_type)
+            .set_content_encoding(encoding.map(str::to_string))
             .send()
             .await
             .map_err(|e| classify(&format!("starting the multipart upload of {key}"), e))?;
@@ -363,42 +364,53 @@ impl Target for S3Target {
     }
 
     fn put<'a>(&'a self, key: &'a str, body: Body, content_type: &'static str) -> BoxFuture<'a, Result<(), TargetError>> {
-        Box::pin(async move {
-            let (stream, len) = match body {
-                Body::Bytes(b) => {
-                    let n = b.len() as i64;
-                    (ByteStream::from(b), n)
-                }
-                Body::File(f) => {
-                    let size = std::fs::metadata(&f).map_err(|e| TargetError::transient(format!("{}: {e}", f.display())))?.len();
-                    let result = if self.multipart && size > self.part_size {
-                        self.put_multipart(key, &f, size, content_type).await
-                    } else {
-                        match ByteStream::from_path(&f).await {
-                            Ok(s) => self.put_one(key, s, size as i64, content_type).await,
-                            Err(e) => Err(TargetError::transient(format!("reading {}: {e}", f.display()))),
-                        }
-                    };
-                    let _ = std::fs::remove_file(&f);
-                    return result;
-                }
-            };
-            self.put_one(key, stream, len, content_type).await
-        })
+        Box::pin(self.put_with(key, body, content_type, None))
     }
 
     fn describe(&self) -> String {
         self.describe.clone()
     }
+
+    fn log_encoding(&self) -> Option<&'static str> {
+        Some("xz")
+    }
+
+    fn put_encoded<'a>(&'a self, key: &'a str, body: Body, content_type: &'static str, encoding: &'static str) -> BoxFuture<'a, Result<(), TargetError>> {
+        Box::pin(self.put_with(key, body, content_type, Some(encoding)))
+    }
 }
 
 impl S3Target {
-    async fn put_one(&self, key: &str, body: ByteStream, len: i64, content_type: &str) -> Result<(), TargetError> {
+    async fn put_with(&self, key: &str, body: Body, content_type: &str, encoding: Option<&str>) -> Result<(), TargetError> {
+        let (stream, len) = match body {
+            Body::Bytes(b) => {
+                let n = b.len() as i64;
+                (ByteStream::from(b), n)
+            }
+            Body::File(f) => {
+                let size = std::fs::metadata(&f).map_err(|e| TargetError::transient(format!("{}: {e}", f.display())))?.len();
+                let result = if self.multipart && size > self.part_size {
+                    self.put_multipart(key, &f, size, content_type, encoding).await
+                } else {
+                    match ByteStream::from_path(&f).await {
+                        Ok(s) => self.put_one(key, s, size as i64, content_type, encoding).await,
+                        Err(e) => Err(TargetError::transient(format!("reading {}: {e}", f.display()))),
+                    }
+                };
+                let _ = std::fs::remove_file(&f);
+                return result;
+            }
+        };
+        self.put_one(key, stream, len, content_type, encoding).await
+    }
+
+    async fn put_one(&self, key: &str, body: ByteStream, len: i64, content_type: &str, encoding: Option<&str>) -> Result<(), TargetError> {
         self.client
             .put_object()
             .bucket(&self.bucket)
             .key(key)
             .content_type(content_type)
+            .set_content_encoding(encoding.map(str::to_string))
             .content_length(len)
             .body(body)
             .send()

@@ -1,7 +1,7 @@
 //! S3 faults: a proxy that drops, throttles, fails and stalls; upload-side limits (logs, multipart, upstreams, credentials).
 
 use crate::util::*;
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 fn s3_narq(tag: &str, port: u16, params: &str, extra: &str) -> Narq {
@@ -501,4 +501,70 @@ fn stalled_upstream_costs_one_timeout_not_one_per_path() {
     assert!(took < Duration::from_secs(12), "a stalled upstream cost {took:?} for 3 paths");
     let log = n.daemon_log();
     assert!(log.contains(&format!("upstream http://127.0.0.1:{stalled} did not answer")), "{log}");
+}
+
+/// `nix log --store URL PATH`: what a Nix client reads as the build log of the path's
+/// deriver from a cache.
+fn nix_log(n: &Narq, store: &str, path: &str) -> Output {
+    output(
+        Command::new("nix")
+            .args(["--extra-experimental-features", "nix-command", "log", "--store", store, path])
+            .env("NIX_CONF_DIR", &n.nix_conf),
+    )
+}
+
+/// Issue 9 item 8: a build log that bzip2 shrank to a few KiB but expands to ~68 MB is
+/// streamed (the daemon's memory stays flat) and cut at 64 MiB with a note; `nix log`
+/// reads it from the `file://` cache.
+#[test]
+fn build_log_bomb_is_capped_and_streamed() {
+    let mut n = Narq::new("logbomb", "");
+    n.start();
+    let idle = peak_rss(n.daemon_pid());
+    // ~68 MB of log (over the 64 MiB cap) in 50-byte lines: Nix keeps it as a small .bz2.
+    let script = "yes 'a line of a build log that never seems to end' | head -c 68000000; echo done > $out";
+    let (outs, _) = n.build(&sh_drv(&format!("logbomb-{}", unique()), script));
+    n.wait(120);
+    let drv = run(Command::new("nix-store").args(["-q", "--deriver", &outs[0]])).trim().to_string();
+    let peak = peak_rss(n.daemon_pid());
+    let log = n.cache().join("log").join(&drv[11..]);
+    let size = std::fs::metadata(&log).unwrap().len();
+    eprintln!("daemon peak RSS {} MiB (idle {} MiB); log object {size} bytes", peak >> 20, idle >> 20);
+    assert!(size <= narq::upload::MAX_LOG + 200, "a {size}-byte log in the cache");
+    let mut tail = vec![0u8; 100];
+    {
+        use std::io::{Read, Seek};
+        let mut f = std::fs::File::open(&log).unwrap();
+        f.seek(std::io::SeekFrom::End(-100)).unwrap();
+        f.read_exact(&mut tail).unwrap();
+    }
+    assert!(String::from_utf8_lossy(&tail).contains("[narq: build log truncated"), "no note at the end: {:?}", String::from_utf8_lossy(&tail));
+    assert!(peak < 64 << 20, "daemon peak RSS {} MiB: the log was read into memory", peak >> 20);
+    // Nix reads it from the cache.
+    let out = nix_log(&n, &format!("file://{}", n.cache().display()), &outs[0]);
+    assert!(out.status.success(), "nix log: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stdout.starts_with(b"a line of a build log that never seems to end\n"));
+    assert_eq!(out.stdout.len() as u64, size);
+}
+
+/// Issue 9 item 8: on S3, logs are stored xz-compressed with `Content-Encoding: xz`, which
+/// Nix's HTTP client undoes: `nix log` reads the text.
+#[test]
+fn s3_build_log_is_compressed_and_nix_reads_it() {
+    let t = TempDir::new("s3log");
+    let moto = Moto::start(t.path(), &[]);
+    moto.bucket("narq-s3log");
+    let mut n = s3_narq("s3log", moto.port, "", "");
+    n.start();
+    let script = "for i in 1 2 3 4 5 6 7 8 9 10; do echo line $i of a log that compresses well; done; echo x > $out";
+    let (outs, _) = n.build(&sh_drv(&format!("s3log-{}", unique()), script));
+    n.wait(60);
+    let drv = run(Command::new("nix-store").args(["-q", "--deriver", &outs[0]])).trim().to_string();
+    let text = run(Command::new("nix-store").args(["-l", &drv]));
+    let (head, body) = http(moto.port, "GET", &format!("/narq-s3log/log/{}", &drv[11..]));
+    assert!(head.contains("content-encoding: xz"), "{head}");
+    assert!(body.starts_with(b"\xfd7zXZ\0") && body.len() < text.len(), "not xz: {} bytes", body.len());
+    let out = nix_log(&n, &format!("http://127.0.0.1:{}/narq-s3log", moto.port), &outs[0]);
+    assert!(out.status.success(), "nix log: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), text);
 }
