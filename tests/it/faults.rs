@@ -568,3 +568,19 @@ fn s3_build_log_is_compressed_and_nix_reads_it() {
     assert!(out.status.success(), "nix log: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout), text);
 }
+
+/// Issue 9 item 8: the daemon's units carry a memory ceiling (NixOS module, plain unit).
+#[test]
+fn units_cap_the_daemons_memory() {
+    let repo = env!("CARGO_MANIFEST_DIR");
+    let eval = |args: &str| -> serde_json::Value {
+        let expr = format!("(import {repo}/nixos-module/units.nix {{ narq = \"/pkg\"; configFile = \"/c\"; socket = \"/s\"; {args} }}).service.serviceConfig.MemoryMax");
+        serde_json::from_str(&run(Command::new("nix-instantiate").args(["--eval", "--strict", "--json", "-E", &expr]))).unwrap()
+    };
+    assert_eq!(eval(""), "1G");
+    assert_eq!(eval("memoryMax = \"512M\";"), "512M");
+    let plain = std::fs::read_to_string(format!("{repo}/examples/non-nixos/narq.service")).unwrap();
+    assert!(plain.lines().any(|l| l == "MemoryMax=1G"), "{plain}");
+    let module = std::fs::read_to_string(format!("{repo}/nixos-module/default.nix")).unwrap();
+    assert!(module.contains("memoryMax = mkOption") && module.contains("environmentFile memoryMax;"));
+}
