@@ -44,6 +44,34 @@ pub struct Uploader {
     pub upstreams: Option<crate::upstream::Upstreams>,
 }
 
+/// Free space kept on the file system of the state dir, beyond a NAR's temp file: the
+/// queue and the spool live there, and a full disk would make narq refuse (or the hook
+/// spool) the very requests it exists to keep.
+pub const MIN_FREE: u64 = 256 << 20;
+
+/// Whether `dir` can take a temp file of up to `size` bytes and keep [`MIN_FREE`] free; the
+/// error says how much is free and needed. A compressed NAR is at most about its NAR size.
+fn check_room(dir: &Path, size: u64) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid C string and `st` a valid out-pointer for the call.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(format!("checking the free space of {}: {}", dir.display(), io::Error::last_os_error()));
+    }
+    let free = (st.f_bavail as u64).saturating_mul(st.f_frsize as u64);
+    if free < size.saturating_add(MIN_FREE) {
+        return Err(format!(
+            "not enough free space in {}: {} MiB free, a NAR of {} MiB plus {} MiB kept free for the queue and spool; will retry",
+            dir.display(),
+            free >> 20,
+            size.div_ceil(1 << 20),
+            MIN_FREE >> 20
+        ));
+    }
+    Ok(())
+}
+
 /// Result of compressing a NAR into the temp file.
 struct Compressed {
     nar: nar::NarStats,
@@ -157,6 +185,7 @@ impl Uploader {
                 return Ok(Outcome::Upstream);
             }
         }
+        check_room(&self.tmp_dir, info.nar_size).map_err(UploadError::Transient)?;
         let start = Instant::now();
         let store_path = PathBuf::from(info.path.to_absolute());
         let tmp = self.tmp_dir.join(format!("{}.nar.tmp", info.path.hash_part()));
@@ -175,6 +204,8 @@ impl Uploader {
                     UploadError::Permanent(format!("{} is gone from the store", info.path))
                 } else if e.kind() == io::ErrorKind::PermissionDenied {
                     UploadError::Permanent(format!("reading {}: {e}", info.path))
+                } else if e.kind() == io::ErrorKind::StorageFull {
+                    UploadError::Transient(format!("writing the NAR of {} to {}: {e}; temp file removed", info.path, self.tmp_dir.display()))
                 } else {
                     UploadError::Transient(format!("serialising {}: {e}", info.path))
                 });
