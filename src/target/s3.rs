@@ -12,6 +12,8 @@
 //!   more than S3's 10,000 parts), 6 parts in flight, each read from the compressed temp
 //!   file: memory stays flat whatever the NAR size. A failed multipart upload is aborted.
 //!   `multipart-upload=false` forces single PUTs.
+//! - A request not answered within 20 s plus its size at 16 KiB/s is given up (and retried
+//!   after a pause): a stalled server must not hold a worker forever.
 
 use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
@@ -152,6 +154,22 @@ fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
     msg
 }
 
+/// A request is given this long, plus its bytes at [`MIN_RATE`], to be answered.
+const ANSWER_BASE: std::time::Duration = std::time::Duration::from_secs(20);
+/// The slowest average rate per request that is still waited for (6 parts share a link).
+const MIN_RATE: u64 = 16 << 10;
+
+/// Waits for `send` (an SDK request carrying `len` bytes) at most [`ANSWER_BASE`] plus
+/// `len` at [`MIN_RATE`]. The SDK's own read timeout would count the upload of the body
+/// too; without any, a server that takes a request and never answers holds its worker
+/// (and, in dependency order, everything after it) forever.
+async fn answered<T>(what: &str, len: u64, send: impl std::future::Future<Output = T>) -> Result<T, TargetError> {
+    let limit = ANSWER_BASE + std::time::Duration::from_secs(len / MIN_RATE);
+    tokio::time::timeout(limit, send)
+        .await
+        .map_err(|_| TargetError::transient(format!("{what}: no answer within {} s", limit.as_secs())))
+}
+
 /// S3 accepts at most this many parts in one multipart upload.
 const MAX_PARTS: u64 = 10_000;
 
@@ -229,15 +247,8 @@ impl S3Target {
         let mut keys = std::collections::HashSet::new();
         let mut token = None;
         for _ in 0..LIST_PAGES {
-            let out = self
-                .client
-                .list_objects_v2()
-                .bucket(&self.bucket)
-                .delimiter("/")
-                .set_continuation_token(token)
-                .send()
-                .await
-                .map_err(|e| classify("listing the bucket", e))?;
+            let list = self.client.list_objects_v2().bucket(&self.bucket).delimiter("/").set_continuation_token(token).send();
+            let out = answered("listing the bucket", 0, list).await?.map_err(|e| classify("listing the bucket", e))?;
             keys.extend(out.contents().iter().filter_map(|o| o.key()).filter(|k| k.ends_with(".narinfo")).map(str::to_string));
             token = out.next_continuation_token().map(str::to_string);
             if token.is_none() {
@@ -248,37 +259,41 @@ impl S3Target {
     }
 
     async fn put_multipart(&self, key: &str, file: &Path, size: u64, content_type: &str, encoding: Option<&str>) -> Result<(), TargetError> {
-        let created = self
+        let what = format!("starting the multipart upload of {key}");
+        let create = self
             .client
             .create_multipart_upload()
             .bucket(&self.bucket)
             .key(key)
             .content_type(content_type)
             .set_content_encoding(encoding.map(str::to_string))
-            .send()
-            .await
-            .map_err(|e| classify(&format!("starting the multipart upload of {key}"), e))?;
+            .send();
+        let created = answered(&what, 0, create).await?.map_err(|e| classify(&what, e))?;
         let upload_id = created.upload_id().unwrap_or_default().to_string();
         let result = self.upload_parts(key, &upload_id, file, size).await;
         let parts = match result {
             Ok(p) => p,
             Err(e) => {
-                let abort = self.client.abort_multipart_upload().bucket(&self.bucket).key(key).upload_id(&upload_id).send().await;
-                if let Err(a) = abort {
-                    tracing::warn!(key, "aborting the multipart upload: {}", one_line(&a));
+                let abort = self.client.abort_multipart_upload().bucket(&self.bucket).key(key).upload_id(&upload_id).send();
+                match answered("aborting", 0, abort).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(a)) => tracing::warn!(key, "aborting the multipart upload: {}", one_line(&a)),
+                    Err(a) => tracing::warn!(key, "aborting the multipart upload: {a}"),
                 }
                 return Err(e);
             }
         };
-        self.client
+        let what = format!("completing the multipart upload of {key}");
+        let complete = self
+            .client
             .complete_multipart_upload()
             .bucket(&self.bucket)
             .key(key)
             .upload_id(&upload_id)
             .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
-            .send()
-            .await
-            .map_err(|e| classify(&format!("completing the multipart upload of {key}"), e))?;
+            .send();
+        // The server assembles the parts before it answers: give it time for the whole size.
+        answered(&what, size, complete).await?.map_err(|e| classify(&what, e))?;
         Ok(())
     }
 
@@ -308,7 +323,8 @@ impl S3Target {
                     .await
                     .map_err(|e| TargetError::transient(format!("reading {}: {e}", file.display())))?;
                 let n = (i + 1) as i32;
-                let out = client
+                let what = format!("uploading part {n} of {key}");
+                let send = client
                     .upload_part()
                     .bucket(bucket)
                     .key(&key)
@@ -316,9 +332,8 @@ impl S3Target {
                     .part_number(n)
                     .content_length(len as i64)
                     .body(body)
-                    .send()
-                    .await
-                    .map_err(|e| classify(&format!("uploading part {n} of {key}"), e))?;
+                    .send();
+                let out = answered(&what, len, send).await?.map_err(|e| classify(&what, e))?;
                 Ok(CompletedPart::builder().part_number(n).set_e_tag(out.e_tag().map(str::to_string)).build())
             });
             // Fail fast: a failed part stops the upload (dropping `tasks` aborts the rest).
@@ -355,10 +370,11 @@ impl Target for S3Target {
                     return Ok(l.keys.contains(key));
                 }
             }
-            match self.client.head_object().bucket(&self.bucket).key(key).send().await {
+            let what = format!("checking {key}");
+            match answered(&what, 0, self.client.head_object().bucket(&self.bucket).key(key).send()).await? {
                 Ok(_) => Ok(true),
                 Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => Ok(false),
-                Err(e) => Err(classify(&format!("checking {key}"), e)),
+                Err(e) => Err(classify(&what, e)),
             }
         })
     }
@@ -405,7 +421,9 @@ impl S3Target {
     }
 
     async fn put_one(&self, key: &str, body: ByteStream, len: i64, content_type: &str, encoding: Option<&str>) -> Result<(), TargetError> {
-        self.client
+        let what = format!("uploading {key}");
+        let send = self
+            .client
             .put_object()
             .bucket(&self.bucket)
             .key(key)
@@ -413,9 +431,8 @@ impl S3Target {
             .set_content_encoding(encoding.map(str::to_string))
             .content_length(len)
             .body(body)
-            .send()
-            .await
-            .map_err(|e| classify(&format!("uploading {key}"), e))?;
+            .send();
+        answered(&what, len as u64, send).await?.map_err(|e| classify(&what, e))?;
         Ok(())
     }
 }

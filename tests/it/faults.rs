@@ -67,6 +67,8 @@ enum Fault {
     TooLarge,
     /// Held this long, then forwarded.
     Stall(Duration),
+    /// Read, and never answered (until the client gives up, 60 s at most).
+    Hang,
 }
 
 /// Applies `fault` to the next `times` requests whose method is `method` and whose target
@@ -204,6 +206,11 @@ fn serve_faulty(mut client: std::net::TcpStream, upstream: u16, rules: &Shared<V
         return;
     }
     let status = match fault {
+        Fault::Hang => {
+            client.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            let _ = client.read(&mut [0u8; 1]);
+            None
+        }
         Fault::SlowDown(secs) => {
             s3_error(&mut client, "503 Slow Down", "SlowDown", &format!("Retry-After: {secs}\r\n"));
             Some(503)
@@ -302,7 +309,7 @@ fn check_bucket_closed(port: u16, bucket: &str) -> Result<Vec<String>, String> {
 }
 
 /// The "Done when" of issue 9: S3 behind a proxy that cuts a part upload mid-body, throttles
-/// with `Retry-After`, fails with 500 and stalls. Every path arrives exactly once, the
+/// with `Retry-After`, fails with 500, stalls, and takes a request without ever answering. Every path arrives exactly once, the
 /// bucket is closed under references at every look, `narq status` shows each pause's
 /// cause, and the pause after a `Retry-After` lasts at least that long.
 #[test]
@@ -323,6 +330,7 @@ fn s3_faults_every_path_once_and_closed() {
     proxy.add("PUT", "partNumber=", Fault::Drop, 6);
     proxy.add("PUT", ".narinfo", Fault::SlowDown(RETRY_AFTER), 2);
     proxy.add("PUT", ".narinfo", Fault::Error500, 2);
+    proxy.add("PUT", "/log/", Fault::Hang, 1);
     proxy.add("PUT", "/log/", Fault::Stall(Duration::from_secs(3)), 1);
 
     // Watchers: the bucket must be closed at every look, and every pause cause is recorded.
@@ -385,7 +393,7 @@ fn s3_faults_every_path_once_and_closed() {
     let seen = proxy.seen();
 
     // Every fault happened.
-    for f in [Fault::Drop, Fault::SlowDown(RETRY_AFTER), Fault::Error500, Fault::Stall(Duration::from_secs(3))] {
+    for f in [Fault::Drop, Fault::SlowDown(RETRY_AFTER), Fault::Error500, Fault::Hang, Fault::Stall(Duration::from_secs(3))] {
         assert!(seen.iter().any(|r| r.fault == f), "{f:?} never happened: {seen:#?}");
     }
     // Every path arrives, its narinfo exactly once.
@@ -402,7 +410,7 @@ fn s3_faults_every_path_once_and_closed() {
     // Each pause's cause was in `narq status`.
     let causes = causes.lock().unwrap().clone();
     eprintln!("{looks} looks at the bucket; pauses seen in status: {causes:#?}");
-    for (what, needles) in [("the cut part", &["uploading part"][..]), ("the throttling", &["503", "SlowDown"]), ("the 500", &["500", "InternalError"])] {
+    for (what, needles) in [("the cut part", &["uploading part"][..]), ("the throttling", &["503", "SlowDown"]), ("the 500", &["500", "InternalError"]), ("the hang", &["log/", "no answer within"])] {
         assert!(causes.iter().any(|c| needles.iter().all(|n| c.contains(n))), "{what} was not shown in status: {causes:#?}\n{log}");
     }
     // The pause after a `Retry-After` lasted at least that long.
