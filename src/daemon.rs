@@ -48,14 +48,14 @@ struct Shared {
     spool: tokio::sync::Mutex<()>,
 }
 
-/// The circuit breaker: a target failure pauses all uploads, for 1 s doubling up to a
-/// minute (with jitter) while failures go on, and at least as long as the store's
-/// `Retry-After` (up to [`MAX_RETRY_AFTER`]); a success closes it. One log line per pause,
-/// not one per item.
 /// The longest pause a store's `Retry-After` may ask for: a broken or hostile header must
 /// not stop uploads for hours.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
+/// The circuit breaker: a target failure pauses all uploads, for 1 s doubling up to a
+/// minute (with jitter) while failures go on, and at least as long as the store's
+/// `Retry-After` (up to [`MAX_RETRY_AFTER`]); a success closes it. One log line per pause,
+/// not one per item.
 #[derive(Default)]
 struct Health {
     failures: u32,

@@ -133,7 +133,8 @@ fn copy_log(src: &Path, tmp: &Path, xz: bool) -> io::Result<(u64, bool)> {
         true => Box::new(bzip2::read::BzDecoder::new(file)),
         false => Box::new(file),
     };
-    let out = BufWriter::new(File::create(tmp)?);
+    // Not NotFound or PermissionDenied: those say the log is gone or unreadable.
+    let out = BufWriter::new(File::create(tmp).map_err(|e| io::Error::other(format!("{}: {e}", tmp.display())))?);
     let mut out: Box<dyn WriteFinish> = match xz {
         true => Box::new(xz2::write::XzEncoder::new(out, LOG_XZ_PRESET)),
         false => Box::new(out),
@@ -259,10 +260,14 @@ impl Uploader {
             Ok(c) => c,
             Err(e) => {
                 let _ = std::fs::remove_file(&tmp);
-                return Err(if e.kind() == io::ErrorKind::StorageFull {
-                    UploadError::Transient(format!("writing the build log of {drv} to {}: {e}", self.tmp_dir.display()))
-                } else {
-                    UploadError::Permanent(format!("reading the build log of {drv}: {e}"))
+                // A log that is gone, unreadable or corrupt stays so; anything else (the temp
+                // file: a full disk, an I/O error) may pass.
+                use io::ErrorKind::*;
+                return Err(match e.kind() {
+                    NotFound | PermissionDenied | InvalidData | InvalidInput | UnexpectedEof => {
+                        UploadError::Permanent(format!("reading the build log of {drv}: {e}"))
+                    }
+                    _ => UploadError::Transient(format!("copying the build log of {drv} to {}: {e}", self.tmp_dir.display())),
                 });
             }
         };
