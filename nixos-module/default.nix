@@ -17,7 +17,7 @@ let
     narq = cfg.package;
     inherit configFile;
     inherit (cfg.settings) socket;
-    inherit (cfg) user group environmentFile;
+    inherit (cfg) user group environmentFile memoryMax;
   };
 in
 {
@@ -46,6 +46,12 @@ in
       type = types.nullOr types.str;
       default = null;
       description = "User the daemon runs as; null for a systemd DynamicUser.";
+    };
+    memoryMax = mkOption {
+      type = types.str;
+      default = "1G";
+      example = "512M";
+      description = "systemd MemoryMax= of the daemon: a ceiling, well above what it uses (memory does not grow with NAR or log size).";
     };
     group = mkOption {
       type = types.str;

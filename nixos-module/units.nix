@@ -1,6 +1,6 @@
 # The systemd units of narq, as NixOS attribute sets, without nixpkgs: the module uses them,
 # and the test suite checks them.
-{ narq, configFile, socket, stateDirName ? "narq", user ? null, group ? "narq", environmentFile ? null }:
+{ narq, configFile, socket, stateDirName ? "narq", user ? null, group ? "narq", environmentFile ? null, memoryMax ? "1G" }:
 {
   socket = {
     description = "narq: the socket narq-hook hands builds to";
@@ -30,6 +30,9 @@
       StateDirectoryMode = "0750";
       Group = group;
       UMask = "0027";
+      # A hard ceiling: narq's memory is flat (streamed NARs and logs, about 64 MiB per
+      # upload), so hitting it is a bug, and must not take the build machine down.
+      MemoryMax = memoryMax;
       # Hardening: the daemon reads the store and the Nix logs, writes only its state dir.
       ProtectSystem = "strict";
       ReadOnlyPaths = [ "/nix/store" "/nix/var/log/nix" ];

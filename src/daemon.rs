@@ -51,8 +51,13 @@ struct Shared {
     spool: tokio::sync::Mutex<()>,
 }
 
+/// The longest pause a store's `Retry-After` may ask for: a broken or hostile header must
+/// not stop uploads for hours.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
 /// The circuit breaker: a target failure pauses all uploads, for 1 s doubling up to a
-/// minute (with jitter) while failures go on; a success closes it. One log line per pause,
+/// minute (with jitter) while failures go on, and at least as long as the store's
+/// `Retry-After` (up to [`MAX_RETRY_AFTER`]); a success closes it. One log line per pause,
 /// not one per item.
 #[derive(Default)]
 struct Health {
@@ -66,7 +71,8 @@ struct Health {
 impl Health {
     fn fail(&mut self, e: &target::TargetError) {
         let already = self.paused_until.is_some_and(|t| t > Instant::now());
-        let pause = crate::queue::backoff(self.failures, &e.msg).min(Duration::from_secs(60));
+        let asked = e.retry_after.map_or(Duration::ZERO, |d| d.min(MAX_RETRY_AFTER));
+        let pause = crate::queue::backoff(self.failures, &e.msg).min(Duration::from_secs(60)).max(asked);
         self.failures += 1;
         self.paused_until = Some(Instant::now() + pause);
         self.error = Some(e.msg.clone());

@@ -2,7 +2,7 @@
 //! NarHash) → compressed temp file → target, then the narinfo; or a build log to `log/`.
 
 use std::fs::File;
-use std::io::{self, BufWriter, Read};
+use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -24,8 +24,13 @@ pub enum UploadError {
 }
 
 impl From<target::TargetError> for UploadError {
+    /// A refusal of this one object fails the item; anything else pauses the target.
     fn from(e: target::TargetError) -> Self {
-        UploadError::Target(e)
+        if e.permanent {
+            UploadError::Permanent(e.msg)
+        } else {
+            UploadError::Target(e)
+        }
     }
 }
 
@@ -37,6 +42,34 @@ pub struct Uploader {
     pub tmp_dir: PathBuf,
     /// Caches whose paths are not uploaded again (`upstream`).
     pub upstreams: Option<crate::upstream::Upstreams>,
+}
+
+/// Free space kept on the file system of the state dir, beyond a NAR's temp file: the
+/// queue and the spool live there, and a full disk would make narq refuse (or the hook
+/// spool) the very requests it exists to keep.
+pub const MIN_FREE: u64 = 256 << 20;
+
+/// Whether `dir` can take a temp file of up to `size` bytes and keep [`MIN_FREE`] free; the
+/// error says how much is free and needed. A compressed NAR is at most about its NAR size.
+fn check_room(dir: &Path, size: u64) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid C string and `st` a valid out-pointer for the call.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(format!("checking the free space of {}: {}", dir.display(), io::Error::last_os_error()));
+    }
+    let free = (st.f_bavail as u64).saturating_mul(st.f_frsize as u64);
+    if free < size.saturating_add(MIN_FREE) {
+        return Err(format!(
+            "not enough free space in {}: {} MiB free, a NAR of {} MiB plus {} MiB kept free for the queue and spool; will retry",
+            dir.display(),
+            free >> 20,
+            size.div_ceil(1 << 20),
+            MIN_FREE >> 20
+        ));
+    }
+    Ok(())
 }
 
 /// Result of compressing a NAR into the temp file.
@@ -83,6 +116,57 @@ fn compress_nar(path: &Path, nar_size: u64, url: &StoreUrl, tmp: &Path) -> io::R
     Ok(Compressed { nar, file_stats })
 }
 
+/// Build logs are cut here (with a note at the end). Nix keeps logs bzip2-compressed, and a
+/// few KiB of bzip2 can expand to gigabytes: the cap bounds the time, disk and cache space
+/// one log costs, whoever ran the build.
+pub const MAX_LOG: u64 = 64 << 20;
+
+/// xz preset for build logs: logs compress well at any level, and a low one keeps the
+/// encoder's memory at a few MiB.
+const LOG_XZ_PRESET: u32 = 1;
+
+/// Streams the build log at `src` (plain or `.bz2`) into `tmp`, at most [`MAX_LOG`] bytes of
+/// text, xz-compressed if `xz`; returns the bytes of text written and whether it was cut.
+fn copy_log(src: &Path, tmp: &Path, xz: bool) -> io::Result<(u64, bool)> {
+    let file = io::BufReader::new(File::open(src)?);
+    let mut text: Box<dyn Read> = match src.extension().is_some_and(|e| e == "bz2") {
+        true => Box::new(bzip2::read::BzDecoder::new(file)),
+        false => Box::new(file),
+    };
+    // Not NotFound or PermissionDenied: those say the log is gone or unreadable.
+    let out = BufWriter::new(File::create(tmp).map_err(|e| io::Error::other(format!("{}: {e}", tmp.display())))?);
+    let mut out: Box<dyn WriteFinish> = match xz {
+        true => Box::new(xz2::write::XzEncoder::new(out, LOG_XZ_PRESET)),
+        false => Box::new(out),
+    };
+    let mut n = io::copy(&mut (&mut text).take(MAX_LOG), &mut out)?;
+    let truncated = n == MAX_LOG && text.read(&mut [0u8; 1])? > 0;
+    if truncated {
+        let note = format!("\n[narq: build log truncated: only its first {} MiB were uploaded]\n", MAX_LOG >> 20);
+        out.write_all(note.as_bytes())?;
+        n += note.len() as u64;
+    }
+    out.finish()?.sync_all()?;
+    Ok((n, truncated))
+}
+
+/// A writer over a file that can be finished (compressors write their end) and synced.
+trait WriteFinish: Write {
+    fn finish(self: Box<Self>) -> io::Result<File>;
+}
+
+impl WriteFinish for BufWriter<File> {
+    fn finish(self: Box<Self>) -> io::Result<File> {
+        self.into_inner().map_err(|e| e.into_error())
+    }
+}
+
+impl WriteFinish for xz2::write::XzEncoder<BufWriter<File>> {
+    fn finish(self: Box<Self>) -> io::Result<File> {
+        (*self).finish()?.into_inner().map_err(|e| e.into_error())
+    }
+}
+
 impl Uploader {
     pub async fn run(&self, item: &Item) -> Result<Outcome, UploadError> {
         match &item.kind {
@@ -102,6 +186,7 @@ impl Uploader {
                 return Ok(Outcome::Upstream);
             }
         }
+        check_room(&self.tmp_dir, info.nar_size).map_err(UploadError::Transient)?;
         let start = Instant::now();
         let store_path = PathBuf::from(info.path.to_absolute());
         let tmp = self.tmp_dir.join(format!("{}.nar.tmp", info.path.hash_part()));
@@ -120,6 +205,8 @@ impl Uploader {
                     UploadError::Permanent(format!("{} is gone from the store", info.path))
                 } else if e.kind() == io::ErrorKind::PermissionDenied {
                     UploadError::Permanent(format!("reading {}: {e}", info.path))
+                } else if e.kind() == io::ErrorKind::StorageFull {
+                    UploadError::Transient(format!("writing the NAR of {} to {}: {e}; temp file removed", info.path, self.tmp_dir.display()))
                 } else {
                     UploadError::Transient(format!("serialising {}: {e}", info.path))
                 });
@@ -161,23 +248,38 @@ impl Uploader {
     async fn upload_log(&self, drv: &StorePath) -> Result<Outcome, UploadError> {
         let Some(file) = db::build_log_path(drv) else { return Ok(Outcome::NoLog) };
         let key = format!("log/{}", drv.base_name());
-        let text = tokio::task::spawn_blocking(move || -> io::Result<Vec<u8>> {
-            let mut raw = Vec::new();
-            File::open(&file)?.read_to_end(&mut raw)?;
-            if file.extension().is_some_and(|e| e == "bz2") {
-                let mut out = Vec::new();
-                bzip2::read::BzDecoder::new(&raw[..]).read_to_end(&mut out)?;
-                Ok(out)
-            } else {
-                Ok(raw)
+        let tmp = self.tmp_dir.join(format!("{}.log.tmp", drv.hash_part()));
+        let encoding = self.target.log_encoding();
+        let copied = {
+            let tmp = tmp.clone();
+            tokio::task::spawn_blocking(move || copy_log(&file, &tmp, encoding.is_some()))
+                .await
+                .map_err(|e| UploadError::Transient(format!("worker: {e}")))?
+        };
+        let (text_bytes, truncated) = match copied {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                // A log that is gone, unreadable or corrupt stays so; anything else (the temp
+                // file: a full disk, an I/O error) may pass.
+                use io::ErrorKind::*;
+                return Err(match e.kind() {
+                    NotFound | PermissionDenied | InvalidData | InvalidInput | UnexpectedEof => {
+                        UploadError::Permanent(format!("reading the build log of {drv}: {e}"))
+                    }
+                    _ => UploadError::Transient(format!("copying the build log of {drv} to {}: {e}", self.tmp_dir.display())),
+                });
             }
-        })
-        .await
-        .map_err(|e| UploadError::Transient(format!("worker: {e}")))?
-        .map_err(|e| UploadError::Permanent(format!("reading the build log of {drv}: {e}")))?;
-        let bytes = text.len() as u64;
-        self.target.put(&key, Body::Bytes(text), target::LOG_TYPE).await?;
-        tracing::info!(drv = %drv, bytes, "uploaded the build log of {drv}");
+        };
+        if truncated {
+            tracing::warn!(drv = %drv, "the build log of {drv} is over {} MiB; uploaded its first {} MiB", MAX_LOG >> 20, MAX_LOG >> 20);
+        }
+        let bytes = std::fs::metadata(&tmp).map_or(0, |m| m.len());
+        match encoding {
+            Some(enc) => self.target.put_encoded(&key, Body::File(tmp), target::LOG_TYPE, enc).await?,
+            None => self.target.put(&key, Body::File(tmp), target::LOG_TYPE).await?,
+        }
+        tracing::info!(drv = %drv, bytes, log_bytes = text_bytes, "uploaded the build log of {drv}");
         Ok(Outcome::Uploaded { bytes })
     }
 

@@ -8,6 +8,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::store_url::{Location, StoreUrl};
 
@@ -22,24 +23,32 @@ pub enum Body {
     File(PathBuf),
 }
 
-/// A failure to talk to the target. Nothing the target says is final for an item: the
-/// network comes back, throttling ends, a disk is cleared, credentials are fixed. But it
+/// A failure to talk to the target. Almost nothing the target says is final for an item:
+/// the network comes back, throttling ends, a disk is cleared, credentials are fixed. But it
 /// concerns every item alike, so the daemon pauses all uploads (with backoff) rather than
-/// let each item retry on its own.
+/// let each item retry on its own. The exception is a refusal of one object for what it is
+/// ([`TargetError::permanent`], e.g. `EntityTooLarge`): that item fails, the others go on.
 #[derive(Debug, thiserror::Error)]
 #[error("{msg}")]
 pub struct TargetError {
     pub msg: String,
     /// Needs a person: wrong credentials, a missing bucket, a refused policy.
     pub config: bool,
+    /// This object will never be accepted: fail the item, do not pause the target.
+    pub permanent: bool,
+    /// The store asked us to wait at least this long (`Retry-After`).
+    pub retry_after: Option<Duration>,
 }
 
 impl TargetError {
     pub fn transient(msg: impl Into<String>) -> Self {
-        TargetError { msg: msg.into(), config: false }
+        TargetError { msg: msg.into(), config: false, permanent: false, retry_after: None }
     }
     pub fn target(msg: impl Into<String>) -> Self {
-        TargetError { msg: msg.into(), config: true }
+        TargetError { config: true, ..Self::transient(msg) }
+    }
+    pub fn permanent(msg: impl Into<String>) -> Self {
+        TargetError { permanent: true, ..Self::transient(msg) }
     }
 }
 
@@ -56,6 +65,17 @@ pub trait Target: Send + Sync {
     fn put<'a>(&'a self, key: &'a str, body: Body, content_type: &'static str) -> BoxFuture<'a, Result<(), TargetError>>;
     /// For messages: where this target writes.
     fn describe(&self) -> String;
+    /// The `Content-Encoding` its readers undo for build logs, if any. Nix's HTTP client
+    /// decompresses by `Content-Encoding` (`xz` is its own), while a `file://` cache is
+    /// read as is, so there logs stay plain.
+    fn log_encoding(&self) -> Option<&'static str> {
+        None
+    }
+    /// Stores `body` at `key` with that `Content-Encoding`. Only called when
+    /// [`Target::log_encoding`] names one; the default stores the body as is.
+    fn put_encoded<'a>(&'a self, key: &'a str, body: Body, content_type: &'static str, _encoding: &'static str) -> BoxFuture<'a, Result<(), TargetError>> {
+        self.put(key, body, content_type)
+    }
 }
 
 /// The target for a store URL.

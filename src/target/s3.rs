@@ -8,12 +8,15 @@
 //!   servers reject. `checksum=when-required` (the default with a custom endpoint) sends
 //!   them only where S3 requires one; `checksum=when-supported` (the default for AWS) always.
 //! - NARs at most one part large go in one PUT, larger ones as a multipart upload of
-//!   `buffer-size` parts (default 16 MiB, at least 5 MiB), 6 parts in flight, each read from
-//!   the compressed temp file: memory stays flat whatever the NAR size. A failed multipart
-//!   upload is aborted. `multipart-upload=false` forces single PUTs.
+//!   `buffer-size` parts (default 16 MiB, at least 5 MiB; larger when the file would need
+//!   more than S3's 10,000 parts), 6 parts in flight, each read from the compressed temp
+//!   file: memory stays flat whatever the NAR size. A failed multipart upload is aborted.
+//!   `multipart-upload=false` forces single PUTs.
+//! - A request not answered within 20 s plus its size at 16 KiB/s is given up (and retried
+//!   after a pause): a stalled server must not hold a worker forever.
 
 use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use std::path::Path;
@@ -52,18 +55,37 @@ pub struct S3Target {
     describe: String,
 }
 
-/// Sorts an SDK error: wrong credentials and a missing bucket concern the whole target,
-/// throttling, 5xx, timeouts and dropped connections may pass, the rest is reported as is.
+/// S3 error codes that refuse one object for what it is (its size, its key): sending it
+/// again cannot help, and nothing is wrong with the target for other objects.
+const OBJECT_REFUSED: &[&str] = &["EntityTooLarge", "EntityTooSmall", "KeyTooLongError", "MetadataTooLarge"];
+
+/// Longest message taken from an SDK error chain; the rest is SDK internals.
+const MAX_MSG: usize = 300;
+
+/// The profile credentials are read from, for the "no credentials" message.
+static PROFILE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Sorts an SDK error: wrong or missing credentials and a missing bucket concern the whole
+/// target, a refused object only its item, throttling, 5xx, timeouts and dropped connections
+/// may pass. The message is one line.
 fn classify<E: ProvideErrorMetadata + std::error::Error + 'static>(what: &str, e: SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> TargetError {
     let status = e.raw_response().map(|r| r.status().as_u16());
     let code = e.as_service_error().and_then(|s| s.code()).unwrap_or("").to_string();
-    // A service error in one line (status, code, message); anything else with its causes.
+    // Seconds only: S3 and its clones do not send HTTP dates here.
+    let retry_after = e
+        .raw_response()
+        .and_then(|r| r.headers().get("retry-after"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(std::time::Duration::from_secs);
+    if let Some(c) = credentials_error(&e) {
+        return TargetError::target(format!("{what}: {c}"));
+    }
     let msg = match (&e, status) {
         (SdkError::ServiceError(se), Some(st)) => {
             let m = se.err().message().unwrap_or("");
             format!("{what}: HTTP {st} {code} {m}").trim_end().to_string()
         }
-        _ => format!("{what}: {}", DisplayErrorContext(&e)),
+        _ => format!("{what}: {}", one_line(&e)),
     };
     let auth = matches!(status, Some(401 | 403))
         || matches!(code.as_str(), "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "AccessDenied" | "ExpiredToken" | "NoSuchBucket")
@@ -71,7 +93,91 @@ fn classify<E: ProvideErrorMetadata + std::error::Error + 'static>(what: &str, e
     if auth {
         return TargetError::target(format!("{msg} (check the credentials, the bucket and its policy)"));
     }
-    TargetError::transient(msg)
+    if status == Some(413) || OBJECT_REFUSED.contains(&code.as_str()) {
+        return TargetError::permanent(msg);
+    }
+    TargetError { retry_after, ..TargetError::transient(msg) }
+}
+
+/// "No credentials" in one line, if that is what `e` comes down to: the SDK wraps it in a
+/// dispatch failure whose text lists every provider's internals.
+fn credentials_error(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    use aws_credential_types::provider::error::CredentialsError;
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(c) = err.downcast_ref::<CredentialsError>() {
+            return Some(match c {
+                CredentialsError::CredentialsNotLoaded(_) => {
+                    let profile = PROFILE.get().map_or("default", String::as_str);
+                    let imds = match std::env::var("AWS_EC2_METADATA_DISABLED") {
+                        Ok(v) if v.eq_ignore_ascii_case("true") => "IMDS (disabled by AWS_EC2_METADATA_DISABLED)",
+                        _ => "IMDS",
+                    };
+                    format!(
+                        "no AWS credentials found (looked in: env AWS_ACCESS_KEY_ID, profile {profile:?} in ~/.aws/credentials \
+                         and ~/.aws/config, web identity token, ECS, {imds})"
+                    )
+                }
+                CredentialsError::ProviderTimedOut(t) => {
+                    format!("loading AWS credentials timed out after {} s", t.timeout_duration().as_secs())
+                }
+                other => format!("loading AWS credentials: {}", one_line(other)),
+            });
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// An error and its causes, joined with ": ", each cause's first line only, repeats left
+/// out, at most [`MAX_MSG`] characters.
+fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        let text = err.to_string();
+        let first = text.lines().next().unwrap_or("").trim().to_string();
+        if !first.is_empty() && !parts.iter().any(|p| p.contains(&first)) {
+            parts.push(first);
+        }
+        cur = err.source();
+    }
+    let mut msg = parts.join(": ");
+    if msg.len() > MAX_MSG {
+        let mut cut = MAX_MSG;
+        while !msg.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        msg.truncate(cut);
+        msg.push('…');
+    }
+    msg
+}
+
+/// A request is given this long, plus its bytes at [`MIN_RATE`], to be answered.
+const ANSWER_BASE: std::time::Duration = std::time::Duration::from_secs(20);
+/// The slowest average rate per request that is still waited for (6 parts share a link).
+const MIN_RATE: u64 = 16 << 10;
+
+/// Waits for `send` (an SDK request carrying `len` bytes) at most [`ANSWER_BASE`] plus
+/// `len` at [`MIN_RATE`]. The SDK's own read timeout would count the upload of the body
+/// too; without any, a server that takes a request and never answers holds its worker
+/// (and, in dependency order, everything after it) forever.
+async fn answered<T>(what: &str, len: u64, send: impl std::future::Future<Output = T>) -> Result<T, TargetError> {
+    let limit = ANSWER_BASE + std::time::Duration::from_secs(len / MIN_RATE);
+    tokio::time::timeout(limit, send)
+        .await
+        .map_err(|_| TargetError::transient(format!("{what}: no answer within {} s", limit.as_secs())))
+}
+
+/// S3 accepts at most this many parts in one multipart upload.
+const MAX_PARTS: u64 = 10_000;
+
+/// The part size for a file of `size` bytes: `configured`, or larger (in whole MiB) when
+/// `configured` would take more than [`MAX_PARTS`] parts.
+fn part_size_for(configured: u64, size: u64) -> u64 {
+    let needed = size.div_ceil(MAX_PARTS).div_ceil(1 << 20) << 20;
+    configured.max(needed)
 }
 
 impl S3Target {
@@ -87,6 +193,8 @@ impl S3Target {
         if let Some(profile) = p("profile") {
             loader = loader.profile_name(profile);
         }
+        let profile = p("profile").map(str::to_string).or_else(|| std::env::var("AWS_PROFILE").ok());
+        let _ = PROFILE.set(profile.unwrap_or_else(|| "default".into()));
         let sdk = loader.load().await;
         let mut b = aws_sdk_s3::config::Builder::from(&sdk);
         if sdk.region().is_none() {
@@ -139,15 +247,8 @@ impl S3Target {
         let mut keys = std::collections::HashSet::new();
         let mut token = None;
         for _ in 0..LIST_PAGES {
-            let out = self
-                .client
-                .list_objects_v2()
-                .bucket(&self.bucket)
-                .delimiter("/")
-                .set_continuation_token(token)
-                .send()
-                .await
-                .map_err(|e| classify("listing the bucket", e))?;
+            let list = self.client.list_objects_v2().bucket(&self.bucket).delimiter("/").set_continuation_token(token).send();
+            let out = answered("listing the bucket", 0, list).await?.map_err(|e| classify("listing the bucket", e))?;
             keys.extend(out.contents().iter().filter_map(|o| o.key()).filter(|k| k.ends_with(".narinfo")).map(str::to_string));
             token = out.next_continuation_token().map(str::to_string);
             if token.is_none() {
@@ -157,43 +258,49 @@ impl S3Target {
         Ok(None)
     }
 
-    async fn put_multipart(&self, key: &str, file: &Path, size: u64, content_type: &str) -> Result<(), TargetError> {
-        let created = self
+    async fn put_multipart(&self, key: &str, file: &Path, size: u64, content_type: &str, encoding: Option<&str>) -> Result<(), TargetError> {
+        let what = format!("starting the multipart upload of {key}");
+        let create = self
             .client
             .create_multipart_upload()
             .bucket(&self.bucket)
             .key(key)
             .content_type(content_type)
-            .send()
-            .await
-            .map_err(|e| classify(&format!("starting the multipart upload of {key}"), e))?;
+            .set_content_encoding(encoding.map(str::to_string))
+            .send();
+        let created = answered(&what, 0, create).await?.map_err(|e| classify(&what, e))?;
         let upload_id = created.upload_id().unwrap_or_default().to_string();
         let result = self.upload_parts(key, &upload_id, file, size).await;
         let parts = match result {
             Ok(p) => p,
             Err(e) => {
-                let abort = self.client.abort_multipart_upload().bucket(&self.bucket).key(key).upload_id(&upload_id).send().await;
-                if let Err(a) = abort {
-                    tracing::warn!(key, "aborting the multipart upload: {}", DisplayErrorContext(&a));
+                let abort = self.client.abort_multipart_upload().bucket(&self.bucket).key(key).upload_id(&upload_id).send();
+                match answered("aborting", 0, abort).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(a)) => tracing::warn!(key, "aborting the multipart upload: {}", one_line(&a)),
+                    Err(a) => tracing::warn!(key, "aborting the multipart upload: {a}"),
                 }
                 return Err(e);
             }
         };
-        self.client
+        let what = format!("completing the multipart upload of {key}");
+        let complete = self
+            .client
             .complete_multipart_upload()
             .bucket(&self.bucket)
             .key(key)
             .upload_id(&upload_id)
             .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
-            .send()
-            .await
-            .map_err(|e| classify(&format!("completing the multipart upload of {key}"), e))?;
+            .send();
+        // The server assembles the parts before it answers: give it time for the whole size.
+        answered(&what, size, complete).await?.map_err(|e| classify(&what, e))?;
         Ok(())
     }
 
     /// Uploads the parts, `PARTS_IN_FLIGHT` at a time, each streamed from its range of the file.
     async fn upload_parts(&self, key: &str, upload_id: &str, file: &Path, size: u64) -> Result<Vec<CompletedPart>, TargetError> {
-        let count = size.div_ceil(self.part_size);
+        let part_size = part_size_for(self.part_size, size);
+        let count = size.div_ceil(part_size);
         let sem = Arc::new(tokio::sync::Semaphore::new(PARTS_IN_FLIGHT));
         let mut tasks = tokio::task::JoinSet::new();
         let mut parts = Vec::with_capacity(count as usize);
@@ -202,8 +309,8 @@ impl S3Target {
         };
         for i in 0..count {
             let permit = sem.clone().acquire_owned().await.expect("semaphore open");
-            let offset = i * self.part_size;
-            let len = self.part_size.min(size - offset);
+            let offset = i * part_size;
+            let len = part_size.min(size - offset);
             let (client, bucket, key, upload_id, file) =
                 (self.client.clone(), self.bucket.clone(), key.to_string(), upload_id.to_string(), file.to_path_buf());
             tasks.spawn(async move {
@@ -216,7 +323,8 @@ impl S3Target {
                     .await
                     .map_err(|e| TargetError::transient(format!("reading {}: {e}", file.display())))?;
                 let n = (i + 1) as i32;
-                let out = client
+                let what = format!("uploading part {n} of {key}");
+                let send = client
                     .upload_part()
                     .bucket(bucket)
                     .key(&key)
@@ -224,9 +332,8 @@ impl S3Target {
                     .part_number(n)
                     .content_length(len as i64)
                     .body(body)
-                    .send()
-                    .await
-                    .map_err(|e| classify(&format!("uploading part {n} of {key}"), e))?;
+                    .send();
+                let out = answered(&what, len, send).await?.map_err(|e| classify(&what, e))?;
                 Ok(CompletedPart::builder().part_number(n).set_e_tag(out.e_tag().map(str::to_string)).build())
             });
             // Fail fast: a failed part stops the upload (dropping `tasks` aborts the rest).
@@ -263,56 +370,87 @@ impl Target for S3Target {
                     return Ok(l.keys.contains(key));
                 }
             }
-            match self.client.head_object().bucket(&self.bucket).key(key).send().await {
+            let what = format!("checking {key}");
+            match answered(&what, 0, self.client.head_object().bucket(&self.bucket).key(key).send()).await? {
                 Ok(_) => Ok(true),
                 Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => Ok(false),
-                Err(e) => Err(classify(&format!("checking {key}"), e)),
+                Err(e) => Err(classify(&what, e)),
             }
         })
     }
 
     fn put<'a>(&'a self, key: &'a str, body: Body, content_type: &'static str) -> BoxFuture<'a, Result<(), TargetError>> {
-        Box::pin(async move {
-            let (stream, len) = match body {
-                Body::Bytes(b) => {
-                    let n = b.len() as i64;
-                    (ByteStream::from(b), n)
-                }
-                Body::File(f) => {
-                    let size = std::fs::metadata(&f).map_err(|e| TargetError::transient(format!("{}: {e}", f.display())))?.len();
-                    let result = if self.multipart && size > self.part_size {
-                        self.put_multipart(key, &f, size, content_type).await
-                    } else {
-                        match ByteStream::from_path(&f).await {
-                            Ok(s) => self.put_one(key, s, size as i64, content_type).await,
-                            Err(e) => Err(TargetError::transient(format!("reading {}: {e}", f.display()))),
-                        }
-                    };
-                    let _ = std::fs::remove_file(&f);
-                    return result;
-                }
-            };
-            self.put_one(key, stream, len, content_type).await
-        })
+        Box::pin(self.put_with(key, body, content_type, None))
     }
 
     fn describe(&self) -> String {
         self.describe.clone()
     }
+
+    fn log_encoding(&self) -> Option<&'static str> {
+        Some("xz")
+    }
+
+    fn put_encoded<'a>(&'a self, key: &'a str, body: Body, content_type: &'static str, encoding: &'static str) -> BoxFuture<'a, Result<(), TargetError>> {
+        Box::pin(self.put_with(key, body, content_type, Some(encoding)))
+    }
 }
 
 impl S3Target {
-    async fn put_one(&self, key: &str, body: ByteStream, len: i64, content_type: &str) -> Result<(), TargetError> {
-        self.client
+    async fn put_with(&self, key: &str, body: Body, content_type: &str, encoding: Option<&str>) -> Result<(), TargetError> {
+        let (stream, len) = match body {
+            Body::Bytes(b) => {
+                let n = b.len() as i64;
+                (ByteStream::from(b), n)
+            }
+            Body::File(f) => {
+                let size = std::fs::metadata(&f).map_err(|e| TargetError::transient(format!("{}: {e}", f.display())))?.len();
+                let result = if self.multipart && size > self.part_size {
+                    self.put_multipart(key, &f, size, content_type, encoding).await
+                } else {
+                    match ByteStream::from_path(&f).await {
+                        Ok(s) => self.put_one(key, s, size as i64, content_type, encoding).await,
+                        Err(e) => Err(TargetError::transient(format!("reading {}: {e}", f.display()))),
+                    }
+                };
+                let _ = std::fs::remove_file(&f);
+                return result;
+            }
+        };
+        self.put_one(key, stream, len, content_type, encoding).await
+    }
+
+    async fn put_one(&self, key: &str, body: ByteStream, len: i64, content_type: &str, encoding: Option<&str>) -> Result<(), TargetError> {
+        let what = format!("uploading {key}");
+        let send = self
+            .client
             .put_object()
             .bucket(&self.bucket)
             .key(key)
             .content_type(content_type)
+            .set_content_encoding(encoding.map(str::to_string))
             .content_length(len)
             .body(body)
-            .send()
-            .await
-            .map_err(|e| classify(&format!("uploading {key}"), e))?;
+            .send();
+        answered(&what, len as u64, send).await?.map_err(|e| classify(&what, e))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn part_size_keeps_within_10000_parts() {
+        const MIB: u64 = 1 << 20;
+        assert_eq!(part_size_for(16 * MIB, 100 * MIB), 16 * MIB);
+        // ~156 GiB is where 16 MiB parts run out; beyond, parts grow in whole MiB.
+        for size in [156 * 1024 * MIB, 157 * 1024 * MIB, 1024 * 1024 * MIB, 5 * 1024 * 1024 * MIB] {
+            let part = part_size_for(16 * MIB, size);
+            assert!(size.div_ceil(part) <= MAX_PARTS, "{size}: {part}");
+            assert_eq!(part % MIB, 0);
+        }
+        assert_eq!(part_size_for(16 * MIB, 200 * 1024 * MIB), 21 * MIB);
     }
 }
