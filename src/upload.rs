@@ -52,14 +52,7 @@ pub const MIN_FREE: u64 = 256 << 20;
 /// Whether `dir` can take a temp file of up to `size` bytes and keep [`MIN_FREE`] free; the
 /// error says how much is free and needed. A compressed NAR is at most about its NAR size.
 fn check_room(dir: &Path, size: u64) -> Result<(), String> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a valid C string and `st` a valid out-pointer for the call.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(format!("checking the free space of {}: {}", dir.display(), io::Error::last_os_error()));
-    }
-    let free = (st.f_bavail as u64).saturating_mul(st.f_frsize as u64);
+    let free = crate::spool::free_bytes(dir).map_err(|e| format!("checking the free space of {}: {e}", dir.display()))?;
     if free < size.saturating_add(MIN_FREE) {
         return Err(format!(
             "not enough free space in {}: {} MiB free, a NAR of {} MiB plus {} MiB kept free for the queue and spool; will retry",

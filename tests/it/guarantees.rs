@@ -164,7 +164,7 @@ fn a_full_state_disk_delays_uploads_and_loses_nothing() {
     let mut n = Narq::new("diskfull", "");
     let state = n.dir.join("state");
     std::fs::create_dir_all(&state).unwrap();
-    run(Command::new("mount").args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"]).arg(&state));
+    run(Command::new("mount").args(["-t", "tmpfs", "-o", "size=300m", "tmpfs"]).arg(&state));
     struct Unmount(std::path::PathBuf);
     impl Drop for Unmount {
         fn drop(&mut self) {
@@ -221,7 +221,7 @@ fn soak_hooks_pushes_kills_and_a_filling_disk() {
     let mut n = Narq::new("soak", "");
     let state = n.dir.join("state");
     std::fs::create_dir_all(&state).unwrap();
-    run(Command::new("mount").args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"]).arg(&state));
+    run(Command::new("mount").args(["-t", "tmpfs", "-o", "size=300m", "tmpfs"]).arg(&state));
     struct Unmount(std::path::PathBuf);
     impl Drop for Unmount {
         fn drop(&mut self) {
