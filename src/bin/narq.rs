@@ -61,10 +61,10 @@ enum Cmd {
         /// The key's name, conventionally the cache's host name and a number (cache.example.org-1)
         name: String,
         /// Where to write the secret key (created, mode 0600; must not exist)
-        #[arg(long, value_name = "FILE", required = true)]
+        #[arg(long, value_name = "FILE")]
         secret_key_file: PathBuf,
         /// Where to write the public key
-        #[arg(long, value_name = "FILE", required = true)]
+        #[arg(long, value_name = "FILE")]
         public_key_file: PathBuf,
     },
     /// Print the NAR hash and size of PATH (like nix-hash --type sha256 --base32)
@@ -77,10 +77,10 @@ enum Cmd {
     Man { dir: PathBuf },
 }
 
-/// `--timeout SECS`: a finite, non-negative number of seconds.
+/// `--timeout SECS`: what a `Duration` holds (`Duration::from_secs_f64` would panic on -1).
 fn seconds(s: &str) -> Result<Duration, String> {
     let secs: f64 = s.parse().map_err(|e: std::num::ParseFloatError| e.to_string())?;
-    Duration::try_from_secs_f64(secs).map_err(|_| "expected seconds, 0 or more".to_string())
+    Duration::try_from_secs_f64(secs).map_err(|_| "expected seconds, from 0 to 2^64".to_string())
 }
 
 /// How `narq` ends: the one place where exit codes are decided (`narq --help` lists them).

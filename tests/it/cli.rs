@@ -88,7 +88,7 @@ fn usage_errors_exit_2() {
     let cases: &[(&[&str], &str)] = &[
         (&["push", "--bogus", "/nix/store/00000000000000000000000000000000-x"], "--bogus"),
         (&["wait", "--timeout", "x"], "invalid float literal"),
-        (&["wait", "--timeout=-1"], "0 or more"),
+        (&["wait", "--timeout=-1"], "from 0"),
         (&["wait", "--timeout", "-1"], "-1"),
         (&["wait", "--timeout=inf"], "inf"),
         (&["wait", "--timeout"], "--timeout"),
