@@ -29,8 +29,18 @@
           # The integration tests need root, a Nix store and an S3 server: run them with
           # scripts/test.sh, not in the sandbox.
           doCheck = false;
+          nativeBuildInputs = [ pkgs.installShellFiles ];
           postInstall = ''
             ln -sf ${narq-hook}/bin/narq-hook $out/bin/narq-hook
+          '' + pkgs.lib.optionalString (pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform) ''
+            # Completions and man pages come from the CLI's own definition (hidden commands).
+            installShellCompletion --cmd narq \
+              --bash <($out/bin/narq completions bash) \
+              --fish <($out/bin/narq completions fish) \
+              --zsh <($out/bin/narq completions zsh)
+            mandir=$(mktemp -d)
+            $out/bin/narq man "$mandir"
+            installManPage "$mandir"/*.1
           '';
           meta.mainProgram = "narq";
         };

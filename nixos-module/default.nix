@@ -108,6 +108,7 @@ in
     # than the hook. It (root, under nix-daemon) and the CLI read the default config path.
     nix.settings.post-build-hook = "${cfg.package}/bin/narq-hook";
     environment.etc."narq/config.toml".source = configFile;
+    # Brings the package's man pages and shell completions (share/) along with `narq`.
     environment.systemPackages = [ cfg.package ];
     systemd.sockets.narq = units.socket;
     systemd.services.narq = units.service;

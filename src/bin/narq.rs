@@ -5,95 +5,135 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use clap::{CommandFactory, Parser, Subcommand};
 use narq::config::Config;
 use narq::hook::{self, Delivery};
 use narq::nix::{nar, SecretKey, StorePath};
 use narq::protocol::{self, Request, Response, Status};
 
-const USAGE: &str = "\
-usage: narq [--config FILE] COMMAND
-
-commands:
-  daemon                     run the queue and the uploaders (foreground)
-  push [--wait] PATH...      enqueue paths and their closures, signed like the hook does
-  status [--json]            queue depth, in flight, uploaded, failed, bytes and rate
-  wait [--timeout SECS]      wait until everything enqueued so far is uploaded; report
-                             what failed since the last wait
-  retry                      hand over again the builds the hook could not (see status)
-  keygen NAME --secret-key-file F --public-key-file F
-                             make a key pair in Nix's format
-  nar-hash PATH              print the NAR hash and size of PATH (like nix-hash --base32)
-
-config: --config FILE, else $NARQ_CONFIG, else /etc/narq/config.toml
-exit codes: 0 success; 1 error, or (wait, push --wait) some path failed for good;
-            2 usage error; 3 wait timed out";
-
-struct Args {
+/// The command line, parsed completely (by clap) before anything runs.
+#[derive(Parser, Debug)]
+#[command(name = "narq", version, about, after_help = AFTER_HELP)]
+struct Cli {
+    /// The configuration file [default: $NARQ_CONFIG, else /etc/narq/config.toml]
+    #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
-    command: String,
-    rest: Vec<std::ffi::OsString>,
+    #[command(subcommand)]
+    command: Cmd,
 }
 
-fn parse_args() -> Result<Args, lexopt::Error> {
-    use lexopt::prelude::*;
-    let mut p = lexopt::Parser::from_env();
-    let mut config = None;
-    loop {
-        match p.next()? {
-            Some(Long("config")) => config = Some(p.value()?.into()),
-            Some(Short('h') | Long("help")) => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            Some(Value(cmd)) => {
-                return Ok(Args { config, command: cmd.string()?, rest: p.raw_args()?.collect() });
-            }
-            Some(arg) => return Err(arg.unexpected()),
-            None => return Err("no command given".into()),
-        }
+const AFTER_HELP: &str = "\
+Configuration: --config FILE, else $NARQ_CONFIG, else /etc/narq/config.toml.
+
+Exit codes: 0 success; 1 error, or (wait, push --wait, retry) something failed;
+2 usage error; 3 wait timed out (uploads go on).";
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the queue and the uploaders (foreground)
+    Daemon,
+    /// Enqueue paths and their closures, signed like the hook does
+    Push {
+        /// Then wait until the closures are uploaded; exit 1 if a path failed for good
+        #[arg(long)]
+        wait: bool,
+        /// Store paths, or links to them such as ./result
+        #[arg(required = true)]
+        path: Vec<PathBuf>,
+    },
+    /// Queue depth, in flight, uploaded, failed, bytes and rate
+    Status {
+        /// Print the status as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Wait until everything enqueued so far is uploaded; report what failed since the last wait
+    #[command(after_help = "Exit codes: 0 all uploaded; 1 some path failed for good; 3 timed out.")]
+    Wait {
+        /// Give up after SECS seconds (fractions allowed) [default: no limit]
+        #[arg(long, value_name = "SECS", value_parser = seconds)]
+        timeout: Option<Duration>,
+    },
+    /// Hand over again the builds the hook could not (see status)
+    Retry,
+    /// Make a key pair in Nix's format (NAME:BASE64)
+    Keygen {
+        /// The key's name, conventionally the cache's host name and a number (cache.example.org-1)
+        name: String,
+        /// Where to write the secret key (created, mode 0600; must not exist)
+        #[arg(long, value_name = "FILE")]
+        secret_key_file: PathBuf,
+        /// Where to write the public key
+        #[arg(long, value_name = "FILE")]
+        public_key_file: PathBuf,
+    },
+    /// Print the NAR hash and size of PATH (like nix-hash --type sha256 --base32)
+    NarHash { path: PathBuf },
+    /// Print a completion script for SHELL (for packagers)
+    #[command(hide = true)]
+    Completions { shell: clap_complete::Shell },
+    /// Write man pages for narq and each command into DIR (for packagers)
+    #[command(hide = true)]
+    Man { dir: PathBuf },
+}
+
+/// `--timeout SECS`: what a `Duration` holds (`Duration::from_secs_f64` would panic on -1).
+fn seconds(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s.parse().map_err(|e: std::num::ParseFloatError| e.to_string())?;
+    Duration::try_from_secs_f64(secs).map_err(|_| "expected seconds, from 0 to 2^64".to_string())
+}
+
+/// How `narq` ends: the one place where exit codes are decided (`narq --help` lists them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exit {
+    /// 0: done, everything asked for succeeded.
+    Success,
+    /// 1: the command ran but something it reports on failed (a path that failed for good
+    /// in `wait`/`push --wait`, a build `retry` still could not hand over).
+    Failed,
+    /// 1: an error stopped the command.
+    Error,
+    /// 2: the command line is wrong.
+    Usage,
+    /// 3: `wait` timed out; the uploads go on in the background.
+    TimedOut,
+}
+
+impl From<Exit> for ExitCode {
+    fn from(e: Exit) -> ExitCode {
+        ExitCode::from(match e {
+            Exit::Success => 0,
+            Exit::Failed | Exit::Error => 1,
+            Exit::Usage => 2,
+            Exit::TimedOut => 3,
+        })
     }
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args() {
-        Ok(a) => a,
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
         Err(e) => {
-            eprintln!("narq: {e}\n\n{USAGE}");
-            return ExitCode::from(2);
+            // clap prints help and --version on stdout, and usage errors on stderr.
+            let _ = e.print();
+            return if e.use_stderr() { Exit::Usage } else { Exit::Success }.into();
         }
     };
-    match run(args) {
-        Ok(code) => code,
+    match run(cli) {
+        Ok(exit) => exit.into(),
         Err(e) => {
             eprintln!("narq: {e:#}");
-            ExitCode::from(1)
+            Exit::Error.into()
         }
     }
 }
 
-fn run(args: Args) -> anyhow::Result<ExitCode> {
-    use lexopt::prelude::*;
-    let mut p = lexopt::Parser::from_args(args.rest);
-    let config = || Config::load(args.config.as_deref());
-    match args.command.as_str() {
-        "daemon" => {
-            if let Some(a) = p.next()? {
-                return Err(a.unexpected().into());
-            }
-            daemon(config()?)
-        }
-        "push" => {
-            let (mut paths, mut do_wait) = (Vec::new(), false);
-            while let Some(a) = p.next()? {
-                match a {
-                    Long("wait") => do_wait = true,
-                    Value(v) => paths.push(to_store_path(Path::new(&v))?),
-                    a => return Err(a.unexpected().into()),
-                }
-            }
-            if paths.is_empty() {
-                bail!("push: no paths given");
-            }
+fn run(cli: Cli) -> anyhow::Result<Exit> {
+    let config = || Config::load(cli.config.as_deref());
+    match cli.command {
+        Cmd::Daemon => daemon(config()?),
+        Cmd::Push { wait: do_wait, path } => {
+            let paths = path.iter().map(|p| to_store_path(p)).collect::<anyhow::Result<Vec<_>>>()?;
             let config = config()?;
             let closure = hook::closure(&paths)?;
             let all: Vec<StorePath> = closure.iter().map(|p| p.path.clone()).collect();
@@ -112,64 +152,32 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             if do_wait {
                 return wait(&config, None, Some(all));
             }
-            Ok(ExitCode::SUCCESS)
+            Ok(Exit::Success)
         }
-        "status" => {
-            let mut json = false;
-            while let Some(a) = p.next()? {
-                match a {
-                    Long("json") => json = true,
-                    a => return Err(a.unexpected().into()),
-                }
-            }
+        Cmd::Status { json } => {
             let config = config()?;
             match call(&config, &Request::Status, Some(Duration::from_secs(10)))? {
                 Response::Status(s) if json => println!("{}", serde_json::to_string_pretty(&s)?),
                 Response::Status(s) => print_status(&s),
                 other => bail!("unexpected answer: {other:?}"),
             }
-            Ok(ExitCode::SUCCESS)
+            Ok(Exit::Success)
         }
-        "wait" => {
-            let mut timeout = None;
-            while let Some(a) = p.next()? {
-                match a {
-                    Long("timeout") => timeout = Some(Duration::from_secs_f64(p.value()?.parse()?)),
-                    a => return Err(a.unexpected().into()),
-                }
-            }
-            wait(&config()?, timeout, None)
-        }
-        "retry" => {
-            if let Some(a) = p.next()? {
-                return Err(a.unexpected().into());
-            }
-            retry(&config()?)
-        }
-        "keygen" => {
-            let (mut name, mut sk, mut pk) = (None, None, None);
-            while let Some(a) = p.next()? {
-                match a {
-                    Long("secret-key-file") => sk = Some(PathBuf::from(p.value()?)),
-                    Long("public-key-file") => pk = Some(PathBuf::from(p.value()?)),
-                    Value(v) if name.is_none() => name = Some(v.string()?),
-                    a => return Err(a.unexpected().into()),
-                }
-            }
-            let (Some(name), Some(sk), Some(pk)) = (name, sk, pk) else {
-                bail!("keygen: usage: narq keygen NAME --secret-key-file F --public-key-file F");
-            };
-            keygen(&name, &sk, &pk)
-        }
-        "nar-hash" => {
-            let Some(Value(v)) = p.next()? else { bail!("nar-hash: usage: narq nar-hash PATH") };
-            let stats = nar::hash_path(Path::new(&v)).with_context(|| format!("{}", Path::new(&v).display()))?;
+        Cmd::Wait { timeout } => wait(&config()?, timeout, None),
+        Cmd::Retry => retry(&config()?),
+        Cmd::Keygen { name, secret_key_file, public_key_file } => keygen(&name, &secret_key_file, &public_key_file),
+        Cmd::NarHash { path } => {
+            let stats = nar::hash_path(&path).with_context(|| format!("{}", path.display()))?;
             println!("{} {}", stats.hash.to_base32(), stats.size);
-            Ok(ExitCode::SUCCESS)
+            Ok(Exit::Success)
         }
-        other => {
-            eprintln!("narq: unknown command {other:?}\n\n{USAGE}");
-            Ok(ExitCode::from(2))
+        Cmd::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "narq", &mut std::io::stdout());
+            Ok(Exit::Success)
+        }
+        Cmd::Man { dir } => {
+            clap_mangen::generate_to(Cli::command(), &dir).with_context(|| format!("writing man pages to {}", dir.display()))?;
+            Ok(Exit::Success)
         }
     }
 }
@@ -194,13 +202,13 @@ fn call(config: &Config, req: &Request, timeout: Option<Duration>) -> anyhow::Re
 }
 
 /// Hands over again the builds the hook could not (`narq status` lists them as failed).
-fn retry(config: &Config) -> anyhow::Result<ExitCode> {
+fn retry(config: &Config) -> anyhow::Result<Exit> {
     let Response::Dropped { builds } = call(config, &Request::Dropped, Some(Duration::from_secs(10)))? else {
         bail!("unexpected answer from the daemon")
     };
     if builds.is_empty() {
         eprintln!("narq: no dropped builds");
-        return Ok(ExitCode::SUCCESS);
+        return Ok(Exit::Success);
     }
     let mut failed = 0;
     // One submission per build: outputs of one derivation together, with its log.
@@ -226,10 +234,10 @@ fn retry(config: &Config) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    Ok(if failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    Ok(if failed > 0 { Exit::Failed } else { Exit::Success })
 }
 
-fn wait(config: &Config, timeout: Option<Duration>, paths: Option<Vec<StorePath>>) -> anyhow::Result<ExitCode> {
+fn wait(config: &Config, timeout: Option<Duration>, paths: Option<Vec<StorePath>>) -> anyhow::Result<Exit> {
     let t = timeout.unwrap_or(Duration::from_secs(10 * 365 * 86400));
     let req = Request::Wait { timeout_ms: t.as_millis() as u64, paths };
     let resp = call(config, &req, timeout.map(|t| t + Duration::from_secs(30)))?;
@@ -238,12 +246,12 @@ fn wait(config: &Config, timeout: Option<Duration>, paths: Option<Vec<StorePath>
         eprintln!("narq: failed: {}: {}", f.item, f.error);
     }
     Ok(if !failed.is_empty() {
-        ExitCode::from(1)
+        Exit::Failed
     } else if !complete {
         eprintln!("narq: timed out; uploads go on in the background");
-        ExitCode::from(3)
+        Exit::TimedOut
     } else {
-        ExitCode::SUCCESS
+        Exit::Success
     })
 }
 
@@ -265,7 +273,7 @@ fn print_status(s: &Status) {
     }
 }
 
-fn keygen(name: &str, sk_file: &Path, pk_file: &Path) -> anyhow::Result<ExitCode> {
+fn keygen(name: &str, sk_file: &Path, pk_file: &Path) -> anyhow::Result<Exit> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let sk = SecretKey::generate(name)?;
@@ -279,10 +287,10 @@ fn keygen(name: &str, sk_file: &Path, pk_file: &Path) -> anyhow::Result<ExitCode
     f.sync_all()?;
     std::fs::write(pk_file, sk.public().to_nix_string()).with_context(|| format!("writing {}", pk_file.display()))?;
     println!("{}", sk.public().to_nix_string());
-    Ok(ExitCode::SUCCESS)
+    Ok(Exit::Success)
 }
 
-fn daemon(config: Config) -> anyhow::Result<ExitCode> {
+fn daemon(config: Config) -> anyhow::Result<Exit> {
     narq::logging::init();
     if let Some(f) = &config.file {
         tracing::info!(config = %f.display(), "configuration loaded");
@@ -299,5 +307,25 @@ fn daemon(config: Config) -> anyhow::Result<ExitCode> {
         };
         narq::daemon::run(config, listener, shutdown).await
     })?;
-    Ok(ExitCode::SUCCESS)
+    Ok(Exit::Success)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// clap's own consistency checks of the definition (names, conflicts, value names).
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn timeout_seconds() {
+        assert_eq!(seconds("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(seconds("0"), Ok(Duration::ZERO));
+        for bad in ["x", "-1", "inf", "NaN", "1e30", ""] {
+            assert!(seconds(bad).is_err(), "{bad}");
+        }
+    }
 }

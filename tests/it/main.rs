@@ -2,6 +2,7 @@
 //! and, where it needs one, a real S3 server on 127.0.0.1; `.ci/run` installs both.
 
 mod admission;
+mod cli;
 mod daemon;
 mod faults;
 mod formats;
