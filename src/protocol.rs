@@ -6,9 +6,10 @@
 //! ```
 //! The client sends one request frame and reads one response frame; a connection may carry
 //! several in turn. The daemon refuses (and logs) a frame with a wrong magic or version, a
-//! length above [`MAX_FRAME`], a body that is not a valid request, an invalid store path, or
-//! a signature that claims to be by a configured key and does not verify, and closes the
-//! connection after answering `{"op":"error"}`.
+//! length above [`MAX_FRAME`], a body that is not a valid request (malformed fields
+//! included), and an `enqueue` it does not admit (see `daemon::validate`), and closes the
+//! connection after answering `{"op":"error"}`; an error with `"retryable":true` means the
+//! daemon could not store the request now, and the client keeps it.
 //!
 //! Requests: `missing` (which of these paths are not queued or uploaded yet?), `enqueue` (paths with
 //! path info and signatures, the `.drv` whose log to upload), `status`, `wait` (answer
