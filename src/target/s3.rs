@@ -353,7 +353,8 @@ impl Target for S3Target {
     /// For narinfos of a bucket small enough to list, the answer comes from a listing made
     /// at most [`LIST_TTL`] ago (one request for the whole closure of a first push);
     /// otherwise, and for other keys, a HEAD request. A narinfo written by someone else
-    /// after the listing is uploaded again: the same content, no harm.
+    /// after the listing is uploaded again: the same content, no harm. Our own writes are added
+    /// to the listing as they are acknowledged.
     fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, TargetError>> {
         Box::pin(async move {
             if key.ends_with(".narinfo") && !key.contains('/') {
@@ -380,7 +381,14 @@ impl Target for S3Target {
     }
 
     fn put<'a>(&'a self, key: &'a str, body: Body, content_type: &'static str) -> BoxFuture<'a, Result<(), TargetError>> {
-        Box::pin(self.put_with(key, body, content_type, None))
+        Box::pin(async move {
+            self.put_with(key, body, content_type, None).await?;
+            // What we wrote is there: the listing must not send us to upload it again.
+            if let Some(Some(l)) = &mut *self.listing.lock().await {
+                l.keys.insert(key.to_string());
+            }
+            Ok(())
+        })
     }
 
     fn describe(&self) -> String {
