@@ -21,7 +21,7 @@ use crate::nix::{PathInfo, PublicKey, StorePath};
 use crate::protocol::{self, FrameError, Request, Response, HEADER_LEN};
 use crate::queue::{Item, Queue};
 use crate::spool;
-use crate::target;
+use crate::storage;
 use crate::upload::{UploadError, Uploader};
 
 /// How often the spool directory is checked for requests written while we were away.
@@ -69,7 +69,7 @@ struct Health {
 }
 
 impl Health {
-    fn fail(&mut self, e: &target::TargetError) {
+    fn fail(&mut self, e: &storage::TargetError) {
         let already = self.paused_until.is_some_and(|t| t > Instant::now());
         let asked = e.retry_after.map_or(Duration::ZERO, |d| d.min(MAX_RETRY_AFTER));
         let pause = crate::queue::backoff(self.failures, &e.msg).min(Duration::from_secs(60)).max(asked);
@@ -277,7 +277,7 @@ pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Futur
     if forgotten > 0 {
         tracing::info!(forgotten, "the queue last uploaded to another store: {forgotten} paths remembered as uploaded will be checked again");
     }
-    let target = target::open(&config.store).await.map_err(|e| anyhow::anyhow!("store {}: {e}", config.store.original))?;
+    let target = storage::open(&config.store).await.map_err(|e| anyhow::anyhow!("store {}: {e}", config.store.original))?;
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
     let mut allowed_uids = vec![0, me];

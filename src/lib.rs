@@ -12,7 +12,7 @@
 //!   checking signatures on all CPUs; [`dirfd`]: directories used by handle, so that no
 //!   symlink planted below them is followed.
 //! - [`queue`]: the durable queue and all its policy (states, ordering, backoff).
-//! - [`upload`]: one item from store to target; [`target`]: where the cache lives;
+//! - [`upload`]: one item from store to target; [`storage`]: where the cache lives (one backend each);
 //!   [`upstream`]: caches whose paths are not uploaded again.
 //! - [`daemon`]: the socket server, spool ingestion and the worker pool.
 //! - [`logging`]: journald under systemd, readable lines on stderr otherwise.
@@ -35,7 +35,7 @@ pub mod queue;
 pub mod spool;
 pub mod store_url;
 #[cfg(feature = "daemon")]
-pub mod target;
+pub mod storage;
 #[cfg(feature = "daemon")]
 pub mod upload;
 #[cfg(feature = "daemon")]

@@ -10,7 +10,7 @@ use std::time::Instant;
 use crate::nix::{db, nar, NarInfo, PathInfo, StorePath};
 use crate::queue::{Item, Kind, Outcome};
 use crate::store_url::{Compression, StoreUrl};
-use crate::target::{self, Body, Target};
+use crate::storage::{self, Body, Target};
 
 /// Why an item did not make it.
 #[derive(Debug)]
@@ -20,12 +20,12 @@ pub enum UploadError {
     /// Will not pass (path gone, contents differ from the NarHash): recorded and reported.
     Permanent(String),
     /// The target failed: retried, and all uploads pause for a while.
-    Target(target::TargetError),
+    Target(storage::TargetError),
 }
 
-impl From<target::TargetError> for UploadError {
+impl From<storage::TargetError> for UploadError {
     /// A refusal of this one object fails the item; anything else pauses the target.
-    fn from(e: target::TargetError) -> Self {
+    fn from(e: storage::TargetError) -> Self {
         if e.permanent {
             UploadError::Permanent(e.msg)
         } else {
@@ -221,8 +221,8 @@ impl Uploader {
             file_hash: Some(c.file_stats.hash),
             file_size: Some(c.file_stats.size),
         };
-        self.target.put(&nar_key, Body::File(tmp), target::NAR_TYPE).await?;
-        self.target.put(&narinfo_key, Body::Bytes(narinfo.to_string().into_bytes()), target::NARINFO_TYPE).await?;
+        self.target.put(&nar_key, Body::File(tmp), storage::NAR_TYPE).await?;
+        self.target.put(&narinfo_key, Body::Bytes(narinfo.to_string().into_bytes()), storage::NARINFO_TYPE).await?;
         // The message stands alone for `journalctl -u narq`; the fields are for queries.
         let ms = start.elapsed().as_millis() as u64;
         tracing::info!(
@@ -269,18 +269,18 @@ impl Uploader {
         }
         let bytes = std::fs::metadata(&tmp).map_or(0, |m| m.len());
         match encoding {
-            Some(enc) => self.target.put_encoded(&key, Body::File(tmp), target::LOG_TYPE, enc).await?,
-            None => self.target.put(&key, Body::File(tmp), target::LOG_TYPE).await?,
+            Some(enc) => self.target.put_encoded(&key, Body::File(tmp), storage::LOG_TYPE, enc).await?,
+            None => self.target.put(&key, Body::File(tmp), storage::LOG_TYPE).await?,
         }
         tracing::info!(drv = %drv, bytes, log_bytes = text_bytes, "uploaded the build log of {drv}");
         Ok(Outcome::Uploaded { bytes })
     }
 
     /// Writes `nix-cache-info` unless the cache has one.
-    pub async fn ensure_cache_info(&self) -> Result<(), target::TargetError> {
+    pub async fn ensure_cache_info(&self) -> Result<(), storage::TargetError> {
         if !self.target.exists("nix-cache-info").await? {
             let info = self.url.cache_info().into_bytes();
-            self.target.put("nix-cache-info", Body::Bytes(info), target::CACHE_INFO_TYPE).await?;
+            self.target.put("nix-cache-info", Body::Bytes(info), storage::CACHE_INFO_TYPE).await?;
         }
         Ok(())
     }
