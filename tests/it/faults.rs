@@ -593,26 +593,6 @@ fn units_cap_the_daemons_memory() {
     assert!(module.contains("memoryMax = mkOption") && module.contains("environmentFile memoryMax;"));
 }
 
-/// A tmpfs mounted at a directory for one test; lazily unmounted on drop.
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(dir).unwrap();
-        run(Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir));
-        Tmpfs(dir.to_path_buf())
-    }
-    fn resize(&self, size: &str) {
-        run(Command::new("mount").args(["-o", &format!("remount,size={size}")]).arg(&self.0));
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 /// Issue 9 item 3: a NAR's temp file does not take the last free space of the state dir:
 /// below the threshold the upload waits (a transient error that says so) and goes once
 /// there is room.

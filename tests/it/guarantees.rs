@@ -163,15 +163,7 @@ fn wait_answers_for_its_own_and_status_shows_causes_first() {
 fn a_full_state_disk_delays_uploads_and_loses_nothing() {
     let mut n = Narq::new("diskfull", "");
     let state = n.dir.join("state");
-    std::fs::create_dir_all(&state).unwrap();
-    run(Command::new("mount").args(["-t", "tmpfs", "-o", "size=300m", "tmpfs"]).arg(&state));
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(state.clone());
+    let _tmpfs = Tmpfs::mount(&state, "300M");
     let cache = n.dir.join("cache");
     configure(&n, &format!("store = \"file://{}\"", cache.display()));
     n.start();
@@ -220,15 +212,7 @@ fn soak_hooks_pushes_kills_and_a_filling_disk() {
     let mut rng = Rng(seed);
     let mut n = Narq::new("soak", "");
     let state = n.dir.join("state");
-    std::fs::create_dir_all(&state).unwrap();
-    run(Command::new("mount").args(["-t", "tmpfs", "-o", "size=300m", "tmpfs"]).arg(&state));
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(state.clone());
+    let _tmpfs = Tmpfs::mount(&state, "300M");
     let cache = n.dir.join("cache");
     configure(&n, &format!("store = \"file://{}\"\npublic-keys = [\"{}\"]", cache.display(), n.public_key));
 
