@@ -11,4 +11,5 @@ mod nixos;
 mod parsers;
 mod robust;
 mod s3;
+mod setup;
 mod util;
