@@ -110,3 +110,54 @@ fn moto_runs_from_the_repos_venv() {
     let script = venv.join("moto_server");
     assert!(server.iter().any(|a| Path::new(a) == script), "moto_server on port {port} is not {}: {server:?}", script.display());
 }
+
+/// The tests give Nix their settings in a nix.conf of their own (util's `nix_conf`), so they do
+/// not need what /etc/nix/nix.conf says: in a private mount namespace with an empty one there
+/// (Nix's defaults: a sandbox without /bin/sh, and cache.nixos.org), util's helpers still
+/// build with the hook, upload, list the closure and substitute.
+#[test]
+fn tests_need_nothing_from_etc_nix_conf() {
+    let t = TempDir::new("no-etc-nix-conf");
+    let empty = t.join("nix.conf");
+    std::fs::write(&empty, "").unwrap();
+    let probe = sh_drv(&format!("etc-nix-probe-{}", unique()), "echo x > $out");
+    // First that the empty file is in force (a build without a nix.conf of its own fails),
+    // then the helpers, by running the test below in that namespace.
+    let script = r#"mount --bind "$0" /etc/nix/nix.conf || exit 98
+        if nix-build --no-out-link --option substituters '' -E "$1" >/dev/null 2>&1; then
+            echo "a build without NIX_CONF_DIR worked: the empty /etc/nix/nix.conf is not in force"; exit 99
+        fi
+        exec "$2" --exact setup::helpers_build_upload_and_substitute --include-ignored --test-threads 1"#;
+    let out = output(
+        Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c", script])
+            .arg(&empty)
+            .arg(&probe)
+            .arg(std::env::current_exe().unwrap()),
+    );
+    assert!(
+        out.status.success(),
+        "under an empty /etc/nix/nix.conf (unshare --mount, as root): {}\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 passed"), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
+#[ignore = "run by tests_need_nothing_from_etc_nix_conf, under an empty /etc/nix/nix.conf"]
+fn helpers_build_upload_and_substitute() {
+    let mut n = Narq::new("no-etc-nix", "");
+    n.start();
+    let u = unique();
+    let dep = sh_drv(&format!("no-etc-dep-{u}"), "echo dep > $out");
+    let (outs, _) = n.build(&format!("let dep = {dep}; in {}", sh_drv(&format!("no-etc-top-{u}"), "echo ${dep} > $out")));
+    n.wait(60);
+    let paths = closure(&outs);
+    assert_eq!(paths.len(), 2, "{paths:?}");
+    assert!(paths.iter().all(|p| n.has(p)), "not all of {paths:?} in the cache");
+    let client = n.substitute(&outs[0]);
+    assert!(client.join(&outs[0][1..]).exists());
+    nix_build(&nix_conf(n.dir.path(), None), &sh_drv(&format!("no-etc-plain-{u}"), "echo plain > $out"), &[]);
+}
