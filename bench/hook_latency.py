@@ -37,9 +37,9 @@ def nix_build(expr, conf):
     return out
 
 
-def deriver(p):
-    return subprocess.run(["nix-store", "-q", "--deriver", p], check=True, capture_output=True,
-                          text=True).stdout.strip()
+def deriver(p, conf):
+    return subprocess.run(["nix-store", "-q", "--deriver", p], env=dict(os.environ, NIX_CONF_DIR=conf),
+                          check=True, capture_output=True, text=True).stdout.strip()
 
 
 def spawn_time(argv, env):
@@ -72,7 +72,7 @@ def main():
     big = nix_build(f"let leaf = i: " + sh_drv(f"bench-leaf-${{toString i}}-{stamp}", "echo ${toString i} > $out")
                     + "; in " + sh_drv(f"bench-big-{stamp}", "echo ${toString (builtins.genList leaf 999)} > $out"), conf)[0]
     print(f"  built in {time.time() - t:.0f} s", flush=True)
-    small_drvs = [deriver(p) for p in small]
+    small_drvs = [deriver(p, conf) for p in small]
 
     key = os.path.join(tmp, "key.sec")
     subprocess.run([f"{BIN}/narq", "keygen", "bench-1", "--secret-key-file", key,
@@ -99,7 +99,7 @@ def main():
             return spawn_time([HOOK], dict(base_env, OUT_PATHS=out_paths, DRV_PATH=drv))
 
         hook_t = [hook(d) for d in small_drvs[:N]]
-        big_drv = deriver(big)
+        big_drv = deriver(big, conf)
         big_first = hook(big_drv)
         subprocess.run([f"{BIN}/narq", "wait", "--timeout", "600"], env=env, check=True)
         big_t = [hook(big_drv) for _ in range(20)]

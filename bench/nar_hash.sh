@@ -5,7 +5,10 @@
 # and checks that both give the same hash.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-command -v hyperfine >/dev/null || { apt-get update -qq && apt-get install -y -qq hyperfine >/dev/null; }
+command -v hyperfine >/dev/null || {
+    echo "bench: installing hyperfine from Debian (apt-get)" >&2
+    apt-get update -qq && apt-get install -y -qq hyperfine >/dev/null
+}
 cargo build --release --locked -q
 src=${1:-/usr/lib/x86_64-linux-gnu}
 P=$(nix-store --add-fixed --recursive sha256 "$src")

@@ -9,11 +9,18 @@ zstd. Cases:
   2. a closure of 300 small paths;
   3. the same closure again (already in the bucket).
 Usage: bench/s3_vs_nix_copy.py   (run scripts/setup.sh and cargo build --release first)
+moto and boto3 come from the repo's .venv/ (scripts/setup.sh), which runs this script; Nix's
+settings from a private NIX_CONF_DIR.
 """
 import os, shutil, socket, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NARQ = os.path.join(ROOT, "target", "release", "narq")
+VENV = os.path.join(ROOT, ".venv")
+if not os.path.exists(os.path.join(VENV, "bin", "moto_server")):
+    sys.exit(f"{VENV}/bin/moto_server not found: run scripts/setup.sh")
+if os.path.realpath(sys.prefix) != os.path.realpath(VENV):
+    os.execv(os.path.join(VENV, "bin", "python"), [os.path.join(VENV, "bin", "python")] + sys.argv)
 
 
 def free_port():
@@ -41,7 +48,7 @@ def timed(args, env=None):
 def main():
     tmp = tempfile.mkdtemp(prefix="narq-s3bench-")
     port = free_port()
-    moto = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)],
+    moto = subprocess.Popen([os.path.join(VENV, "bin", "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     daemon = None
     try:
@@ -60,7 +67,7 @@ def main():
             f.write("sandbox = false\nbuild-users-group =\nsubstituters =\nmax-jobs = 8\n")
         nixenv = dict(os.environ, NIX_CONF_DIR=conf)
 
-        big = sh("nix-store", "--add-fixed", "--recursive", "sha256", "/usr/lib/x86_64-linux-gnu").strip()
+        big = sh("nix-store", "--add-fixed", "--recursive", "sha256", "/usr/lib/x86_64-linux-gnu", env=nixenv).strip()
         stamp = str(time.time_ns())
         leaf = ('derivation { name = "s3bench-${toString i}-%s"; system = builtins.currentSystem; '
                 'builder = "/bin/sh"; args = ["-c" "echo ${toString i} > $out"]; }' % stamp)

@@ -301,6 +301,14 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// The Python virtual environment scripts/setup.sh installs moto into (`.venv/` in the repo):
+/// the tests use its `moto_server` and `python`, never a system-wide one.
+pub fn venv_bin(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin").join(name);
+    assert!(p.exists(), "{} not found: run scripts/setup.sh (it installs moto into .venv/)", p.display());
+    p
+}
+
 /// A real S3 server (`moto_server`, installed by scripts/setup.sh) on 127.0.0.1.
 pub struct Moto {
     pub port: u16,
@@ -314,7 +322,7 @@ impl Moto {
         let port = free_port();
         let log = dir.join(format!("moto-{port}.log"));
         let f = std::fs::File::create(&log).unwrap();
-        let child = Command::new("moto_server")
+        let child = Command::new(venv_bin("moto_server"))
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .envs(env.iter().copied())
             .stdin(Stdio::null())
@@ -338,7 +346,7 @@ impl Moto {
              [{{'Effect': 'Allow', 'Principal': '*', 'Action': 's3:GetObject', 'Resource': 'arn:aws:s3:::{bucket}/*'}}]}}))\n",
             self.port
         );
-        run(Command::new("python3").args(["-c", &script]));
+        run(Command::new(venv_bin("python")).args(["-c", &script]));
     }
 
     /// Requests the server logged so far.
