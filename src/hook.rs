@@ -139,3 +139,33 @@ pub fn run(config_file: Option<&Path>, out_paths: Option<&str>, drv_path: Option
         (Some(w), line) => Some(line.map_or(w.clone(), |l| format!("{w}; {l}"))),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CORPUS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/corpus/drv");
+
+    #[test]
+    fn outputs_come_from_out_paths_else_from_the_drv() {
+        let listed = "/nix/store/z4asv3j07d89ywjf8fxkn7sg6mf5s9q5-dep  /nix/store/zzasv3j07d89ywjf8fxkn7sg6mf5s9q5-dev\n";
+        let got = outputs(Some(listed), Some("/nonexistent.drv")).unwrap();
+        assert_eq!(got.iter().map(ToString::to_string).collect::<Vec<_>>(), listed.split_whitespace().collect::<Vec<_>>());
+        // Nix 2.8: OUT_PATHS empty, the outputs are read from the .drv.
+        let drv = format!("{CORPUS}/dep.drv");
+        let from_drv = outputs(Some(""), Some(&drv)).unwrap();
+        let want: Vec<StorePath> = drv::parse_outputs(&std::fs::read(&drv).unwrap()).unwrap().into_iter().filter_map(|o| o.path).collect();
+        assert!(!want.is_empty());
+        assert_eq!(from_drv, want);
+        assert_eq!(outputs(None, Some(&drv)).unwrap(), want);
+    }
+
+    #[test]
+    fn outputs_refuse_what_they_cannot_read_and_say_why() {
+        assert!(outputs(None, None).unwrap_err().to_string().contains("neither OUT_PATHS nor DRV_PATH"));
+        assert!(outputs(Some(" "), Some("")).unwrap_err().to_string().contains("neither OUT_PATHS nor DRV_PATH"));
+        assert!(outputs(Some("/tmp/not-a-store-path"), None).is_err());
+        let e = outputs(None, Some("/nonexistent/x.drv")).unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/x.drv") && e.contains("No such file"), "{e}");
+    }
+}
