@@ -165,11 +165,13 @@ impl Config {
             .iter()
             .filter_map(|f| {
                 let mode = std::fs::metadata(f).ok()?.permissions().mode() & 0o7777;
-                (mode & 0o026 != 0).then(|| format!("{} (mode {mode:04o})", f.display()))
+                // Group read too: a group that may read the key (the socket's, say) is a group
+                // of signers; the daemon needs only `public-keys`.
+                (mode & 0o077 != 0).then(|| format!("{} (mode {mode:04o})", f.display()))
             })
             .collect();
         (!open.is_empty()).then(|| {
-            format!("secret key file {} is readable or writable by other users: signing with it anyway; chmod 600 it and consider the key exposed", open.join(", "))
+            format!("secret key file {} is open to other users: signing with it anyway; chmod 600 it and consider the key exposed", open.join(", "))
         })
     }
 
@@ -239,7 +241,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = std::env::temp_dir().join(format!("narq-keymode-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        for (mode, warned) in [(0o600, false), (0o640, false), (0o400, false), (0o644, true), (0o660, true), (0o602, true)] {
+        for (mode, warned) in [(0o600, false), (0o400, false), (0o640, true), (0o644, true), (0o660, true), (0o602, true)] {
             let f = dir.join("k.sec");
             std::fs::write(&f, "k:x").unwrap();
             std::fs::set_permissions(&f, std::fs::Permissions::from_mode(mode)).unwrap();

@@ -263,7 +263,14 @@ pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Futur
         Err(e) if crate::queue::is_corrupt(&e) => {
             let to = crate::queue::set_aside(&db).with_context(|| format!("the queue {} is damaged ({e}); moving it aside", db.display()))?;
             tracing::error!(moved_to = %to.display(), "the queue {} is damaged ({e}): moved it to {} and started an empty one", db.display(), to.display());
-            Queue::open(&db)
+            Queue::open(&db).and_then(|mut q| {
+                // What it held pending is lost to the daemon: say so where users look.
+                let why = format!(
+                    "damaged ({e}), moved to {}: uploads it held pending are not known any more; `narq push` what you need",
+                    to.display()
+                );
+                q.record_problem(&db.display().to_string(), &why).map(|()| q)
+            })
         }
         // On a full disk SQLite cannot even map its shared memory: the reserve makes room.
         Err(e) if spool::release_reserve(&config.state_dir) => {
@@ -789,6 +796,13 @@ fn keep_reserve(state_dir: &Path) {
     }
 }
 
+/// The paths of a closure that no other path in it references: the outputs it was sent for.
+fn tops(paths: &[PathInfo]) -> Vec<StorePath> {
+    let referenced: HashSet<&StorePath> =
+        paths.iter().flat_map(|p| p.references.iter().filter(move |r| **r != p.path)).collect();
+    paths.iter().map(|p| &p.path).filter(|p| !referenced.contains(p)).cloned().collect()
+}
+
 async fn ingest_spool(shared: &Shared) {
     let _ingesting = shared.spool.lock().await;
     let dir = shared.config.spool_dir();
@@ -802,6 +816,12 @@ async fn ingest_spool(shared: &Shared) {
     };
     for file in files {
         let parsed = spool::open(&file).map_err(FrameError::from).and_then(|mut f| protocol::read::<Request>(&mut f));
+        // Whose build this is, should it be refused: its derivation, else the paths nothing
+        // else in the request references.
+        let build = match &parsed {
+            Ok(Request::Enqueue { paths, drv }) => Some((tops(paths), drv.clone())),
+            _ => None,
+        };
         let result = match parsed {
             Ok(Request::Enqueue { paths, drv }) => {
                 let keys = shared.trusted_keys.clone();
@@ -835,6 +855,13 @@ async fn ingest_spool(shared: &Shared) {
             Err(NotStored::Refused(why)) => {
                 let moved = spool::reject(&file).map(|p| p.display().to_string()).unwrap_or_else(|e| e.to_string());
                 tracing::warn!(file = %file.display(), moved_to = %moved, "refused spooled request: {why}");
+                // A build the hook saw: reported until `narq retry` hands it over.
+                if let Some((roots, drv)) = build {
+                    let reason = format!("its spooled request was refused: {why}");
+                    if let Err(e) = shared.queue(move |q| q.record_dropped(&roots, drv.as_ref(), &reason)).await {
+                        tracing::error!("recording a refused spooled request: {e}");
+                    }
+                }
             }
         }
     }
@@ -846,8 +873,11 @@ async fn serve(shared: Arc<Shared>, mut stream: UnixStream) {
         Ok(c) => c.uid(),
         Err(e) => return tracing::warn!("refused a connection: cannot read its credentials: {e}"),
     };
+    // Who may only read sends small requests: a reader cannot make the daemon buffer (or
+    // parse, on the socket thread) what only an enqueue needs.
+    let limit = if shared.allowed_uids.contains(&uid) { protocol::MAX_FRAME as usize } else { READER_MAX_FRAME };
     loop {
-        let req = match tokio::time::timeout(IDLE_TIMEOUT, read_request(&mut stream)).await {
+        let req = match tokio::time::timeout(IDLE_TIMEOUT, read_request(&mut stream, limit)).await {
             Ok(Ok(Some(r))) => r,
             Ok(Ok(None)) => return,
             Ok(Err(e)) => {
@@ -895,14 +925,25 @@ async fn serve(shared: Arc<Shared>, mut stream: UnixStream) {
                 }
             }
             Request::Status => status(&shared),
-            Request::Wait { timeout_ms, paths } => wait(&shared, Duration::from_millis(timeout_ms), paths).await,
-            req @ (Request::Report { .. } | Request::Recheck { .. }) => match shared.queue_here(|q| record(q, req)) {
-                Ok(count) => {
-                    shared.wake.notify_one();
-                    Response::Recorded { count }
+            Request::Wait { timeout_ms, paths } => {
+                // A reader's wait must not take the failures it reports away from others.
+                let acknowledges = shared.allowed_uids.contains(&uid);
+                wait(&shared, Duration::from_millis(timeout_ms), paths, acknowledges).await
+            }
+            req @ (Request::Report { .. } | Request::Recheck { .. }) => {
+                let recheck = matches!(req, Request::Recheck { .. });
+                match shared.queue_here(|q| record(q, req)) {
+                    Ok(count) => {
+                        // The check must ask the cache, not what the target remembers of it.
+                        if recheck && count > 0 {
+                            shared.uploader.target.forget_listing();
+                        }
+                        shared.wake.notify_one();
+                        Response::Recorded { count }
+                    }
+                    Err(e) => e.response(),
                 }
-                Err(e) => e.response(),
-            },
+            }
             Request::Dropped => match shared.queue_here(|q| q.dropped()) {
                 Ok(builds) => Response::Dropped { builds },
                 Err(e) => Response::unavailable(format!("queue: {e}")),
@@ -918,8 +959,12 @@ async fn serve(shared: Arc<Shared>, mut stream: UnixStream) {
     }
 }
 
-/// Reads one request; `None` on a clean end of stream.
-async fn read_request(stream: &mut UnixStream) -> Result<Option<Request>, FrameError> {
+/// The largest request a peer that may not change the queue may send (`status`, `wait`,
+/// `missing` for some thousands of paths).
+const READER_MAX_FRAME: usize = 1 << 20;
+
+/// Reads one request of at most `limit` bytes; `None` on a clean end of stream.
+async fn read_request(stream: &mut UnixStream, limit: usize) -> Result<Option<Request>, FrameError> {
     let mut h = [0u8; HEADER_LEN];
     match stream.read_exact(&mut h).await {
         Ok(_) => {}
@@ -927,6 +972,10 @@ async fn read_request(stream: &mut UnixStream) -> Result<Option<Request>, FrameE
         Err(e) => return Err(e.into()),
     }
     let len = protocol::parse_header(&h)?;
+    if len > limit {
+        let why = format!("a request of {len} bytes is more than the {limit} bytes this peer may send");
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, why).into());
+    }
     // Grown with what arrives, not allocated from what the header announces: a header
     // alone costs nothing.
     let mut body = Vec::with_capacity(len.min(64 << 10));
@@ -964,24 +1013,29 @@ fn status(shared: &Shared) -> Response {
     }
 }
 
-/// Waits until the items enqueued so far (or `paths`) are done or failed, or `timeout`.
-/// Without `paths`, reports the failures since the last wait that saw everything done (the
-/// checkpoint), and moves the checkpoint once everything is done.
-async fn wait(shared: &Shared, timeout: Duration, paths: Option<Vec<StorePath>>) -> Response {
+/// Waits until the items enqueued so far (or `paths`) are done or failed, and the spool is
+/// empty, or `timeout`. Without `paths`, reports the failures since the last wait that saw
+/// everything done (the checkpoint); a caller who may change the queue (`acknowledges`)
+/// moves the checkpoint once everything is done.
+async fn wait(shared: &Shared, timeout: Duration, paths: Option<Vec<StorePath>>, acknowledges: bool) -> Response {
     let start = Instant::now();
     ingest_spool(shared).await;
+    let mut ingested = Instant::now();
     let (upto, since) = match shared.queue_here(|q| q.wait_checkpoint().map(|c| (q.current_seq(), c))) {
         Ok(s) => s,
         Err(e) => return Response::unavailable(format!("queue: {e}")),
     };
+    let spool_dir = shared.config.spool_dir();
     loop {
         let progress = shared.queue_here(|q| match &paths {
             Some(p) => q.progress_of(p),
             None => q.progress(upto, since),
         });
+        // A request still in the spool (the queue could not take it yet) is not uploaded.
+        let spooled = spool::list(&spool_dir).map_or(0, |v| v.len() as u64);
         match progress {
-            Ok((0, failed)) => {
-                if paths.is_none() {
+            Ok((0, failed)) if spooled == 0 => {
+                if paths.is_none() && acknowledges {
                     if let Err(e) = shared.queue_here(|q| q.set_wait_checkpoint(upto)) {
                         tracing::warn!("recording the wait checkpoint: {e}");
                     }
@@ -989,7 +1043,13 @@ async fn wait(shared: &Shared, timeout: Duration, paths: Option<Vec<StorePath>>)
                 return Response::Waited { complete: true, failed };
             }
             Ok((_, failed)) if start.elapsed() >= timeout => return Response::Waited { complete: false, failed },
-            Ok(_) => tokio::time::sleep(Duration::from_millis(25)).await,
+            Ok(_) => {
+                if spooled > 0 && ingested.elapsed() >= SPOOL_POLL {
+                    ingest_spool(shared).await;
+                    ingested = Instant::now();
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await
+            }
             Err(e) => return Response::unavailable(format!("queue: {e}")),
         }
     }

@@ -139,6 +139,13 @@ impl Dir {
         ok_or_err(unsafe { libc::renameat(d, f.as_ptr(), d, t.as_ptr()) })
     }
 
+    /// Removes the entry `name` (a symlink itself, never what it points to).
+    pub fn remove(&self, name: &str) -> io::Result<()> {
+        let n = component(name)?;
+        // SAFETY: a valid C string, our descriptor.
+        ok_or_err(unsafe { libc::unlinkat(self.fd.as_raw_fd(), n.as_ptr(), 0) })
+    }
+
     /// Moves the file at `src` (a path) to `to` in this directory.
     pub fn rename_into(&self, src: &Path, to: &str) -> io::Result<()> {
         let (s, t) = (c_name(src.as_os_str().as_bytes())?, component(to)?);

@@ -43,8 +43,21 @@ pub enum Delivery {
 }
 
 /// The path info of `roots` and everything they reference, from the Nix database.
+///
+/// Signatures the paths already carry (from substituters, `nix store sign`) are passed on
+/// only when well-formed, and at most [`MAX_SIGS`](crate::nix::path_info::MAX_SIGS) minus
+/// room for ours: the daemon refuses a request with a malformed signature or too many, and
+/// one odd path must not make every build above it unuploadable.
 pub fn closure(roots: &[StorePath]) -> anyhow::Result<Vec<PathInfo>> {
-    Ok(NixDb::open_default()?.query(roots, true)?)
+    const ROOM_FOR_OURS: usize = 8;
+    let mut paths = NixDb::open_default()?.query(roots, true)?;
+    for p in &mut paths {
+        p.sigs.retain(|s| crate::nix::signing::check_signature_syntax(s).is_ok());
+        while p.sigs.len() > crate::nix::path_info::MAX_SIGS - ROOM_FOR_OURS {
+            p.sigs.pop_last();
+        }
+    }
+    Ok(paths)
 }
 
 /// Hands `paths` (a closure, from [`closure`]) and the build log of `drv` to the daemon.

@@ -210,13 +210,18 @@ impl Queue {
             return Ok(0);
         }
         let tx = self.conn.transaction()?;
+        // A new sequence number: `narq wait` reports what happens to them from here on.
+        let seq = self.last_seq + 1;
         let n = tx.execute(
             "UPDATE items SET state = 'pending', outcome = NULL, bytes = 0, attempts = 0, next_try = 0,
-             last_error = NULL, done_at = NULL WHERE state = 'done'",
-            [],
+             last_error = NULL, done_at = NULL, seq = ?1 WHERE state = 'done'",
+            [seq],
         )?;
         tx.execute("INSERT INTO meta (key, value) VALUES ('store', ?1) ON CONFLICT(key) DO UPDATE SET value = ?1", [store])?;
         tx.commit()?;
+        if n > 0 {
+            self.last_seq = seq;
+        }
         Ok(n)
     }
 
@@ -264,6 +269,19 @@ impl Queue {
             )?;
         }
         tx.commit()?;
+        self.last_seq = seq;
+        Ok(())
+    }
+
+    /// Records a failure that is not about one path (a damaged queue set aside): `narq status`
+    /// and the next `narq wait` report it under `what`.
+    pub fn record_problem(&mut self, what: &str, reason: &str) -> Result<()> {
+        let seq = self.last_seq + 1;
+        self.conn.execute(
+            "INSERT INTO items (key, kind, info, state, seq, last_error, done_at) VALUES (?1, 'problem', '', 'failed', ?2, ?3, ?4)
+             ON CONFLICT(key) DO UPDATE SET state = 'failed', seq = ?2, last_error = ?3, done_at = ?4",
+            params![what, seq, reason, now_ms()],
+        )?;
         self.last_seq = seq;
         Ok(())
     }

@@ -47,9 +47,12 @@ pub fn write(dir: &Path, frame: &[u8]) -> io::Result<PathBuf> {
     let dst = format!("{name}{SUFFIX}");
     let mut f = spool.create_file(&tmp, 0o600)?;
     let _ = std::os::unix::fs::fchown(&f, Some(uid), Some(gid));
-    f.write_all(frame)?;
-    f.sync_all()?;
-    spool.rename(&tmp, &dst)?;
+    let written = f.write_all(frame).and_then(|()| f.sync_all()).and_then(|()| spool.rename(&tmp, &dst));
+    if let Err(e) = written {
+        // A part written to a full disk holds blocks that the next request needs.
+        let _ = spool.remove(&tmp);
+        return Err(e);
+    }
     spool.sync()?;
     Ok(dir.join(dst))
 }

@@ -65,6 +65,10 @@ pub trait Target: Send + Sync {
     fn put<'a>(&'a self, key: &'a str, body: Body, content_type: &'static str) -> BoxFuture<'a, Result<(), TargetError>>;
     /// For messages: where this target writes.
     fn describe(&self) -> String;
+    /// Forgets what the target remembers of the cache's contents (a listing), so that the
+    /// next [`Target::exists`] asks the cache itself: paths are being checked again because
+    /// something outside narq may have deleted them.
+    fn forget_listing(&self) {}
     /// The `Content-Encoding` its readers undo for build logs, if any. Nix's HTTP client
     /// decompresses by `Content-Encoding` (`xz` is its own), while a `file://` cache is
     /// read as is, so there logs stay plain.

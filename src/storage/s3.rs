@@ -46,6 +46,8 @@ pub struct S3Target {
     /// The bucket's narinfos as last listed; `None` inside when the bucket is too large to
     /// list (then every check is a HEAD).
     listing: tokio::sync::Mutex<Option<Option<Listing>>>,
+    /// Set by [`Target::forget_listing`]: the next check lists the bucket again.
+    listing_stale: std::sync::atomic::AtomicBool,
     bucket: String,
     /// Part size of multipart uploads (`buffer-size`).
     part_size: u64,
@@ -234,6 +236,7 @@ impl S3Target {
         Ok(S3Target {
             client: aws_sdk_s3::Client::from_conf(b.build()),
             listing: tokio::sync::Mutex::new(None),
+            listing_stale: std::sync::atomic::AtomicBool::new(false),
             bucket: bucket.to_string(),
             part_size,
             multipart,
@@ -359,9 +362,10 @@ impl Target for S3Target {
         Box::pin(async move {
             if key.ends_with(".narinfo") && !key.contains('/') {
                 let mut listing = self.listing.lock().await;
+                let forgotten = self.listing_stale.swap(false, std::sync::atomic::Ordering::Relaxed);
                 let stale = match &*listing {
                     None => true,
-                    Some(Some(l)) => l.at.elapsed() > LIST_TTL,
+                    Some(Some(l)) => forgotten || l.at.elapsed() > LIST_TTL,
                     Some(None) => false,
                 };
                 if stale {
@@ -393,6 +397,10 @@ impl Target for S3Target {
 
     fn describe(&self) -> String {
         self.describe.clone()
+    }
+
+    fn forget_listing(&self) {
+        self.listing_stale.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn log_encoding(&self) -> Option<&'static str> {

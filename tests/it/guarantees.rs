@@ -335,3 +335,113 @@ fn soak_hooks_pushes_kills_and_a_filling_disk() {
     );
     assert!(verify.status.success(), "nix store verify: {}", String::from_utf8_lossy(&verify.stderr));
 }
+
+fn as_nobody(n: &Narq, args: &[&str]) -> std::process::Output {
+    output(std::os::unix::process::CommandExt::uid(&mut Command::new(bin("narq")), 65534).args(args).env("NARQ_CONFIG", &n.config))
+}
+
+/// Review findings: a reader's `narq wait` does not take failures away from the CI job's
+/// wait; a request still in the spool keeps `wait` waiting; a reader cannot make the daemon
+/// buffer a large request.
+#[test]
+fn wait_is_not_fooled_by_readers_or_the_spool() {
+    let mut n = Narq::new("waitreaders", "");
+    configure(&n, &format!("public-keys = [\"{}\"]", n.public_key));
+    n.start();
+    std::fs::set_permissions(n.socket(), std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+    // A dropped build (no key): a reader's wait sees it, and so does root's after it.
+    let key = n.dir.join("key.sec");
+    std::fs::rename(&key, n.dir.join("key.away")).unwrap();
+    let (outs, _) = n.build(&program_expr("waitreaders"));
+    std::fs::rename(n.dir.join("key.away"), &key).unwrap();
+    let reader = as_nobody(&n, &["wait", "--timeout", "10"]);
+    assert_eq!(reader.status.code(), Some(1), "{}", stderr(&reader));
+    let ci = n.narq(&["wait", "--timeout", "10"]);
+    assert_eq!(ci.status.code(), Some(1), "a reader's wait took the failure away: {}", stderr(&ci));
+    assert!(stderr(&ci).contains(&outs[0]));
+
+    // A reader may not send more than a small request.
+    let big: Vec<narq::nix::StorePath> =
+        (0..30_000).map(|i| narq::nix::StorePath::parse(&format!("/nix/store/{i:032}-p")).unwrap()).collect();
+    let frame = narq::protocol::encode(&narq::protocol::Request::Missing { paths: big });
+    assert!(frame.len() > 1 << 20);
+    // (The daemon answers and hangs up before the rest arrives; the client may not read it.)
+    let _ = crate::admission::exchange_as(65534, &n.socket(), &frame);
+    assert!(n.daemon_log().contains("more than the 1048576 bytes this peer may send"), "{}", n.daemon_log());
+
+    // The queue cannot take requests (another process holds it locked): the hook spools, and
+    // `wait` does not call that done.
+    let db = n.dir.join("state/queue.db");
+    let mut locker = Command::new("/usr/bin/python3")
+        .args(["-c", "import sqlite3, sys, time\nc = sqlite3.connect(sys.argv[1], isolation_level=None)\nc.execute('BEGIN EXCLUSIVE')\nprint('locked', flush=True)\ntime.sleep(60)\n"])
+        .arg(&db)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(locker.stdout.as_mut().unwrap()), &mut line).unwrap();
+    assert_eq!(line.trim(), "locked");
+    let (held, log) = n.build(&program_expr("waitlocked"));
+    assert!(log.contains("spooled to"), "{log}");
+    let early = n.narq(&["wait", "--timeout", "3"]);
+    assert_eq!(early.status.code(), Some(3), "wait returned while a build was only in the spool: {}", stderr(&early));
+    locker.kill().unwrap();
+    let _ = locker.wait();
+    let retry = n.narq(&["retry"]);
+    assert!(retry.status.success(), "{}", stderr(&retry));
+    n.wait(60);
+    for p in closure(&held).iter().chain(&closure(&outs)) {
+        assert!(n.has(p), "{p} missing");
+    }
+}
+
+/// Review finding: a spooled request that the daemon refuses when it ingests it (here: the
+/// key was rotated meanwhile) is reported like a build the hook dropped, not just moved
+/// aside, and `narq retry` uploads it with the new key.
+#[test]
+fn a_spooled_request_refused_later_is_reported() {
+    let n = Narq::new("spoolrefused", "");
+    // No daemon: the build is spooled, signed with the first key.
+    let (outs, log) = n.build(&program_expr("spoolrefused"));
+    assert!(log.contains("spooled to"), "{log}");
+    // The key is rotated before the daemon starts.
+    let (sk, pk) = (n.dir.join("key2.sec"), n.dir.join("key2.pub"));
+    run(Command::new(bin("narq")).args(["keygen", "rotated-2", "--secret-key-file"]).arg(&sk).arg("--public-key-file").arg(&pk));
+    let text = std::fs::read_to_string(&n.config).unwrap().replace(&n.dir.join("key.sec").display().to_string(), &sk.display().to_string());
+    std::fs::write(&n.config, text).unwrap();
+    let mut n = n;
+    n.public_key = std::fs::read_to_string(&pk).unwrap().trim().to_string();
+    n.start();
+    let wait = n.narq(&["wait", "--timeout", "30"]);
+    assert_eq!(wait.status.code(), Some(1), "{}", stderr(&wait));
+    assert!(stderr(&wait).contains(&outs[0]) && stderr(&wait).contains("spooled request was refused"), "{}", stderr(&wait));
+    let retry = n.narq(&["retry"]);
+    assert!(retry.status.success(), "{}", stderr(&retry));
+    n.wait(60);
+    n.substitute(&outs[0]);
+}
+
+/// Review finding: a path with as many signatures as a request may carry (32, from other
+/// keys) does not make the builds above it unuploadable.
+#[test]
+fn a_path_with_many_foreign_signatures_still_uploads() {
+    let mut n = Narq::new("manysigs", "");
+    n.start();
+    let u = unique();
+    let expr = format!(
+        "let lib = {}; in {}",
+        sh_drv(&format!("manysigs-lib-{u}"), "echo lib > $out"),
+        sh_drv(&format!("manysigs-app-{u}"), "echo ${lib} > $out")
+    );
+    let outs = nix_build(&nix_conf(n.dir.path(), None), &expr, &[]);
+    let lib = closure(&outs).into_iter().find(|p| p.contains("manysigs-lib")).unwrap();
+    for i in 0..32 {
+        let k = n.dir.join(format!("other-{i}.sec"));
+        run(Command::new(bin("narq")).args(["keygen", &format!("other-{i}"), "--secret-key-file"]).arg(&k).arg("--public-key-file").arg(n.dir.join(format!("other-{i}.pub"))));
+        run(Command::new("nix").args(["store", "sign", "--key-file"]).arg(&k).arg(&lib).env("NIX_CONF_DIR", &n.nix_conf));
+    }
+    let push = n.narq(&["push", "--wait", &outs[0]]);
+    assert!(push.status.success(), "{}", stderr(&push));
+    assert!(n.has(&lib) && n.has(&outs[0]));
+    n.substitute(&outs[0]);
+}

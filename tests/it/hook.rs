@@ -399,7 +399,7 @@ fn hook_warns_about_a_secret_key_others_can_read() {
     let (out, stderr) = n.build(&sh_drv("hook-keymode", &format!("echo {} > $out", unique())));
     let said: Vec<&str> = stderr.lines().filter(|l| l.contains("narq-hook: ")).collect();
     assert_eq!(said.len(), 1, "one line from the hook: {stderr}");
-    assert!(said[0].contains(&format!("secret key file {} (mode 0644) is readable or writable by other users", key.display())), "{}", said[0]);
+    assert!(said[0].contains(&format!("secret key file {} (mode 0644) is open to other users", key.display())), "{}", said[0]);
     n.wait(60);
     assert!(n.has(&out[0]), "signed and uploaded all the same");
 

@@ -178,6 +178,12 @@ fn a_damaged_queue_is_set_aside_and_the_daemon_starts_afresh() {
     assert!(stderr.contains("spooled to"), "{stderr}");
 
     n.start();
+    // The first wait says that pending work may be lost, and where the damaged queue went;
+    // the next one answers for what came after.
+    let wait = n.narq(&["wait", "--timeout", "30"]);
+    assert_eq!(wait.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&wait.stderr).to_string();
+    assert!(said.contains("damaged") && said.contains("queue.db.corrupt-") && said.contains("narq push"), "{said}");
     n.wait(30);
     assert!(n.has(&second[0]), "the spooled build was not uploaded:\n{}", n.daemon_log());
     let log = n.daemon_log();

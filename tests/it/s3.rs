@@ -54,6 +54,19 @@ fn s3_build_lands_and_substitutes_over_http() {
     assert!(start.elapsed() < Duration::from_secs(1), "second push took {:?}", start.elapsed());
     assert!(String::from_utf8_lossy(&push.stderr).contains("enqueued 0 paths"), "{}", String::from_utf8_lossy(&push.stderr));
     assert_eq!(writes(&moto), before, "the second push uploaded something");
+
+    // A narinfo deleted behind narq's back (within the listing's lifetime) comes back with a
+    // push: the re-check asks the bucket, not the listing narq keeps.
+    let delete = format!(
+        "import boto3\nboto3.client('s3', endpoint_url='http://127.0.0.1:{}', aws_access_key_id='test', \
+         aws_secret_access_key='test', region_name='us-east-1').delete_object(Bucket='narq-s3land', Key='{hash}.narinfo')\n",
+        moto.port
+    );
+    run(Command::new(venv_bin("python")).args(["-c", &delete]));
+    assert!(http(moto.port, "GET", &format!("/narq-s3land/{hash}.narinfo")).0.starts_with("http/1.1 404"));
+    let push = n.narq(&["push", "--wait", &outs[0]]);
+    assert!(push.status.success(), "{}", String::from_utf8_lossy(&push.stderr));
+    assert!(http(moto.port, "GET", &format!("/narq-s3land/{hash}.narinfo")).0.starts_with("http/1.1 200"), "the deleted narinfo is still missing");
 }
 
 #[test]
