@@ -1,16 +1,17 @@
-//! Where the cache lives. The queue and the uploader see only [`Target`]; each
-//! implementation (`file://` here, S3 next) knows its own storage.
+//! Where the cache lives. The uploader sees only [`Target`]; each backend (`file://` in
+//! [`file`], S3 in [`s3`]) implements it, and owns its options type, parsed from the store
+//! URL in a module without SDK types that the hook builds too ([`s3_options`]).
 
+#[cfg(feature = "daemon")]
 pub mod file;
+#[cfg(feature = "daemon")]
 pub mod s3;
+pub mod s3_options;
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::time::Duration;
-
-use crate::store_url::{Location, StoreUrl};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -56,7 +57,6 @@ pub const NARINFO_TYPE: &str = "text/x-nix-narinfo";
 pub const NAR_TYPE: &str = "application/x-nix-nar";
 pub const CACHE_INFO_TYPE: &str = "text/x-nix-cache-info";
 pub const LOG_TYPE: &str = "text/plain; charset=utf-8";
-pub const LISTING_TYPE: &str = "application/json";
 
 pub trait Target: Send + Sync {
     /// True if an object exists at `key` (e.g. `<hash>.narinfo`).
@@ -79,9 +79,12 @@ pub trait Target: Send + Sync {
 }
 
 /// The target for a store URL.
-pub async fn open(url: &StoreUrl) -> Result<Arc<dyn Target>, String> {
+#[cfg(feature = "daemon")]
+pub async fn open(url: &crate::store_url::StoreUrl) -> Result<std::sync::Arc<dyn Target>, String> {
+    use crate::store_url::Location;
+    use std::sync::Arc;
     Ok(match &url.location {
         Location::File(dir) => Arc::new(file::FileTarget::open(dir.clone())),
-        Location::S3 { bucket } => Arc::new(s3::S3Target::new(url, bucket).await?),
+        Location::S3(options) => Arc::new(s3::S3Target::new(options).await),
     })
 }

@@ -22,11 +22,9 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use std::path::Path;
 use std::sync::Arc;
 
+use super::s3_options::{Checksum, S3Options};
 use super::{Body, BoxFuture, Target, TargetError};
-use crate::store_url::StoreUrl;
 
-const MIN_PART: u64 = 5 << 20;
-const DEFAULT_PART: u64 = 16 << 20;
 const PARTS_IN_FLIGHT: usize = 6;
 
 /// A listing of the narinfos at the bucket's root, when the bucket is small enough to list.
@@ -181,19 +179,19 @@ fn part_size_for(configured: u64, size: u64) -> u64 {
 }
 
 impl S3Target {
-    pub async fn new(url: &StoreUrl, bucket: &str) -> Result<Self, String> {
+    /// The target for `o`, whose values were checked when the config was read.
+    pub async fn new(o: &S3Options) -> Self {
         use aws_config::BehaviorVersion;
         use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
-        let p = |k: &str| url.params.get(k).map(String::as_str);
         let http = aws_smithy_http_client::Builder::new().tls_provider(tls::Provider::Rustls(CryptoMode::Ring)).build_https();
         let mut loader = aws_config::defaults(BehaviorVersion::latest()).http_client(http);
-        if let Some(region) = p("region") {
-            loader = loader.region(aws_sdk_s3::config::Region::new(region.to_string()));
+        if let Some(region) = &o.region {
+            loader = loader.region(aws_sdk_s3::config::Region::new(region.clone()));
         }
-        if let Some(profile) = p("profile") {
+        if let Some(profile) = &o.profile {
             loader = loader.profile_name(profile);
         }
-        let profile = p("profile").map(str::to_string).or_else(|| std::env::var("AWS_PROFILE").ok());
+        let profile = o.profile.clone().or_else(|| std::env::var("AWS_PROFILE").ok());
         let _ = PROFILE.set(profile.unwrap_or_else(|| "default".into()));
         let sdk = loader.load().await;
         let mut b = aws_sdk_s3::config::Builder::from(&sdk);
@@ -201,15 +199,10 @@ impl S3Target {
             // As Nix does.
             b = b.region(aws_sdk_s3::config::Region::new("us-east-1"));
         }
-        let endpoint = p("endpoint").map(|e| {
-            if e.contains("://") { e.to_string() } else { format!("{}://{e}", p("scheme").unwrap_or("https")) }
-        });
-        let checksum = match p("checksum") {
-            Some("when-required") => RequestChecksumCalculation::WhenRequired,
-            Some("when-supported") => RequestChecksumCalculation::WhenSupported,
-            Some(other) => return Err(format!("checksum={other:?}: expected when-required or when-supported")),
-            None if endpoint.is_some() => RequestChecksumCalculation::WhenRequired,
-            None => RequestChecksumCalculation::WhenSupported,
+        let endpoint = o.endpoint_url();
+        let checksum = match o.checksum {
+            Checksum::WhenRequired => RequestChecksumCalculation::WhenRequired,
+            Checksum::WhenSupported => RequestChecksumCalculation::WhenSupported,
         };
         if checksum == RequestChecksumCalculation::WhenRequired {
             b = b.response_checksum_validation(ResponseChecksumValidation::WhenRequired);
@@ -221,24 +214,15 @@ impl S3Target {
         // The queue retries with its own backoff; one quick retry here covers a dropped
         // keep-alive connection.
         b = b.retry_config(aws_sdk_s3::config::retry::RetryConfig::standard().with_max_attempts(2));
-        let part_size = match p("buffer-size") {
-            Some(s) => s.parse::<u64>().map_err(|_| format!("buffer-size={s:?} is not a number"))?.max(MIN_PART),
-            None => DEFAULT_PART,
-        };
-        let multipart = match p("multipart-upload") {
-            Some("false" | "0") => false,
-            Some("true" | "1") | None => true,
-            Some(o) => return Err(format!("multipart-upload={o:?}: expected true or false")),
-        };
-        let describe = format!("s3://{bucket}{}", endpoint.map(|e| format!(" at {e}")).unwrap_or_default());
-        Ok(S3Target {
+        let describe = format!("s3://{}{}", o.bucket, endpoint.map(|e| format!(" at {e}")).unwrap_or_default());
+        S3Target {
             client: aws_sdk_s3::Client::from_conf(b.build()),
             listing: tokio::sync::Mutex::new(None),
-            bucket: bucket.to_string(),
-            part_size,
-            multipart,
+            bucket: o.bucket.clone(),
+            part_size: o.part_size,
+            multipart: o.multipart,
             describe,
-        })
+        }
     }
 
     /// Lists the `.narinfo` keys at the root (up to [`LIST_PAGES`] pages); `None` if there

@@ -12,4 +12,5 @@ mod nixos;
 mod parsers;
 mod robust;
 mod s3;
+mod storage;
 mod util;
