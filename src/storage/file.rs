@@ -1,6 +1,6 @@
 //! `file://DIR`: a binary cache in a local directory, as `nix copy --to file://DIR` makes.
-//! Every object is written to a temporary name, fsynced, renamed into place, and the
-//! directory fsynced: a reader (or a crash) sees an object whole or not at all.
+//! Every object is written with [`Dir::write_atomic`]: a reader (or a crash) sees an object
+//! whole or not at all.
 
 use std::fs::{self, File};
 use std::io;
@@ -72,33 +72,29 @@ fn open_parent<'k>(root: &Path, key: &'k str, create: bool) -> io::Result<(Dir, 
 fn put_sync(dir: &Path, key: &str, body: Body) -> Result<(), TargetError> {
     let dst = dir.join(key);
     let (parent, name) = open_parent(dir, key, true).map_err(|e| io_err("opening the directory of", &dst, e))?;
-    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp_name = format!(".{name}.{}-{n}.tmp", std::process::id());
-    let tmp = dst.with_file_name(&tmp_name);
-    match body {
-        Body::Bytes(b) => {
-            let mut f = parent.create_file(&tmp_name, 0o644).map_err(|e| io_err("creating", &tmp, e))?;
-            io::Write::write_all(&mut f, &b).map_err(|e| io_err("writing", &tmp, e))?;
-            f.sync_all().map_err(|e| io_err("syncing", &tmp, e))?;
-        }
-        Body::File(src) => {
-            // The uploader's temp file is on the state dir's file system; move it when the
-            // cache is on the same one, copy it otherwise.
-            if parent.rename_into(&src, &tmp_name).is_err() {
-                let mut from = File::open(&src).map_err(|e| io_err("opening", &src, e))?;
-                let mut to = parent.create_file(&tmp_name, 0o644).map_err(|e| io_err("creating", &tmp, e))?;
-                io::copy(&mut from, &mut to).map_err(|e| io_err("copying to", &tmp, e))?;
-                let _ = fs::remove_file(&src);
+    parent
+        .write_atomic(name, |parent, tmp_name| match body {
+            Body::Bytes(b) => {
+                let mut f = parent.create_file(tmp_name, 0o644)?;
+                io::Write::write_all(&mut f, &b)?;
+                Ok(f)
             }
-            let f = parent.open_file(&tmp_name).map_err(|e| io_err("opening", &tmp, e))?;
-            let _ = f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
-            f.sync_all().map_err(|e| io_err("syncing", &tmp, e))?;
-        }
-    }
-    // A symlink planted at the object's name is replaced, not followed.
-    parent.rename(&tmp_name, name).map_err(|e| io_err("renaming to", &dst, e))?;
-    parent.sync().map_err(|e| io_err("syncing the directory of", &dst, e))
+            Body::File(src) => {
+                // The uploader's temp file is on the state dir's file system; move it when the
+                // cache is on the same one, copy it otherwise (`src` removes it when dropped).
+                if parent.rename_into(src.path(), tmp_name).is_ok() {
+                    src.release();
+                } else {
+                    let mut from = File::open(src.path())?;
+                    let mut to = parent.create_file(tmp_name, 0o644)?;
+                    io::copy(&mut from, &mut to)?;
+                }
+                let f = parent.open_file(tmp_name)?;
+                let _ = f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
+                Ok(f)
+            }
+        })
+        .map_err(|e| io_err("writing", &dst, e))
 }
 
 impl Target for FileTarget {
@@ -118,19 +114,8 @@ impl Target for FileTarget {
 
     fn put<'a>(&'a self, key: &'a str, body: Body, _content_type: &'static str) -> BoxFuture<'a, Result<(), TargetError>> {
         let (dir, key) = (self.dir.clone(), key.to_string());
-        // We own a file body: whatever happens, it is not left behind.
-        let src = match &body {
-            Body::File(f) => Some(f.clone()),
-            Body::Bytes(_) => None,
-        };
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || {
-                let put = put_sync(&dir, &key, body);
-                if let (Err(_), Some(src)) = (&put, src) {
-                    let _ = fs::remove_file(src);
-                }
-                put
-            })
+            tokio::task::spawn_blocking(move || put_sync(&dir, &key, body))
                 .await
                 .map_err(|e| TargetError::transient(e.to_string()))?
         })

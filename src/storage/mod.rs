@@ -9,7 +9,7 @@ pub mod s3;
 pub mod s3_options;
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -19,9 +19,39 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// under the state dir, so that memory does not grow with NAR size.
 pub enum Body {
     Bytes(Vec<u8>),
-    /// A temporary file the target takes over: it is moved or deleted whether or not the
-    /// put succeeds.
-    File(PathBuf),
+    /// A temporary file the target takes over: moved into the cache, or removed when it is
+    /// dropped, whether or not the put succeeds.
+    File(TempFile),
+}
+
+/// A temporary file that is removed when this is dropped (an error, a cancelled upload, a
+/// finished one alike), unless [`TempFile::release`]d because it was moved elsewhere.
+pub struct TempFile {
+    path: Option<PathBuf>,
+}
+
+impl TempFile {
+    /// Owns the (maybe not yet created) file at `path`.
+    pub fn new(path: PathBuf) -> TempFile {
+        TempFile { path: Some(path) }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.path.as_deref().unwrap_or(Path::new(""))
+    }
+
+    /// Gives up the file (it has been renamed away): it is no longer removed.
+    pub fn release(mut self) -> PathBuf {
+        self.path.take().unwrap_or_default()
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if let Some(p) = self.path.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 /// A failure to talk to the target. Almost nothing the target says is final for an item:

@@ -395,18 +395,18 @@ impl S3Target {
                 let n = b.len() as i64;
                 (ByteStream::from(b), n)
             }
-            Body::File(f) => {
-                let size = std::fs::metadata(&f).map_err(|e| TargetError::transient(format!("{}: {e}", f.display())))?.len();
-                let result = if self.multipart && size > self.part_size {
-                    self.put_multipart(key, &f, size, content_type, encoding).await
+            // `tmp` is removed when it goes out of scope, whatever the outcome.
+            Body::File(tmp) => {
+                let f = tmp.path();
+                let size = std::fs::metadata(f).map_err(|e| TargetError::transient(format!("{}: {e}", f.display())))?.len();
+                return if self.multipart && size > self.part_size {
+                    self.put_multipart(key, f, size, content_type, encoding).await
                 } else {
-                    match ByteStream::from_path(&f).await {
+                    match ByteStream::from_path(f).await {
                         Ok(s) => self.put_one(key, s, size as i64, content_type, encoding).await,
                         Err(e) => Err(TargetError::transient(format!("reading {}: {e}", f.display()))),
                     }
                 };
-                let _ = std::fs::remove_file(&f);
-                return result;
             }
         };
         self.put_one(key, stream, len, content_type, encoding).await

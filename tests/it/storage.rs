@@ -56,3 +56,46 @@ fn bad_store_parameters_are_refused_by_hook_cli_and_daemon_naming_file_and_key()
         assert!(daemon.contains(&want) && daemon.contains(problem), "narq daemon, {params}: {daemon}");
     }
 }
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+/// Hidden temp files (`.NAME.PID-N.tmp`) in `dir`.
+fn temp_files(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.') && n.ends_with(".tmp"))
+        .collect()
+}
+
+#[test]
+fn a_failed_file_put_leaves_no_temp_file() {
+    use narq::storage::{file::FileTarget, Body, Target};
+    let t = TempDir::new("file-put-fails");
+    let cache = t.join("cache");
+    // The object's name is taken by a non-empty directory: the final rename fails.
+    std::fs::create_dir_all(cache.join("nar/x.nar/inside")).unwrap();
+    let target = FileTarget::open(cache.clone());
+    let put = rt().block_on(target.put("nar/x.nar", Body::Bytes(b"nar".to_vec()), narq::storage::NAR_TYPE));
+    let e = put.unwrap_err().to_string();
+    assert!(e.contains("nar/x.nar"), "{e}");
+    assert_eq!(temp_files(&cache.join("nar")), Vec::<String>::new());
+
+    // A file body (the uploader's compressed NAR) is not left behind either, in the state
+    // dir or in the cache.
+    let src = t.join("state-x.nar.tmp");
+    std::fs::write(&src, b"nar").unwrap();
+    let body = Body::File(narq::storage::TempFile::new(src.clone()));
+    assert!(rt().block_on(target.put("nar/x.nar", body, narq::storage::NAR_TYPE)).is_err());
+    assert!(!src.exists());
+    assert_eq!(temp_files(&cache.join("nar")), Vec::<String>::new());
+    // And when the put succeeds, the object is whole and the temp names are gone.
+    std::fs::write(&src, b"nar2").unwrap();
+    let body = Body::File(narq::storage::TempFile::new(src.clone()));
+    rt().block_on(target.put("nar/y.nar", body, narq::storage::NAR_TYPE)).unwrap();
+    assert_eq!(std::fs::read(cache.join("nar/y.nar")).unwrap(), b"nar2");
+    assert!(!src.exists());
+    assert_eq!(temp_files(&cache.join("nar")), Vec::<String>::new());
+}
