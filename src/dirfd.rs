@@ -158,18 +158,17 @@ impl Dir {
         let tmp = format!(".{name}.{}-{n}.tmp", std::process::id());
         let written = fill(self, &tmp).and_then(|f| f.sync_all()).and_then(|()| self.rename(&tmp, name));
         if written.is_err() {
-            self.remove(&tmp);
+            let _ = self.remove_file(&tmp);
             return written;
         }
         self.sync()
     }
 
-    /// Removes the file `name`, if there is one (best effort: for cleaning up).
-    fn remove(&self, name: &str) {
-        if let Ok(c) = component(name) {
-            // SAFETY: a valid C string, our descriptor.
-            unsafe { libc::unlinkat(self.fd.as_raw_fd(), c.as_ptr(), 0) };
-        }
+    /// Removes the file (or symlink, not what it points to) `name`.
+    pub fn remove_file(&self, name: &str) -> io::Result<()> {
+        let c = component(name)?;
+        // SAFETY: a valid C string, our descriptor.
+        ok_or_err(unsafe { libc::unlinkat(self.fd.as_raw_fd(), c.as_ptr(), 0) })
     }
 
     /// Makes the directory's entries durable (after a create or rename in it).

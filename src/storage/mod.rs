@@ -88,7 +88,53 @@ pub const NAR_TYPE: &str = "application/x-nix-nar";
 pub const CACHE_INFO_TYPE: &str = "text/x-nix-cache-info";
 pub const LOG_TYPE: &str = "text/plain; charset=utf-8";
 
+/// One stored object, as [`Target::list`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Object {
+    pub key: String,
+    pub size: u64,
+    pub last_modified: Option<std::time::SystemTime>,
+}
+
+/// An upload begun and never finished: an S3 multipart upload, a `file://` temp file. It
+/// costs space until aborted; one still being written looks the same, so callers abort only
+/// those older than any upload takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Incomplete {
+    /// The key the object would have had.
+    pub key: String,
+    /// What [`Target::abort_incomplete`] needs: the upload id, the temp file's path.
+    pub id: String,
+    pub started: Option<std::time::SystemTime>,
+}
+
+/// [`Target::get`] refuses objects larger than this: it is for narinfos, `nix-cache-info`
+/// and logs, not NARs (those are read with [`Target::open_read`]).
+pub const MAX_GET: u64 = 64 << 20;
+
+/// A streaming read of one object.
+#[cfg(feature = "daemon")]
+pub type Reader = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
+
+/// S3's limit of keys per DeleteObjects request.
+pub const DELETE_BATCH: usize = 1000;
+
+#[cfg(feature = "daemon")]
 pub trait Target: Send + Sync {
+    /// Calls `each` for every object whose key starts with `prefix`, in no particular order,
+    /// a page at a time (memory does not grow with the cache); returns how many there were.
+    /// Upload temp files and incomplete uploads are not objects.
+    fn list<'a>(&'a self, prefix: &'a str, each: &'a mut (dyn FnMut(Object) + Send)) -> BoxFuture<'a, Result<u64, TargetError>>;
+    /// The object at `key` (at most [`MAX_GET`] bytes), `None` if there is none.
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>, TargetError>>;
+    /// A streaming read of the object at `key`, `None` if there is none.
+    fn open_read<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Reader>, TargetError>>;
+    /// Deletes the objects at `keys`; keys with no object are no error.
+    fn delete<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Result<(), TargetError>>;
+    /// The incomplete uploads whose key starts with `prefix`.
+    fn list_incomplete<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<Incomplete>, TargetError>>;
+    /// Aborts `upload`, freeing its space; one already gone is no error.
+    fn abort_incomplete<'a>(&'a self, upload: &'a Incomplete) -> BoxFuture<'a, Result<(), TargetError>>;
     /// True if an object exists at `key` (e.g. `<hash>.narinfo`).
     fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, TargetError>>;
     /// Stores `body` at `key`; durable once this returns `Ok`.

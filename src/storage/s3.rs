@@ -23,7 +23,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::s3_options::{Checksum, S3Options};
-use super::{Body, BoxFuture, Target, TargetError};
+use super::{Body, BoxFuture, Incomplete, Object, Reader, Target, TargetError, DELETE_BATCH, MAX_GET};
 
 const PARTS_IN_FLIGHT: usize = 6;
 
@@ -379,6 +379,120 @@ impl Target for S3Target {
         self.describe.clone()
     }
 
+    /// ListObjectsV2, a page of up to 1,000 keys at a time.
+    fn list<'a>(&'a self, prefix: &'a str, each: &'a mut (dyn FnMut(Object) + Send)) -> BoxFuture<'a, Result<u64, TargetError>> {
+        Box::pin(async move {
+            let what = format!("listing {prefix:?} in the bucket");
+            let (mut token, mut n) = (None, 0);
+            loop {
+                let list = self.client.list_objects_v2().bucket(&self.bucket).prefix(prefix).set_continuation_token(token.take()).send();
+                let out = answered(&what, 0, list).await?.map_err(|e| classify(&what, e))?;
+                for o in out.contents() {
+                    let Some(key) = o.key() else { continue };
+                    let last_modified = o.last_modified().and_then(|t| std::time::SystemTime::try_from(*t).ok());
+                    each(Object { key: key.to_string(), size: o.size().unwrap_or(0).max(0) as u64, last_modified });
+                    n += 1;
+                }
+                match out.next_continuation_token() {
+                    Some(t) if out.is_truncated() == Some(true) => token = Some(t.to_string()),
+                    _ => return Ok(n),
+                }
+            }
+        })
+    }
+
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>, TargetError>> {
+        Box::pin(async move {
+            let Some(out) = self.get_object(key).await? else { return Ok(None) };
+            let size = out.content_length().unwrap_or(0).max(0) as u64;
+            if size > MAX_GET {
+                return Err(TargetError::transient(format!("{key}: {size} bytes, more than get reads ({MAX_GET})")));
+            }
+            let what = format!("reading {key}");
+            let body = answered(&what, size, out.body.collect()).await?.map_err(|e| TargetError::transient(format!("{what}: {}", one_line(&e))))?;
+            Ok(Some(body.to_vec()))
+        })
+    }
+
+    fn open_read<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Reader>, TargetError>> {
+        Box::pin(async move { Ok(self.get_object(key).await?.map(|out| Box::new(out.body.into_async_read()) as Reader)) })
+    }
+
+    /// DeleteObjects, [`DELETE_BATCH`] keys a request; a key any batch could not delete is an
+    /// error naming it.
+    fn delete<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Result<(), TargetError>> {
+        use aws_sdk_s3::types::{Delete, ObjectIdentifier};
+        Box::pin(async move {
+            for batch in keys.chunks(DELETE_BATCH) {
+                let ids = batch
+                    .iter()
+                    .map(|k| ObjectIdentifier::builder().key(k).build())
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| TargetError::transient(format!("deleting: {e}")))?;
+                let delete = Delete::builder().set_objects(Some(ids)).quiet(true).build().map_err(|e| TargetError::transient(format!("deleting: {e}")))?;
+                let what = format!("deleting {} objects", batch.len());
+                let send = self.client.delete_objects().bucket(&self.bucket).delete(delete).send();
+                let out = answered(&what, 0, send).await?.map_err(|e| classify(&what, e))?;
+                // Deleted narinfos must not be reported present by the listing.
+                if let Some(Some(l)) = &mut *self.listing.lock().await {
+                    for k in batch {
+                        l.keys.remove(k);
+                    }
+                }
+                if let Some(e) = out.errors().first() {
+                    return Err(TargetError::transient(format!(
+                        "{what}: {} not deleted, e.g. {}: {} {}",
+                        out.errors().len(),
+                        e.key().unwrap_or(""),
+                        e.code().unwrap_or(""),
+                        e.message().unwrap_or("")
+                    )));
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// ListMultipartUploads, page by page.
+    fn list_incomplete<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<Incomplete>, TargetError>> {
+        Box::pin(async move {
+            let what = format!("listing the incomplete uploads of {prefix:?}");
+            let (mut found, mut markers) = (Vec::new(), (None, None));
+            loop {
+                let list = self
+                    .client
+                    .list_multipart_uploads()
+                    .bucket(&self.bucket)
+                    .prefix(prefix)
+                    .set_key_marker(markers.0.take())
+                    .set_upload_id_marker(markers.1.take())
+                    .send();
+                let out = answered(&what, 0, list).await?.map_err(|e| classify(&what, e))?;
+                for u in out.uploads() {
+                    let (Some(key), Some(id)) = (u.key(), u.upload_id()) else { continue };
+                    let started = u.initiated().and_then(|t| std::time::SystemTime::try_from(*t).ok());
+                    found.push(Incomplete { key: key.to_string(), id: id.to_string(), started });
+                }
+                if out.is_truncated() != Some(true) || out.next_key_marker().is_none() {
+                    return Ok(found);
+                }
+                markers = (out.next_key_marker().map(str::to_string), out.next_upload_id_marker().map(str::to_string));
+            }
+        })
+    }
+
+    fn abort_incomplete<'a>(&'a self, upload: &'a Incomplete) -> BoxFuture<'a, Result<(), TargetError>> {
+        Box::pin(async move {
+            let what = format!("aborting the multipart upload of {}", upload.key);
+            let abort = self.client.abort_multipart_upload().bucket(&self.bucket).key(&upload.key).upload_id(&upload.id).send();
+            match answered(&what, 0, abort).await? {
+                Ok(_) => Ok(()),
+                Err(e) if e.as_service_error().and_then(|s| s.code()) == Some("NoSuchUpload") => Ok(()),
+                Err(e) => Err(classify(&what, e)),
+            }
+        })
+    }
+
     fn log_encoding(&self) -> Option<&'static str> {
         Some("xz")
     }
@@ -389,6 +503,16 @@ impl Target for S3Target {
 }
 
 impl S3Target {
+    /// GetObject; `None` for a missing key.
+    async fn get_object(&self, key: &str) -> Result<Option<aws_sdk_s3::operation::get_object::GetObjectOutput>, TargetError> {
+        let what = format!("reading {key}");
+        match answered(&what, 0, self.client.get_object().bucket(&self.bucket).key(key).send()).await? {
+            Ok(out) => Ok(Some(out)),
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => Ok(None),
+            Err(e) => Err(classify(&what, e)),
+        }
+    }
+
     async fn put_with(&self, key: &str, body: Body, content_type: &str, encoding: Option<&str>) -> Result<(), TargetError> {
         let (stream, len) = match body {
             Body::Bytes(b) => {
