@@ -394,6 +394,10 @@ impl Target for S3Target {
                     n += 1;
                 }
                 match out.next_continuation_token() {
+                    // A server that hands back the token it was given would list forever.
+                    Some(t) if out.continuation_token() == Some(t) => {
+                        return Err(TargetError::transient(format!("{what}: the server repeated its continuation token")))
+                    }
                     Some(t) if out.is_truncated() == Some(true) => token = Some(t.to_string()),
                     _ => return Ok(n),
                 }
@@ -475,6 +479,9 @@ impl Target for S3Target {
                 }
                 if out.is_truncated() != Some(true) || out.next_key_marker().is_none() {
                     return Ok(found);
+                }
+                if (out.next_key_marker(), out.next_upload_id_marker()) == (out.key_marker(), out.upload_id_marker()) {
+                    return Err(TargetError::transient(format!("{what}: the server repeated its markers")));
                 }
                 markers = (out.next_key_marker().map(str::to_string), out.next_upload_id_marker().map(str::to_string));
             }
