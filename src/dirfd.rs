@@ -139,18 +139,36 @@ impl Dir {
         ok_or_err(unsafe { libc::renameat(d, f.as_ptr(), d, t.as_ptr()) })
     }
 
-    /// Removes the entry `name` (a symlink itself, never what it points to).
-    pub fn remove(&self, name: &str) -> io::Result<()> {
-        let n = component(name)?;
-        // SAFETY: a valid C string, our descriptor.
-        ok_or_err(unsafe { libc::unlinkat(self.fd.as_raw_fd(), n.as_ptr(), 0) })
-    }
-
     /// Moves the file at `src` (a path) to `to` in this directory.
     pub fn rename_into(&self, src: &Path, to: &str) -> io::Result<()> {
         let (s, t) = (c_name(src.as_os_str().as_bytes())?, component(to)?);
         // SAFETY: valid C strings, our descriptor.
         ok_or_err(unsafe { libc::renameat(libc::AT_FDCWD, s.as_ptr(), self.fd.as_raw_fd(), t.as_ptr()) })
+    }
+
+    /// Writes the file `name` in this directory so that a reader (or a crash) sees it whole
+    /// or not at all: `fill` makes it under a hidden temp name (`.NAME.PID-N.tmp`, the name it
+    /// is given) in this directory and returns it open; it is synced, renamed to `name` (a
+    /// symlink there is replaced, not followed), and the directory synced. Whatever fails,
+    /// the temp file is not left behind.
+    pub fn write_atomic(&self, name: &str, fill: impl FnOnce(&Dir, &str) -> io::Result<File>) -> io::Result<()> {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        component(name)?;
+        let tmp = format!(".{name}.{}-{n}.tmp", std::process::id());
+        let written = fill(self, &tmp).and_then(|f| f.sync_all()).and_then(|()| self.rename(&tmp, name));
+        if written.is_err() {
+            let _ = self.remove_file(&tmp);
+            return written;
+        }
+        self.sync()
+    }
+
+    /// Removes the file (or symlink, not what it points to) `name`.
+    pub fn remove_file(&self, name: &str) -> io::Result<()> {
+        let c = component(name)?;
+        // SAFETY: a valid C string, our descriptor.
+        ok_or_err(unsafe { libc::unlinkat(self.fd.as_raw_fd(), c.as_ptr(), 0) })
     }
 
     /// Makes the directory's entries durable (after a create or rename in it).

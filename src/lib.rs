@@ -18,7 +18,8 @@
 //! - [`logging`]: journald under systemd, readable lines on stderr otherwise.
 //!
 //! Without the `daemon` feature only what `narq-hook` needs is built: `nix`, `config`,
-//! `store_url`, `protocol`, `hook`, `spool`, `dirfd` and `par`.
+//! `store_url` with the backends' options (`storage::s3_options`), `protocol`, `hook`,
+//! `spool`, `dirfd` and `par`.
 
 pub mod config;
 #[cfg(feature = "daemon")]
@@ -34,7 +35,6 @@ pub mod protocol;
 pub mod queue;
 pub mod spool;
 pub mod store_url;
-#[cfg(feature = "daemon")]
 pub mod storage;
 #[cfg(feature = "daemon")]
 pub mod upload;

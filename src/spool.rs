@@ -1,6 +1,5 @@
 //! The spool: requests the hook could not hand to the daemon, one file each, written
-//! atomically (temp file, fsync, rename, fsync of the directory) so that a file is either
-//! whole or absent. The daemon ingests them at start and while it runs, and removes each
+//! atomically ([`Dir::write_atomic`]) so that a file is either whole or absent. The daemon ingests them at start and while it runs, and removes each
 //! only once its paths are in the durable queue.
 
 use std::fs::{self, File, OpenOptions};
@@ -43,17 +42,13 @@ pub fn write(dir: &Path, frame: &[u8]) -> io::Result<PathBuf> {
     }
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let name = format!("{}.{:09}-{}", now.as_secs(), now.subsec_nanos(), std::process::id());
-    let tmp = format!(".{name}.tmp");
     let dst = format!("{name}{SUFFIX}");
-    let mut f = spool.create_file(&tmp, 0o600)?;
-    let _ = std::os::unix::fs::fchown(&f, Some(uid), Some(gid));
-    let written = f.write_all(frame).and_then(|()| f.sync_all()).and_then(|()| spool.rename(&tmp, &dst));
-    if let Err(e) = written {
-        // A part written to a full disk holds blocks that the next request needs.
-        let _ = spool.remove(&tmp);
-        return Err(e);
-    }
-    spool.sync()?;
+    spool.write_atomic(&dst, |spool, tmp| {
+        let mut f = spool.create_file(tmp, 0o600)?;
+        let _ = std::os::unix::fs::fchown(&f, Some(uid), Some(gid));
+        f.write_all(frame)?;
+        Ok(f)
+    })?;
     Ok(dir.join(dst))
 }
 

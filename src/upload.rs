@@ -10,7 +10,7 @@ use std::time::Instant;
 use crate::nix::{db, nar, NarInfo, PathInfo, StorePath};
 use crate::queue::{Item, Kind, Outcome};
 use crate::store_url::{Compression, StoreUrl};
-use crate::storage::{self, Body, Target};
+use crate::storage::{self, Body, Target, TempFile};
 
 /// Why an item did not make it.
 #[derive(Debug)]
@@ -182,10 +182,11 @@ impl Uploader {
         check_room(&self.tmp_dir, info.nar_size).map_err(UploadError::Transient)?;
         let start = Instant::now();
         let store_path = PathBuf::from(info.path.to_absolute());
-        let tmp = self.tmp_dir.join(format!("{}.nar.tmp", info.path.hash_part()));
+        // Removed on every way out but the one that hands it to the target.
+        let tmp = TempFile::new(self.tmp_dir.join(format!("{}.nar.tmp", info.path.hash_part())));
         let (url, nar_size) = (self.url.clone(), info.nar_size);
         let c = {
-            let (tmp, store_path) = (tmp.clone(), store_path.clone());
+            let (tmp, store_path) = (tmp.path().to_path_buf(), store_path.clone());
             tokio::task::spawn_blocking(move || compress_nar(&store_path, nar_size, &url, &tmp))
                 .await
                 .map_err(|e| UploadError::Transient(format!("worker: {e}")))?
@@ -193,7 +194,6 @@ impl Uploader {
         let c = match c {
             Ok(c) => c,
             Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
                 return Err(if !store_path.exists() {
                     UploadError::Permanent(format!("{} is gone from the store", info.path))
                 } else if e.kind() == io::ErrorKind::PermissionDenied {
@@ -206,7 +206,6 @@ impl Uploader {
             }
         };
         if c.nar.hash != info.nar_hash || c.nar.size != info.nar_size {
-            let _ = std::fs::remove_file(&tmp);
             return Err(UploadError::Permanent(format!(
                 "contents of {} do not match the Nix database: NAR has {} ({} bytes), database says {} ({} bytes); not uploaded",
                 info.path, c.nar.hash, c.nar.size, info.nar_hash, info.nar_size
@@ -241,10 +240,10 @@ impl Uploader {
     async fn upload_log(&self, drv: &StorePath) -> Result<Outcome, UploadError> {
         let Some(file) = db::build_log_path(drv) else { return Ok(Outcome::NoLog) };
         let key = format!("log/{}", drv.base_name());
-        let tmp = self.tmp_dir.join(format!("{}.log.tmp", drv.hash_part()));
+        let tmp = TempFile::new(self.tmp_dir.join(format!("{}.log.tmp", drv.hash_part())));
         let encoding = self.target.log_encoding();
         let copied = {
-            let tmp = tmp.clone();
+            let tmp = tmp.path().to_path_buf();
             tokio::task::spawn_blocking(move || copy_log(&file, &tmp, encoding.is_some()))
                 .await
                 .map_err(|e| UploadError::Transient(format!("worker: {e}")))?
@@ -252,7 +251,6 @@ impl Uploader {
         let (text_bytes, truncated) = match copied {
             Ok(c) => c,
             Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
                 // A log that is gone, unreadable or corrupt stays so; anything else (the temp
                 // file: a full disk, an I/O error) may pass.
                 use io::ErrorKind::*;
@@ -267,7 +265,7 @@ impl Uploader {
         if truncated {
             tracing::warn!(drv = %drv, "the build log of {drv} is over {} MiB; uploaded its first {} MiB", MAX_LOG >> 20, MAX_LOG >> 20);
         }
-        let bytes = std::fs::metadata(&tmp).map_or(0, |m| m.len());
+        let bytes = std::fs::metadata(tmp.path()).map_or(0, |m| m.len());
         match encoding {
             Some(enc) => self.target.put_encoded(&key, Body::File(tmp), storage::LOG_TYPE, enc).await?,
             None => self.target.put(&key, Body::File(tmp), storage::LOG_TYPE).await?,

@@ -78,11 +78,6 @@ pub fn decode(input: &[u8], out_len: usize) -> Result<Vec<u8>, Nixbase32Error> {
     Ok(out)
 }
 
-/// True if every byte is in the alphabet.
-pub fn is_valid(s: &[u8]) -> bool {
-    s.iter().all(|&c| digit(c).is_some())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,13 +1,13 @@
 //! `file://DIR`: a binary cache in a local directory, as `nix copy --to file://DIR` makes.
-//! Every object is written to a temporary name, fsynced, renamed into place, and the
-//! directory fsynced: a reader (or a crash) sees an object whole or not at all.
+//! Every object is written with [`Dir::write_atomic`]: a reader (or a crash) sees an object
+//! whole or not at all.
 
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{Body, BoxFuture, Target, TargetError};
+use super::{Body, BoxFuture, Incomplete, Object, Reader, Target, TargetError, MAX_GET};
 use crate::dirfd::Dir;
 
 pub struct FileTarget {
@@ -72,36 +72,184 @@ fn open_parent<'k>(root: &Path, key: &'k str, create: bool) -> io::Result<(Dir, 
 fn put_sync(dir: &Path, key: &str, body: Body) -> Result<(), TargetError> {
     let dst = dir.join(key);
     let (parent, name) = open_parent(dir, key, true).map_err(|e| io_err("opening the directory of", &dst, e))?;
-    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp_name = format!(".{name}.{}-{n}.tmp", std::process::id());
-    let tmp = dst.with_file_name(&tmp_name);
-    match body {
-        Body::Bytes(b) => {
-            let mut f = parent.create_file(&tmp_name, 0o644).map_err(|e| io_err("creating", &tmp, e))?;
-            io::Write::write_all(&mut f, &b).map_err(|e| io_err("writing", &tmp, e))?;
-            f.sync_all().map_err(|e| io_err("syncing", &tmp, e))?;
-        }
-        Body::File(src) => {
-            // The uploader's temp file is on the state dir's file system; move it when the
-            // cache is on the same one, copy it otherwise.
-            if parent.rename_into(&src, &tmp_name).is_err() {
-                let mut from = File::open(&src).map_err(|e| io_err("opening", &src, e))?;
-                let mut to = parent.create_file(&tmp_name, 0o644).map_err(|e| io_err("creating", &tmp, e))?;
-                io::copy(&mut from, &mut to).map_err(|e| io_err("copying to", &tmp, e))?;
-                let _ = fs::remove_file(&src);
+    parent
+        .write_atomic(name, |parent, tmp_name| match body {
+            Body::Bytes(b) => {
+                let mut f = parent.create_file(tmp_name, 0o644)?;
+                io::Write::write_all(&mut f, &b)?;
+                Ok(f)
             }
-            let f = parent.open_file(&tmp_name).map_err(|e| io_err("opening", &tmp, e))?;
-            let _ = f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
-            f.sync_all().map_err(|e| io_err("syncing", &tmp, e))?;
+            Body::File(src) => {
+                // The uploader's temp file is on the state dir's file system; move it when the
+                // cache is on the same one, copy it otherwise (`src` removes it when dropped).
+                if parent.rename_into(src.path(), tmp_name).is_ok() {
+                    src.release();
+                } else {
+                    let mut from = File::open(src.path())?;
+                    let mut to = parent.create_file(tmp_name, 0o644)?;
+                    io::copy(&mut from, &mut to)?;
+                }
+                let f = parent.open_file(tmp_name)?;
+                let _ = f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
+                Ok(f)
+            }
+        })
+        .map_err(|e| io_err("writing", &dst, e))
+}
+
+/// Our temp file name (`.NAME.PID-N.tmp`) to the object's `NAME`; `None` for other names.
+fn temp_object_name(name: &str) -> Option<&str> {
+    let inner = name.strip_prefix('.')?.strip_suffix(".tmp")?;
+    let (object, writer) = inner.rsplit_once('.')?;
+    let (pid, n) = writer.split_once('-')?;
+    (pid.bytes().all(|b| b.is_ascii_digit()) && n.bytes().all(|b| b.is_ascii_digit()) && !object.is_empty()).then_some(object)
+}
+
+/// Walks the cache below `root` (never through a symlink), sending each regular file whose
+/// key starts with `prefix` as (key, relative path, metadata): objects, or with `temp` only
+/// our temp files under the key they would have had. Stops when `send` returns false.
+fn walk(root: &Path, prefix: &str, temp: bool, send: &mut dyn FnMut(String, String, fs::Metadata) -> bool) -> io::Result<()> {
+    // Directories still to read, as key prefixes ("" or "nar/"); bounded by the tree's depth
+    // times its width, never following a link, so it ends.
+    let mut dirs = vec![String::new()];
+    while let Some(rel) = dirs.pop() {
+        let rd = match fs::read_dir(root.join(&rel)) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !rel.is_empty() => continue,
+            Err(e) => return Err(e),
+        };
+        for e in rd {
+            let e = e?;
+            let Some(name) = e.file_name().to_str().map(str::to_string) else { continue };
+            let ft = e.file_type()?;
+            if ft.is_dir() {
+                let sub = format!("{rel}{name}/");
+                if sub.starts_with(prefix) || prefix.starts_with(&sub) {
+                    dirs.push(sub);
+                }
+                continue;
+            }
+            if !ft.is_file() {
+                continue;
+            }
+            let key = match (temp, temp_object_name(&name)) {
+                (false, None) => format!("{rel}{name}"),
+                (true, Some(object)) => format!("{rel}{object}"),
+                _ => continue,
+            };
+            if key.starts_with(prefix) && !send(key, format!("{rel}{name}"), e.metadata()?) {
+                return Ok(());
+            }
         }
     }
-    // A symlink planted at the object's name is replaced, not followed.
-    parent.rename(&tmp_name, name).map_err(|e| io_err("renaming to", &dst, e))?;
-    parent.sync().map_err(|e| io_err("syncing the directory of", &dst, e))
+    Ok(())
+}
+
+/// Opens the object at `key` for reading, not through a symlink; `None` if there is none.
+fn open_object(root: &Path, key: &str) -> io::Result<Option<File>> {
+    match open_parent(root, key, false).and_then(|(d, name)| d.open_file(name)) {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Removes the file at `rel` (a key or a temp file's path) and syncs its directory.
+fn remove(root: &Path, rel: &str) -> io::Result<()> {
+    let (dir, name) = match open_parent(root, rel, false) {
+        Ok(found) => found,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    match dir.remove_file(name) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => dir.sync(),
+    }
+}
+
+impl FileTarget {
+    /// Runs `f` on a blocking thread.
+    async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(PathBuf) -> Result<T, TargetError> + Send + 'static) -> Result<T, TargetError> {
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || f(dir)).await.map_err(|e| TargetError::transient(e.to_string()))?
+    }
+
+    /// [`walk`] on a blocking thread, its entries handed to `each` as they come (a bounded
+    /// channel between them keeps memory flat).
+    async fn walk_async(&self, prefix: &str, temp: bool, each: &mut (dyn FnMut(String, String, fs::Metadata) + Send)) -> Result<u64, TargetError> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1000);
+        let (dir, prefix) = (self.dir.clone(), prefix.to_string());
+        let walker = tokio::task::spawn_blocking(move || {
+            let r = walk(&dir, &prefix, temp, &mut |key, rel, meta| tx.blocking_send((key, rel, meta)).is_ok());
+            r.map_err(|e| io_err("listing", &dir, e))
+        });
+        let mut n = 0;
+        while let Some((key, rel, meta)) = rx.recv().await {
+            each(key, rel, meta);
+            n += 1;
+        }
+        walker.await.map_err(|e| TargetError::transient(e.to_string()))??;
+        Ok(n)
+    }
 }
 
 impl Target for FileTarget {
+    fn list<'a>(&'a self, prefix: &'a str, each: &'a mut (dyn FnMut(Object) + Send)) -> BoxFuture<'a, Result<u64, TargetError>> {
+        Box::pin(async move {
+            self.walk_async(prefix, false, &mut |key, _, meta| each(Object { key, size: meta.len(), last_modified: meta.modified().ok() }))
+                .await
+        })
+    }
+
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>, TargetError>> {
+        let key = key.to_string();
+        Box::pin(self.blocking(move |root| {
+            let path = root.join(&key);
+            let Some(f) = open_object(&root, &key).map_err(|e| io_err("opening", &path, e))? else { return Ok(None) };
+            let size = f.metadata().map_err(|e| io_err("reading", &path, e))?.len();
+            if size > MAX_GET {
+                return Err(TargetError::transient(format!("{}: {size} bytes, more than get reads ({MAX_GET})", path.display())));
+            }
+            let mut buf = Vec::with_capacity(size as usize);
+            io::Read::read_to_end(&mut io::Read::take(f, MAX_GET + 1), &mut buf).map_err(|e| io_err("reading", &path, e))?;
+            Ok(Some(buf))
+        }))
+    }
+
+    fn open_read<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Reader>, TargetError>> {
+        let key = key.to_string();
+        Box::pin(self.blocking(move |root| {
+            let f = open_object(&root, &key).map_err(|e| io_err("opening", &root.join(&key), e))?;
+            Ok(f.map(|f| Box::new(tokio::fs::File::from_std(f)) as Reader))
+        }))
+    }
+
+    fn delete<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Result<(), TargetError>> {
+        let keys = keys.to_vec();
+        Box::pin(self.blocking(move |root| {
+            keys.iter().try_for_each(|k| remove(&root, k).map_err(|e| io_err("deleting", &root.join(k), e)))
+        }))
+    }
+
+    fn list_incomplete<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<Incomplete>, TargetError>> {
+        Box::pin(async move {
+            let mut found = Vec::new();
+            self.walk_async(prefix, true, &mut |key, id, meta| found.push(Incomplete { key, id, started: meta.modified().ok() })).await?;
+            Ok(found)
+        })
+    }
+
+    fn abort_incomplete<'a>(&'a self, upload: &'a Incomplete) -> BoxFuture<'a, Result<(), TargetError>> {
+        let id = upload.id.clone();
+        Box::pin(self.blocking(move |root| {
+            let name = id.rsplit('/').next().unwrap_or("");
+            if temp_object_name(name).is_none() {
+                return Err(TargetError::transient(format!("{id:?} is not an upload temp file")));
+            }
+            remove(&root, &id).map_err(|e| io_err("removing", &root.join(&id), e))
+        }))
+    }
+
     fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, TargetError>> {
         let path = self.dir.join(key);
         Box::pin(async move {
@@ -118,19 +266,8 @@ impl Target for FileTarget {
 
     fn put<'a>(&'a self, key: &'a str, body: Body, _content_type: &'static str) -> BoxFuture<'a, Result<(), TargetError>> {
         let (dir, key) = (self.dir.clone(), key.to_string());
-        // We own a file body: whatever happens, it is not left behind.
-        let src = match &body {
-            Body::File(f) => Some(f.clone()),
-            Body::Bytes(_) => None,
-        };
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || {
-                let put = put_sync(&dir, &key, body);
-                if let (Err(_), Some(src)) = (&put, src) {
-                    let _ = fs::remove_file(src);
-                }
-                put
-            })
+            tokio::task::spawn_blocking(move || put_sync(&dir, &key, body))
                 .await
                 .map_err(|e| TargetError::transient(e.to_string()))?
         })

@@ -1,16 +1,17 @@
-//! Where the cache lives. The queue and the uploader see only [`Target`]; each
-//! implementation (`file://` here, S3 next) knows its own storage.
+//! Where the cache lives. The uploader sees only [`Target`]; each backend (`file://` in
+//! [`file`], S3 in [`s3`]) implements it, and owns its options type, parsed from the store
+//! URL in a module without SDK types that the hook builds too ([`s3_options`]).
 
+#[cfg(feature = "daemon")]
 pub mod file;
+#[cfg(feature = "daemon")]
 pub mod s3;
+pub mod s3_options;
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::time::Duration;
-
-use crate::store_url::{Location, StoreUrl};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -18,9 +19,39 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// under the state dir, so that memory does not grow with NAR size.
 pub enum Body {
     Bytes(Vec<u8>),
-    /// A temporary file the target takes over: it is moved or deleted whether or not the
-    /// put succeeds.
-    File(PathBuf),
+    /// A temporary file the target takes over: moved into the cache, or removed when it is
+    /// dropped, whether or not the put succeeds.
+    File(TempFile),
+}
+
+/// A temporary file that is removed when this is dropped (an error, a cancelled upload, a
+/// finished one alike), unless [`TempFile::release`]d because it was moved elsewhere.
+pub struct TempFile {
+    path: Option<PathBuf>,
+}
+
+impl TempFile {
+    /// Owns the (maybe not yet created) file at `path`.
+    pub fn new(path: PathBuf) -> TempFile {
+        TempFile { path: Some(path) }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.path.as_deref().unwrap_or(Path::new(""))
+    }
+
+    /// Gives up the file (it has been renamed away): it is no longer removed.
+    pub fn release(mut self) -> PathBuf {
+        self.path.take().unwrap_or_default()
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if let Some(p) = self.path.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 /// A failure to talk to the target. Almost nothing the target says is final for an item:
@@ -56,9 +87,54 @@ pub const NARINFO_TYPE: &str = "text/x-nix-narinfo";
 pub const NAR_TYPE: &str = "application/x-nix-nar";
 pub const CACHE_INFO_TYPE: &str = "text/x-nix-cache-info";
 pub const LOG_TYPE: &str = "text/plain; charset=utf-8";
-pub const LISTING_TYPE: &str = "application/json";
 
+/// One stored object, as [`Target::list`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Object {
+    pub key: String,
+    pub size: u64,
+    pub last_modified: Option<std::time::SystemTime>,
+}
+
+/// An upload begun and never finished: an S3 multipart upload, a `file://` temp file. It
+/// costs space until aborted; one still being written looks the same, so callers abort only
+/// those older than any upload takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Incomplete {
+    /// The key the object would have had.
+    pub key: String,
+    /// What [`Target::abort_incomplete`] needs: the upload id, the temp file's path.
+    pub id: String,
+    pub started: Option<std::time::SystemTime>,
+}
+
+/// [`Target::get`] refuses objects larger than this: it is for narinfos, `nix-cache-info`
+/// and logs, not NARs (those are read with [`Target::open_read`]).
+pub const MAX_GET: u64 = 64 << 20;
+
+/// A streaming read of one object.
+#[cfg(feature = "daemon")]
+pub type Reader = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
+
+/// S3's limit of keys per DeleteObjects request.
+pub const DELETE_BATCH: usize = 1000;
+
+#[cfg(feature = "daemon")]
 pub trait Target: Send + Sync {
+    /// Calls `each` for every object whose key starts with `prefix`, in no particular order,
+    /// a page at a time (memory does not grow with the cache); returns how many there were.
+    /// Upload temp files and incomplete uploads are not objects.
+    fn list<'a>(&'a self, prefix: &'a str, each: &'a mut (dyn FnMut(Object) + Send)) -> BoxFuture<'a, Result<u64, TargetError>>;
+    /// The object at `key` (at most [`MAX_GET`] bytes), `None` if there is none.
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>, TargetError>>;
+    /// A streaming read of the object at `key`, `None` if there is none.
+    fn open_read<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Reader>, TargetError>>;
+    /// Deletes the objects at `keys`; keys with no object are no error.
+    fn delete<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Result<(), TargetError>>;
+    /// The incomplete uploads whose key starts with `prefix`.
+    fn list_incomplete<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<Incomplete>, TargetError>>;
+    /// Aborts `upload`, freeing its space; one already gone is no error.
+    fn abort_incomplete<'a>(&'a self, upload: &'a Incomplete) -> BoxFuture<'a, Result<(), TargetError>>;
     /// True if an object exists at `key` (e.g. `<hash>.narinfo`).
     fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, TargetError>>;
     /// Stores `body` at `key`; durable once this returns `Ok`.
@@ -83,9 +159,12 @@ pub trait Target: Send + Sync {
 }
 
 /// The target for a store URL.
-pub async fn open(url: &StoreUrl) -> Result<Arc<dyn Target>, String> {
+#[cfg(feature = "daemon")]
+pub async fn open(url: &crate::store_url::StoreUrl) -> Result<std::sync::Arc<dyn Target>, String> {
+    use crate::store_url::Location;
+    use std::sync::Arc;
     Ok(match &url.location {
         Location::File(dir) => Arc::new(file::FileTarget::open(dir.clone())),
-        Location::S3 { bucket } => Arc::new(s3::S3Target::new(url, bucket).await?),
+        Location::S3(options) => Arc::new(s3::S3Target::new(options).await),
     })
 }

@@ -22,11 +22,9 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use std::path::Path;
 use std::sync::Arc;
 
-use super::{Body, BoxFuture, Target, TargetError};
-use crate::store_url::StoreUrl;
+use super::s3_options::{Checksum, S3Options};
+use super::{Body, BoxFuture, Incomplete, Object, Reader, Target, TargetError, DELETE_BATCH, MAX_GET};
 
-const MIN_PART: u64 = 5 << 20;
-const DEFAULT_PART: u64 = 16 << 20;
 const PARTS_IN_FLIGHT: usize = 6;
 
 /// A listing of the narinfos at the bucket's root, when the bucket is small enough to list.
@@ -183,19 +181,19 @@ fn part_size_for(configured: u64, size: u64) -> u64 {
 }
 
 impl S3Target {
-    pub async fn new(url: &StoreUrl, bucket: &str) -> Result<Self, String> {
+    /// The target for `o`, whose values were checked when the config was read.
+    pub async fn new(o: &S3Options) -> Self {
         use aws_config::BehaviorVersion;
         use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
-        let p = |k: &str| url.params.get(k).map(String::as_str);
         let http = aws_smithy_http_client::Builder::new().tls_provider(tls::Provider::Rustls(CryptoMode::Ring)).build_https();
         let mut loader = aws_config::defaults(BehaviorVersion::latest()).http_client(http);
-        if let Some(region) = p("region") {
-            loader = loader.region(aws_sdk_s3::config::Region::new(region.to_string()));
+        if let Some(region) = &o.region {
+            loader = loader.region(aws_sdk_s3::config::Region::new(region.clone()));
         }
-        if let Some(profile) = p("profile") {
+        if let Some(profile) = &o.profile {
             loader = loader.profile_name(profile);
         }
-        let profile = p("profile").map(str::to_string).or_else(|| std::env::var("AWS_PROFILE").ok());
+        let profile = o.profile.clone().or_else(|| std::env::var("AWS_PROFILE").ok());
         let _ = PROFILE.set(profile.unwrap_or_else(|| "default".into()));
         let sdk = loader.load().await;
         let mut b = aws_sdk_s3::config::Builder::from(&sdk);
@@ -203,15 +201,10 @@ impl S3Target {
             // As Nix does.
             b = b.region(aws_sdk_s3::config::Region::new("us-east-1"));
         }
-        let endpoint = p("endpoint").map(|e| {
-            if e.contains("://") { e.to_string() } else { format!("{}://{e}", p("scheme").unwrap_or("https")) }
-        });
-        let checksum = match p("checksum") {
-            Some("when-required") => RequestChecksumCalculation::WhenRequired,
-            Some("when-supported") => RequestChecksumCalculation::WhenSupported,
-            Some(other) => return Err(format!("checksum={other:?}: expected when-required or when-supported")),
-            None if endpoint.is_some() => RequestChecksumCalculation::WhenRequired,
-            None => RequestChecksumCalculation::WhenSupported,
+        let endpoint = o.endpoint_url();
+        let checksum = match o.checksum {
+            Checksum::WhenRequired => RequestChecksumCalculation::WhenRequired,
+            Checksum::WhenSupported => RequestChecksumCalculation::WhenSupported,
         };
         if checksum == RequestChecksumCalculation::WhenRequired {
             b = b.response_checksum_validation(ResponseChecksumValidation::WhenRequired);
@@ -223,25 +216,16 @@ impl S3Target {
         // The queue retries with its own backoff; one quick retry here covers a dropped
         // keep-alive connection.
         b = b.retry_config(aws_sdk_s3::config::retry::RetryConfig::standard().with_max_attempts(2));
-        let part_size = match p("buffer-size") {
-            Some(s) => s.parse::<u64>().map_err(|_| format!("buffer-size={s:?} is not a number"))?.max(MIN_PART),
-            None => DEFAULT_PART,
-        };
-        let multipart = match p("multipart-upload") {
-            Some("false" | "0") => false,
-            Some("true" | "1") | None => true,
-            Some(o) => return Err(format!("multipart-upload={o:?}: expected true or false")),
-        };
-        let describe = format!("s3://{bucket}{}", endpoint.map(|e| format!(" at {e}")).unwrap_or_default());
-        Ok(S3Target {
+        let describe = format!("s3://{}{}", o.bucket, endpoint.map(|e| format!(" at {e}")).unwrap_or_default());
+        S3Target {
             client: aws_sdk_s3::Client::from_conf(b.build()),
             listing: tokio::sync::Mutex::new(None),
             listing_stale: std::sync::atomic::AtomicBool::new(false),
-            bucket: bucket.to_string(),
-            part_size,
-            multipart,
+            bucket: o.bucket.clone(),
+            part_size: o.part_size,
+            multipart: o.multipart,
             describe,
-        })
+        }
     }
 
     /// Lists the `.narinfo` keys at the root (up to [`LIST_PAGES`] pages); `None` if there
@@ -403,6 +387,127 @@ impl Target for S3Target {
         self.listing_stale.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// ListObjectsV2, a page of up to 1,000 keys at a time.
+    fn list<'a>(&'a self, prefix: &'a str, each: &'a mut (dyn FnMut(Object) + Send)) -> BoxFuture<'a, Result<u64, TargetError>> {
+        Box::pin(async move {
+            let what = format!("listing {prefix:?} in the bucket");
+            let (mut token, mut n) = (None, 0);
+            loop {
+                let list = self.client.list_objects_v2().bucket(&self.bucket).prefix(prefix).set_continuation_token(token.take()).send();
+                let out = answered(&what, 0, list).await?.map_err(|e| classify(&what, e))?;
+                for o in out.contents() {
+                    let Some(key) = o.key() else { continue };
+                    let last_modified = o.last_modified().and_then(|t| std::time::SystemTime::try_from(*t).ok());
+                    each(Object { key: key.to_string(), size: o.size().unwrap_or(0).max(0) as u64, last_modified });
+                    n += 1;
+                }
+                match out.next_continuation_token() {
+                    // A server that hands back the token it was given would list forever.
+                    Some(t) if out.continuation_token() == Some(t) => {
+                        return Err(TargetError::transient(format!("{what}: the server repeated its continuation token")))
+                    }
+                    Some(t) if out.is_truncated() == Some(true) => token = Some(t.to_string()),
+                    _ => return Ok(n),
+                }
+            }
+        })
+    }
+
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>, TargetError>> {
+        Box::pin(async move {
+            let Some(out) = self.get_object(key).await? else { return Ok(None) };
+            let size = out.content_length().unwrap_or(0).max(0) as u64;
+            if size > MAX_GET {
+                return Err(TargetError::transient(format!("{key}: {size} bytes, more than get reads ({MAX_GET})")));
+            }
+            let what = format!("reading {key}");
+            let body = answered(&what, size, out.body.collect()).await?.map_err(|e| TargetError::transient(format!("{what}: {}", one_line(&e))))?;
+            Ok(Some(body.to_vec()))
+        })
+    }
+
+    fn open_read<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Reader>, TargetError>> {
+        Box::pin(async move { Ok(self.get_object(key).await?.map(|out| Box::new(out.body.into_async_read()) as Reader)) })
+    }
+
+    /// DeleteObjects, [`DELETE_BATCH`] keys a request; a key any batch could not delete is an
+    /// error naming it.
+    fn delete<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Result<(), TargetError>> {
+        use aws_sdk_s3::types::{Delete, ObjectIdentifier};
+        Box::pin(async move {
+            for batch in keys.chunks(DELETE_BATCH) {
+                let ids = batch
+                    .iter()
+                    .map(|k| ObjectIdentifier::builder().key(k).build())
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| TargetError::transient(format!("deleting: {e}")))?;
+                let delete = Delete::builder().set_objects(Some(ids)).quiet(true).build().map_err(|e| TargetError::transient(format!("deleting: {e}")))?;
+                let what = format!("deleting {} objects", batch.len());
+                let send = self.client.delete_objects().bucket(&self.bucket).delete(delete).send();
+                let out = answered(&what, 0, send).await?.map_err(|e| classify(&what, e))?;
+                // Deleted narinfos must not be reported present by the listing.
+                if let Some(Some(l)) = &mut *self.listing.lock().await {
+                    for k in batch {
+                        l.keys.remove(k);
+                    }
+                }
+                if let Some(e) = out.errors().first() {
+                    return Err(TargetError::transient(format!(
+                        "{what}: {} not deleted, e.g. {}: {} {}",
+                        out.errors().len(),
+                        e.key().unwrap_or(""),
+                        e.code().unwrap_or(""),
+                        e.message().unwrap_or("")
+                    )));
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// ListMultipartUploads, page by page.
+    fn list_incomplete<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<Incomplete>, TargetError>> {
+        Box::pin(async move {
+            let what = format!("listing the incomplete uploads of {prefix:?}");
+            let (mut found, mut markers) = (Vec::new(), (None, None));
+            loop {
+                let list = self
+                    .client
+                    .list_multipart_uploads()
+                    .bucket(&self.bucket)
+                    .prefix(prefix)
+                    .set_key_marker(markers.0.take())
+                    .set_upload_id_marker(markers.1.take())
+                    .send();
+                let out = answered(&what, 0, list).await?.map_err(|e| classify(&what, e))?;
+                for u in out.uploads() {
+                    let (Some(key), Some(id)) = (u.key(), u.upload_id()) else { continue };
+                    let started = u.initiated().and_then(|t| std::time::SystemTime::try_from(*t).ok());
+                    found.push(Incomplete { key: key.to_string(), id: id.to_string(), started });
+                }
+                if out.is_truncated() != Some(true) || out.next_key_marker().is_none() {
+                    return Ok(found);
+                }
+                if (out.next_key_marker(), out.next_upload_id_marker()) == (out.key_marker(), out.upload_id_marker()) {
+                    return Err(TargetError::transient(format!("{what}: the server repeated its markers")));
+                }
+                markers = (out.next_key_marker().map(str::to_string), out.next_upload_id_marker().map(str::to_string));
+            }
+        })
+    }
+
+    fn abort_incomplete<'a>(&'a self, upload: &'a Incomplete) -> BoxFuture<'a, Result<(), TargetError>> {
+        Box::pin(async move {
+            let what = format!("aborting the multipart upload of {}", upload.key);
+            let abort = self.client.abort_multipart_upload().bucket(&self.bucket).key(&upload.key).upload_id(&upload.id).send();
+            match answered(&what, 0, abort).await? {
+                Ok(_) => Ok(()),
+                Err(e) if e.as_service_error().and_then(|s| s.code()) == Some("NoSuchUpload") => Ok(()),
+                Err(e) => Err(classify(&what, e)),
+            }
+        })
+    }
+
     fn log_encoding(&self) -> Option<&'static str> {
         Some("xz")
     }
@@ -413,24 +518,34 @@ impl Target for S3Target {
 }
 
 impl S3Target {
+    /// GetObject; `None` for a missing key.
+    async fn get_object(&self, key: &str) -> Result<Option<aws_sdk_s3::operation::get_object::GetObjectOutput>, TargetError> {
+        let what = format!("reading {key}");
+        match answered(&what, 0, self.client.get_object().bucket(&self.bucket).key(key).send()).await? {
+            Ok(out) => Ok(Some(out)),
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => Ok(None),
+            Err(e) => Err(classify(&what, e)),
+        }
+    }
+
     async fn put_with(&self, key: &str, body: Body, content_type: &str, encoding: Option<&str>) -> Result<(), TargetError> {
         let (stream, len) = match body {
             Body::Bytes(b) => {
                 let n = b.len() as i64;
                 (ByteStream::from(b), n)
             }
-            Body::File(f) => {
-                let size = std::fs::metadata(&f).map_err(|e| TargetError::transient(format!("{}: {e}", f.display())))?.len();
-                let result = if self.multipart && size > self.part_size {
-                    self.put_multipart(key, &f, size, content_type, encoding).await
+            // `tmp` is removed when it goes out of scope, whatever the outcome.
+            Body::File(tmp) => {
+                let f = tmp.path();
+                let size = std::fs::metadata(f).map_err(|e| TargetError::transient(format!("{}: {e}", f.display())))?.len();
+                return if self.multipart && size > self.part_size {
+                    self.put_multipart(key, f, size, content_type, encoding).await
                 } else {
-                    match ByteStream::from_path(&f).await {
+                    match ByteStream::from_path(f).await {
                         Ok(s) => self.put_one(key, s, size as i64, content_type, encoding).await,
                         Err(e) => Err(TargetError::transient(format!("reading {}: {e}", f.display()))),
                     }
                 };
-                let _ = std::fs::remove_file(&f);
-                return result;
             }
         };
         self.put_one(key, stream, len, content_type, encoding).await

@@ -13,4 +13,5 @@ mod parsers;
 mod robust;
 mod s3;
 mod setup;
+mod storage;
 mod util;
