@@ -1,12 +1,33 @@
 //! Admission: validating and enqueuing a request, from the socket or the spool.
 
 use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
 
-use super::Shared;
+use tokio::sync::Notify;
+
+use super::shared_queue::SharedQueue;
 use crate::nix::{PathInfo, PublicKey, StorePath};
 use crate::protocol::{self, FrameError, Request, Response};
 use crate::queue::Queue;
 use crate::spool;
+
+/// What admitting a request needs: who may, which keys, where it goes.
+pub(super) struct Admission {
+    /// Where admitted requests are stored.
+    pub(super) queue: SharedQueue,
+    /// Keys that handed-in signatures are checked against ([`crate::config::Config::trusted_keys`]).
+    pub(super) trusted_keys: Arc<Vec<PublicKey>>,
+    /// Uids that may enqueue: root, our own, and `allowed-users`.
+    pub(super) allowed_uids: Vec<u32>,
+    /// Where the hook spools requests while the daemon is away.
+    pub(super) spool_dir: PathBuf,
+    /// Wakes the dispatcher: something was enqueued.
+    pub(super) wake: Arc<Notify>,
+    /// Held while the spool is ingested: the poller and `wait` both ingest, and two at once
+    /// would read a file the other is removing and log a false refusal.
+    spool: tokio::sync::Mutex<()>,
+}
 
 /// The checks of an `enqueue` request that need no queue state, made before the queue lock
 /// is taken: the paths' formats were checked when the request was parsed (store paths,
@@ -135,34 +156,36 @@ fn cycle_message(cycle: &[&StorePath]) -> String {
     format!("reference cycle {}: store paths reference only themselves and older paths", names.join(" -> "))
 }
 
-/// [`check`] off the socket thread when the request is large (see [`CHECK_INLINE`]); gives
-/// the request back for [`enqueue`].
-pub(super) async fn checked(
-    shared: &Shared,
-    paths: Vec<PathInfo>,
-    drv: Option<StorePath>,
-) -> Result<(Vec<PathInfo>, Option<StorePath>), NotStored> {
-    if paths.len() <= CHECK_INLINE {
-        return check(&shared.trusted_keys, &paths, drv.as_ref()).map(|()| (paths, drv)).map_err(NotStored::Refused);
+impl Admission {
+    pub(super) fn new(queue: SharedQueue, trusted_keys: Vec<PublicKey>, allowed_uids: Vec<u32>, spool_dir: PathBuf, wake: Arc<Notify>) -> Admission {
+        Admission { queue, trusted_keys: Arc::new(trusted_keys), allowed_uids, spool_dir, wake, spool: tokio::sync::Mutex::new(()) }
     }
-    let keys = shared.trusted_keys.clone();
-    tokio::task::spawn_blocking(move || check(&keys, &paths, drv.as_ref()).map(|()| (paths, drv)))
-        .await
-        .map_err(|e| NotStored::Transient(format!("checking the request: {e}")))?
-        .map_err(NotStored::Refused)
-}
 
-/// Who may ask what. Any peer that can connect (the socket is 0660: root and the socket's
-/// group) may ask `status`, `wait`, `missing` and `dropped`, which reveal no more than the
-/// cache and the build logs do; only root, the daemon's own user and `allowed-users` may
-/// change the queue (`enqueue`, `report`, `recheck`). Returns the refusal.
-pub(super) fn may(shared: &Shared, uid: u32, req: &Request) -> Result<(), String> {
-    let changes = matches!(req, Request::Enqueue { .. } | Request::Report { .. } | Request::Recheck { .. });
-    if changes && !shared.allowed_uids.contains(&uid) {
-        let op = protocol::op_name(req);
-        return Err(format!("uid {uid} may not {op} (only root, the daemon's user and allowed-users may)"));
+    /// [`check`] off the socket thread when the request is large (see [`CHECK_INLINE`]); gives
+    /// the request back for [`enqueue`].
+    pub(super) async fn checked(&self, paths: Vec<PathInfo>, drv: Option<StorePath>) -> Result<(Vec<PathInfo>, Option<StorePath>), NotStored> {
+        if paths.len() <= CHECK_INLINE {
+            return check(&self.trusted_keys, &paths, drv.as_ref()).map(|()| (paths, drv)).map_err(NotStored::Refused);
+        }
+        let keys = self.trusted_keys.clone();
+        tokio::task::spawn_blocking(move || check(&keys, &paths, drv.as_ref()).map(|()| (paths, drv)))
+            .await
+            .map_err(|e| NotStored::Transient(format!("checking the request: {e}")))?
+            .map_err(NotStored::Refused)
     }
-    Ok(())
+
+    /// Who may ask what. Any peer that can connect (the socket is 0660: root and the socket's
+    /// group) may ask `status`, `wait`, `missing` and `dropped`, which reveal no more than the
+    /// cache and the build logs do; only root, the daemon's own user and `allowed-users` may
+    /// change the queue (`enqueue`, `report`, `recheck`). Returns the refusal.
+    pub(super) fn may(&self, uid: u32, req: &Request) -> Result<(), String> {
+        let changes = matches!(req, Request::Enqueue { .. } | Request::Report { .. } | Request::Recheck { .. });
+        if changes && !self.allowed_uids.contains(&uid) {
+            let op = protocol::op_name(req);
+            return Err(format!("uid {uid} may not {op} (only root, the daemon's user and allowed-users may)"));
+        }
+        Ok(())
+    }
 }
 
 /// Why an `enqueue` request was not stored.
@@ -228,53 +251,163 @@ pub(super) fn record(q: &mut Queue, req: Request) -> Result<usize, NotStored> {
     }
 }
 
-pub(super) async fn ingest_spool(shared: &Shared) {
-    let _ingesting = shared.spool.lock().await;
-    let dir = shared.config.spool_dir();
-    match spool::tidy(&dir) {
-        Ok(done) => done.iter().for_each(|d| tracing::warn!("spool: {d}")),
-        Err(e) => tracing::warn!("tidying the spool {}: {e}", dir.display()),
-    }
-    let files = match spool::list(&dir) {
-        Ok(f) => f,
-        Err(e) => return tracing::warn!("reading the spool {}: {e}", dir.display()),
-    };
-    for file in files {
-        let parsed = spool::open(&file).map_err(FrameError::from).and_then(|mut f| protocol::read::<Request>(&mut f));
-        let result = match parsed {
-            Ok(Request::Enqueue { paths, drv }) => {
-                let keys = shared.trusted_keys.clone();
-                let new = match checked(shared, paths, drv).await {
-                    Ok((paths, drv)) => shared.queue(move |q| enqueue(q, &keys, paths, drv)).await,
-                    Err(e) => Err(e),
-                };
-                shared.wake.notify_one();
-                new
-            }
-            Ok(req @ Request::Report { .. }) => shared.queue(move |q| record(q, req)).await,
-            Ok(other) => Err(NotStored::Refused(format!("not an enqueue request: {other:?}"))),
-            // Not a request (a FIFO, too large) or cut short: reading it again would not help.
-            Err(FrameError::Io(e)) if matches!(e.kind(), std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof) => {
-                Err(NotStored::Refused(format!("reading it: {e}")))
-            }
-            Err(FrameError::Io(e)) => Err(NotStored::Transient(format!("reading it: {e}"))),
-            Err(e) => Err(NotStored::Refused(e.to_string())),
+impl Admission {
+    /// Stores the requests in the spool dir; moves aside those refused, leaves those that could
+    /// not be stored now.
+    pub(super) async fn ingest_spool(&self) {
+        let _ingesting = self.spool.lock().await;
+        let dir = &self.spool_dir;
+        match spool::tidy(dir) {
+            Ok(done) => done.iter().for_each(|d| tracing::warn!("spool: {d}")),
+            Err(e) => tracing::warn!("tidying the spool {}: {e}", dir.display()),
+        }
+        let files = match spool::list(dir) {
+            Ok(f) => f,
+            Err(e) => return tracing::warn!("reading the spool {}: {e}", dir.display()),
         };
-        match result {
-            Ok(new) => {
-                tracing::info!(file = %file.display(), new, "ingested spooled request");
-                if let Err(e) = std::fs::remove_file(&file) {
-                    tracing::warn!("removing {}: {e}", file.display());
+        for file in files {
+            let parsed = spool::open(&file).map_err(FrameError::from).and_then(|mut f| protocol::read::<Request>(&mut f));
+            let result = match parsed {
+                Ok(Request::Enqueue { paths, drv }) => {
+                    let keys = self.trusted_keys.clone();
+                    let new = match self.checked(paths, drv).await {
+                        Ok((paths, drv)) => self.queue.run(move |q| enqueue(q, &keys, paths, drv)).await.unwrap_or_else(|e| Err(NotStored::Transient(e))),
+                        Err(e) => Err(e),
+                    };
+                    self.wake.notify_one();
+                    new
+                }
+                Ok(req @ Request::Report { .. }) => self.queue.run(move |q| record(q, req)).await.unwrap_or_else(|e| Err(NotStored::Transient(e))),
+                Ok(other) => Err(NotStored::Refused(format!("not an enqueue request: {other:?}"))),
+                // Not a request (a FIFO, too large) or cut short: reading it again would not help.
+                Err(FrameError::Io(e)) if matches!(e.kind(), std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof) => {
+                    Err(NotStored::Refused(format!("reading it: {e}")))
+                }
+                Err(FrameError::Io(e)) => Err(NotStored::Transient(format!("reading it: {e}"))),
+                Err(e) => Err(NotStored::Refused(e.to_string())),
+            };
+            match result {
+                Ok(new) => {
+                    tracing::info!(file = %file.display(), new, "ingested spooled request");
+                    if let Err(e) = std::fs::remove_file(&file) {
+                        tracing::warn!("removing {}: {e}", file.display());
+                    }
+                }
+                Err(NotStored::Transient(why)) => {
+                    // Left in place: the next ingestion tries again.
+                    tracing::warn!(file = %file.display(), "could not ingest a spooled request, will retry: {why}");
+                }
+                Err(NotStored::Refused(why)) => {
+                    let moved = spool::reject(&file).map(|p| p.display().to_string()).unwrap_or_else(|e| e.to_string());
+                    tracing::warn!(file = %file.display(), moved_to = %moved, "refused spooled request: {why}");
                 }
             }
-            Err(NotStored::Transient(why)) => {
-                // Left in place: the next ingestion tries again.
-                tracing::warn!(file = %file.display(), "could not ingest a spooled request, will retry: {why}");
-            }
-            Err(NotStored::Refused(why)) => {
-                let moved = spool::reject(&file).map(|p| p.display().to_string()).unwrap_or_else(|e| e.to_string());
-                tracing::warn!(file = %file.display(), moved_to = %moved, "refused spooled request: {why}");
-            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nix::{nixbase32, Sha256, SecretKey};
+
+    fn path(name: &str) -> StorePath {
+        let hash = nixbase32::encode(&Sha256::digest(name.as_bytes()).0[..20]);
+        StorePath::parse(&format!("/nix/store/{hash}-{name}")).unwrap()
+    }
+
+    fn info(name: &str, refs: &[&StorePath], key: &SecretKey) -> PathInfo {
+        let p = path(name);
+        let mut i = PathInfo {
+            references: refs.iter().map(|r| (*r).clone()).chain([p.clone()]).collect(),
+            path: p,
+            nar_hash: Sha256::digest(name.as_bytes()),
+            nar_size: 100,
+            deriver: None,
+            sigs: Default::default(),
+            ca: None,
+        };
+        i.sign(key);
+        i
+    }
+
+    fn none() -> (HashSet<StorePath>, HashMap<StorePath, Option<PathInfo>>) {
+        (HashSet::new(), HashMap::new())
+    }
+
+    #[test]
+    fn validate_wants_a_closure_of_the_request_and_the_queue() {
+        let key = SecretKey::generate("k-1").unwrap();
+        let keys = [key.public()];
+        let lib = info("lib", &[], &key);
+        let prog = info("prog", &[&lib.path], &key);
+        let (queued, pending) = none();
+        assert!(validate(&keys, &[lib.clone(), prog.clone()], &queued, &pending, &[]).is_ok());
+        let why = validate(&keys, &[prog.clone()], &queued, &pending, &[]).unwrap_err();
+        assert!(why.starts_with("incomplete closure") && why.contains(&lib.path.to_string()), "{why}");
+        // A reference the queue holds completes it; a path the queue holds is not checked again.
+        let queued: HashSet<StorePath> = [lib.path.clone()].into();
+        assert!(validate(&keys, &[prog.clone()], &queued, &pending, &[]).is_ok());
+    }
+
+    #[test]
+    fn validate_refuses_other_info_for_a_pending_path_unless_it_was_unsigned() {
+        let key = SecretKey::generate("k-1").unwrap();
+        let keys = [key.public()];
+        let dep = info("dep", &[], &key);
+        let p = info("p", &[], &key);
+        let queued: HashSet<StorePath> = [p.path.clone(), dep.path.clone()].into();
+        let pend = |old: &PathInfo| HashMap::from([(p.path.clone(), Some(old.clone()))]);
+        // The same info again is fine.
+        assert!(validate(&keys, &[p.clone()], &queued, &pend(&p), &[]).is_ok());
+        let mut other_refs = PathInfo { references: [dep.path.clone()].into(), sigs: Default::default(), ..p.clone() };
+        other_refs.sign(&key);
+        let why = validate(&keys, &[other_refs.clone()], &queued, &pend(&p), &[]).unwrap_err();
+        assert!(why.contains("other references"), "{why}");
+        let mut other_hash = PathInfo { nar_size: 101, sigs: Default::default(), ..p.clone() };
+        other_hash.sign(&key);
+        let why = validate(&keys, &[other_hash], &queued, &pend(&p), &[]).unwrap_err();
+        assert!(why.contains("another NarHash or NarSize"), "{why}");
+        // What an older narq queued unchecked (no signature by our keys) is replaced.
+        let unsigned = PathInfo { sigs: Default::default(), ..p.clone() };
+        assert!(validate(&keys, &[other_refs], &queued, &pend(&unsigned), &[]).is_ok());
+    }
+
+    #[test]
+    fn validate_refuses_a_cycle_closed_through_pending_paths() {
+        let key = SecretKey::generate("k-1").unwrap();
+        let keys = [key.public()];
+        let q = path("q");
+        let p = info("p", &[&q], &key);
+        let queued: HashSet<StorePath> = [q.clone()].into();
+        let pending = HashMap::new();
+        let why = validate(&keys, &[p.clone()], &queued, &pending, &[(q.clone(), p.path.clone())]).unwrap_err();
+        assert!(why.starts_with("reference cycle") && why.contains(&q.to_string()), "{why}");
+        // Self-references and edges that do not lead back are fine.
+        assert!(validate(&keys, &[p.clone()], &queued, &pending, &[(q.clone(), q.clone())]).is_ok());
+        assert!(validate(&keys, &[p], &queued, &pending, &[(q, path("r"))]).is_ok());
+    }
+
+    #[test]
+    fn check_refuses_duplicates_empty_nars_unsigned_paths_and_cycles() {
+        let key = SecretKey::generate("k-1").unwrap();
+        let other = SecretKey::generate("k-2").unwrap();
+        let keys = [key.public()];
+        let a = info("a", &[], &key);
+        assert!(check(&keys, &[a.clone()], None).is_ok());
+        assert_eq!(check(&keys, &[a.clone(), a.clone()], None).unwrap_err(), "a path is listed twice");
+        let empty = PathInfo { nar_size: 0, ..a.clone() };
+        assert!(check(&keys, &[empty], None).unwrap_err().contains("NarSize is 0"));
+        assert!(check(&keys, &[a.clone()], Some(&path("x"))).unwrap_err().contains("is not a derivation"));
+        assert!(check(&keys, &[info("b", &[], &other)], None).is_err());
+        let (x, y) = (path("x"), path("y"));
+        let xi = PathInfo { references: [y.clone()].into(), ..info("x", &[], &key) };
+        let yi = PathInfo { references: [x.clone()].into(), ..info("y", &[], &key) };
+        let mut cyc = [xi, yi];
+        cyc.iter_mut().for_each(|p| {
+            p.sigs.clear();
+            p.sign(&key)
+        });
+        assert!(check(&keys, &cyc, None).unwrap_err().starts_with("reference cycle"));
     }
 }

@@ -8,14 +8,14 @@ mod admission;
 mod breaker;
 mod lock;
 mod server;
+mod shared_queue;
 mod systemd;
 mod workers;
 
-use std::collections::HashSet;
 use std::future::Future;
 use std::os::unix::net::UnixListener as StdUnixListener;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -23,18 +23,17 @@ use tokio::net::UnixListener;
 use tokio::sync::Notify;
 
 use crate::config::Config;
-use crate::nix::PublicKey;
 use crate::queue::Queue;
 use crate::spool;
 use crate::storage;
 use crate::upload::Uploader;
 
-use admission::ingest_spool;
-use breaker::Health;
+use admission::Admission;
 use lock::{lock_state_dir, unlock_state_dir};
-use server::accept;
+use server::{accept, Server};
+use shared_queue::SharedQueue;
 use systemd::sd_notify;
-use workers::dispatch;
+use workers::Dispatcher;
 
 pub use admission::{check, validate, NotStored};
 pub use server::listener;
@@ -42,40 +41,6 @@ pub use server::listener;
 /// How often the spool directory is checked for requests written while we were away.
 const SPOOL_POLL: Duration = Duration::from_secs(1);
 
-struct Shared {
-    config: Config,
-    queue: Arc<Mutex<Queue>>,
-    uploader: Uploader,
-    /// Keys of the items being uploaded now.
-    in_flight: Mutex<HashSet<String>>,
-    /// Wakes the dispatcher: something was enqueued or a worker finished.
-    wake: Notify,
-    /// Uids that may enqueue: root, our own, and `allowed-users`.
-    allowed_uids: Vec<u32>,
-    /// Keys that handed-in signatures are checked against ([`Config::trusted_keys`]).
-    trusted_keys: Arc<Vec<PublicKey>>,
-    /// Whether the target works; while it does not, uploads pause.
-    health: Mutex<Health>,
-    /// Held while the spool is ingested: the poller and `wait` both ingest, and two at once
-    /// would read a file the other is removing and log a false refusal.
-    spool: tokio::sync::Mutex<()>,
-}
-
-impl Shared {
-    /// Runs `f` on the queue on a blocking thread (SQLite commits fsync).
-    async fn queue<T: Send + 'static>(&self, f: impl FnOnce(&mut Queue) -> T + Send + 'static) -> T {
-        let q = self.queue.clone();
-        tokio::task::spawn_blocking(move || f(&mut q.lock().unwrap_or_else(|e| e.into_inner())))
-            .await
-            .expect("queue task panicked")
-    }
-
-    /// Runs `f` on the queue on this thread: for the socket thread (see [`run`]), for which a
-    /// hop to the blocking pool and back costs more than the request itself.
-    fn queue_here<T>(&self, f: impl FnOnce(&mut Queue) -> T) -> T {
-        f(&mut self.queue.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-}
 /// Empties `state/tmp` and makes it anew, ours alone (0700), so that nothing planted there
 /// (a symlink at `tmp` or inside it) receives what the uploader writes. `remove_dir_all`
 /// removes a symlink, not what it points to; the directory is then made exclusively (a
@@ -131,44 +96,35 @@ pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Futur
     let me = unsafe { libc::geteuid() };
     let mut allowed_uids = vec![0, me];
     allowed_uids.extend(&config.allowed_uids);
-    let shared = Arc::new(Shared {
-        uploader: Uploader {
-            target,
-            url: config.store.clone(),
-            tmp_dir,
-            upstreams: match config.upstream.is_empty() {
-                true => None,
-                false => Some(crate::upstream::Upstreams::new(&config.upstream).context("TLS roots for upstream caches")?),
-            },
+    let uploader = Arc::new(Uploader {
+        target,
+        url: config.store.clone(),
+        tmp_dir,
+        upstreams: match config.upstream.is_empty() {
+            true => None,
+            false => Some(crate::upstream::Upstreams::new(&config.upstream).context("TLS roots for upstream caches")?),
         },
-        queue: Arc::new(Mutex::new(queue)),
-        in_flight: Mutex::new(HashSet::new()),
-        wake: Notify::new(),
-        allowed_uids,
-        trusted_keys: Arc::new(config.required_trusted_keys()?),
-        health: Mutex::new(Health::default()),
-        spool: tokio::sync::Mutex::new(()),
-        config,
     });
-    ingest_spool(&shared).await;
-    keep_reserve(&shared.config.state_dir);
-    let status = shared.queue(|q| q.status()).await?;
-    tracing::info!(
-        store = %shared.uploader.target.describe(),
-        jobs = shared.config.jobs,
-        pending = status.pending,
-        "narq daemon ready"
-    );
+    let queue = SharedQueue::new(queue);
+    let wake = Arc::new(Notify::new());
+    let admission = Arc::new(Admission::new(queue.clone(), config.required_trusted_keys()?, allowed_uids, config.spool_dir(), wake.clone()));
+    let store = uploader.target.describe();
+    let (dispatcher, workers) = Dispatcher::new(uploader, queue.clone(), config.jobs, wake);
+    admission.ingest_spool().await;
+    keep_reserve(&config.state_dir);
+    let status = queue.run(|q| q.status()).await.map_err(anyhow::Error::msg)??;
+    tracing::info!(store = %store, jobs = config.jobs, pending = status.pending, "narq daemon ready");
     sd_notify("READY=1\nSTATUS=serving");
 
-    let dispatcher = tokio::spawn(dispatch(shared.clone()));
+    let dispatcher = tokio::spawn(dispatcher.run());
     let spooler = tokio::spawn({
-        let shared = shared.clone();
+        let admission = admission.clone();
+        let state_dir = config.state_dir.clone();
         async move {
             loop {
                 tokio::time::sleep(SPOOL_POLL).await;
-                ingest_spool(&shared).await;
-                keep_reserve(&shared.config.state_dir);
+                admission.ingest_spool().await;
+                keep_reserve(&state_dir);
             }
         }
     });
@@ -182,12 +138,10 @@ pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Futur
         let _in = rt.enter();
         UnixListener::from_std(listener)?
     };
+    let server = Arc::new(Server { admission, workers, store });
     let server = std::thread::Builder::new()
         .name("narq-socket".into())
-        .spawn({
-            let shared = shared.clone();
-            move || rt.block_on(accept(shared, listener, stopped))
-        })
+        .spawn(move || rt.block_on(accept(server, listener, stopped)))
         .context("starting the socket thread")?;
     shutdown.await;
     sd_notify("STOPPING=1");
@@ -195,7 +149,7 @@ pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Futur
     let _ = server.join();
     dispatcher.abort();
     spooler.abort();
-    unlock_state_dir(&shared.config.state_dir);
+    unlock_state_dir(&config.state_dir);
     tracing::info!("narq daemon stopped");
     Ok(())
 }

@@ -10,10 +10,12 @@ use anyhow::Context;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
-use super::admission::{checked, enqueue, ingest_spool, may, record, NotStored};
+use tokio::sync::watch;
+
+use super::admission::{enqueue, record, Admission, NotStored};
 use super::lock::lock_state_dir;
 use super::systemd::systemd_listener;
-use super::Shared;
+use super::workers::Snapshot;
 use crate::config::Config;
 use crate::nix::StorePath;
 use crate::protocol::{self, FrameError, Request, Response, HEADER_LEN};
@@ -25,8 +27,18 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// answer holds with it.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What serving a client needs.
+pub(super) struct Server {
+    /// Admits what changes the queue, and reads it for the rest.
+    pub(super) admission: Arc<Admission>,
+    /// What the dispatcher publishes: in flight, and why uploads are paused.
+    pub(super) workers: watch::Receiver<Snapshot>,
+    /// Where uploads go, for `status`.
+    pub(super) store: String,
+}
+
 /// Binds the configured socket (parent created, stale socket removed, mode 0660), unless
-/// systemd passed one (`LISTEN_FDS`). Non-blocking, for [`run`] to serve. Takes the state
+/// systemd passed one (`LISTEN_FDS`). Non-blocking, for `daemon::run` to serve. Takes the state
 /// dir's lock first, so that a second daemon leaves a running one's socket alone.
 pub fn listener(config: &Config) -> anyhow::Result<StdUnixListener> {
     lock_state_dir(&config.state_dir)?;
@@ -55,7 +67,7 @@ pub fn listener(config: &Config) -> anyhow::Result<StdUnixListener> {
 /// Connections are capped (see [`Conns`]): at the cap, clients wait in the listen backlog,
 /// which costs us no file descriptor. An accept that fails (out of file descriptors, most
 /// likely) is retried after a pause that grows to a second, and said once, not each time.
-pub(super) async fn accept(shared: Arc<Shared>, listener: UnixListener, mut stop: tokio::sync::watch::Receiver<bool>) {
+pub(super) async fn accept(server: Arc<Server>, listener: UnixListener, mut stop: tokio::sync::watch::Receiver<bool>) {
     let conns = Conns::new();
     let mut failures = 0u32;
     loop {
@@ -77,9 +89,9 @@ pub(super) async fn accept(shared: Arc<Shared>, listener: UnixListener, mut stop
                     failures = 0;
                 }
                 if let Some(guard) = conns.admit(&stream, permit) {
-                    let shared = shared.clone();
+                    let server = server.clone();
                     tokio::spawn(async move {
-                        serve(shared, stream).await;
+                        serve(server, stream).await;
                         drop(guard);
                     });
                 }
@@ -183,7 +195,8 @@ impl Drop for ConnGuard {
 }
 
 /// Serves one client connection: frames in, frames out.
-async fn serve(shared: Arc<Shared>, mut stream: UnixStream) {
+async fn serve(server: Arc<Server>, mut stream: UnixStream) {
+    let admission = &server.admission;
     let uid = match stream.peer_cred() {
         Ok(c) => c.uid(),
         Err(e) => return tracing::warn!("refused a connection: cannot read its credentials: {e}"),
@@ -199,7 +212,7 @@ async fn serve(shared: Arc<Shared>, mut stream: UnixStream) {
             }
             Err(_) => return,
         };
-        if let Err(why) = may(&shared, uid, &req) {
+        if let Err(why) = admission.may(uid, &req) {
             tracing::warn!(uid, "refused a request: {why}");
             let _ = reply(&mut stream, &Response::refused(why)).await;
             return;
@@ -209,13 +222,13 @@ async fn serve(shared: Arc<Shared>, mut stream: UnixStream) {
         let resp = match req {
             Request::Enqueue { paths, drv } => {
                 let n = paths.len();
-                let stored = match checked(&shared, paths, drv).await {
-                    Ok((paths, drv)) => shared.queue_here(|q| enqueue(q, &shared.trusted_keys, paths, drv)),
+                let stored = match admission.checked(paths, drv).await {
+                    Ok((paths, drv)) => admission.queue.here(|q| enqueue(q, &admission.trusted_keys, paths, drv)),
                     Err(e) => Err(e),
                 };
                 match stored {
                     Ok(new) => {
-                        shared.wake.notify_one();
+                        admission.wake.notify_one();
                         tracing::debug!(uid, paths = n, new, "enqueued");
                         Response::Queued { new }
                     }
@@ -231,21 +244,21 @@ async fn serve(shared: Arc<Shared>, mut stream: UnixStream) {
                 }
             }
             Request::Missing { paths } => {
-                match shared.queue_here(|q| q.not_queued(&paths.iter().collect::<Vec<_>>())) {
+                match admission.queue.here(|q| q.not_queued(&paths.iter().collect::<Vec<_>>())) {
                     Ok(paths) => Response::Missing { paths },
                     Err(e) => Response::unavailable(format!("queue: {e}")),
                 }
             }
-            Request::Status => status(&shared),
-            Request::Wait { timeout_ms, paths } => wait(&shared, Duration::from_millis(timeout_ms), paths).await,
-            req @ (Request::Report { .. } | Request::Recheck { .. }) => match shared.queue_here(|q| record(q, req)) {
+            Request::Status => status(&server),
+            Request::Wait { timeout_ms, paths } => wait(admission, Duration::from_millis(timeout_ms), paths).await,
+            req @ (Request::Report { .. } | Request::Recheck { .. }) => match admission.queue.here(|q| record(q, req)) {
                 Ok(count) => {
-                    shared.wake.notify_one();
+                    admission.wake.notify_one();
                     Response::Recorded { count }
                 }
                 Err(e) => e.response(),
             },
-            Request::Dropped => match shared.queue_here(|q| q.dropped()) {
+            Request::Dropped => match admission.queue.here(|q| q.dropped()) {
                 Ok(builds) => Response::Dropped { builds },
                 Err(e) => Response::unavailable(format!("queue: {e}")),
             },
@@ -292,14 +305,14 @@ async fn reply(stream: &mut UnixStream, resp: &Response) -> std::io::Result<()> 
     }
 }
 
-fn status(shared: &Shared) -> Response {
-    match shared.queue_here(|q| q.status()) {
+fn status(server: &Server) -> Response {
+    match server.admission.queue.here(|q| q.status()) {
         Ok(mut s) => {
-            s.in_flight = shared.in_flight.lock().unwrap().len() as u64;
-            s.spooled = spool::list(&shared.config.spool_dir()).map_or(0, |v| v.len() as u64);
-            s.store = shared.uploader.target.describe();
-            let h = shared.health.lock().unwrap();
-            s.target_error = h.paused_for().and(h.error.clone());
+            let workers = server.workers.borrow();
+            s.in_flight = workers.in_flight as u64;
+            s.target_error = workers.target_error();
+            s.spooled = spool::list(&server.admission.spool_dir).map_or(0, |v| v.len() as u64);
+            s.store = server.store.clone();
             Response::Status(s)
         }
         Err(e) => Response::unavailable(format!("queue: {e}")),
@@ -309,22 +322,22 @@ fn status(shared: &Shared) -> Response {
 /// Waits until the items enqueued so far (or `paths`) are done or failed, or `timeout`.
 /// Without `paths`, reports the failures since the last wait that saw everything done (the
 /// checkpoint), and moves the checkpoint once everything is done.
-async fn wait(shared: &Shared, timeout: Duration, paths: Option<Vec<StorePath>>) -> Response {
+async fn wait(admission: &Admission, timeout: Duration, paths: Option<Vec<StorePath>>) -> Response {
     let start = Instant::now();
-    ingest_spool(shared).await;
-    let (upto, since) = match shared.queue_here(|q| q.wait_checkpoint().map(|c| (q.current_seq(), c))) {
+    admission.ingest_spool().await;
+    let (upto, since) = match admission.queue.here(|q| q.wait_checkpoint().map(|c| (q.current_seq(), c))) {
         Ok(s) => s,
         Err(e) => return Response::unavailable(format!("queue: {e}")),
     };
     loop {
-        let progress = shared.queue_here(|q| match &paths {
+        let progress = admission.queue.here(|q| match &paths {
             Some(p) => q.progress_of(p),
             None => q.progress(upto, since),
         });
         match progress {
             Ok((0, failed)) => {
                 if paths.is_none() {
-                    if let Err(e) = shared.queue_here(|q| q.set_wait_checkpoint(upto)) {
+                    if let Err(e) = admission.queue.here(|q| q.set_wait_checkpoint(upto)) {
                         tracing::warn!("recording the wait checkpoint: {e}");
                     }
                 }

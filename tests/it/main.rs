@@ -11,5 +11,6 @@ mod hook;
 mod nixos;
 mod parsers;
 mod robust;
+mod rooms;
 mod s3;
 mod util;
