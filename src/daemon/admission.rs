@@ -181,7 +181,7 @@ impl Admission {
     pub(super) fn may(&self, uid: u32, req: &Request) -> Result<(), String> {
         let changes = matches!(req, Request::Enqueue { .. } | Request::Report { .. } | Request::Recheck { .. });
         if changes && !self.allowed_uids.contains(&uid) {
-            let op = protocol::op_name(req);
+            let op = req.op();
             return Err(format!("uid {uid} may not {op} (only root, the daemon's user and allowed-users may)"));
         }
         Ok(())

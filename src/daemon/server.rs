@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
 use tokio::sync::watch;
@@ -18,7 +17,7 @@ use super::systemd::systemd_listener;
 use super::workers::Snapshot;
 use crate::config::Config;
 use crate::nix::StorePath;
-use crate::protocol::{self, FrameError, Request, Response, HEADER_LEN};
+use crate::protocol::{self, Request, Response};
 use crate::spool;
 
 /// A client that sends nothing for this long is dropped.
@@ -202,23 +201,23 @@ async fn serve(server: Arc<Server>, mut stream: UnixStream) {
         Err(e) => return tracing::warn!("refused a connection: cannot read its credentials: {e}"),
     };
     loop {
-        let req = match tokio::time::timeout(IDLE_TIMEOUT, read_request(&mut stream)).await {
+        let req = match tokio::time::timeout(IDLE_TIMEOUT, protocol::read_async(&mut stream)).await {
             Ok(Ok(Some(r))) => r,
             Ok(Ok(None)) => return,
             Ok(Err(e)) => {
                 tracing::warn!(uid, "refused a request: {e}");
-                let _ = reply(&mut stream, &Response::refused(e.to_string())).await;
+                let _ = protocol::write_async(&mut stream, &Response::refused(e.to_string()), WRITE_TIMEOUT).await;
                 return;
             }
             Err(_) => return,
         };
         if let Err(why) = admission.may(uid, &req) {
             tracing::warn!(uid, "refused a request: {why}");
-            let _ = reply(&mut stream, &Response::refused(why)).await;
+            let _ = protocol::write_async(&mut stream, &Response::refused(why), WRITE_TIMEOUT).await;
             return;
         }
         let started = Instant::now();
-        let op = protocol::op_name(&req);
+        let op = req.op();
         let resp = match req {
             Request::Enqueue { paths, drv } => {
                 let n = paths.len();
@@ -234,7 +233,7 @@ async fn serve(server: Arc<Server>, mut stream: UnixStream) {
                     }
                     Err(NotStored::Refused(message)) => {
                         tracing::warn!(uid, "refused a request: {message}");
-                        let _ = reply(&mut stream, &Response::refused(message)).await;
+                        let _ = protocol::write_async(&mut stream, &Response::refused(message), WRITE_TIMEOUT).await;
                         return;
                     }
                     Err(NotStored::Transient(message)) => {
@@ -264,44 +263,12 @@ async fn serve(server: Arc<Server>, mut stream: UnixStream) {
             },
         };
         tracing::debug!(uid, op, micros = started.elapsed().as_micros() as u64, "handled");
-        if let Err(e) = reply(&mut stream, &resp).await {
+        if let Err(e) = protocol::write_async(&mut stream, &resp, WRITE_TIMEOUT).await {
             if e.kind() == std::io::ErrorKind::TimedOut {
                 tracing::warn!(uid, op, "dropped a client: {e}");
             }
             return;
         }
-    }
-}
-
-/// Reads one request; `None` on a clean end of stream.
-async fn read_request(stream: &mut UnixStream) -> Result<Option<Request>, FrameError> {
-    let mut h = [0u8; HEADER_LEN];
-    match stream.read_exact(&mut h).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e.into()),
-    }
-    let len = protocol::parse_header(&h)?;
-    // Grown with what arrives, not allocated from what the header announces: a header
-    // alone costs nothing.
-    let mut body = Vec::with_capacity(len.min(64 << 10));
-    AsyncReadExt::take(&mut *stream, len as u64).read_to_end(&mut body).await?;
-    if body.len() < len {
-        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
-    }
-    Ok(Some(serde_json::from_slice(&body)?))
-}
-
-/// Writes `resp`, giving up after [`WRITE_TIMEOUT`]: a client that does not read must not
-/// pin the connection and the answer's memory.
-async fn reply(stream: &mut UnixStream, resp: &Response) -> std::io::Result<()> {
-    let frame = protocol::encode(resp);
-    match tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&frame)).await {
-        Ok(r) => r,
-        Err(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!("it did not read a {} byte answer within {} s", frame.len(), WRITE_TIMEOUT.as_secs()),
-        )),
     }
 }
 
