@@ -228,14 +228,14 @@ fn decode<T: for<'de> Deserialize<'de>>(len: usize, body: &[u8]) -> Result<T, Fr
     Ok(serde_json::from_slice(body)?)
 }
 
-/// The async counterparts of [`read`] and [`write`], for the daemon; the hook, built without
+/// The async counterparts of [`read()`] and [`write()`], for the daemon; the hook, built without
 /// the `daemon` feature, has no runtime and does not link them.
 #[cfg(feature = "daemon")]
 mod nonblocking {
     use super::*;
     use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-    /// [`read`], except that a stream that ends before a whole header is `None`: a client
+    /// [`read()`], except that a stream that ends before a whole header is `None`: a client
     /// that closes between requests.
     pub async fn read_async<T: for<'de> Deserialize<'de>>(r: &mut (impl AsyncRead + Unpin)) -> Result<Option<T>, FrameError> {
         let mut h = [0u8; HEADER_LEN];
@@ -250,7 +250,7 @@ mod nonblocking {
         decode(len, &body).map(Some)
     }
 
-    /// [`write`], giving up after `timeout`: a peer that does not read must not pin the
+    /// [`write()`], giving up after `timeout`: a peer that does not read must not pin the
     /// connection and the frame's memory.
     pub async fn write_async<T: Serialize>(w: &mut (impl AsyncWrite + Unpin), msg: &T, timeout: Duration) -> io::Result<()> {
         let frame = encode(msg);
