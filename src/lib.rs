@@ -6,7 +6,8 @@
 //!   and `nar::dump`.
 //! - [`config`]: the one TOML configuration of hook, daemon and CLI; [`store_url`]: Nix's
 //!   store-URL syntax.
-//! - [`protocol`]: hook ↔ daemon frames (plain `std`, so the hook needs no runtime).
+//! - [`protocol`]: hook ↔ daemon frames (plain `std`, so the hook needs no runtime; their
+//!   async reading and writing only with the `daemon` feature).
 //! - [`hook`]: what `narq-hook` and `narq push` do: closure, signatures, hand-off or spool.
 //! - [`spool`]: requests written to disk while the daemon is away; [`par`]: signing and
 //!   checking signatures on all CPUs; [`dirfd`]: directories used by handle, so that no
@@ -14,7 +15,11 @@
 //! - [`queue`]: the durable queue and all its policy (states, ordering, backoff).
 //! - [`upload`]: one item from store to target; [`storage`]: where the cache lives (one backend each);
 //!   [`upstream`]: caches whose paths are not uploaded again.
-//! - [`daemon`]: the socket server, spool ingestion and the worker pool.
+//! - [`daemon`]: `mod.rs` wires it up (`run`, the state dir's tmp and reserve); `server`
+//!   (the socket: limits, requests, `status`, `wait`), `admission` (validating and enqueuing
+//!   a request, spool ingestion), `workers` (the dispatcher, which alone holds the in-flight
+//!   set and the breaker, and the upload workers), `breaker`, `systemd` (socket activation,
+//!   `sd_notify`), `lock` (one daemon per state dir), `shared_queue`.
 //! - [`logging`]: journald under systemd, readable lines on stderr otherwise.
 //!
 //! Without the `daemon` feature only what `narq-hook` needs is built: `nix`, `config`,

@@ -109,16 +109,19 @@ pub enum Response {
     },
 }
 
-/// The `op` a request is tagged with, for messages.
-pub fn op_name(req: &Request) -> &'static str {
-    match req {
-        Request::Enqueue { .. } => "enqueue",
-        Request::Missing { .. } => "missing",
-        Request::Status => "status",
-        Request::Wait { .. } => "wait",
-        Request::Report { .. } => "report",
-        Request::Dropped => "dropped",
-        Request::Recheck { .. } => "recheck",
+impl Request {
+    /// The `op` this request is tagged with on the wire, for messages (a unit test holds it
+    /// to what serde writes).
+    pub fn op(&self) -> &'static str {
+        match self {
+            Request::Enqueue { .. } => "enqueue",
+            Request::Missing { .. } => "missing",
+            Request::Status => "status",
+            Request::Wait { .. } => "wait",
+            Request::Report { .. } => "report",
+            Request::Dropped => "dropped",
+            Request::Recheck { .. } => "recheck",
+        }
     }
 }
 
@@ -206,14 +209,66 @@ pub fn read<T: for<'de> Deserialize<'de>>(r: &mut impl Read) -> Result<T, FrameE
     let mut h = [0u8; HEADER_LEN];
     r.read_exact(&mut h)?;
     let len = parse_header(&h)?;
-    // Grown with what arrives, not allocated from what the header announces.
-    let mut body = Vec::with_capacity(len.min(64 << 10));
+    let mut body = body_buffer(len);
     r.take(len as u64).read_to_end(&mut body)?;
+    decode(len, &body)
+}
+
+/// The buffer for a body of `len` bytes: grown with what arrives, not allocated from what
+/// the header announces, so that a header alone costs nothing.
+fn body_buffer(len: usize) -> Vec<u8> {
+    Vec::with_capacity(len.min(64 << 10))
+}
+
+/// The message in `body`, which should hold the `len` bytes its header announced.
+fn decode<T: for<'de> Deserialize<'de>>(len: usize, body: &[u8]) -> Result<T, FrameError> {
     if body.len() < len {
         return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
     }
-    Ok(serde_json::from_slice(&body)?)
+    Ok(serde_json::from_slice(body)?)
 }
+
+/// The async counterparts of [`read()`] and [`write()`], for the daemon; the hook, built without
+/// the `daemon` feature, has no runtime and does not link them.
+#[cfg(feature = "daemon")]
+mod nonblocking {
+    use super::*;
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+    /// [`read()`], except that a stream that ends before a whole header is `None`: a client
+    /// that closes between requests.
+    pub async fn read_async<T: for<'de> Deserialize<'de>>(r: &mut (impl AsyncRead + Unpin), limit: usize) -> Result<Option<T>, FrameError> {
+        let mut h = [0u8; HEADER_LEN];
+        match r.read_exact(&mut h).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+        let len = parse_header(&h)?;
+        if len > limit {
+            let why = format!("a request of {len} bytes is more than the {limit} bytes this peer may send");
+            return Err(io::Error::new(io::ErrorKind::InvalidData, why).into());
+        }
+        let mut body = body_buffer(len);
+        r.take(len as u64).read_to_end(&mut body).await?;
+        decode(len, &body).map(Some)
+    }
+
+    /// [`write()`], giving up after `timeout`: a peer that does not read must not pin the
+    /// connection and the frame's memory.
+    pub async fn write_async<T: Serialize>(w: &mut (impl AsyncWrite + Unpin), msg: &T, timeout: Duration) -> io::Result<()> {
+        let frame = encode(msg);
+        match tokio::time::timeout(timeout, w.write_all(&frame)).await {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("it did not read a {} byte answer within {} s", frame.len(), timeout.as_secs()),
+            )),
+        }
+    }
+}
+#[cfg(feature = "daemon")]
+pub use nonblocking::{read_async, write_async};
 
 /// A blocking connection to the daemon (no runtime): the hook and the CLI use it.
 pub struct Client {
@@ -282,7 +337,7 @@ fn connect_by(socket: &Path, deadline: Instant) -> io::Result<UnixStream> {
             return Err(timed_out());
         }
         // A zero timeout would mean "forever": at least one microsecond.
-        let tv = libc::timeval { tv_sec: left.as_secs() as libc::time_t, tv_usec: left.subsec_micros().max(1) as libc::suseconds_t };
+        let tv = libc::timeval { tv_sec: left.as_secs() as _, tv_usec: left.subsec_micros().max(1) as _ };
         // SAFETY: tv is a valid timeval for SO_SNDTIMEO; addr/len describe a valid sockaddr_un.
         let r = unsafe {
             libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_SNDTIMEO, (&tv as *const libc::timeval).cast(), std::mem::size_of::<libc::timeval>() as libc::socklen_t)
@@ -374,5 +429,51 @@ mod tests {
         bad.extend_from_slice(body);
         let e = read::<Request>(&mut &bad[..]).unwrap_err().to_string();
         assert!(e.contains("malformed message"), "{e}");
+    }
+
+    #[test]
+    fn op_is_the_tag_on_the_wire() {
+        let p = StorePath::parse("/nix/store/00000000000000000000000000000000-x").unwrap();
+        let all = [
+            Request::Enqueue { paths: vec![], drv: None },
+            Request::Missing { paths: vec![p.clone()] },
+            Request::Status,
+            Request::Wait { timeout_ms: 1, paths: None },
+            Request::Report { roots: vec![p.clone()], drv: None, reason: "r".into() },
+            Request::Dropped,
+            Request::Recheck { paths: vec![p] },
+        ];
+        for req in all {
+            let json = serde_json::to_value(&req).unwrap();
+            assert_eq!(json["op"], req.op(), "{json}");
+        }
+    }
+
+    #[cfg(feature = "daemon")]
+    #[test]
+    fn async_frames_round_trip_end_cleanly_and_time_out() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let (mut a, mut b) = tokio::io::duplex(1 << 16);
+            let req = Request::Wait { timeout_ms: 7, paths: None };
+            write_async(&mut a, &req, Duration::from_secs(5)).await.unwrap();
+            // What the sync reader reads is what the async writer wrote, and back.
+            let got: Option<Request> = read_async(&mut b, MAX_FRAME as usize).await.unwrap();
+            assert!(matches!(got, Some(Request::Wait { timeout_ms: 7, paths: None })));
+            let frame = encode(&Response::Queued { new: 3 });
+            assert!(matches!(read::<Response>(&mut &frame[..]).unwrap(), Response::Queued { new: 3 }));
+            tokio::io::AsyncWriteExt::write_all(&mut a, &frame[..HEADER_LEN + 2]).await.unwrap();
+            drop(a);
+            // A body cut short is an error; a stream that ends between frames is not.
+            assert!(matches!(read_async::<Response>(&mut b, MAX_FRAME as usize).await, Err(FrameError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof));
+            assert!(read_async::<Response>(&mut b, MAX_FRAME as usize).await.unwrap().is_none());
+            let mut bad = encode(&req);
+            bad[0] = b'X';
+            assert!(matches!(read_async::<Request>(&mut &bad[..], MAX_FRAME as usize).await, Err(FrameError::BadMagic(_))));
+            // A peer that does not read: the write gives up.
+            let (mut a, _b) = tokio::io::duplex(16);
+            let e = write_async(&mut a, &req, Duration::from_millis(50)).await.unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        });
     }
 }

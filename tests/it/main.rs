@@ -11,6 +11,7 @@ mod hook;
 mod nixos;
 mod parsers;
 mod robust;
+mod rooms;
 mod s3;
 mod setup;
 mod storage;

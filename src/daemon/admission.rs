@@ -1,0 +1,440 @@
+//! Admission: validating and enqueuing a request, from the socket or the spool.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+
+use super::shared_queue::SharedQueue;
+use crate::nix::{PathInfo, PublicKey, StorePath};
+use crate::protocol::{self, FrameError, Request, Response};
+use crate::queue::Queue;
+use crate::spool;
+
+/// What admitting a request needs: who may, which keys, where it goes.
+pub(super) struct Admission {
+    /// Where admitted requests are stored.
+    pub(super) queue: SharedQueue,
+    /// Keys that handed-in signatures are checked against ([`crate::config::Config::trusted_keys`]).
+    pub(super) trusted_keys: Arc<Vec<PublicKey>>,
+    /// Uids that may enqueue: root, our own, and `allowed-users`.
+    pub(super) allowed_uids: Vec<u32>,
+    /// Where the hook spools requests while the daemon is away.
+    pub(super) spool_dir: PathBuf,
+    /// Wakes the dispatcher: something was enqueued.
+    pub(super) wake: Arc<Notify>,
+    /// Held while the spool is ingested: the poller and `wait` both ingest, and two at once
+    /// would read a file the other is removing and log a false refusal.
+    spool: tokio::sync::Mutex<()>,
+}
+
+/// The checks of an `enqueue` request that need no queue state, made before the queue lock
+/// is taken: the paths' formats were checked when the request was parsed (store paths,
+/// signatures, CA); here every path must carry a signature by one of `keys` and none that
+/// is forged in a key's name (the first forged one ends the check), and the request must
+/// not list a path twice or hold a reference cycle.
+pub fn check(keys: &[PublicKey], paths: &[PathInfo], drv: Option<&StorePath>) -> Result<(), String> {
+    let set: HashSet<&StorePath> = paths.iter().map(|p| &p.path).collect();
+    if set.len() != paths.len() {
+        return Err("a path is listed twice".into());
+    }
+    if let Some(p) = paths.iter().find(|p| p.nar_size == 0) {
+        return Err(format!("{}: NarSize is 0", p.path));
+    }
+    if let Some(d) = drv.filter(|d| !d.name().ends_with(".drv")) {
+        return Err(format!("{d} is not a derivation"));
+    }
+    // In chunks, each on all CPUs: a request of forged signatures costs one chunk at most.
+    for chunk in paths.chunks(CHECK_CHUNK) {
+        if let Some(e) = crate::par::map(chunk, |p| p.check_sigs(keys).err()).into_iter().flatten().next() {
+            return Err(e);
+        }
+    }
+    let edges = paths.iter().flat_map(|p| p.references.iter().map(move |r| (&p.path, r)));
+    find_cycle(edges).map_or(Ok(()), |c| Err(cycle_message(&c)))
+}
+
+/// Paths checked together by [`check`]; a forged signature is found within one such chunk.
+const CHECK_CHUNK: usize = 256;
+
+/// Up to this many paths, [`check`] runs on the socket thread; a larger request is checked
+/// on the blocking pool so that the socket thread serves other clients meanwhile (a hop
+/// there costs ~0.1 ms, a signature check ~50 µs).
+const CHECK_INLINE: usize = 16;
+
+/// Checks an `enqueue` request against what the queue holds, under the queue lock, after
+/// [`check`]. `queued` holds the paths (of the request and of its references) that the
+/// queue already holds, pending or done: references outside the request must be among them.
+/// `pending` holds the request's paths that are pending, with the info they were queued
+/// with: a store path's references never change, so one re-sent with other references is
+/// refused, unless what was queued carries no signature by `keys` (an older narq queued it
+/// unchecked), which the new request then replaces. `pending_edges` are the references
+/// among pending paths that the request's references reach: a request that would close a
+/// cycle through them is refused, since no path of the cycle would ever become ready.
+pub fn validate(
+    keys: &[PublicKey],
+    paths: &[PathInfo],
+    queued: &HashSet<StorePath>,
+    pending: &HashMap<StorePath, Option<PathInfo>>,
+    pending_edges: &[(StorePath, StorePath)],
+) -> Result<(), String> {
+    let set: HashSet<&StorePath> = paths.iter().map(|p| &p.path).collect();
+    for p in paths.iter().filter(|p| !queued.contains(&p.path)) {
+        if let Some(r) = p.references.iter().find(|r| !set.contains(r) && !queued.contains(*r)) {
+            return Err(format!("incomplete closure: {} references {r}, which is neither in the request nor queued", p.path));
+        }
+    }
+    for p in paths {
+        let Some(Some(old)) = pending.get(&p.path) else { continue };
+        if old.fingerprint() == p.fingerprint() || old.check_sigs(keys).is_err() {
+            continue;
+        }
+        return Err(if old.references != p.references {
+            format!("{} is queued with other references than this request gives it; a store path's references never change", p.path)
+        } else {
+            format!("{} is queued with another NarHash or NarSize than this request gives it", p.path)
+        });
+    }
+    // The request's own references stand for its paths; what is queued for them is replaced.
+    // Without pending edges, [`check`] has already looked at the request's own graph.
+    let queued_edges: Vec<(&StorePath, &StorePath)> =
+        pending_edges.iter().filter(|(k, r)| !set.contains(k) && k != r).map(|(k, r)| (k, r)).collect();
+    if queued_edges.is_empty() {
+        return Ok(());
+    }
+    let edges = paths.iter().flat_map(|p| p.references.iter().map(move |r| (&p.path, r))).chain(queued_edges);
+    find_cycle(edges).map_or(Ok(()), |c| Err(cycle_message(&c)))
+}
+
+/// A cycle among different paths in the graph of `edges` (self-references are fine: Nix
+/// paths only reference themselves and paths that existed before them), as the paths in
+/// order, the first repeated at the end.
+fn find_cycle<'a>(edges: impl Iterator<Item = (&'a StorePath, &'a StorePath)>) -> Option<Vec<&'a StorePath>> {
+    let mut graph: HashMap<&StorePath, Vec<&StorePath>> = HashMap::new();
+    for (from, to) in edges.filter(|(f, t)| f != t) {
+        graph.entry(from).or_default().push(to);
+    }
+    // Iterative depth-first search: on the stack (grey), finished (black).
+    let mut black: HashSet<&StorePath> = HashSet::new();
+    let mut roots: Vec<&StorePath> = graph.keys().copied().collect();
+    roots.sort_unstable();
+    for root in roots {
+        if black.contains(root) {
+            continue;
+        }
+        let mut stack: Vec<(&StorePath, usize)> = vec![(root, 0)];
+        let mut grey: HashSet<&StorePath> = HashSet::from([root]);
+        while let Some((node, i)) = stack.last_mut() {
+            let next = graph.get(node).and_then(|v| v.get(*i)).copied();
+            *i += 1;
+            match next {
+                None => {
+                    grey.remove(*node);
+                    black.insert(*node);
+                    stack.pop();
+                }
+                Some(n) if grey.contains(n) => {
+                    let start = stack.iter().position(|(p, _)| *p == n).unwrap_or(0);
+                    let mut cycle: Vec<&StorePath> = stack[start..].iter().map(|(p, _)| *p).collect();
+                    cycle.push(n);
+                    return Some(cycle);
+                }
+                Some(n) if black.contains(n) => {}
+                Some(n) => {
+                    grey.insert(n);
+                    stack.push((n, 0));
+                }
+            }
+        }
+    }
+    None
+}
+
+fn cycle_message(cycle: &[&StorePath]) -> String {
+    let names: Vec<String> = cycle.iter().map(|p| p.to_string()).collect();
+    format!("reference cycle {}: store paths reference only themselves and older paths", names.join(" -> "))
+}
+
+/// The paths of a closure that no other path in it references: the outputs it was sent for.
+fn tops(paths: &[PathInfo]) -> Vec<StorePath> {
+    let referenced: HashSet<&StorePath> =
+        paths.iter().flat_map(|p| p.references.iter().filter(move |r| **r != p.path)).collect();
+    paths.iter().map(|p| &p.path).filter(|p| !referenced.contains(p)).cloned().collect()
+}
+
+impl Admission {
+    pub(super) fn new(queue: SharedQueue, trusted_keys: Vec<PublicKey>, allowed_uids: Vec<u32>, spool_dir: PathBuf, wake: Arc<Notify>) -> Admission {
+        Admission { queue, trusted_keys: Arc::new(trusted_keys), allowed_uids, spool_dir, wake, spool: tokio::sync::Mutex::new(()) }
+    }
+
+    /// [`check`] off the socket thread when the request is large (see [`CHECK_INLINE`]); gives
+    /// the request back for [`enqueue`].
+    pub(super) async fn checked(&self, paths: Vec<PathInfo>, drv: Option<StorePath>) -> Result<(Vec<PathInfo>, Option<StorePath>), NotStored> {
+        if paths.len() <= CHECK_INLINE {
+            return check(&self.trusted_keys, &paths, drv.as_ref()).map(|()| (paths, drv)).map_err(NotStored::Refused);
+        }
+        let keys = self.trusted_keys.clone();
+        tokio::task::spawn_blocking(move || check(&keys, &paths, drv.as_ref()).map(|()| (paths, drv)))
+            .await
+            .map_err(|e| NotStored::Transient(format!("checking the request: {e}")))?
+            .map_err(NotStored::Refused)
+    }
+
+    /// Whether `uid` may change the queue: root, the daemon's own user and `allowed-users`.
+    pub(super) fn may_change(&self, uid: u32) -> bool {
+        self.allowed_uids.contains(&uid)
+    }
+
+    /// Who may ask what. Any peer that can connect (the socket is 0660: root and the socket's
+    /// group) may ask `status`, `wait`, `missing` and `dropped`, which reveal no more than the
+    /// cache and the build logs do; only those who [may change](Self::may_change) the queue
+    /// may `enqueue`, `report` or `recheck`. Returns the refusal.
+    pub(super) fn may(&self, uid: u32, req: &Request) -> Result<(), String> {
+        let changes = matches!(req, Request::Enqueue { .. } | Request::Report { .. } | Request::Recheck { .. });
+        if changes && !self.may_change(uid) {
+            let op = req.op();
+            return Err(format!("uid {uid} may not {op} (only root, the daemon's user and allowed-users may)"));
+        }
+        Ok(())
+    }
+}
+
+/// Why an `enqueue` request was not stored.
+#[derive(Debug)]
+pub enum NotStored {
+    /// The request is wrong (a forged signature, an incomplete closure…): it would be
+    /// refused again, so it is not kept.
+    Refused(String),
+    /// The daemon could not store it now (disk full, database locked): the request must be
+    /// kept and sent again (the hook spools it; spool ingestion leaves the file in place).
+    Transient(String),
+}
+
+impl NotStored {
+    fn queue(e: rusqlite::Error) -> NotStored {
+        NotStored::Transient(format!("queue: {e}"))
+    }
+
+    pub(super) fn response(self) -> Response {
+        match self {
+            NotStored::Refused(m) => Response::refused(m),
+            NotStored::Transient(m) => Response::unavailable(m),
+        }
+    }
+}
+
+/// Validates (the queue-dependent part, after [`check`]) and stores an `enqueue` request in
+/// `q`; returns how many paths were new.
+pub(super) fn enqueue(q: &mut Queue, keys: &[PublicKey], paths: Vec<PathInfo>, drv: Option<StorePath>) -> Result<usize, NotStored> {
+    let mut mentioned: Vec<&StorePath> = paths.iter().flat_map(|p| p.references.iter().chain([&p.path])).collect();
+    mentioned.sort_unstable();
+    mentioned.dedup();
+    let unknown: HashSet<StorePath> = q.not_queued(&mentioned).map_err(NotStored::queue)?.into_iter().collect();
+    let queued: HashSet<StorePath> = mentioned.into_iter().filter(|p| !unknown.contains(*p)).cloned().collect();
+    let requested: HashSet<&StorePath> = paths.iter().map(|p| &p.path).collect();
+    let pending = q.pending_infos(&requested.iter().copied().collect::<Vec<_>>()).map_err(NotStored::queue)?;
+    let outside: Vec<&StorePath> = queued.iter().filter(|p| !requested.contains(p)).collect();
+    let pending_edges = q.pending_edges(&outside).map_err(NotStored::queue)?;
+    validate(keys, &paths, &queued, &pending, &pending_edges).map_err(NotStored::Refused)?;
+    // New paths, and pending ones whose info this request changes (it replaces theirs).
+    let todo: Vec<PathInfo> = paths
+        .iter()
+        .filter(|p| !queued.contains(&p.path) || pending.get(&p.path).is_some_and(|old| old.as_ref() != Some(*p)))
+        .cloned()
+        .collect();
+    let new = q.enqueue(&todo, drv.as_ref()).map_err(NotStored::queue)?;
+    // Builds of these paths that the hook dropped earlier are handed over now.
+    q.clear_dropped(paths.iter().map(|p| &p.path).chain(drv.as_ref())).map_err(NotStored::queue)?;
+    Ok(new)
+}
+
+/// Stores a non-enqueue request that changes the queue (`report`, `recheck`).
+pub(super) fn record(q: &mut Queue, req: Request) -> Result<usize, NotStored> {
+    match req {
+        Request::Report { roots, drv, reason } => {
+            let reason: String = reason.chars().filter(|c| !c.is_control()).take(1000).collect();
+            tracing::warn!(roots = ?roots.iter().map(ToString::to_string).collect::<Vec<_>>(), "a build was not handed over: {reason}");
+            q.record_dropped(&roots, drv.as_ref(), &format!("not handed to the daemon: {reason}")).map_err(NotStored::queue)?;
+            Ok(roots.len().max(1))
+        }
+        Request::Recheck { paths } => q.recheck(&paths).map_err(NotStored::queue),
+        other => Err(NotStored::Refused(format!("not a request that changes the queue: {other:?}"))),
+    }
+}
+
+impl Admission {
+    /// Stores the requests in the spool dir; moves aside those refused, leaves those that could
+    /// not be stored now.
+    pub(super) async fn ingest_spool(&self) {
+        let _ingesting = self.spool.lock().await;
+        let dir = &self.spool_dir;
+        match spool::tidy(dir) {
+            Ok(done) => done.iter().for_each(|d| tracing::warn!("spool: {d}")),
+            Err(e) => tracing::warn!("tidying the spool {}: {e}", dir.display()),
+        }
+        let files = match spool::list(dir) {
+            Ok(f) => f,
+            Err(e) => return tracing::warn!("reading the spool {}: {e}", dir.display()),
+        };
+        for file in files {
+            let parsed = spool::open(&file).map_err(FrameError::from).and_then(|mut f| protocol::read::<Request>(&mut f));
+            // Whose build this is, should it be refused: its derivation, else the paths nothing
+            // else in the request references.
+            let build = match &parsed {
+                Ok(Request::Enqueue { paths, drv }) => Some((tops(paths), drv.clone())),
+                _ => None,
+            };
+            let result = match parsed {
+                Ok(Request::Enqueue { paths, drv }) => {
+                    let keys = self.trusted_keys.clone();
+                    let new = match self.checked(paths, drv).await {
+                        Ok((paths, drv)) => self.queue.run(move |q| enqueue(q, &keys, paths, drv)).await.unwrap_or_else(|e| Err(NotStored::Transient(e))),
+                        Err(e) => Err(e),
+                    };
+                    self.wake.notify_one();
+                    new
+                }
+                Ok(req @ Request::Report { .. }) => self.queue.run(move |q| record(q, req)).await.unwrap_or_else(|e| Err(NotStored::Transient(e))),
+                Ok(other) => Err(NotStored::Refused(format!("not an enqueue request: {other:?}"))),
+                // Not a request (a FIFO, too large) or cut short: reading it again would not help.
+                Err(FrameError::Io(e)) if matches!(e.kind(), std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof) => {
+                    Err(NotStored::Refused(format!("reading it: {e}")))
+                }
+                Err(FrameError::Io(e)) => Err(NotStored::Transient(format!("reading it: {e}"))),
+                Err(e) => Err(NotStored::Refused(e.to_string())),
+            };
+            match result {
+                Ok(new) => {
+                    tracing::info!(file = %file.display(), new, "ingested spooled request");
+                    if let Err(e) = std::fs::remove_file(&file) {
+                        tracing::warn!("removing {}: {e}", file.display());
+                    }
+                }
+                Err(NotStored::Transient(why)) => {
+                    // Left in place: the next ingestion tries again.
+                    tracing::warn!(file = %file.display(), "could not ingest a spooled request, will retry: {why}");
+                }
+                Err(NotStored::Refused(why)) => {
+                    let moved = spool::reject(&file).map(|p| p.display().to_string()).unwrap_or_else(|e| e.to_string());
+                    tracing::warn!(file = %file.display(), moved_to = %moved, "refused spooled request: {why}");
+                    // A build the hook saw: reported until `narq retry` hands it over.
+                    if let Some((roots, drv)) = build {
+                        let reason = format!("its spooled request was refused: {why}");
+                        match self.queue.run(move |q| q.record_dropped(&roots, drv.as_ref(), &reason)).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => tracing::error!("recording a refused spooled request: {e}"),
+                            Err(e) => tracing::error!("recording a refused spooled request: {e}"),
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nix::{nixbase32, Sha256, SecretKey};
+
+    fn path(name: &str) -> StorePath {
+        let hash = nixbase32::encode(&Sha256::digest(name.as_bytes()).0[..20]);
+        StorePath::parse(&format!("/nix/store/{hash}-{name}")).unwrap()
+    }
+
+    fn info(name: &str, refs: &[&StorePath], key: &SecretKey) -> PathInfo {
+        let p = path(name);
+        let mut i = PathInfo {
+            references: refs.iter().map(|r| (*r).clone()).chain([p.clone()]).collect(),
+            path: p,
+            nar_hash: Sha256::digest(name.as_bytes()),
+            nar_size: 100,
+            deriver: None,
+            sigs: Default::default(),
+            ca: None,
+        };
+        i.sign(key);
+        i
+    }
+
+    fn none() -> (HashSet<StorePath>, HashMap<StorePath, Option<PathInfo>>) {
+        (HashSet::new(), HashMap::new())
+    }
+
+    #[test]
+    fn validate_wants_a_closure_of_the_request_and_the_queue() {
+        let key = SecretKey::generate("k-1").unwrap();
+        let keys = [key.public()];
+        let lib = info("lib", &[], &key);
+        let prog = info("prog", &[&lib.path], &key);
+        let (queued, pending) = none();
+        assert!(validate(&keys, &[lib.clone(), prog.clone()], &queued, &pending, &[]).is_ok());
+        let why = validate(&keys, &[prog.clone()], &queued, &pending, &[]).unwrap_err();
+        assert!(why.starts_with("incomplete closure") && why.contains(&lib.path.to_string()), "{why}");
+        // A reference the queue holds completes it; a path the queue holds is not checked again.
+        let queued: HashSet<StorePath> = [lib.path.clone()].into();
+        assert!(validate(&keys, &[prog.clone()], &queued, &pending, &[]).is_ok());
+    }
+
+    #[test]
+    fn validate_refuses_other_info_for_a_pending_path_unless_it_was_unsigned() {
+        let key = SecretKey::generate("k-1").unwrap();
+        let keys = [key.public()];
+        let dep = info("dep", &[], &key);
+        let p = info("p", &[], &key);
+        let queued: HashSet<StorePath> = [p.path.clone(), dep.path.clone()].into();
+        let pend = |old: &PathInfo| HashMap::from([(p.path.clone(), Some(old.clone()))]);
+        // The same info again is fine.
+        assert!(validate(&keys, &[p.clone()], &queued, &pend(&p), &[]).is_ok());
+        let mut other_refs = PathInfo { references: [dep.path.clone()].into(), sigs: Default::default(), ..p.clone() };
+        other_refs.sign(&key);
+        let why = validate(&keys, &[other_refs.clone()], &queued, &pend(&p), &[]).unwrap_err();
+        assert!(why.contains("other references"), "{why}");
+        let mut other_hash = PathInfo { nar_size: 101, sigs: Default::default(), ..p.clone() };
+        other_hash.sign(&key);
+        let why = validate(&keys, &[other_hash], &queued, &pend(&p), &[]).unwrap_err();
+        assert!(why.contains("another NarHash or NarSize"), "{why}");
+        // What an older narq queued unchecked (no signature by our keys) is replaced.
+        let unsigned = PathInfo { sigs: Default::default(), ..p.clone() };
+        assert!(validate(&keys, &[other_refs], &queued, &pend(&unsigned), &[]).is_ok());
+    }
+
+    #[test]
+    fn validate_refuses_a_cycle_closed_through_pending_paths() {
+        let key = SecretKey::generate("k-1").unwrap();
+        let keys = [key.public()];
+        let q = path("q");
+        let p = info("p", &[&q], &key);
+        let queued: HashSet<StorePath> = [q.clone()].into();
+        let pending = HashMap::new();
+        let why = validate(&keys, &[p.clone()], &queued, &pending, &[(q.clone(), p.path.clone())]).unwrap_err();
+        assert!(why.starts_with("reference cycle") && why.contains(&q.to_string()), "{why}");
+        // Self-references and edges that do not lead back are fine.
+        assert!(validate(&keys, &[p.clone()], &queued, &pending, &[(q.clone(), q.clone())]).is_ok());
+        assert!(validate(&keys, &[p], &queued, &pending, &[(q, path("r"))]).is_ok());
+    }
+
+    #[test]
+    fn check_refuses_duplicates_empty_nars_unsigned_paths_and_cycles() {
+        let key = SecretKey::generate("k-1").unwrap();
+        let other = SecretKey::generate("k-2").unwrap();
+        let keys = [key.public()];
+        let a = info("a", &[], &key);
+        assert!(check(&keys, &[a.clone()], None).is_ok());
+        assert_eq!(check(&keys, &[a.clone(), a.clone()], None).unwrap_err(), "a path is listed twice");
+        let empty = PathInfo { nar_size: 0, ..a.clone() };
+        assert!(check(&keys, &[empty], None).unwrap_err().contains("NarSize is 0"));
+        assert!(check(&keys, &[a.clone()], Some(&path("x"))).unwrap_err().contains("is not a derivation"));
+        assert!(check(&keys, &[info("b", &[], &other)], None).is_err());
+        let (x, y) = (path("x"), path("y"));
+        let xi = PathInfo { references: [y.clone()].into(), ..info("x", &[], &key) };
+        let yi = PathInfo { references: [x.clone()].into(), ..info("y", &[], &key) };
+        let mut cyc = [xi, yi];
+        cyc.iter_mut().for_each(|p| {
+            p.sigs.clear();
+            p.sign(&key)
+        });
+        assert!(check(&keys, &cyc, None).unwrap_err().starts_with("reference cycle"));
+    }
+}

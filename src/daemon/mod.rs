@@ -1,0 +1,173 @@
+//! `narq daemon`: accepts requests on the Unix socket, keeps them in the durable queue,
+//! ingests the spool, and runs the upload workers.
+//!
+//! [`run`] takes the listener and a shutdown future, so that tests start a real daemon on
+//! a temporary socket and stop it, and systemd can hand over its socket (`LISTEN_FDS`).
+
+mod admission;
+mod breaker;
+mod lock;
+mod server;
+mod shared_queue;
+mod systemd;
+mod workers;
+
+use std::future::Future;
+use std::os::unix::net::UnixListener as StdUnixListener;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::UnixListener;
+use tokio::sync::Notify;
+
+use crate::config::Config;
+use crate::queue::Queue;
+use crate::spool;
+use crate::storage;
+use crate::upload::Uploader;
+
+use admission::Admission;
+use lock::{lock_state_dir, unlock_state_dir};
+use server::{accept, Server};
+use shared_queue::SharedQueue;
+use systemd::sd_notify;
+use workers::Dispatcher;
+
+pub use admission::{check, validate, NotStored};
+pub use server::listener;
+
+/// How often the spool directory is checked for requests written while we were away.
+const SPOOL_POLL: Duration = Duration::from_secs(1);
+
+/// Empties `state/tmp` and makes it anew, ours alone (0700), so that nothing planted there
+/// (a symlink at `tmp` or inside it) receives what the uploader writes. `remove_dir_all`
+/// removes a symlink, not what it points to; the directory is then made exclusively (a
+/// symlink put back in between makes this fail instead of being followed) and checked.
+fn fresh_tmp_dir(state_dir: &Path) -> std::io::Result<std::path::PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let tmp = state_dir.join("tmp");
+    std::fs::create_dir_all(state_dir)?;
+    match std::fs::remove_dir_all(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    std::fs::DirBuilder::new().mode(0o700).create(&tmp).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => std::io::Error::new(e.kind(), "something was put back there as soon as it was removed; not used"),
+        _ => e,
+    })?;
+    let m = std::fs::symlink_metadata(&tmp)?;
+    // SAFETY: geteuid has no preconditions.
+    if !m.is_dir() || m.uid() != unsafe { libc::geteuid() } {
+        return Err(std::io::Error::new(std::io::ErrorKind::Other, "replaced while it was made; not used"));
+    }
+    Ok(tmp)
+}
+
+/// Runs the daemon until `shutdown` completes.
+pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    lock_state_dir(&config.state_dir)?;
+    let tmp_dir = fresh_tmp_dir(&config.state_dir).with_context(|| format!("creating {}", config.state_dir.join("tmp").display()))?;
+    let db = config.state_dir.join("queue.db");
+    let mut queue = match Queue::open(&db) {
+        // Nothing in it can be read: keep it for inspection and start afresh. What was
+        // pending comes back from the spool and the next hooks, and what is uploaded already
+        // is found in the cache by the uploader's existence check.
+        Err(e) if crate::queue::is_corrupt(&e) => {
+            let to = crate::queue::set_aside(&db).with_context(|| format!("the queue {} is damaged ({e}); moving it aside", db.display()))?;
+            tracing::error!(moved_to = %to.display(), "the queue {} is damaged ({e}): moved it to {} and started an empty one", db.display(), to.display());
+            Queue::open(&db).and_then(|mut q| {
+                // What it held pending is lost to the daemon: say so where users look.
+                let why = format!(
+                    "damaged ({e}), moved to {}: uploads it held pending are not known any more; `narq push` what you need",
+                    to.display()
+                );
+                q.record_problem(&db.display().to_string(), &why).map(|()| q)
+            })
+        }
+        // On a full disk SQLite cannot even map its shared memory: the reserve makes room.
+        Err(e) if spool::release_reserve(&config.state_dir) => {
+            tracing::warn!("opening the queue: {e}; released the state dir's reserve to make room");
+            Queue::open(&db)
+        }
+        r => r,
+    }
+    .with_context(|| format!("opening the queue {}", db.display()))?;
+    let forgotten = queue.bind_store(&config.store.identity()).with_context(|| format!("updating the queue {}", db.display()))?;
+    if forgotten > 0 {
+        tracing::info!(forgotten, "the queue last uploaded to another store: {forgotten} paths remembered as uploaded will be checked again");
+    }
+    let target = storage::open(&config.store).await.map_err(|e| anyhow::anyhow!("store {}: {e}", config.store.original))?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let mut allowed_uids = vec![0, me];
+    allowed_uids.extend(&config.allowed_uids);
+    let uploader = Arc::new(Uploader {
+        target,
+        url: config.store.clone(),
+        tmp_dir,
+        upstreams: match config.upstream.is_empty() {
+            true => None,
+            false => Some(crate::upstream::Upstreams::new(&config.upstream).context("TLS roots for upstream caches")?),
+        },
+    });
+    let queue = SharedQueue::new(queue);
+    let wake = Arc::new(Notify::new());
+    let admission = Arc::new(Admission::new(queue.clone(), config.required_trusted_keys()?, allowed_uids, config.spool_dir(), wake.clone()));
+    let store = uploader.target.describe();
+    let uploader_target = uploader.target.clone();
+    let (dispatcher, workers) = Dispatcher::new(uploader, queue.clone(), config.jobs, wake);
+    admission.ingest_spool().await;
+    keep_reserve(&config.state_dir);
+    let status = queue.run(|q| q.status()).await.map_err(anyhow::Error::msg)??;
+    tracing::info!(store = %store, jobs = config.jobs, pending = status.pending, "narq daemon ready");
+    sd_notify("READY=1\nSTATUS=serving");
+
+    let dispatcher = tokio::spawn(dispatcher.run());
+    let spooler = tokio::spawn({
+        let admission = admission.clone();
+        let state_dir = config.state_dir.clone();
+        async move {
+            loop {
+                tokio::time::sleep(SPOOL_POLL).await;
+                admission.ingest_spool().await;
+                keep_reserve(&state_dir);
+            }
+        }
+    });
+    // The socket is served on a thread of its own with a single-threaded runtime: a hook's
+    // request is read, stored (one fsync) and answered without waking any other thread (on
+    // an idle machine each such wake-up costs ~0.1 ms), and busy upload workers share only
+    // the queue's lock with it, not their threads.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("the socket runtime")?;
+    let listener = {
+        let _in = rt.enter();
+        UnixListener::from_std(listener)?
+    };
+    let target = uploader_target;
+    let server = Arc::new(Server { admission, workers, store, target });
+    let server = std::thread::Builder::new()
+        .name("narq-socket".into())
+        .spawn(move || rt.block_on(accept(server, listener, stopped)))
+        .context("starting the socket thread")?;
+    shutdown.await;
+    sd_notify("STOPPING=1");
+    let _ = stop.send(true);
+    let _ = server.join();
+    dispatcher.abort();
+    spooler.abort();
+    unlock_state_dir(&config.state_dir);
+    tracing::info!("narq daemon stopped");
+    Ok(())
+}
+
+/// Keeps the state dir's reserve ([`spool::ensure_reserve`]) while there is room for it.
+fn keep_reserve(state_dir: &Path) {
+    match spool::ensure_reserve(state_dir) {
+        Ok(true) => tracing::info!("the state disk has room again: its reserve is back"),
+        Ok(false) => {}
+        Err(e) => tracing::debug!("keeping the reserve in {}: {e}", state_dir.display()),
+    }
+}
