@@ -13,7 +13,9 @@
 //!   checking signatures on all CPUs; [`dirfd`]: directories used by handle, so that no
 //!   symlink planted below them is followed.
 //! - [`queue`]: the durable queue and all its policy (states, ordering, backoff).
-//! - [`upload`]: one item from store to target; [`storage`]: where the cache lives (one backend each);
+//! - [`upload`]: one item from store to target; [`storage`]: where the cache lives — the
+//!   `Target` trait (put/exists for uploads; list, get, open_read, delete and incomplete
+//!   uploads for maintenance), one file per backend, each backend's typed options beside it;
 //!   [`upstream`]: caches whose paths are not uploaded again.
 //! - [`daemon`]: `mod.rs` wires it up (`run`, the state dir's tmp and reserve); `server`
 //!   (the socket: limits, requests, `status`, `wait`), `admission` (validating and enqueuing
