@@ -106,18 +106,20 @@ def main():
             time.sleep(GAP)
             return spawn_time([which], dict(base_env, OUT_PATHS=out_paths, DRV_PATH=drv))
 
-        # Interleaved: hook i of each binary runs on build i * len(HOOKS) + its index.
+        # Interleaved: hook i of each binary runs on build i * len(HOOKS) + its index, and
+        # which runs first alternates (the first after the gap pays for waking the daemon).
         small_t = {h: [] for h in HOOKS}
         for i in range(N):
-            for j, h in enumerate(HOOKS):
+            turn = list(enumerate(HOOKS))
+            for j, h in (turn if i % 2 == 0 else turn[::-1]):
                 small_t[h].append(hook(small_drvs[i * len(HOOKS) + j], which=h))
         hook_t = small_t[HOOK]
         big_drv = deriver(big, conf)
         big_first = hook(big_drv)
         subprocess.run([f"{BIN}/narq", "wait", "--timeout", "600"], env=env, check=True)
         big_runs = {h: [] for h in HOOKS}
-        for _ in range(20):
-            for h in HOOKS:
+        for i in range(20):
+            for h in (HOOKS if i % 2 == 0 else HOOKS[::-1]):
                 big_runs[h].append(hook(big_drv, which=h))
         big_t = big_runs[HOOK]
 
