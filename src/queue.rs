@@ -100,6 +100,17 @@ pub enum Outcome {
 }
 
 
+/// Makes `done` items pending again under a new sequence number `?1` (so that `narq wait`
+/// reports what happens to them from here on), for the uploader to check the cache for them;
+/// callers narrow it with `AND …`.
+const REPEND: &str = "UPDATE items SET state = 'pending', outcome = NULL, bytes = 0, attempts = 0, next_try = 0,
+     last_error = NULL, done_at = NULL, seq = ?1 WHERE state = 'done'";
+
+fn set_meta(conn: &Connection, key: &str, value: &str) -> Result<()> {
+    conn.execute("INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = ?2", [key, value])?;
+    Ok(())
+}
+
 /// `ORDER BY` term that puts failures of their own before those of their dependents.
 const ROOT_CAUSES_FIRST: &str = "(COALESCE(last_error, '') LIKE 'depends on %')";
 
@@ -198,8 +209,7 @@ impl Queue {
     }
 
     fn set_meta(&self, key: &str, value: &str) -> Result<()> {
-        self.conn.execute("INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = ?2", [key, value])?;
-        Ok(())
+        set_meta(&self.conn, key, value)
     }
 
     /// Ties what the queue remembers as `done` to the cache `store` (see the module doc).
@@ -210,14 +220,9 @@ impl Queue {
             return Ok(0);
         }
         let tx = self.conn.transaction()?;
-        // A new sequence number: `narq wait` reports what happens to them from here on.
         let seq = self.last_seq + 1;
-        let n = tx.execute(
-            "UPDATE items SET state = 'pending', outcome = NULL, bytes = 0, attempts = 0, next_try = 0,
-             last_error = NULL, done_at = NULL, seq = ?1 WHERE state = 'done'",
-            [seq],
-        )?;
-        tx.execute("INSERT INTO meta (key, value) VALUES ('store', ?1) ON CONFLICT(key) DO UPDATE SET value = ?1", [store])?;
+        let n = tx.execute(REPEND, [seq])?;
+        set_meta(&tx, "store", store)?;
         tx.commit()?;
         if n > 0 {
             self.last_seq = seq;
@@ -231,10 +236,8 @@ impl Queue {
         let keys: Vec<String> = paths.iter().map(|p| p.to_string()).collect();
         let seq = self.last_seq + 1;
         let n = self.conn.execute(
-            "UPDATE items SET state = 'pending', outcome = NULL, bytes = 0, attempts = 0, next_try = 0,
-             last_error = NULL, done_at = NULL, seq = ?2
-             WHERE state = 'done' AND kind = 'nar' AND key IN (SELECT value FROM json_each(?1))",
-            params![serde_json::to_string(&keys).expect("strings serialise"), seq],
+            &format!("{REPEND} AND kind = 'nar' AND key IN (SELECT value FROM json_each(?2))"),
+            params![seq, serde_json::to_string(&keys).expect("strings serialise")],
         )?;
         if n > 0 {
             self.last_seq = seq;
