@@ -4,6 +4,7 @@
 mod admission;
 mod cli;
 mod daemon;
+mod doctor;
 mod faults;
 mod formats;
 mod guarantees;
