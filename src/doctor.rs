@@ -167,6 +167,7 @@ fn daemon_verdict(config: &Config, answer: Result<Result<Response, protocol::Fra
             }
             Ok(format!("answers on {socket} ({} pending, {} failed)", s.pending, s.failed))
         }
+        Ok(Ok(Response::Error { message, .. })) => Err(format!("refused the status request on {socket}: {message}")),
         Ok(Ok(other)) => Err(format!("answered {socket} with {other:?}, not a status: is another program listening there?")),
     }
 }
@@ -185,11 +186,15 @@ async fn probe(config: &Config, target: &dyn Target) -> Verdict {
     };
     let result = async {
         target.put(&key, Body::Bytes(body.clone()), "application/octet-stream").await.map_err(|e| format!("cannot write a probe object: {e} ({fix})"))?;
-        let back = target.get(&key).await.map_err(|e| format!("wrote {key} but cannot read it back: {e}"))?;
-        if back.as_deref() != Some(&body[..]) {
-            return Err(format!("wrote {key} but read back something else"));
+        // Deleted whatever the read gives: the probe must not stay behind.
+        let back = target.get(&key).await;
+        let deleted = target.delete(std::slice::from_ref(&key)).await;
+        match back {
+            Err(e) => return Err(format!("wrote {key} but cannot read it back: {e}")),
+            Ok(b) if b.as_deref() != Some(&body[..]) => return Err(format!("wrote {key} but read back something else")),
+            Ok(_) => {}
         }
-        target.delete(std::slice::from_ref(&key)).await.map_err(|e| format!("wrote {key} but cannot delete it: {e}"))?;
+        deleted.map_err(|e| format!("wrote {key} but cannot delete it: {e}"))?;
         Ok(format!("{}: wrote, read back and deleted {key}", target.describe()))
     }
     .await;
