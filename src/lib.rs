@@ -23,6 +23,7 @@
 //!   set and the breaker, and the upload workers), `breaker`, `systemd` (socket activation,
 //!   `sd_notify`), `lock` (one daemon per state dir), `shared_queue`.
 //! - [`logging`]: journald under systemd, readable lines on stderr otherwise.
+//! - [`doctor`]: `narq doctor`, one line per check of the whole set-up.
 //!
 //! Without the `daemon` feature only what `narq-hook` needs is built: `nix`, `config`,
 //! `store_url` with the backends' options (`storage::s3_options`), `protocol`, `hook`,
@@ -32,6 +33,8 @@ pub mod config;
 #[cfg(feature = "daemon")]
 pub mod daemon;
 pub mod dirfd;
+#[cfg(feature = "daemon")]
+pub mod doctor;
 pub mod hook;
 #[cfg(feature = "daemon")]
 pub mod logging;

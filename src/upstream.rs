@@ -18,7 +18,17 @@ use std::time::{Duration, Instant};
 
 use crate::nix::{NarInfo, StorePath};
 
-type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>;
+pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>;
+
+/// An http(s) client for GETs, with the system's root certificates (`narq doctor` uses it too).
+pub fn http_client() -> std::io::Result<HttpClient> {
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_native_roots(rustls::crypto::ring::default_provider())?
+        .https_or_http()
+        .enable_http1()
+        .build();
+    Ok(Client::builder(hyper_util::rt::TokioExecutor::new()).build(https))
+}
 
 /// Longest wait for one upstream's answer (headers and body).
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -50,14 +60,8 @@ enum Answer {
 
 impl Upstreams {
     pub fn new(urls: &[String]) -> std::io::Result<Self> {
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_native_roots(rustls::crypto::ring::default_provider())?
-            .https_or_http()
-            .enable_http1()
-            .build();
-        let client = Client::builder(hyper_util::rt::TokioExecutor::new()).build(https);
         Ok(Upstreams {
-            client,
+            client: http_client()?,
             urls: urls.iter().map(|u| Arc::from(u.trim_end_matches('/'))).collect(),
             skip_until: Arc::new(Mutex::new(vec![None; urls.len()])),
             checks: Arc::new(tokio::sync::Semaphore::new(MAX_CHECKS)),

@@ -67,6 +67,9 @@ enum Cmd {
         #[arg(long, value_name = "FILE")]
         public_key_file: PathBuf,
     },
+    /// Check the whole set-up, one line per check (config, keys, daemon, Nix's hook, store, clock, upstreams)
+    #[command(after_help = "Exit codes: 0 every check passed; 1 some check failed (its line says what to fix).")]
+    Doctor,
     /// Print the NAR hash and size of PATH (like nix-hash --type sha256 --base32)
     NarHash { path: PathBuf },
     /// Print a completion script for SHELL (for packagers)
@@ -166,6 +169,7 @@ fn run(cli: Cli) -> anyhow::Result<Exit> {
         Cmd::Wait { timeout } => wait(&config()?, timeout, None),
         Cmd::Retry => retry(&config()?),
         Cmd::Keygen { name, secret_key_file, public_key_file } => keygen(&name, &secret_key_file, &public_key_file),
+        Cmd::Doctor => Ok(if narq::doctor::run(cli.config.as_deref()) { Exit::Success } else { Exit::Failed }),
         Cmd::NarHash { path } => {
             let stats = nar::hash_path(&path).with_context(|| format!("{}", path.display()))?;
             println!("{} {}", stats.hash.to_base32(), stats.size);

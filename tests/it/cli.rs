@@ -22,6 +22,7 @@ const COMMANDS: &[(&str, &[&str])] = &[
     ("status", &["--json"]),
     ("wait", &["--timeout <SECS>"]),
     ("retry", &[]),
+    ("doctor", &[]),
     ("keygen", &["<NAME>", "--secret-key-file <FILE>", "--public-key-file <FILE>"]),
     ("nar-hash", &["<PATH>"]),
 ];

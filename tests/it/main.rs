@@ -4,12 +4,14 @@
 mod admission;
 mod cli;
 mod daemon;
+mod doctor;
 mod faults;
 mod formats;
 mod guarantees;
 mod hook;
 mod nixos;
 mod parsers;
+mod remote;
 mod robust;
 mod rooms;
 mod s3;

@@ -1,5 +1,7 @@
 //! The NixOS module, the systemd units and the daemon under systemd's protocols
-//! (socket activation, sd_notify, journald), as far as they can be checked without nixpkgs.
+//! (socket activation, sd_notify, journald), as far as they can be checked without a NixOS
+//! machine; the module itself under the real module system (nixpkgs' `lib.evalModules`),
+//! below.
 
 use crate::util::*;
 use std::os::unix::net::UnixDatagram;
@@ -194,4 +196,186 @@ fn under_systemd_the_daemon_logs_structured_fields_to_journald() {
     assert!(get("BYTES").parse::<u64>().unwrap() > 0);
     assert!(get("NAR_BYTES").parse::<u64>().unwrap() > 0);
     get("DURATION_MS").parse::<u64>().unwrap();
+}
+
+// ---- The module under the real module system (nixpkgs' lib.evalModules) ----
+//
+// tests/nixos/eval.nix evaluates nixos-module/ with small stand-ins for the NixOS options it
+// sets; these tests check its JSON. A new option gets one row in OPTIONS (its type and
+// default, as Nix describes them) and, for what it renders, one assertion on `unit`,
+// `rendered_config` or the evaluation's JSON in `module_renders_units_config_and_hook`.
+
+/// Every option of services.narq: name under `services.narq`, type as Nix describes it,
+/// default as JSON (`null` when it has none).
+const OPTIONS: &[(&str, &str, &str)] = &[
+    ("enable", "boolean", "false"),
+    ("package", "package", "null"),
+    ("secretKeyFiles", "list of absolute path", "[]"),
+    ("environmentFile", "null or string", "null"),
+    ("user", "null or string", "null"),
+    ("group", "string", r#""narq""#),
+    ("memoryMax", "string", r#""1G""#),
+    ("settings.store", "string", r#""file:///var/lib/narq/cache""#),
+    ("settings.publicKeys", "list of string", "[]"),
+    ("settings.socket", "string", r#""/run/narq/narq.sock""#),
+    ("settings.jobs", "integer between 1 and 256 (both inclusive)", "4"),
+    ("settings.upstream", "list of string", r#"["https://cache.nixos.org"]"#),
+    ("settings.allowedUsers", "list of string", "[]"),
+];
+
+/// nixpkgs' `lib`: `$NARQ_NIXPKGS_LIB`, else `shared/nixpkgs-lib/lib` beside the repository
+/// or beside one of its parents (`../shared` of the main checkout, `../../shared` of a
+/// worktree). `None`, with a line saying so, where there is none: the test is skipped.
+fn nixpkgs_lib() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("NARQ_NIXPKGS_LIB") {
+        let p = PathBuf::from(p);
+        assert!(p.join("default.nix").exists(), "NARQ_NIXPKGS_LIB={} has no default.nix", p.display());
+        return Some(p);
+    }
+    let found = repo().ancestors().skip(1).map(|a| a.join("shared/nixpkgs-lib/lib")).find(|l| l.join("default.nix").exists());
+    if found.is_none() {
+        eprintln!("skipped: nixpkgs' lib not found (no ../shared/nixpkgs-lib; set NARQ_NIXPKGS_LIB to a nixpkgs lib/ directory)");
+    }
+    found
+}
+
+/// The module evaluated with `services.narq = narq` (a Nix attribute set); `Err` with Nix's
+/// message when the evaluation fails (a type error, say).
+fn eval_module(lib: &Path, narq: &str) -> Result<serde_json::Value, String> {
+    let out = output(
+        Command::new("nix-instantiate")
+            .args(["--eval", "--strict", "--json"])
+            .arg(repo().join("tests/nixos/eval.nix"))
+            .args(["--arg", "lib", &format!("import {}", lib.display())])
+            .args(["--arg", "narq", narq]),
+    );
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).to_string());
+    }
+    Ok(serde_json::from_slice(&out.stdout).unwrap())
+}
+
+/// A configuration the module accepts: the required public key, the rest from `extra`.
+fn enabled(extra: &str) -> String {
+    format!(r#"{{ enable = true; settings.publicKeys = [ "test-1:wYD3HOn2vD2CyzhkJN/1nWvEuXdQuYyo0zV3eu5e3vU=" ]; {extra} }}"#)
+}
+
+/// `/etc/narq/config.toml` as the module renders it, loaded as narq loads it.
+fn rendered_config(v: &serde_json::Value) -> narq::config::Config {
+    let text = v["configText"].as_str().unwrap_or_else(|| panic!("no config rendered: {v}"));
+    narq::config::Config::parse(text, Some(Path::new("/etc/narq/config.toml"))).unwrap_or_else(|e| panic!("{e}\n{text}"))
+}
+
+/// `systemd.<kind>.<name>` as the module sets it.
+fn unit<'a>(v: &'a serde_json::Value, kind: &str, name: &str) -> &'a serde_json::Value {
+    let u = &v["systemd"][kind][name];
+    assert!(u.is_object(), "no systemd.{kind}.{name}: {}", v["systemd"]);
+    u
+}
+
+#[test]
+fn module_options_have_their_types_and_defaults() {
+    let Some(lib) = nixpkgs_lib() else { return };
+    let v = eval_module(&lib, "{ }").unwrap();
+    let declared = v["options"].as_object().unwrap();
+    for (name, ty, default) in OPTIONS {
+        let o = declared.get(*name).unwrap_or_else(|| panic!("services.narq.{name} is not declared"));
+        assert_eq!(o["type"], *ty, "type of services.narq.{name}");
+        assert_eq!(o["default"], serde_json::from_str::<serde_json::Value>(default).unwrap(), "default of services.narq.{name}");
+    }
+    let unchecked: Vec<&String> = declared.keys().filter(|k| !OPTIONS.iter().any(|(n, ..)| n == k)).collect();
+    assert!(unchecked.is_empty(), "options without a row in OPTIONS (tests/it/nixos.rs): {unchecked:?}");
+    // Not enabled: the module sets nothing.
+    assert_eq!(v["systemd"]["services"], serde_json::json!({}));
+    assert_eq!(v["systemd"]["sockets"], serde_json::json!({}));
+    assert_eq!(v["nix"]["settings"], serde_json::json!({}));
+    assert_eq!(v["etc"], serde_json::json!([]));
+    assert_eq!(v["failedAssertions"], serde_json::json!([]));
+}
+
+#[test]
+fn module_assertions_fail_with_their_messages() {
+    let Some(lib) = nixpkgs_lib() else { return };
+    let failed = |narq: &str| -> Vec<String> {
+        let v = eval_module(&lib, narq).unwrap();
+        v["failedAssertions"].as_array().unwrap().iter().map(|m| m.as_str().unwrap().to_string()).collect()
+    };
+    assert_eq!(failed(&enabled(r#"secretKeyFiles = [ "/etc/nix/c.sec" ]; environmentFile = "/etc/narq/aws.env";"#)), Vec::<String>::new());
+    let missing = failed("{ enable = true; }");
+    assert_eq!(missing.len(), 1, "{missing:?}");
+    assert!(missing[0].starts_with("services.narq.settings.publicKeys must list the cache's public key"), "{missing:?}");
+    let in_store = failed(&enabled(r#"secretKeyFiles = [ "/nix/store/00000000000000000000000000000000-c.sec" ]; environmentFile = "/nix/store/00000000000000000000000000000000-aws.env";"#));
+    assert_eq!(
+        in_store,
+        [
+            "services.narq.secretKeyFiles must not be in the Nix store (it is world-readable).",
+            "services.narq.environmentFile must not be in the Nix store."
+        ]
+    );
+}
+
+#[test]
+fn module_type_errors_name_the_option() {
+    let Some(lib) = nixpkgs_lib() else { return };
+    for (bad, option) in [
+        ("settings.jobs = 0;", "services.narq.settings.jobs' is not of type `integer between 1 and 256"),
+        (r#"settings.jobs = "four";"#, "services.narq.settings.jobs' is not of type"),
+        (r#"secretKeyFiles = "/etc/nix/c.sec";"#, "services.narq.secretKeyFiles' is not of type `list of absolute path'"),
+        (r#"secretKeyFiles = [ "relative.sec" ];"#, "services.narq.secretKeyFiles"),
+        ("settings.store = 1;", "services.narq.settings.store' is not of type `string'"),
+        ("nosuchoption = 1;", "services.narq.nosuchoption' does not exist"),
+    ] {
+        let e = eval_module(&lib, &enabled(bad)).expect_err(bad);
+        assert!(e.contains(option), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn module_renders_units_config_and_hook() {
+    let Some(lib) = nixpkgs_lib() else { return };
+    let v = eval_module(
+        &lib,
+        &enabled(
+            r#"secretKeyFiles = [ "/etc/nix/c.sec" ]; environmentFile = "/etc/narq/aws.env"; user = "uploader"; group = "cache";
+               memoryMax = "512M"; settings = { store = "s3://c-1?region=eu-west-1"; socket = "/run/narq/x.sock"; jobs = 8;
+               upstream = [ ]; allowedUsers = [ "root" ]; };"#,
+        ),
+    )
+    .unwrap();
+    let pkg = "/nix/store/00000000000000000000000000000000-narq";
+    let config_file = "/nix/store/00000000000000000000000000000000-narq.toml";
+    // The hook, no wrapper; the config where the hook and the CLI look for it.
+    assert_eq!(v["nix"]["settings"]["post-build-hook"], format!("{pkg}/bin/narq-hook"));
+    assert_eq!(v["etc"], serde_json::json!(["narq/config.toml"]));
+    assert_eq!(v["systemPackages"], serde_json::json!([pkg]));
+    // The socket, where the config says, for root and the group.
+    let sock = &unit(&v, "sockets", "narq")["socketConfig"];
+    assert_eq!(sock["ListenStream"], "/run/narq/x.sock");
+    assert_eq!((&sock["SocketMode"], &sock["SocketUser"], &sock["SocketGroup"]), (&"0660".into(), &"root".into(), &"cache".into()));
+    assert_eq!(unit(&v, "sockets", "narq")["wantedBy"], serde_json::json!(["sockets.target"]));
+    // The service: the daemon with that config, as the given user, with the secrets file.
+    let svc = unit(&v, "services", "narq");
+    assert_eq!(svc["requires"], serde_json::json!(["narq.socket"]));
+    assert_eq!(svc["environment"]["NARQ_CONFIG"], config_file);
+    let sc = &svc["serviceConfig"];
+    assert_eq!(sc["ExecStart"], format!("{pkg}/bin/narq daemon --config {config_file}"));
+    assert_eq!((&sc["Type"], &sc["User"], &sc["Group"]), (&"notify".into(), &"uploader".into(), &"cache".into()));
+    assert_eq!(sc["DynamicUser"], serde_json::Value::Null);
+    assert_eq!((&sc["EnvironmentFile"], &sc["MemoryMax"]), (&"/etc/narq/aws.env".into(), &"512M".into()));
+    assert_eq!(v["users"]["users"]["uploader"], serde_json::json!({ "isSystemUser": true, "group": "cache" }));
+    assert_eq!(v["users"]["groups"]["cache"], serde_json::json!({}));
+    // The config file, as narq itself reads it.
+    let c = rendered_config(&v);
+    assert_eq!(c.store.original, "s3://c-1?region=eu-west-1");
+    assert_eq!(c.socket, Path::new("/run/narq/x.sock"));
+    assert_eq!((c.jobs, c.allowed_uids.as_slice(), c.upstream.len()), (8, &[0][..], 0));
+    assert_eq!(c.secret_key_files, [PathBuf::from("/etc/nix/c.sec")]);
+    assert_eq!(c.public_keys.len(), 1);
+    assert_eq!(c.state_dir, Path::new("/var/lib/narq"));
+
+    // Without a user: a DynamicUser, and no user declared.
+    let v = eval_module(&lib, &enabled("")).unwrap();
+    assert_eq!(unit(&v, "services", "narq")["serviceConfig"]["DynamicUser"], true);
+    assert_eq!(v["users"]["users"], serde_json::json!({}));
+    assert_eq!(rendered_config(&v).upstream, ["https://cache.nixos.org"]);
 }
