@@ -69,7 +69,10 @@
               environmentFile = "/etc/narq/aws.env";
               settings.store = "s3://cache?endpoint=s3:9000&scheme=http&region=us-east-1";
               settings.upstream = [ ];
+              settings.publicKeys = [ "test-1:1NO7wAz2TjFyhuFPoIQANVo8GKpif+YDXJ8q8hbDyeA=" ];
             };
+            # A throwaway key pair for this test only (the module requires publicKeys).
+            environment.etc."narq/test.sec" = { mode = "0600"; text = "test-1:HZ7o+Bf6ciutBEveVxkdfqL4+0oDzQr/9mBQRZYDQXXU07vADPZOMXKG4U+ghAA1WjwYqmJ/5gNcnyryFsPJ4A=="; };
             environment.etc."narq/aws.env".text = "AWS_ACCESS_KEY_ID=narqtest\nAWS_SECRET_ACCESS_KEY=narqtest123\n";
             nix.settings.substituters = pkgs.lib.mkForce [ ];
           };
@@ -79,13 +82,12 @@
             s3.wait_for_open_port(9000)
             s3.succeed("mc alias set local http://localhost:9000 narqtest narqtest123")
             s3.succeed("mc mb local/cache && mc anonymous set download local/cache")
-            builder.succeed("narq keygen test-1 --secret-key-file /etc/narq/test.sec --public-key-file /etc/narq/test.pub")
             builder.wait_for_unit("narq.socket")
             out = builder.succeed("""nix-build --no-out-link -E 'derivation { name = "hello-narq"; system = builtins.currentSystem;
                 builder = "/bin/sh"; args = ["-c" "echo hello > $out"]; }'""").strip()
             builder.succeed("narq wait --timeout 120")
             builder.succeed("journalctl -u narq | grep -q 'uploaded %s'" % out)
-            key = builder.succeed("cat /etc/narq/test.pub").strip()
+            key = "test-1:1NO7wAz2TjFyhuFPoIQANVo8GKpif+YDXJ8q8hbDyeA="
             client.succeed(f"nix-store -r {out} --option substituters http://s3:9000/cache --option trusted-public-keys '{key}'")
             client.succeed(f"grep -q hello {out}")
           '';
