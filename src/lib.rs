@@ -23,6 +23,8 @@
 //!   set and the breaker, and the upload workers), `breaker`, `systemd` (socket activation,
 //!   `sd_notify`), `lock` (one daemon per state dir), `shared_queue`.
 //! - [`logging`]: journald under systemd, readable lines on stderr otherwise.
+//! - [`metrics`]: counters, the uploads in flight with their progress, and the Prometheus
+//!   endpoint (`metrics-listen`); [`progress`]: how the CLI shows status and progress.
 //!
 //! Without the `daemon` feature only what `narq-hook` needs is built: `nix`, `config`,
 //! `store_url` with the backends' options (`storage::s3_options`), `protocol`, `hook`,
@@ -35,9 +37,13 @@ pub mod dirfd;
 pub mod hook;
 #[cfg(feature = "daemon")]
 pub mod logging;
+#[cfg(feature = "daemon")]
+pub mod metrics;
 pub mod nix;
 pub mod par;
 pub mod protocol;
+#[cfg(feature = "daemon")]
+pub mod progress;
 #[cfg(feature = "daemon")]
 pub mod queue;
 pub mod spool;
