@@ -222,11 +222,14 @@ impl Metrics {
             Ok(_) => {}
             Err(UploadError::Transient(_)) => self.fail("transient"),
             Err(UploadError::Permanent(_)) => self.fail("permanent"),
-            Err(UploadError::Target(e)) => {
-                self.store_refuses.store(e.config, Ordering::Relaxed);
-                self.fail("store");
-            }
+            Err(UploadError::Target(e)) => self.store_failed(e),
         }
+    }
+
+    /// The store failed (uploads pause); `e` says whether it needs a person.
+    pub fn store_failed(&self, e: &crate::storage::TargetError) {
+        self.store_refuses.store(e.config, Ordering::Relaxed);
+        self.fail("store");
     }
 
     fn skip(&self, reason: &'static str) {

@@ -301,10 +301,18 @@ impl Uploader {
 
     /// Writes `nix-cache-info` unless the cache has one.
     pub async fn ensure_cache_info(&self) -> Result<(), storage::TargetError> {
-        if !self.target.exists("nix-cache-info").await? {
-            let info = self.url.cache_info().into_bytes();
-            self.target.put("nix-cache-info", Body::Bytes(info), storage::CACHE_INFO_TYPE).await?;
+        let r = async {
+            if !self.target.exists("nix-cache-info").await? {
+                let info = self.url.cache_info().into_bytes();
+                self.target.put("nix-cache-info", Body::Bytes(info), storage::CACHE_INFO_TYPE).await?;
+            }
+            Ok(())
         }
-        Ok(())
+        .await;
+        // It pauses uploads as an upload's store failure does: counted alike.
+        if let Err(e) = &r {
+            self.metrics.store_failed(e);
+        }
+        r
     }
 }

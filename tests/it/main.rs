@@ -9,6 +9,7 @@ mod formats;
 mod guarantees;
 mod hook;
 mod nixos;
+mod observe;
 mod parsers;
 mod robust;
 mod rooms;
