@@ -229,6 +229,61 @@ fn metrics_after_a_build_count_the_closure() {
     // Only /metrics is served.
     let (head, _) = http(port, "GET", "/");
     assert!(head.starts_with("http/1.1 404"), "{head}");
+    dashboard_names_what_is_served(&m);
+}
+
+/// examples/grafana-dashboard.json is valid JSON whose queries name only series the daemon
+/// serves, and has a panel for each thing item 3 lists.
+fn dashboard_names_what_is_served(m: &BTreeMap<Series, f64>) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/grafana-dashboard.json");
+    let d: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let served: std::collections::BTreeSet<&str> = m.keys().map(|(n, _)| n.as_str()).collect();
+    let mut used = std::collections::BTreeSet::new();
+    for p in d["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("narq_")) {
+                assert!(served.contains(word), "the dashboard queries {word}, which is not served: {expr}");
+                used.insert(word.to_string());
+            }
+        }
+    }
+    for want in [
+        "narq_queue_depth",
+        "narq_in_flight",
+        "narq_uploaded_paths_total",
+        "narq_uploaded_bytes_total",
+        "narq_failures_total",
+        "narq_spooled_requests",
+        "narq_paused",
+        "narq_upload_duration_seconds_bucket",
+        "narq_upload_size_bytes_bucket",
+        "narq_requests_total",
+    ] {
+        assert!(used.contains(want), "no panel shows {want}");
+    }
+}
+
+/// The NixOS module's `settings.metricsListen` reaches the config the daemon reads; left
+/// null, the key is left out.
+#[test]
+fn the_module_sets_metrics_listen() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("nixos-module");
+    let t = TempDir::new("module-metrics");
+    for (listen, want) in [("\"127.0.0.1:9464\"", Some("127.0.0.1:9464")), ("null", None)] {
+        let cfg = format!(
+            r#"{{ secretKeyFiles = [ ]; settings = {{ store = "file:///tmp/c"; publicKeys = [ ]; socket = "/run/narq/narq.sock";
+                  jobs = 4; upstream = [ ]; allowedUsers = [ ]; metricsListen = {listen}; }}; }}"#
+        );
+        let expr = format!("import {}/toml.nix (import {}/settings.nix {cfg})", dir.display(), dir.display());
+        let out = run(Command::new("nix-instantiate").args(["--eval", "--strict", "--json", "-E", &expr]));
+        let toml: String = serde_json::from_str(&out).unwrap();
+        assert_eq!(toml.contains("metrics-listen"), want.is_some(), "{toml}");
+        let file = t.join("module.toml");
+        std::fs::write(&file, &toml).unwrap();
+        let c = narq::config::Config::load(Some(&file)).unwrap_or_else(|e| panic!("{e}\n{toml}"));
+        assert_eq!(c.metrics_listen.map(|a| a.to_string()).as_deref(), want, "{toml}");
+    }
 }
 
 /// Bytes of the build logs in the cache (the size histogram counts NARs only).
