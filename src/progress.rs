@@ -187,7 +187,9 @@ impl Meter {
     pub fn summary(&self, r: &Reading) -> String {
         let took = self.start.elapsed();
         let avg = r.read as f64 / took.as_secs_f64().max(1e-3);
-        format!("narq: {}/{} paths done, {} read in {} ({})", r.done, r.total, bytes(r.read), duration(took), rate(avg))
+        // Tenths below a minute: a wait of 1.9 s is not "1s".
+        let took_s = if took < Duration::from_secs(60) { format!("{:.1}s", took.as_secs_f64()) } else { duration(took) };
+        format!("narq: {}/{} paths done, {} read in {took_s} ({})", r.done, r.total, bytes(r.read), rate(avg))
     }
 }
 
