@@ -90,6 +90,15 @@ in
         default = [ "https://cache.nixos.org" ];
         description = "Binary caches whose paths are not uploaded again.";
       };
+      metricsListen = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "127.0.0.1:9464";
+        description = ''
+          Address and port (IP:PORT) where the daemon serves Prometheus metrics at /metrics; null
+          for none. Unauthenticated: keep it on 127.0.0.1 or a private network.
+        '';
+      };
       allowedUsers = mkOption {
         type = types.listOf types.str;
         default = [ ];

@@ -9,4 +9,6 @@ cfg: {
   jobs = cfg.settings.jobs;
   upstream = cfg.settings.upstream;
   allowed-users = cfg.settings.allowedUsers;
+  # null (the default) leaves the key out.
+  metrics-listen = cfg.settings.metricsListen or null;
 }

@@ -38,6 +38,7 @@ struct Raw {
     allowed_users: Vec<String>,
     #[serde(default)]
     upstream: Vec<String>,
+    metrics_listen: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -61,6 +62,8 @@ pub struct Config {
     pub allowed_uids: Vec<u32>,
     /// Binary caches (http(s) URLs) whose paths are not uploaded again.
     pub upstream: Vec<String>,
+    /// `metrics-listen`: where the daemon serves Prometheus `/metrics`, if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Config {
@@ -126,6 +129,12 @@ impl Config {
                 return Err(err(Some("upstream"), format!("{u:?} is not an http(s) binary cache URL")));
             }
         }
+        let metrics_listen = match raw.metrics_listen.as_deref() {
+            None => None,
+            Some(a) => Some(a.parse().map_err(|e| {
+                err(Some("metrics-listen"), format!("{a:?} is not an IP address and port such as \"127.0.0.1:9464\" ({e})"))
+            })?),
+        };
         Ok(Config {
             file: file.map(Path::to_path_buf),
             store,
@@ -136,6 +145,7 @@ impl Config {
             jobs,
             allowed_uids,
             upstream: raw.upstream.iter().map(|u| u.trim_end_matches('/').to_string()).collect(),
+            metrics_listen,
         })
     }
 
@@ -234,6 +244,9 @@ mod tests {
         assert_eq!(c.socket, PathBuf::from(DEFAULT_SOCKET));
         assert_eq!(c.jobs, 4);
         assert_eq!(Config::parse("allowed-users = [\"root\", \"1000\"]", None).unwrap().allowed_uids, [0, 1000]);
+        assert_eq!(c.metrics_listen, None);
+        let c = Config::parse("metrics-listen = \"127.0.0.1:9464\"", None).unwrap();
+        assert_eq!(c.metrics_listen, Some(([127, 0, 0, 1], 9464).into()));
     }
 
     #[test]
@@ -267,6 +280,8 @@ mod tests {
             ("state-dir = \"rel\"", "key `state-dir`: rel is not an absolute path"),
             ("allowed-users = [\"no-such-user-narq\"]", "no such user"),
             ("store = ", "line 1"),
+            ("metrics-listen = \"localhost:9464\"", "key `metrics-listen`: \"localhost:9464\" is not an IP address and port"),
+            ("metrics-listen = 9464", "key `metrics-listen`: line 1: invalid type"),
         ] {
             let e = Config::parse(text, f).unwrap_err().to_string();
             assert!(e.contains(want), "{text:?}: {e}");

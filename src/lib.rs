@@ -24,6 +24,8 @@
 //!   `sd_notify`), `lock` (one daemon per state dir), `shared_queue`.
 //! - [`logging`]: journald under systemd, readable lines on stderr otherwise.
 //! - [`doctor`]: `narq doctor`, one line per check of the whole set-up.
+//! - [`metrics`]: counters, the uploads in flight with their progress, and the Prometheus
+//!   endpoint (`metrics-listen`); [`progress`]: how the CLI shows status and progress.
 //!
 //! Without the `daemon` feature only what `narq-hook` needs is built: `nix`, `config`,
 //! `store_url` with the backends' options (`storage::s3_options`), `protocol`, `hook`,
@@ -38,9 +40,13 @@ pub mod doctor;
 pub mod hook;
 #[cfg(feature = "daemon")]
 pub mod logging;
+#[cfg(feature = "daemon")]
+pub mod metrics;
 pub mod nix;
 pub mod par;
 pub mod protocol;
+#[cfg(feature = "daemon")]
+pub mod progress;
 #[cfg(feature = "daemon")]
 pub mod queue;
 pub mod spool;

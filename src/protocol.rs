@@ -155,6 +155,36 @@ pub struct Status {
     pub target_error: Option<String>,
     pub last_error: Option<Failure>,
     pub recent_failures: Vec<Failure>,
+    /// Build logs uploaded; `uploaded` counts store paths only.
+    #[serde(default)]
+    pub logs_uploaded: u64,
+    /// Store paths among `pending` (the rest are build logs).
+    #[serde(default)]
+    pub pending_paths: u64,
+    /// NAR bytes of the pending paths: what is left to read, for progress and ETA.
+    #[serde(default)]
+    pub pending_bytes: u64,
+    /// NAR bytes the uploaders have read since the daemon started (in flight included), so
+    /// that a client can measure the rate over its own interval.
+    #[serde(default)]
+    pub nar_bytes_read: u64,
+    /// The uploads in flight, with how far each has got.
+    #[serde(default)]
+    pub uploading: Vec<Upload>,
+    /// While uploads are paused (`target_error`): seconds until they are tried again.
+    #[serde(default)]
+    pub paused_secs: Option<f64>,
+}
+
+/// An upload in flight, as `status` reports it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Upload {
+    /// The store path, or `log:<drv>`.
+    pub item: String,
+    /// NAR bytes read so far.
+    pub done: u64,
+    /// NAR size (0 for a build log, whose size is known only once read).
+    pub total: u64,
 }
 
 /// A build the hook could not hand over.

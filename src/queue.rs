@@ -588,17 +588,32 @@ impl Queue {
     /// Counts for `narq status` (in-flight and spool counts are the daemon's to fill in).
     pub fn status(&self) -> Result<Status> {
         let mut s = Status::default();
-        let mut stmt = self.conn.prepare_cached("SELECT state, outcome, COUNT(*), SUM(bytes) FROM items GROUP BY state, outcome")?;
+        // `uploaded` and `skipped` count store paths; a build log is not a path (nor is one
+        // that was never kept "skipped"). A damaged row must not make `status` fail: json_valid.
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT kind, state, outcome, COUNT(*), SUM(bytes),
+                    SUM(CASE WHEN kind = 'nar' AND state = 'pending' AND json_valid(info) THEN json_extract(info, '$.narSize') END)
+             FROM items GROUP BY kind, state, outcome",
+        )?;
         let rows = stmt.query_map([], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?, r.get::<_, u64>(2)?, r.get::<_, Option<i64>>(3)?))
+            let (n, bytes, nar) = (r.get::<_, u64>(3)?, r.get::<_, Option<i64>>(4)?, r.get::<_, Option<i64>>(5)?);
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Option<String>>(2)?, n, bytes, nar))
         })?;
         for row in rows {
-            let (state, outcome, n, bytes) = row?;
+            let (kind, state, outcome, n, bytes, pending_nar) = row?;
             s.bytes += bytes.unwrap_or(0) as u64;
-            match (state.as_str(), outcome.as_deref()) {
-                ("pending", _) => s.pending += n,
-                ("failed", _) => s.failed += n,
-                ("done", Some("uploaded")) => s.uploaded += n,
+            s.pending_bytes += pending_nar.unwrap_or(0).max(0) as u64;
+            match (kind.as_str(), state.as_str(), outcome.as_deref()) {
+                (kind, "pending", _) => {
+                    s.pending += n;
+                    if kind == "nar" {
+                        s.pending_paths += n;
+                    }
+                }
+                (_, "failed", _) => s.failed += n,
+                ("log", "done", Some("uploaded")) => s.logs_uploaded += n,
+                ("log", _, _) => {}
+                (_, "done", Some("uploaded")) => s.uploaded += n,
                 _ => s.skipped += n,
             }
         }
@@ -655,6 +670,15 @@ mod tests {
         assert_eq!(q.fail(&b.path.to_string(), "hash mismatch").unwrap(), 1);
         let s = q.status().unwrap();
         assert_eq!((s.pending, s.failed, s.uploaded, s.bytes), (0, 2, 1, 5));
+        // A build log is counted apart from the paths, and pending paths with their NAR size.
+        let drv = StorePath::parse(&format!("/nix/store/{}-x.drv", "1".repeat(32))).unwrap();
+        q.enqueue(&[info("d", &[])], Some(&drv)).unwrap();
+        let s = q.status().unwrap();
+        assert_eq!((s.pending, s.pending_paths, s.pending_bytes), (2, 1, 8));
+        q.done(&format!("log:{drv}"), Outcome::Uploaded { bytes: 3 }).unwrap();
+        q.done(&info("d", &[]).path.to_string(), Outcome::Present).unwrap();
+        let s = q.status().unwrap();
+        assert_eq!((s.uploaded, s.logs_uploaded, s.skipped, s.bytes, s.pending), (1, 1, 1, 8, 0));
         // Re-enqueuing: done stays done, failed is retried.
         assert_eq!(q.enqueue(&[a.clone(), b.clone()], None).unwrap(), 1);
         assert_eq!(keys(q.ready(10, &HashSet::new()).unwrap()), [b.path.to_string()]);
@@ -677,6 +701,8 @@ mod tests {
         set("UPDATE items SET attempts = 1 << 40 WHERE key = ?1", &a);
         set("UPDATE items SET info = '{not json' WHERE key = ?1", &b);
         set("UPDATE items SET kind = 'what' WHERE key = ?1", &d);
+        // `status` still answers, counting the NAR sizes it can read (a and c).
+        assert_eq!(q.status().expect("status with a damaged row").pending_bytes, 16);
         let keys = |v: Vec<Item>| v.into_iter().map(|i| i.key).collect::<Vec<_>>();
         assert_eq!(keys(q.ready(10, &HashSet::new()).unwrap()), [a.path.to_string()]);
         let (pending, failed) = q.progress(i64::MAX, 0).unwrap();

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::metrics::InFlight;
 use crate::nix::{db, nar, NarInfo, PathInfo, StorePath};
 use crate::queue::{Item, Kind, Outcome};
 use crate::store_url::{Compression, StoreUrl};
@@ -42,6 +43,8 @@ pub struct Uploader {
     pub tmp_dir: PathBuf,
     /// Caches whose paths are not uploaded again (`upstream`).
     pub upstreams: Option<crate::upstream::Upstreams>,
+    /// Counts outcomes, and shows the uploads in flight with their progress.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Free space kept on the file system of the state dir, beyond a NAR's temp file: the
@@ -77,12 +80,30 @@ const MULTITHREAD_ABOVE: u64 = 4 << 20;
 /// ratio (zstd's minimum is 512 KiB).
 const ZSTD_JOB_SIZE: u32 = 2 << 20;
 
-fn compress_nar(path: &Path, nar_size: u64, url: &StoreUrl, tmp: &Path) -> io::Result<Compressed> {
+/// A writer that reports what passes through it to an upload's progress.
+struct Counting<'a, W> {
+    inner: W,
+    progress: &'a InFlight,
+}
+
+impl<W: Write> Write for Counting<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.progress.add(n as u64);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn compress_nar(path: &Path, nar_size: u64, url: &StoreUrl, tmp: &Path, progress: &InFlight) -> io::Result<Compressed> {
     let out = nar::HashingWriter::new(BufWriter::with_capacity(1 << 20, File::create(tmp)?));
+    let dump = |w: &mut dyn Write| nar::dump(path, &mut Counting { inner: w, progress });
     let (out, nar) = match url.compression {
         Compression::None => {
             let mut out = out;
-            let s = nar::dump(path, &mut out)?;
+            let s = dump(&mut out)?;
             (out, s)
         }
         Compression::Zstd => {
@@ -95,12 +116,12 @@ fn compress_nar(path: &Path, nar_size: u64, url: &StoreUrl, tmp: &Path) -> io::R
                 // Bounds what the workers buffer (by default jobs grow with the window).
                 enc.set_parameter(zstd::stream::raw::CParameter::JobSize(ZSTD_JOB_SIZE))?;
             }
-            let s = nar::dump(path, &mut enc)?;
+            let s = dump(&mut enc)?;
             (enc.finish()?, s)
         }
         Compression::Xz => {
             let mut enc = xz2::write::XzEncoder::new(out, url.compression_level.unwrap_or(6) as u32);
-            let s = nar::dump(path, &mut enc)?;
+            let s = dump(&mut enc)?;
             (enc.finish()?, s)
         }
     };
@@ -162,13 +183,17 @@ impl WriteFinish for xz2::write::XzEncoder<BufWriter<File>> {
 
 impl Uploader {
     pub async fn run(&self, item: &Item) -> Result<Outcome, UploadError> {
-        match &item.kind {
-            Kind::Nar(info) => self.upload_path(info).await,
+        let start = Instant::now();
+        let tracked = self.metrics.track(item);
+        let result = match &item.kind {
+            Kind::Nar(info) => self.upload_path(info, tracked.progress.clone()).await,
             Kind::Log(drv) => self.upload_log(drv).await,
-        }
+        };
+        self.metrics.finished(item, &result, start.elapsed());
+        result
     }
 
-    async fn upload_path(&self, info: &PathInfo) -> Result<Outcome, UploadError> {
+    async fn upload_path(&self, info: &PathInfo, progress: Arc<InFlight>) -> Result<Outcome, UploadError> {
         let narinfo_key = format!("{}.narinfo", info.path.hash_part());
         if self.target.exists(&narinfo_key).await? {
             return Ok(Outcome::Present);
@@ -187,7 +212,7 @@ impl Uploader {
         let (url, nar_size) = (self.url.clone(), info.nar_size);
         let c = {
             let (tmp, store_path) = (tmp.path().to_path_buf(), store_path.clone());
-            tokio::task::spawn_blocking(move || compress_nar(&store_path, nar_size, &url, &tmp))
+            tokio::task::spawn_blocking(move || compress_nar(&store_path, nar_size, &url, &tmp, &progress))
                 .await
                 .map_err(|e| UploadError::Transient(format!("worker: {e}")))?
         };
@@ -276,10 +301,18 @@ impl Uploader {
 
     /// Writes `nix-cache-info` unless the cache has one.
     pub async fn ensure_cache_info(&self) -> Result<(), storage::TargetError> {
-        if !self.target.exists("nix-cache-info").await? {
-            let info = self.url.cache_info().into_bytes();
-            self.target.put("nix-cache-info", Body::Bytes(info), storage::CACHE_INFO_TYPE).await?;
+        let r = async {
+            if !self.target.exists("nix-cache-info").await? {
+                let info = self.url.cache_info().into_bytes();
+                self.target.put("nix-cache-info", Body::Bytes(info), storage::CACHE_INFO_TYPE).await?;
+            }
+            Ok(())
         }
-        Ok(())
+        .await;
+        // It pauses uploads as an upload's store failure does: counted alike.
+        if let Err(e) = &r {
+            self.metrics.store_failed(e);
+        }
+        r
     }
 }

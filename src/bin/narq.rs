@@ -2,14 +2,15 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{CommandFactory, Parser, Subcommand};
 use narq::config::Config;
 use narq::hook::{self, Delivery};
 use narq::nix::{nar, SecretKey, StorePath};
-use narq::protocol::{self, Request, Response, Status};
+use narq::progress;
+use narq::protocol::{self, Request, Response};
 
 /// The command line, parsed completely (by clap) before anything runs.
 #[derive(Parser, Debug)]
@@ -161,7 +162,7 @@ fn run(cli: Cli) -> anyhow::Result<Exit> {
             let config = config()?;
             match call(&config, &Request::Status, Some(Duration::from_secs(10)))? {
                 Response::Status(s) if json => println!("{}", serde_json::to_string_pretty(&s)?),
-                Response::Status(s) => print_status(&s),
+                Response::Status(s) => print!("{}", progress::status(&s)),
                 other => bail!("unexpected answer: {other:?}"),
             }
             Ok(Exit::Success)
@@ -244,7 +245,7 @@ fn retry(config: &Config) -> anyhow::Result<Exit> {
 fn wait(config: &Config, timeout: Option<Duration>, paths: Option<Vec<StorePath>>) -> anyhow::Result<Exit> {
     let t = timeout.unwrap_or(Duration::from_secs(10 * 365 * 86400));
     let req = Request::Wait { timeout_ms: t.as_millis() as u64, paths };
-    let resp = call(config, &req, timeout.map(|t| t + Duration::from_secs(30)))?;
+    let resp = with_progress(config, || call(config, &req, timeout.map(|t| t + Duration::from_secs(30))))?;
     let Response::Waited { complete, failed } = resp else { bail!("unexpected answer: {resp:?}") };
     for f in &failed {
         eprintln!("narq: failed: {}: {}", f.item, f.error);
@@ -259,22 +260,43 @@ fn wait(config: &Config, timeout: Option<Duration>, paths: Option<Vec<StorePath>
     })
 }
 
-fn print_status(s: &Status) {
-    println!("store:     {}", s.store);
-    println!("pending:   {} ({} in flight, {} spooled)", s.pending, s.in_flight, s.spooled);
-    println!("uploaded:  {} ({} bytes, {:.0} B/s over the last minute)", s.uploaded, s.bytes, s.rate);
-    println!("skipped:   {} (already in the cache)", s.skipped);
-    println!("failed:    {}", s.failed);
-    if let Some(e) = &s.target_error {
-        println!("paused:    {e}");
-    }
-    if !s.recent_failures.is_empty() {
-        // Root causes first (the daemon orders them so).
-        println!("recent failures:");
-        for f in &s.recent_failures {
-            println!("  {}: {}", f.item, f.error);
+/// Runs `wait` (one blocking request) on a thread, and meanwhile shows the daemon's progress
+/// on stderr from `status` (see `narq::progress`). Without a first `status` answer it just waits.
+fn with_progress<T: Send>(config: &Config, wait: impl FnOnce() -> T + Send) -> T {
+    use std::io::IsTerminal;
+    use std::os::fd::AsRawFd;
+    let poll = || match protocol::call(&config.socket, &Request::Status, Some(Duration::from_secs(5))) {
+        Ok(Response::Status(s)) => Some(s),
+        _ => None,
+    };
+    let Some(base) = poll() else { return wait() };
+    let stderr = std::io::stderr();
+    let tty = stderr.is_terminal();
+    let width = progress::terminal_width(stderr.as_raw_fd()).unwrap_or(80);
+    let mut display = progress::Display::new(stderr.lock(), tty, width);
+    let mut meter = progress::Meter::new(base.clone());
+    let mut reading = meter.read(&base);
+    display.show(&meter.line(&reading));
+    std::thread::scope(|scope| {
+        let waiting = scope.spawn(wait);
+        // Bounded by the wait itself, which has its own timeout.
+        while !waiting.is_finished() {
+            let step = Instant::now() + display.every();
+            while !waiting.is_finished() && Instant::now() < step {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if let Some(s) = poll() {
+                reading = meter.read(&s);
+                display.show(&meter.line(&reading));
+            }
         }
-    }
+        if let Some(s) = poll() {
+            reading = meter.read(&s);
+        }
+        display.finish(&meter.summary(&reading));
+        // A panic of the wait is a panic of ours.
+        waiting.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
 }
 
 fn keygen(name: &str, sk_file: &Path, pk_file: &Path) -> anyhow::Result<Exit> {

@@ -23,6 +23,7 @@ use tokio::net::UnixListener;
 use tokio::sync::Notify;
 
 use crate::config::Config;
+use crate::metrics::{Levels, Metrics};
 use crate::queue::Queue;
 use crate::spool;
 use crate::storage;
@@ -101,6 +102,7 @@ pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Futur
     let target = storage::open(&config.store).await.map_err(|e| anyhow::anyhow!("store {}: {e}", config.store.original))?;
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
+    let metrics = Arc::new(Metrics::new());
     let mut allowed_uids = vec![0, me];
     allowed_uids.extend(&config.allowed_uids);
     let uploader = Arc::new(Uploader {
@@ -111,6 +113,7 @@ pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Futur
             true => None,
             false => Some(crate::upstream::Upstreams::new(&config.upstream).context("TLS roots for upstream caches")?),
         },
+        metrics: metrics.clone(),
     });
     let queue = SharedQueue::new(queue);
     let wake = Arc::new(Notify::new());
@@ -118,6 +121,21 @@ pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Futur
     let store = uploader.target.describe();
     let uploader_target = uploader.target.clone();
     let (dispatcher, workers) = Dispatcher::new(uploader, queue.clone(), config.jobs, wake);
+    // Uploads matter more than their metrics: an address that cannot be bound is an error
+    // in the log, not a daemon that does not start.
+    let scraper = match config.metrics_listen {
+        Some(addr) => match crate::metrics::bind(addr).await {
+            Ok(l) => {
+                tracing::info!(%addr, "serving Prometheus metrics at http://{addr}/metrics");
+                Some(tokio::spawn(crate::metrics::serve(l, metrics.clone(), levels(queue.clone(), workers.clone(), config.spool_dir()))))
+            }
+            Err(e) => {
+                tracing::error!("{e:#}; no metrics are served");
+                None
+            }
+        },
+        None => None,
+    };
     admission.ingest_spool().await;
     keep_reserve(&config.state_dir);
     let status = queue.run(|q| q.status()).await.map_err(anyhow::Error::msg)??;
@@ -147,7 +165,7 @@ pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Futur
         UnixListener::from_std(listener)?
     };
     let target = uploader_target;
-    let server = Arc::new(Server { admission, workers, store, target });
+    let server = Arc::new(Server { admission, workers, store, target, metrics });
     let server = std::thread::Builder::new()
         .name("narq-socket".into())
         .spawn(move || rt.block_on(accept(server, listener, stopped)))
@@ -158,9 +176,31 @@ pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Futur
     let _ = server.join();
     dispatcher.abort();
     spooler.abort();
+    if let Some(s) = scraper {
+        s.abort();
+    }
     unlock_state_dir(&config.state_dir);
     tracing::info!("narq daemon stopped");
     Ok(())
+}
+
+/// What a scrape reads: the queue's counts, the dispatcher's in-flight and pause, the spool.
+fn levels(queue: SharedQueue, workers: tokio::sync::watch::Receiver<workers::Snapshot>, spool_dir: std::path::PathBuf) -> crate::metrics::LevelsFn {
+    Arc::new(move || {
+        let status = queue.here(|q| q.status()).unwrap_or_else(|e| {
+            tracing::warn!("metrics: reading the queue: {e}");
+            Default::default()
+        });
+        let w = workers.borrow();
+        Levels {
+            pending: status.pending,
+            pending_bytes: status.pending_bytes,
+            in_flight: w.in_flight as u64,
+            spooled: spool::list(&spool_dir).map_or(0, |v| v.len() as u64),
+            failed: status.failed,
+            paused: w.target_error().is_some(),
+        }
+    })
 }
 
 /// Keeps the state dir's reserve ([`spool::ensure_reserve`]) while there is room for it.

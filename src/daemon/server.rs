@@ -36,6 +36,8 @@ pub(super) struct Server {
     pub(super) store: String,
     /// The store itself: a `recheck` makes it forget what it remembers of the cache.
     pub(super) target: Arc<dyn crate::storage::Target>,
+    /// Counts requests; the uploads in flight and their progress, for `status`.
+    pub(super) metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Binds the configured socket (parent created, stale socket removed, mode 0660), unless
@@ -223,6 +225,7 @@ async fn serve(server: Arc<Server>, mut stream: UnixStream) {
         }
         let started = Instant::now();
         let op = req.op();
+        server.metrics.request(op);
         let resp = match req {
             Request::Enqueue { paths, drv } => {
                 let n = paths.len();
@@ -294,6 +297,9 @@ fn status(server: &Server) -> Response {
             let workers = server.workers.borrow();
             s.in_flight = workers.in_flight as u64;
             s.target_error = workers.target_error();
+            s.paused_secs = workers.paused_secs();
+            s.uploading = server.metrics.uploading();
+            s.nar_bytes_read = server.metrics.nar_bytes_read();
             s.spooled = spool::list(&server.admission.spool_dir).map_or(0, |v| v.len() as u64);
             s.store = server.store.clone();
             Response::Status(s)

@@ -31,6 +31,11 @@ impl Snapshot {
     pub(super) fn target_error(&self) -> Option<String> {
         self.paused.as_ref().filter(|(until, _)| *until > Instant::now()).map(|(_, e)| e.clone())
     }
+
+    /// Seconds until uploads are tried again, while paused.
+    pub(super) fn paused_secs(&self) -> Option<f64> {
+        self.paused.as_ref().and_then(|(until, _)| until.checked_duration_since(Instant::now())).map(|d| d.as_secs_f64())
+    }
 }
 
 /// A worker's report: the item it was given and how its upload ended.

@@ -277,7 +277,8 @@ fn fifty_hooks_at_once_all_land() {
     for p in &outs {
         assert!(n.has(p), "{p} missing");
     }
-    assert_eq!(n.status()["uploaded"].as_u64().unwrap(), 100, "50 paths and 50 build logs");
+    let s = n.status();
+    assert_eq!((s["uploaded"].as_u64(), s["logs_uploaded"].as_u64()), (Some(50), Some(50)), "50 paths and their 50 build logs: {s}");
 }
 
 /// The hook as the README and the flake install it: static (musl), built without the

@@ -10,6 +10,7 @@ mod formats;
 mod guarantees;
 mod hook;
 mod nixos;
+mod observe;
 mod parsers;
 mod remote;
 mod robust;
