@@ -221,6 +221,7 @@ const OPTIONS: &[(&str, &str, &str)] = &[
     ("settings.jobs", "integer between 1 and 256 (both inclusive)", "4"),
     ("settings.upstream", "list of string", r#"["https://cache.nixos.org"]"#),
     ("settings.allowedUsers", "list of string", "[]"),
+    ("settings.metricsListen", "null or string", "null"),
 ];
 
 /// nixpkgs' `lib`: `$NARQ_NIXPKGS_LIB`, else `shared/nixpkgs-lib/lib` beside the repository
@@ -338,7 +339,7 @@ fn module_renders_units_config_and_hook() {
         &enabled(
             r#"secretKeyFiles = [ "/etc/nix/c.sec" ]; environmentFile = "/etc/narq/aws.env"; user = "uploader"; group = "cache";
                memoryMax = "512M"; settings = { store = "s3://c-1?region=eu-west-1"; socket = "/run/narq/x.sock"; jobs = 8;
-               upstream = [ ]; allowedUsers = [ "root" ]; };"#,
+               upstream = [ ]; allowedUsers = [ "root" ]; metricsListen = "127.0.0.1:9464"; };"#,
         ),
     )
     .unwrap();
@@ -372,10 +373,12 @@ fn module_renders_units_config_and_hook() {
     assert_eq!(c.secret_key_files, [PathBuf::from("/etc/nix/c.sec")]);
     assert_eq!(c.public_keys.len(), 1);
     assert_eq!(c.state_dir, Path::new("/var/lib/narq"));
+    assert_eq!(c.metrics_listen, Some("127.0.0.1:9464".parse().unwrap()));
 
     // Without a user: a DynamicUser, and no user declared.
     let v = eval_module(&lib, &enabled("")).unwrap();
     assert_eq!(unit(&v, "services", "narq")["serviceConfig"]["DynamicUser"], true);
     assert_eq!(v["users"]["users"], serde_json::json!({}));
     assert_eq!(rendered_config(&v).upstream, ["https://cache.nixos.org"]);
+    assert_eq!(rendered_config(&v).metrics_listen, None);
 }
