@@ -69,6 +69,8 @@ fn check_room(dir: &Path, size: u64) -> Result<(), String> {
 struct Compressed {
     nar: nar::NarStats,
     file_stats: nar::NarStats,
+    /// The NAR's listing, when `write-nar-listing=true`.
+    listing: Option<Vec<u8>>,
 }
 
 /// NARs at least this large are compressed with one zstd worker per core.
@@ -79,10 +81,11 @@ const ZSTD_JOB_SIZE: u32 = 2 << 20;
 
 fn compress_nar(path: &Path, nar_size: u64, url: &StoreUrl, tmp: &Path) -> io::Result<Compressed> {
     let out = nar::HashingWriter::new(BufWriter::with_capacity(1 << 20, File::create(tmp)?));
-    let (out, nar) = match url.compression {
+    let list = url.write_nar_listing;
+    let (out, (nar, listing)) = match url.compression {
         Compression::None => {
             let mut out = out;
-            let s = nar::dump(path, &mut out)?;
+            let s = nar::dump_listed(path, &mut out, list)?;
             (out, s)
         }
         Compression::Zstd => {
@@ -95,18 +98,18 @@ fn compress_nar(path: &Path, nar_size: u64, url: &StoreUrl, tmp: &Path) -> io::R
                 // Bounds what the workers buffer (by default jobs grow with the window).
                 enc.set_parameter(zstd::stream::raw::CParameter::JobSize(ZSTD_JOB_SIZE))?;
             }
-            let s = nar::dump(path, &mut enc)?;
+            let s = nar::dump_listed(path, &mut enc, list)?;
             (enc.finish()?, s)
         }
         Compression::Xz => {
             let mut enc = xz2::write::XzEncoder::new(out, url.compression_level.unwrap_or(6) as u32);
-            let s = nar::dump(path, &mut enc)?;
+            let s = nar::dump_listed(path, &mut enc, list)?;
             (enc.finish()?, s)
         }
     };
     let (buf, file_stats) = out.finish();
     buf.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-    Ok(Compressed { nar, file_stats })
+    Ok(Compressed { nar, file_stats, listing })
 }
 
 /// Build logs are cut here (with a note at the end). Nix keeps logs bzip2-compressed, and a
@@ -220,6 +223,7 @@ impl Uploader {
             file_hash: Some(c.file_stats.hash),
             file_size: Some(c.file_stats.size),
         };
+        self.put_listing(info, c.listing).await?;
         self.target.put(&nar_key, Body::File(tmp), storage::NAR_TYPE).await?;
         self.target.put(&narinfo_key, Body::Bytes(narinfo.to_string().into_bytes()), storage::NARINFO_TYPE).await?;
         // The message stands alone for `journalctl -u narq`; the fields are for queries.
@@ -235,6 +239,16 @@ impl Uploader {
             c.file_stats.size
         );
         Ok(Outcome::Uploaded { bytes: c.file_stats.size })
+    }
+
+    /// Writes `<hashpart>.ls` (`write-nar-listing=true`), before the narinfo as Nix does, so
+    /// that a narinfo with listings on has its listing.
+    async fn put_listing(&self, info: &PathInfo, listing: Option<Vec<u8>>) -> Result<(), UploadError> {
+        if let Some(listing) = listing {
+            let key = format!("{}.ls", info.path.hash_part());
+            self.target.put(&key, Body::Bytes(listing), storage::JSON_TYPE).await?;
+        }
+        Ok(())
     }
 
     async fn upload_log(&self, drv: &StorePath) -> Result<Outcome, UploadError> {

@@ -5,6 +5,7 @@ mod admission;
 mod cli;
 mod daemon;
 mod faults;
+mod filters;
 mod formats;
 mod guarantees;
 mod hook;
