@@ -10,7 +10,8 @@
 //! crate that does what SQLite already does here.
 //!
 //! # Items and states
-//! An item is a store path to upload (`nar`) or a build log (`log`). It is `pending` until
+//! An item is a store path to upload (`nar`), a build log (`log`), or a realisation of a
+//! content-addressed derivation's output (`realisation`, ready once its out path is `done`). It is `pending` until
 //! the target acknowledged its narinfo (or log), then `done`; `failed` only for failures
 //! that will not pass (path gone, contents differ from the NarHash), and then every pending
 //! path that depends on it fails too, since uploading it would break the cache's closure.
@@ -40,16 +41,16 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::nix::{PathInfo, StorePath};
+use crate::nix::{PathInfo, Realisation, StorePath};
 use crate::protocol::{DroppedBuild, Failure, Status};
 
 pub type Result<T> = std::result::Result<T, rusqlite::Error>;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS items (
-    key        TEXT PRIMARY KEY,          -- store path, or 'log:' + drv path
-    kind       TEXT NOT NULL,             -- 'nar' | 'log'
-    info       TEXT NOT NULL,             -- PathInfo JSON for 'nar', drv path for 'log'
+    key        TEXT PRIMARY KEY,          -- store path, 'log:' + drv path, or 'realisation:' + id
+    kind       TEXT NOT NULL,             -- 'nar' | 'log' | 'realisation'
+    info       TEXT NOT NULL,             -- PathInfo JSON for 'nar', drv path for 'log', Realisation JSON
     state      TEXT NOT NULL,             -- 'pending' | 'done' | 'failed'
     seq        INTEGER NOT NULL,          -- enqueue order, for `wait`
     attempts   INTEGER NOT NULL DEFAULT 0,
@@ -79,6 +80,7 @@ const DROPPED: &str = "dropped:";
 pub enum Kind {
     Nar(Box<PathInfo>),
     Log(StorePath),
+    Realisation(Box<Realisation>),
 }
 
 #[derive(Debug, Clone)]
@@ -154,6 +156,7 @@ fn item(r: &rusqlite::Row) -> std::result::Result<Item, String> {
     let kind = match kind.as_str() {
         "nar" => Kind::Nar(Box::new(serde_json::from_str(&info).map_err(|e| format!("path info: {e}"))?)),
         "log" => Kind::Log(StorePath::parse(&info).map_err(|e| format!("derivation: {e}"))?),
+        "realisation" => Kind::Realisation(Box::new(serde_json::from_str(&info).map_err(|e| format!("realisation: {e}"))?)),
         other => return Err(format!("unknown kind {other:?}")),
     };
     Ok(Item { key, kind, attempts })
@@ -366,6 +369,39 @@ impl Queue {
                     )?
                     .execute(params![format!("log:{drv}"), drv.to_string(), seq])?;
                 new += n;
+            }
+        }
+        tx.commit()?;
+        self.last_seq = seq;
+        Ok(new)
+    }
+
+    /// Adds realisations, each after its out path (which the caller has queued), in one
+    /// durable transaction; returns how many were new. One already `done` with the same
+    /// JSON is left alone; any other is (re)queued.
+    pub fn enqueue_realisations(&mut self, realisations: &[Realisation]) -> Result<usize> {
+        if realisations.is_empty() {
+            return Ok(0);
+        }
+        let tx = self.conn.transaction()?;
+        let seq = self.last_seq + 1;
+        let mut new = 0;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO items (key, kind, info, state, seq) VALUES (?1, 'realisation', ?2, 'pending', ?3)
+                 ON CONFLICT(key) DO UPDATE SET info = ?2, state = 'pending', seq = ?3, attempts = 0, next_try = 0,
+                 last_error = NULL, outcome = NULL, done_at = NULL WHERE items.state != 'done' OR items.info != ?2",
+            )?;
+            let mut clear_refs = tx.prepare_cached("DELETE FROM refs WHERE key = ?1")?;
+            let mut add_ref = tx.prepare_cached("INSERT OR IGNORE INTO refs (key, ref) VALUES (?1, ?2)")?;
+            for r in realisations {
+                let key = format!("realisation:{}", r.id);
+                let n = insert.execute(params![key, serde_json::to_string(r).expect("Realisation serialises"), seq])?;
+                new += n;
+                if n > 0 {
+                    clear_refs.execute([&key])?;
+                    add_ref.execute(params![key, r.out_path.to_string()])?;
+                }
             }
         }
         tx.commit()?;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::nix::{db, nar, NarInfo, PathInfo, StorePath};
+use crate::nix::{db, nar, NarInfo, PathInfo, Realisation, StorePath};
 use crate::queue::{Item, Kind, Outcome};
 use crate::store_url::{Compression, StoreUrl};
 use crate::storage::{self, Body, Target, TempFile};
@@ -168,6 +168,7 @@ impl Uploader {
         match &item.kind {
             Kind::Nar(info) => self.upload_path(info).await,
             Kind::Log(drv) => self.upload_log(drv).await,
+            Kind::Realisation(r) => self.upload_realisation(r).await,
         }
     }
 
@@ -249,6 +250,16 @@ impl Uploader {
             self.target.put(&key, Body::Bytes(listing), storage::JSON_TYPE).await?;
         }
         Ok(())
+    }
+
+    /// Writes `realisations/<id>.doi`; the queue starts it only once its out path's narinfo
+    /// is in the cache, so a client that finds the realisation finds the path.
+    async fn upload_realisation(&self, r: &Realisation) -> Result<Outcome, UploadError> {
+        let json = r.to_json().into_bytes();
+        let bytes = json.len() as u64;
+        self.target.put(&r.key(), Body::Bytes(json), storage::JSON_TYPE).await?;
+        tracing::info!(id = %r.id, out_path = %r.out_path, "uploaded the realisation {} of {}", r.id, r.out_path);
+        Ok(Outcome::Uploaded { bytes })
     }
 
     async fn upload_log(&self, drv: &StorePath) -> Result<Outcome, UploadError> {
