@@ -9,4 +9,7 @@ cfg: {
   jobs = cfg.settings.jobs;
   upstream = cfg.settings.upstream;
   allowed-users = cfg.settings.allowedUsers;
+  # `or`: the tests evaluate this file with settings that predate these options.
+  exclude = cfg.settings.exclude or [ ];
+  upstream-keys = cfg.settings.upstreamKeys or [ ];
 }

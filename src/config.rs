@@ -38,6 +38,10 @@ struct Raw {
     allowed_users: Vec<String>,
     #[serde(default)]
     upstream: Vec<String>,
+    #[serde(default)]
+    exclude: Vec<String>,
+    #[serde(default)]
+    upstream_keys: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -61,6 +65,63 @@ pub struct Config {
     pub allowed_uids: Vec<u32>,
     /// Binary caches (http(s) URLs) whose paths are not uploaded again.
     pub upstream: Vec<String>,
+    /// What the daemon does not upload (`exclude`, `upstream-keys`).
+    pub filters: Filters,
+}
+
+/// What the daemon leaves out, decided from the config when an item is about to be
+/// uploaded (so a changed config applies to what is queued, and `narq push` re-decides).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filters {
+    /// `exclude`: globs (`*`, `?`) on store path names (after `<hash>-`). A matching path is
+    /// not uploaded, nor is anything that references it (its closure would be broken).
+    pub exclude: Vec<String>,
+    /// `upstream-keys`: names of keys an upstream cache signs with (`cache.nixos.org-1`). A
+    /// path whose local signatures include one came from that cache: it is skipped without
+    /// asking anyone.
+    pub upstream_keys: Vec<String>,
+}
+
+impl Filters {
+    /// The `exclude` pattern that store path name `name` matches, if any.
+    pub fn excluded(&self, name: &str) -> Option<&str> {
+        self.exclude.iter().find(|p| glob_match(p.as_bytes(), name.as_bytes())).map(String::as_str)
+    }
+
+    /// The `upstream-keys` name among the key names of `sigs` (`NAME:BASE64`), if any.
+    pub fn upstream_key<'a>(&self, sigs: impl IntoIterator<Item = &'a String>) -> Option<&str> {
+        let names: Vec<&str> = sigs.into_iter().filter_map(|s| s.split_once(':').map(|(n, _)| n)).collect();
+        self.upstream_keys.iter().find(|k| names.contains(&k.as_str())).map(String::as_str)
+    }
+}
+
+/// Whether `name` matches the glob `pat`: `*` any run of bytes, `?` one byte, anything else
+/// itself. Greedy with one backtrack point, so linear-ish and never exponential.
+pub fn glob_match(pat: &[u8], name: &[u8]) -> bool {
+    let (mut p, mut n) = (0, 0);
+    // Where the last `*` was, and the name position it has swallowed up to.
+    let mut star: Option<(usize, usize)> = None;
+    while n < name.len() {
+        match pat.get(p) {
+            Some(b'*') => {
+                star = Some((p, n));
+                p += 1;
+            }
+            Some(&c) if c == b'?' || c == name[n] => {
+                p += 1;
+                n += 1;
+            }
+            _ => match star {
+                Some((sp, sn)) => {
+                    p = sp + 1;
+                    n = sn + 1;
+                    star = Some((sp, sn + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    pat[p..].iter().all(|&c| c == b'*')
 }
 
 impl Config {
@@ -126,6 +187,16 @@ impl Config {
                 return Err(err(Some("upstream"), format!("{u:?} is not an http(s) binary cache URL")));
             }
         }
+        for (i, p) in raw.exclude.iter().enumerate() {
+            if p.is_empty() || p.contains('/') {
+                return Err(err(Some(&format!("exclude[{i}]")), format!("{p:?} is not a glob on store path names (like \"*-source\": no '/', not empty)")));
+            }
+        }
+        // A whole public key (`NAME:BASE64`, as in trusted-public-keys) names its key too.
+        let upstream_keys: Vec<String> = raw.upstream_keys.iter().map(|k| k.split_once(':').map_or(k.as_str(), |(n, _)| n).to_string()).collect();
+        if let Some((i, k)) = upstream_keys.iter().enumerate().find(|(_, k)| k.is_empty() || !k.bytes().all(|b| b.is_ascii_graphic())) {
+            return Err(err(Some(&format!("upstream-keys[{i}]")), format!("{k:?} is not a key name (like \"cache.nixos.org-1\")")));
+        }
         Ok(Config {
             file: file.map(Path::to_path_buf),
             store,
@@ -136,6 +207,7 @@ impl Config {
             jobs,
             allowed_uids,
             upstream: raw.upstream.iter().map(|u| u.trim_end_matches('/').to_string()).collect(),
+            filters: Filters { exclude: raw.exclude, upstream_keys },
         })
     }
 
@@ -256,6 +328,34 @@ mod tests {
     }
 
     #[test]
+    fn globs_match_store_path_names() {
+        for (pat, name, want) in [
+            ("*-source", "nixpkgs-source", true),
+            ("*-source", "source", false),
+            ("*-source", "foo-source-1", false),
+            ("*.iso", "nixos-24.05.iso", true),
+            ("*.iso", "iso", false),
+            ("foo-?.?", "foo-1.2", true),
+            ("foo-?.?", "foo-12.2", false),
+            ("*", "", true),
+            ("", "", true),
+            ("a*b*c", "axxbyyc", true),
+            ("a*b*c", "axxbyyd", false),
+            ("**x", "yyx", true),
+            ("*a*a*a*a*a*b", &"a".repeat(60), false),
+        ] {
+            assert_eq!(glob_match(pat.as_bytes(), name.as_bytes()), want, "{pat} ~ {name}");
+        }
+        let c = Config::parse("exclude = [\"*-source\", \"*.iso\"]\nupstream-keys = [\"cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=\"]", None).unwrap();
+        assert_eq!(c.filters.excluded("x.iso"), Some("*.iso"));
+        assert_eq!(c.filters.excluded("x-src"), None);
+        let sigs = ["other-1:AAAA".to_string(), "cache.nixos.org-1:BBBB".to_string()];
+        assert_eq!(c.filters.upstream_key(&sigs), Some("cache.nixos.org-1"));
+        assert_eq!(c.filters.upstream_key(&sigs[..1]), None);
+        assert_eq!(Config::parse("", None).unwrap().filters, Filters::default());
+    }
+
+    #[test]
     fn errors_name_file_key_and_problem() {
         let f = Some(Path::new("/etc/narq/config.toml"));
         for (text, want) in [
@@ -267,6 +367,9 @@ mod tests {
             ("state-dir = \"rel\"", "key `state-dir`: rel is not an absolute path"),
             ("allowed-users = [\"no-such-user-narq\"]", "no such user"),
             ("store = ", "line 1"),
+            ("exclude = [\"/nix/store/*-source\"]", "key `exclude[0]`: \"/nix/store/*-source\" is not a glob on store path names"),
+            ("exclude = [\"*.iso\", \"\"]", "key `exclude[1]`"),
+            ("upstream-keys = [\"a b\"]", "key `upstream-keys[0]`: \"a b\" is not a key name"),
         ] {
             let e = Config::parse(text, f).unwrap_err().to_string();
             assert!(e.contains(want), "{text:?}: {e}");

@@ -159,6 +159,9 @@ pub struct Status {
     pub target_error: Option<String>,
     pub last_error: Option<Failure>,
     pub recent_failures: Vec<Failure>,
+    /// Paths left out by `exclude` (counted in `skipped`), with why, latest first (10 at most).
+    #[serde(default)]
+    pub excluded: Vec<Failure>,
 }
 
 /// A build the hook could not hand over.

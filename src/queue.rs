@@ -55,8 +55,8 @@ CREATE TABLE IF NOT EXISTS items (
     seq        INTEGER NOT NULL,          -- enqueue order, for `wait`
     attempts   INTEGER NOT NULL DEFAULT 0,
     next_try   INTEGER NOT NULL DEFAULT 0, -- unix ms
-    last_error TEXT,
-    outcome    TEXT,                      -- for done: 'uploaded' | 'present' | 'upstream' | 'no-log'
+    last_error TEXT,                      -- for done 'excluded': why
+    outcome    TEXT,                      -- for done: 'uploaded' | 'present' | 'upstream' | 'no-log' | 'excluded'
     bytes      INTEGER NOT NULL DEFAULT 0,
     done_at    INTEGER
 );
@@ -88,9 +88,11 @@ pub struct Item {
     pub key: String,
     pub kind: Kind,
     pub attempts: u32,
+    /// A reference that was excluded (`exclude`): the item must not be uploaded either.
+    pub excluded_ref: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Uploaded { bytes: u64 },
     /// Already in the cache.
@@ -99,6 +101,9 @@ pub enum Outcome {
     Upstream,
     /// No build log was kept.
     NoLog,
+    /// Left out by the config (`exclude`), for this reason. Counts as done (it will not be
+    /// uploaded, and `wait` does not wait for it); whatever references it is excluded too.
+    Excluded(String),
 }
 
 
@@ -146,7 +151,7 @@ pub fn backoff(attempts: u32, key: &str) -> Duration {
     base.mul_f64(0.5 + (h % 1000) as f64 / 2000.0)
 }
 
-/// Parses a row of [`Queue::ready`]'s query: `rowid, key, kind, info, attempts`.
+/// Parses a row of [`Queue::ready`]'s query: `rowid, key, kind, info, attempts, excluded_ref`.
 fn item(r: &rusqlite::Row) -> std::result::Result<Item, String> {
     let key: String = r.get(1).map_err(|e| format!("key: {e}"))?;
     let kind: String = r.get(2).map_err(|e| format!("kind: {e}"))?;
@@ -159,7 +164,8 @@ fn item(r: &rusqlite::Row) -> std::result::Result<Item, String> {
         "realisation" => Kind::Realisation(Box::new(serde_json::from_str(&info).map_err(|e| format!("realisation: {e}"))?)),
         other => return Err(format!("unknown kind {other:?}")),
     };
-    Ok(Item { key, kind, attempts })
+    let excluded_ref = r.get(5).map_err(|e| format!("excluded reference: {e}"))?;
+    Ok(Item { key, kind, attempts, excluded_ref })
 }
 
 /// Whether `e` says that the database file is damaged, or not a database at all.
@@ -484,7 +490,10 @@ impl Queue {
         let mut unreadable = Vec::new();
         {
             let mut stmt = self.conn.prepare_cached(
-                "SELECT rowid, key, kind, info, attempts FROM items i
+                "SELECT rowid, key, kind, info, attempts,
+                        (SELECT r.ref FROM refs r JOIN items d ON d.key = r.ref
+                         WHERE r.key = i.key AND d.outcome = 'excluded' LIMIT 1)
+                 FROM items i
                  WHERE state = 'pending' AND next_try <= ?1
                    AND NOT EXISTS (SELECT 1 FROM refs r JOIN items d ON d.key = r.ref
                                    WHERE r.key = i.key AND d.state != 'done')
@@ -527,15 +536,16 @@ impl Queue {
     }
 
     pub fn done(&self, key: &str, outcome: Outcome) -> Result<()> {
-        let (name, bytes) = match outcome {
-            Outcome::Uploaded { bytes } => ("uploaded", bytes),
-            Outcome::Present => ("present", 0),
-            Outcome::Upstream => ("upstream", 0),
-            Outcome::NoLog => ("no-log", 0),
+        let (name, bytes, why) = match outcome {
+            Outcome::Uploaded { bytes } => ("uploaded", bytes, None),
+            Outcome::Present => ("present", 0, None),
+            Outcome::Upstream => ("upstream", 0, None),
+            Outcome::NoLog => ("no-log", 0, None),
+            Outcome::Excluded(why) => ("excluded", 0, Some(why)),
         };
         self.conn.execute(
-            "UPDATE items SET state = 'done', outcome = ?2, bytes = ?3, done_at = ?4, last_error = NULL WHERE key = ?1",
-            params![key, name, bytes as i64, now_ms()],
+            "UPDATE items SET state = 'done', outcome = ?2, bytes = ?3, done_at = ?4, last_error = ?5 WHERE key = ?1",
+            params![key, name, bytes as i64, now_ms(), why],
         )?;
         Ok(())
     }
@@ -644,10 +654,14 @@ impl Queue {
         s.rate = recent.unwrap_or(0) as f64 / 60.0;
         // Root causes first: "depends on X, which failed" says less than X's own error.
         let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT key, last_error FROM items WHERE last_error IS NOT NULL
+            "SELECT key, last_error FROM items WHERE last_error IS NOT NULL AND state != 'done'
              ORDER BY {ROOT_CAUSES_FIRST}, COALESCE(done_at, next_try) DESC LIMIT 10"
         ))?;
         s.recent_failures = stmt.query_map([], failure)?.collect::<Result<_>>()?;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT key, last_error FROM items WHERE state = 'done' AND outcome = 'excluded' ORDER BY done_at DESC, key LIMIT 10",
+        )?;
+        s.excluded = stmt.query_map([], failure)?.collect::<Result<_>>()?;
         s.last_error = s.recent_failures.first().cloned();
         Ok(s)
     }

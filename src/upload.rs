@@ -42,6 +42,8 @@ pub struct Uploader {
     pub tmp_dir: PathBuf,
     /// Caches whose paths are not uploaded again (`upstream`).
     pub upstreams: Option<crate::upstream::Upstreams>,
+    /// What is not uploaded (`exclude`, `upstream-keys`): see [`Uploader::skip`].
+    pub filters: crate::config::Filters,
 }
 
 /// Free space kept on the file system of the state dir, beyond a NAR's temp file: the
@@ -165,11 +167,40 @@ impl WriteFinish for xz2::write::XzEncoder<BufWriter<File>> {
 
 impl Uploader {
     pub async fn run(&self, item: &Item) -> Result<Outcome, UploadError> {
+        if let Some(skipped) = self.skip(item) {
+            return Ok(skipped);
+        }
         match &item.kind {
             Kind::Nar(info) => self.upload_path(info).await,
             Kind::Log(drv) => self.upload_log(drv).await,
             Kind::Realisation(r) => self.upload_realisation(r).await,
         }
+    }
+
+    /// What the config leaves out, decided here, when the item is about to go, rather than
+    /// when it is admitted: the daemon reads the config the user controls (the hook only
+    /// hands over builds), the current config applies to what was queued before it changed,
+    /// and an item made pending again (`narq push`, a store change) is decided afresh.
+    ///
+    /// A path that `exclude` matches is not uploaded; nor is an item (a path, a realisation)
+    /// that references an excluded one (`excluded_ref`, from the queue), since the cache's
+    /// closure would be broken: each is done as [`Outcome::Excluded`] with its reason, so its
+    /// referrers follow. A path signed by an `upstream-keys` key came from that cache: done
+    /// as [`Outcome::Upstream`] without a request. Build logs are never left out.
+    fn skip(&self, item: &Item) -> Option<Outcome> {
+        let why = if let Some(r) = &item.excluded_ref {
+            format!("references {r}, which is excluded")
+        } else if let Kind::Nar(info) = &item.kind {
+            if let Some(key) = self.filters.upstream_key(&info.sigs) {
+                tracing::info!(path = %info.path, key, "{} is signed by upstream key {key}: not uploaded", info.path);
+                return Some(Outcome::Upstream);
+            }
+            format!("its name matches exclude pattern {:?}", self.filters.excluded(info.path.name())?)
+        } else {
+            return None;
+        };
+        tracing::info!(item = %item.key, reason = %why, "excluded: {} {why}", item.key);
+        Some(Outcome::Excluded(why))
     }
 
     async fn upload_path(&self, info: &PathInfo) -> Result<Outcome, UploadError> {

@@ -259,7 +259,11 @@ fn print_status(s: &Status) {
     println!("store:     {}", s.store);
     println!("pending:   {} ({} in flight, {} spooled)", s.pending, s.in_flight, s.spooled);
     println!("uploaded:  {} ({} bytes, {:.0} B/s over the last minute)", s.uploaded, s.bytes, s.rate);
-    println!("skipped:   {} (already in the cache)", s.skipped);
+    println!("skipped:   {} (already in the cache, in an upstream cache, or excluded)", s.skipped);
+    if !s.excluded.is_empty() {
+        println!("excluded (by `exclude`, latest first):");
+        s.excluded.iter().for_each(|f| println!("  {}: {}", f.item, f.error));
+    }
     println!("failed:    {}", s.failed);
     if let Some(e) = &s.target_error {
         println!("paused:    {e}");

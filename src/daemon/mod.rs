@@ -111,6 +111,7 @@ pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Futur
             true => None,
             false => Some(crate::upstream::Upstreams::new(&config.upstream).context("TLS roots for upstream caches")?),
         },
+        filters: config.filters.clone(),
     });
     let queue = SharedQueue::new(queue);
     let wake = Arc::new(Notify::new());

@@ -115,3 +115,87 @@ fn ca_derivation_is_substituted_from_its_realisations_without_building() {
     assert!(client.join(&outs[0][1..]).join("dep").exists());
     assert_eq!(lines(&marker), 2, "a builder ran on the client");
 }
+
+#[test]
+fn excluded_paths_and_their_referrers_are_skipped_and_reported_while_the_rest_lands() {
+    let mut n = Narq::new("exclude", "exclude = [\"*-excluded-*\", \"*.iso\"]");
+    n.start();
+    let u = unique();
+    let ex = sh_drv(&format!("big-excluded-{u}"), "echo x > $out");
+    let mid = sh_drv(&format!("mid-{u}"), "echo ${ex} > $out");
+    let top = sh_drv(&format!("top-{u}"), "echo ${mid} > $out");
+    let keep = sh_drv(&format!("keep-{u}"), "echo keep > $out");
+    let (outs, _) = n.build(&format!("let ex = {ex}; mid = {mid}; in [ ({top}) ({keep}) ]"));
+    // `narq wait` exits 0: excluded is not failed.
+    n.wait(60);
+    let all = closure(&outs);
+    let path = |name: &str| all.iter().find(|p| p.contains(&format!("-{name}-{u}"))).unwrap().clone();
+    let (ex_p, mid_p, top_p, keep_p) = (path("big-excluded"), path("mid"), path("top"), path("keep"));
+    assert!(n.has(&keep_p), "{}", n.daemon_log());
+    for p in [&ex_p, &mid_p, &top_p] {
+        assert!(!n.has(p), "{p} was uploaded");
+    }
+    assert_eq!(check_closed(&n.cache()), Ok(1));
+
+    // A later build that references the excluded path is excluded too.
+    let late = sh_drv(&format!("late-{u}"), "echo ${ex} > $out");
+    let (late_out, _) = n.build(&format!("let ex = {ex}; in {late}"));
+    n.wait(60);
+    assert!(!n.has(&late_out[0]));
+    assert_eq!(check_closed(&n.cache()), Ok(1));
+
+    let s = n.status();
+    assert_eq!(s["failed"], 0, "{s}");
+    assert!(s["skipped"].as_u64().unwrap() >= 4, "{s}");
+    let reasons: std::collections::BTreeMap<String, String> = s["excluded"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| (f["item"].as_str().unwrap().to_string(), f["error"].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(reasons[&ex_p], "its name matches exclude pattern \"*-excluded-*\"");
+    assert_eq!(reasons[&mid_p], format!("references {ex_p}, which is excluded"));
+    assert_eq!(reasons[&top_p], format!("references {mid_p}, which is excluded"));
+    assert_eq!(reasons[&late_out[0]], format!("references {ex_p}, which is excluded"));
+    assert!(!reasons.contains_key(&keep_p));
+    // For people, and in the log.
+    let human = String::from_utf8(n.narq(&["status"]).stdout).unwrap();
+    assert!(human.contains(&format!("  {mid_p}: references {ex_p}, which is excluded")), "{human}");
+    assert!(n.daemon_log().contains(&format!("excluded: {top_p} references {mid_p}, which is excluded")), "{}", n.daemon_log());
+}
+
+#[test]
+fn paths_signed_by_an_upstream_key_are_skipped_without_a_request() {
+    let t = TempDir::new("upkey");
+    run(Command::new("nix-store").args(["--generate-binary-cache-key", "narq-upstream-test-1"]).arg(t.join("up.sec")).arg(t.join("up.pub")));
+    let mut n = Narq::new("upkey", "upstream-keys = [\"narq-upstream-test-1\"]");
+    n.start();
+    let u = unique();
+    // Built without the hook, then signed locally as a substituted path would be.
+    let up_expr = sh_drv(&format!("from-upstream-{u}"), "echo up > $out");
+    let up = nix_build(&nix_conf(t.path(), None), &up_expr, &[]).remove(0);
+    let signed = nix(&n.nix_conf, &["store", "sign", "--key-file", &t.join("up.sec").to_string_lossy(), &up]);
+    assert!(signed.status.success(), "{}", String::from_utf8_lossy(&signed.stderr));
+    let (outs, _) = n.build(&format!("let up = {up_expr}; in {}", sh_drv(&format!("uses-upstream-{u}"), "echo ${up} > $out")));
+    n.wait(60);
+    assert!(n.has(&outs[0]), "{}", n.daemon_log());
+    assert!(!n.has(&up), "a path signed by an upstream key was uploaded");
+    assert!(n.daemon_log().contains(&format!("{up} is signed by upstream key narq-upstream-test-1: not uploaded")), "{}", n.daemon_log());
+    assert_eq!(n.status()["failed"], 0);
+}
+
+#[test]
+fn the_module_renders_exclude_and_upstream_keys() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("nixos-module");
+    let cfg = r#"{ secretKeyFiles = [ "/k" ]; settings = { store = "file:///tmp/c"; publicKeys = [ ]; socket = "/run/narq/narq.sock";
+                   jobs = 4; upstream = [ ]; allowedUsers = [ ]; exclude = [ "*-source" "*.iso" ]; upstreamKeys = [ "cache.nixos.org-1" ]; }; }"#;
+    let toml = run(Command::new("nix-instantiate").args(["--eval", "--strict", "--json", "-E"]).arg(format!(
+        "import {}/toml.nix (import {}/settings.nix {cfg})",
+        dir.display(),
+        dir.display()
+    )));
+    let toml: String = serde_json::from_str(&toml).unwrap();
+    let c = narq::config::Config::parse(&toml, None).unwrap_or_else(|e| panic!("{e}\n{toml}"));
+    assert_eq!(c.filters.exclude, ["*-source", "*.iso"]);
+    assert_eq!(c.filters.upstream_keys, ["cache.nixos.org-1"]);
+}
