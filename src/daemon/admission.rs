@@ -388,6 +388,40 @@ mod tests {
     }
 
     #[test]
+    fn realisations_need_a_trusted_signature_and_their_out_path_on_its_way() {
+        let key = SecretKey::generate("k-1").unwrap();
+        let keys = [key.public()];
+        let out = info("ca-out", &[], &key);
+        let mut r = Realisation {
+            id: format!("sha256:{}!out", "ab".repeat(32)),
+            out_path: out.path.clone(),
+            signatures: Default::default(),
+            dependent_realisations: Default::default(),
+        };
+        assert!(check_realisations(&keys, &[r.clone()]).unwrap_err().contains("no signature by a trusted key"));
+        r.sign(&SecretKey::generate("k-1").unwrap());
+        assert!(check_realisations(&keys, &[r.clone()]).unwrap_err().contains("does not verify"));
+        r.signatures.clear();
+        r.sign(&key);
+        check_realisations(&keys, &[r.clone()]).unwrap();
+        assert!(check_realisations(&keys, &[r.clone(), r.clone()]).unwrap_err().contains("twice"));
+
+        let dir = std::env::temp_dir().join(format!("narq-admit-real-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut q = Queue::open(&dir.join("queue.db")).unwrap();
+        let Err(NotStored::Refused(why)) = enqueue(&mut q, &keys, (vec![], None, vec![r.clone()])) else { panic!("admitted") };
+        assert!(why.contains("neither in the request nor queued"), "{why}");
+        assert_eq!(enqueue(&mut q, &keys, (vec![out.clone()], None, vec![r.clone()])).unwrap(), 1);
+        // The realisation waits for its out path's narinfo.
+        let ready: Vec<String> = q.ready(10, &HashSet::new()).unwrap().into_iter().map(|i| i.key).collect();
+        assert_eq!(ready, [out.path.to_string()]);
+        q.done(&out.path.to_string(), crate::queue::Outcome::Present).unwrap();
+        let ready: Vec<String> = q.ready(10, &HashSet::new()).unwrap().into_iter().map(|i| i.key).collect();
+        assert_eq!(ready, [format!("realisation:{}", r.id)]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn validate_wants_a_closure_of_the_request_and_the_queue() {
         let key = SecretKey::generate("k-1").unwrap();
         let keys = [key.public()];
