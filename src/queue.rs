@@ -686,6 +686,30 @@ mod tests {
     }
 
     #[test]
+    fn an_excluded_path_marks_its_referrers_and_realisations_and_is_reported_not_failed() {
+        let dir = std::env::temp_dir().join(format!("narq-queue-excl-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut q = Queue::open(&dir.join("q.db")).unwrap();
+        let (a, b) = (info("a", &[]), info("b", &["a"]));
+        q.enqueue(&[a.clone(), b.clone()], None).unwrap();
+        let r = Realisation { id: format!("sha256:{}!out", "0".repeat(64)), out_path: a.path.clone(), signatures: Default::default(), dependent_realisations: Default::default() };
+        q.enqueue_realisations(std::slice::from_ref(&r)).unwrap();
+        let ready = q.ready(10, &HashSet::new()).unwrap();
+        assert_eq!(ready.iter().map(|i| (i.key.as_str(), i.excluded_ref.as_deref())).collect::<Vec<_>>(), [(&*a.path.to_string(), None)]);
+        q.done(&a.path.to_string(), Outcome::Excluded("its name matches exclude pattern \"a*\"".into())).unwrap();
+        // Both the referrer and the realisation come out marked with the excluded reference.
+        let mut ready: Vec<(String, Option<String>)> = q.ready(10, &HashSet::new()).unwrap().into_iter().map(|i| (i.key, i.excluded_ref)).collect();
+        ready.sort();
+        let a_key = Some(a.path.to_string());
+        assert_eq!(ready, [(b.path.to_string(), a_key.clone()), (format!("realisation:{}", r.id), a_key)]);
+        let s = q.status().unwrap();
+        assert_eq!((s.skipped, s.failed, s.recent_failures.len()), (1, 0, 0));
+        assert_eq!(s.excluded, [Failure { item: a.path.to_string(), error: "its name matches exclude pattern \"a*\"".into() }]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn references_first_failures_cascade_done_is_remembered() {
         let dir = std::env::temp_dir().join(format!("narq-queue-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
