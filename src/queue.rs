@@ -382,7 +382,8 @@ impl Queue {
         Ok(new)
     }
 
-    /// Adds realisations, each after its out path (which the caller has queued), in one
+    /// Adds realisations, each after its out path (which the caller has queued) and the
+    /// realisations it depends on, in one
     /// durable transaction; returns how many were new. One already `done` with the same
     /// JSON is left alone; any other is (re)queued.
     pub fn enqueue_realisations(&mut self, realisations: &[Realisation]) -> Result<usize> {
@@ -407,6 +408,11 @@ impl Queue {
                 if n > 0 {
                     clear_refs.execute([&key])?;
                     add_ref.execute(params![key, r.out_path.to_string()])?;
+                    // After the realisations it depends on, when they are queued too (a ref to
+                    // a key the queue does not hold holds nothing back).
+                    for dep in r.dependent_realisations.keys() {
+                        add_ref.execute(params![key, format!("realisation:{dep}")])?;
+                    }
                 }
             }
         }
