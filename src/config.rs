@@ -8,7 +8,7 @@ use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 
-use crate::nix::{PublicKey, SecretKey};
+use crate::nix::{PathInfo, PublicKey, SecretKey};
 use crate::store_url::StoreUrl;
 
 pub const DEFAULT_PATH: &str = "/etc/narq/config.toml";
@@ -80,6 +80,9 @@ pub struct Filters {
     /// path whose local signatures include one came from that cache: it is skipped without
     /// asking anyone.
     pub upstream_keys: Vec<String>,
+    /// The `upstream-keys` given whole (`NAME:BASE64`, as in `trusted-public-keys`): a
+    /// signature in such a key's name counts only if it verifies.
+    pub upstream_public_keys: Vec<PublicKey>,
 }
 
 impl Filters {
@@ -88,10 +91,13 @@ impl Filters {
         self.exclude.iter().find(|p| glob_match(p.as_bytes(), name.as_bytes())).map(String::as_str)
     }
 
-    /// The `upstream-keys` name among the key names of `sigs` (`NAME:BASE64`), if any.
-    pub fn upstream_key<'a>(&self, sigs: impl IntoIterator<Item = &'a String>) -> Option<&str> {
-        let names: Vec<&str> = sigs.into_iter().filter_map(|s| s.split_once(':').map(|(n, _)| n)).collect();
-        self.upstream_keys.iter().find(|k| names.contains(&k.as_str())).map(String::as_str)
+    /// The `upstream-keys` key that signed `info`, if any: by name, or, for a key given
+    /// whole, by a signature that verifies.
+    pub fn upstream_key(&self, info: &PathInfo) -> Option<&str> {
+        let named = |k: &str| info.sigs.iter().any(|s| s.split_once(':').is_some_and(|(n, _)| n == k));
+        let key = self.upstream_keys.iter().find(|k| named(k))?;
+        let whole: Vec<PublicKey> = self.upstream_public_keys.iter().filter(|p| p.name == *key).cloned().collect();
+        (whole.is_empty() || info.signed_by_any(&whole)).then_some(key.as_str())
     }
 }
 
@@ -192,10 +198,19 @@ impl Config {
                 return Err(err(Some(&format!("exclude[{i}]")), format!("{p:?} is not a glob on store path names (like \"*-source\": no '/', not empty)")));
             }
         }
-        // A whole public key (`NAME:BASE64`, as in trusted-public-keys) names its key too.
-        let upstream_keys: Vec<String> = raw.upstream_keys.iter().map(|k| k.split_once(':').map_or(k.as_str(), |(n, _)| n).to_string()).collect();
-        if let Some((i, k)) = upstream_keys.iter().enumerate().find(|(_, k)| k.is_empty() || !k.bytes().all(|b| b.is_ascii_graphic())) {
-            return Err(err(Some(&format!("upstream-keys[{i}]")), format!("{k:?} is not a key name (like \"cache.nixos.org-1\")")));
+        // A whole public key (`NAME:BASE64`, as in trusted-public-keys) names its key, and
+        // its signatures are checked.
+        let (mut upstream_keys, mut upstream_public_keys) = (Vec::new(), Vec::new());
+        for (i, k) in raw.upstream_keys.iter().enumerate() {
+            let key = Some(format!("upstream-keys[{i}]"));
+            if k.contains(':') {
+                upstream_public_keys.push(PublicKey::parse(k).map_err(|e| err(key.as_deref(), e.to_string()))?);
+            }
+            let name = k.split_once(':').map_or(k.as_str(), |(n, _)| n);
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(err(key.as_deref(), format!("{k:?} is not a key name (like \"cache.nixos.org-1\") or NAME:BASE64")));
+            }
+            upstream_keys.push(name.to_string());
         }
         Ok(Config {
             file: file.map(Path::to_path_buf),
@@ -207,7 +222,7 @@ impl Config {
             jobs,
             allowed_uids,
             upstream: raw.upstream.iter().map(|u| u.trim_end_matches('/').to_string()).collect(),
-            filters: Filters { exclude: raw.exclude, upstream_keys },
+            filters: Filters { exclude: raw.exclude, upstream_keys, upstream_public_keys },
         })
     }
 
@@ -346,13 +361,35 @@ mod tests {
         ] {
             assert_eq!(glob_match(pat.as_bytes(), name.as_bytes()), want, "{pat} ~ {name}");
         }
-        let c = Config::parse("exclude = [\"*-source\", \"*.iso\"]\nupstream-keys = [\"cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=\"]", None).unwrap();
+        let c = Config::parse("exclude = [\"*-source\", \"*.iso\"]", None).unwrap();
         assert_eq!(c.filters.excluded("x.iso"), Some("*.iso"));
         assert_eq!(c.filters.excluded("x-src"), None);
-        let sigs = ["other-1:AAAA".to_string(), "cache.nixos.org-1:BBBB".to_string()];
-        assert_eq!(c.filters.upstream_key(&sigs), Some("cache.nixos.org-1"));
-        assert_eq!(c.filters.upstream_key(&sigs[..1]), None);
         assert_eq!(Config::parse("", None).unwrap().filters, Filters::default());
+    }
+
+    #[test]
+    fn upstream_keys_match_by_name_or_verify_when_given_whole() {
+        use crate::nix::{Sha256, StorePath};
+        let up = SecretKey::generate("up-1").unwrap();
+        let mut info = PathInfo {
+            path: StorePath::parse("/nix/store/0w1m0c4d7h5hhkylyqza1im3y5icykxx-x").unwrap(),
+            nar_hash: Sha256::digest(b"x"),
+            nar_size: 8,
+            references: Default::default(),
+            deriver: None,
+            sigs: Default::default(),
+            ca: None,
+        };
+        let by_name = Config::parse("upstream-keys = [\"up-1\"]", None).unwrap().filters;
+        let whole = Config::parse(&format!("upstream-keys = [{:?}]", up.public().to_nix_string()), None).unwrap().filters;
+        assert_eq!((by_name.upstream_key(&info), whole.upstream_key(&info)), (None, None));
+        // Forged in the key's name: a name is enough for a name, not for a whole key.
+        info.sign(&SecretKey::generate("up-1").unwrap());
+        assert_eq!((by_name.upstream_key(&info), whole.upstream_key(&info)), (Some("up-1"), None));
+        info.sign(&up);
+        assert_eq!(whole.upstream_key(&info), Some("up-1"));
+        let e = Config::parse("upstream-keys = [\"up-1:AAAA\"]", None).unwrap_err().to_string();
+        assert!(e.contains("key `upstream-keys[0]`"), "{e}");
     }
 
     #[test]

@@ -191,7 +191,7 @@ impl Uploader {
         let why = if let Some(r) = &item.excluded_ref {
             format!("references {r}, which is excluded")
         } else if let Kind::Nar(info) = &item.kind {
-            if let Some(key) = self.filters.upstream_key(&info.sigs) {
+            if let Some(key) = self.filters.upstream_key(info) {
                 tracing::info!(path = %info.path, key, "{} is signed by upstream key {key}: not uploaded", info.path);
                 return Some(Outcome::Upstream);
             }

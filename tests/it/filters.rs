@@ -168,7 +168,9 @@ fn excluded_paths_and_their_referrers_are_skipped_and_reported_while_the_rest_la
 fn paths_signed_by_an_upstream_key_are_skipped_without_a_request() {
     let t = TempDir::new("upkey");
     run(Command::new("nix-store").args(["--generate-binary-cache-key", "narq-upstream-test-1"]).arg(t.join("up.sec")).arg(t.join("up.pub")));
-    let mut n = Narq::new("upkey", "upstream-keys = [\"narq-upstream-test-1\"]");
+    // Given whole (as in trusted-public-keys), so that its signatures are checked too.
+    let up_pub = std::fs::read_to_string(t.join("up.pub")).unwrap();
+    let mut n = Narq::new("upkey", &format!("upstream-keys = [{:?}]", up_pub.trim()));
     n.start();
     let u = unique();
     // Built without the hook, then signed locally as a substituted path would be.
