@@ -97,10 +97,11 @@ in
       };
       upstreamKeys = mkOption {
         type = types.listOf types.str;
-        default = [ "cache.nixos.org-1" ];
+        default = [ "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=" ];
         description = ''
-          Names of keys that upstream caches sign with: a path whose local signatures include
-          one was substituted from that cache and is not uploaded. Decided locally, no request.
+          Keys that upstream caches sign with, as in trusted-public-keys (NAME:BASE64: the
+          signature must verify) or by name alone: a path whose local signatures include one
+          was substituted from that cache and is not uploaded. Decided locally, no request.
         '';
       };
       exclude = mkOption {
