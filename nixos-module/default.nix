@@ -87,8 +87,32 @@ in
       };
       upstream = mkOption {
         type = types.listOf types.str;
-        default = [ "https://cache.nixos.org" ];
-        description = "Binary caches whose paths are not uploaded again.";
+        default = [ ];
+        example = [ "https://cache.nixos.org" ];
+        description = ''
+          Binary caches whose paths are not uploaded again: the daemon asks each for every path
+          it is about to upload, which tells them the store path hashes you build. Empty by
+          default; `upstreamKeys` skips what came from cache.nixos.org without asking anyone.
+        '';
+      };
+      upstreamKeys = mkOption {
+        type = types.listOf types.str;
+        default = [ "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=" ];
+        description = ''
+          Keys that upstream caches sign with, as in trusted-public-keys (NAME:BASE64: the
+          signature must verify) or by name alone: a path whose local signatures include one
+          was substituted from that cache and is not uploaded. Decided locally, no request.
+        '';
+      };
+      exclude = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        example = [ "*-source" "*.iso" ];
+        description = ''
+          Globs (`*`, `?`) on store path names (the part after the hash and '-'). A matching
+          path is not uploaded, nor is anything that references it (that would break the
+          cache's closure); both are reported as excluded in `narq status`.
+        '';
       };
       metricsListen = mkOption {
         type = types.nullOr types.str;

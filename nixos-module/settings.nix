@@ -11,4 +11,7 @@ cfg: {
   allowed-users = cfg.settings.allowedUsers;
   # null (the default) leaves the key out.
   metrics-listen = cfg.settings.metricsListen or null;
+  # `or`: the tests evaluate this file with settings that predate these options.
+  exclude = cfg.settings.exclude or [ ];
+  upstream-keys = cfg.settings.upstreamKeys or [ ];
 }

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 
-use crate::nix::{PublicKey, SecretKey};
+use crate::nix::{PathInfo, PublicKey, SecretKey};
 use crate::store_url::StoreUrl;
 
 pub const DEFAULT_PATH: &str = "/etc/narq/config.toml";
@@ -39,6 +39,10 @@ struct Raw {
     #[serde(default)]
     upstream: Vec<String>,
     metrics_listen: Option<String>,
+    #[serde(default)]
+    exclude: Vec<String>,
+    #[serde(default)]
+    upstream_keys: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -64,6 +68,69 @@ pub struct Config {
     pub upstream: Vec<String>,
     /// `metrics-listen`: where the daemon serves Prometheus `/metrics`, if anywhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// What the daemon does not upload (`exclude`, `upstream-keys`).
+    pub filters: Filters,
+}
+
+/// What the daemon leaves out, decided from the config when an item is about to be
+/// uploaded (so a changed config applies to what is queued, and `narq push` re-decides).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filters {
+    /// `exclude`: globs (`*`, `?`) on store path names (after `<hash>-`). A matching path is
+    /// not uploaded, nor is anything that references it (its closure would be broken).
+    pub exclude: Vec<String>,
+    /// `upstream-keys`: names of keys an upstream cache signs with (`cache.nixos.org-1`). A
+    /// path whose local signatures include one came from that cache: it is skipped without
+    /// asking anyone.
+    pub upstream_keys: Vec<String>,
+    /// The `upstream-keys` given whole (`NAME:BASE64`, as in `trusted-public-keys`): a
+    /// signature in such a key's name counts only if it verifies.
+    pub upstream_public_keys: Vec<PublicKey>,
+}
+
+impl Filters {
+    /// The `exclude` pattern that store path name `name` matches, if any.
+    pub fn excluded(&self, name: &str) -> Option<&str> {
+        self.exclude.iter().find(|p| glob_match(p.as_bytes(), name.as_bytes())).map(String::as_str)
+    }
+
+    /// The `upstream-keys` key that signed `info`, if any: by name, or, for a key given
+    /// whole, by a signature that verifies.
+    pub fn upstream_key(&self, info: &PathInfo) -> Option<&str> {
+        let named = |k: &str| info.sigs.iter().any(|s| s.split_once(':').is_some_and(|(n, _)| n == k));
+        let key = self.upstream_keys.iter().find(|k| named(k))?;
+        let whole: Vec<PublicKey> = self.upstream_public_keys.iter().filter(|p| p.name == *key).cloned().collect();
+        (whole.is_empty() || info.signed_by_any(&whole)).then_some(key.as_str())
+    }
+}
+
+/// Whether `name` matches the glob `pat`: `*` any run of bytes, `?` one byte, anything else
+/// itself. Greedy with one backtrack point, so linear-ish and never exponential.
+pub fn glob_match(pat: &[u8], name: &[u8]) -> bool {
+    let (mut p, mut n) = (0, 0);
+    // Where the last `*` was, and the name position it has swallowed up to.
+    let mut star: Option<(usize, usize)> = None;
+    while n < name.len() {
+        match pat.get(p) {
+            Some(b'*') => {
+                star = Some((p, n));
+                p += 1;
+            }
+            Some(&c) if c == b'?' || c == name[n] => {
+                p += 1;
+                n += 1;
+            }
+            _ => match star {
+                Some((sp, sn)) => {
+                    p = sp + 1;
+                    n = sn + 1;
+                    star = Some((sp, sn + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    pat[p..].iter().all(|&c| c == b'*')
 }
 
 impl Config {
@@ -135,6 +202,25 @@ impl Config {
                 err(Some("metrics-listen"), format!("{a:?} is not an IP address and port such as \"127.0.0.1:9464\" ({e})"))
             })?),
         };
+        for (i, p) in raw.exclude.iter().enumerate() {
+            if p.is_empty() || p.contains('/') {
+                return Err(err(Some(&format!("exclude[{i}]")), format!("{p:?} is not a glob on store path names (like \"*-source\": no '/', not empty)")));
+            }
+        }
+        // A whole public key (`NAME:BASE64`, as in trusted-public-keys) names its key, and
+        // its signatures are checked.
+        let (mut upstream_keys, mut upstream_public_keys) = (Vec::new(), Vec::new());
+        for (i, k) in raw.upstream_keys.iter().enumerate() {
+            let key = Some(format!("upstream-keys[{i}]"));
+            if k.contains(':') {
+                upstream_public_keys.push(PublicKey::parse(k).map_err(|e| err(key.as_deref(), e.to_string()))?);
+            }
+            let name = k.split_once(':').map_or(k.as_str(), |(n, _)| n);
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(err(key.as_deref(), format!("{k:?} is not a key name (like \"cache.nixos.org-1\") or NAME:BASE64")));
+            }
+            upstream_keys.push(name.to_string());
+        }
         Ok(Config {
             file: file.map(Path::to_path_buf),
             store,
@@ -146,6 +232,7 @@ impl Config {
             allowed_uids,
             upstream: raw.upstream.iter().map(|u| u.trim_end_matches('/').to_string()).collect(),
             metrics_listen,
+            filters: Filters { exclude: raw.exclude, upstream_keys, upstream_public_keys },
         })
     }
 
@@ -269,6 +356,56 @@ mod tests {
     }
 
     #[test]
+    fn globs_match_store_path_names() {
+        for (pat, name, want) in [
+            ("*-source", "nixpkgs-source", true),
+            ("*-source", "source", false),
+            ("*-source", "foo-source-1", false),
+            ("*.iso", "nixos-24.05.iso", true),
+            ("*.iso", "iso", false),
+            ("foo-?.?", "foo-1.2", true),
+            ("foo-?.?", "foo-12.2", false),
+            ("*", "", true),
+            ("", "", true),
+            ("a*b*c", "axxbyyc", true),
+            ("a*b*c", "axxbyyd", false),
+            ("**x", "yyx", true),
+            ("*a*a*a*a*a*b", &"a".repeat(60), false),
+        ] {
+            assert_eq!(glob_match(pat.as_bytes(), name.as_bytes()), want, "{pat} ~ {name}");
+        }
+        let c = Config::parse("exclude = [\"*-source\", \"*.iso\"]", None).unwrap();
+        assert_eq!(c.filters.excluded("x.iso"), Some("*.iso"));
+        assert_eq!(c.filters.excluded("x-src"), None);
+        assert_eq!(Config::parse("", None).unwrap().filters, Filters::default());
+    }
+
+    #[test]
+    fn upstream_keys_match_by_name_or_verify_when_given_whole() {
+        use crate::nix::{Sha256, StorePath};
+        let up = SecretKey::generate("up-1").unwrap();
+        let mut info = PathInfo {
+            path: StorePath::parse("/nix/store/0w1m0c4d7h5hhkylyqza1im3y5icykxx-x").unwrap(),
+            nar_hash: Sha256::digest(b"x"),
+            nar_size: 8,
+            references: Default::default(),
+            deriver: None,
+            sigs: Default::default(),
+            ca: None,
+        };
+        let by_name = Config::parse("upstream-keys = [\"up-1\"]", None).unwrap().filters;
+        let whole = Config::parse(&format!("upstream-keys = [{:?}]", up.public().to_nix_string()), None).unwrap().filters;
+        assert_eq!((by_name.upstream_key(&info), whole.upstream_key(&info)), (None, None));
+        // Forged in the key's name: a name is enough for a name, not for a whole key.
+        info.sign(&SecretKey::generate("up-1").unwrap());
+        assert_eq!((by_name.upstream_key(&info), whole.upstream_key(&info)), (Some("up-1"), None));
+        info.sign(&up);
+        assert_eq!(whole.upstream_key(&info), Some("up-1"));
+        let e = Config::parse("upstream-keys = [\"up-1:AAAA\"]", None).unwrap_err().to_string();
+        assert!(e.contains("key `upstream-keys[0]`"), "{e}");
+    }
+
+    #[test]
     fn errors_name_file_key_and_problem() {
         let f = Some(Path::new("/etc/narq/config.toml"));
         for (text, want) in [
@@ -282,6 +419,9 @@ mod tests {
             ("store = ", "line 1"),
             ("metrics-listen = \"localhost:9464\"", "key `metrics-listen`: \"localhost:9464\" is not an IP address and port"),
             ("metrics-listen = 9464", "key `metrics-listen`: line 1: invalid type"),
+            ("exclude = [\"/nix/store/*-source\"]", "key `exclude[0]`: \"/nix/store/*-source\" is not a glob on store path names"),
+            ("exclude = [\"*.iso\", \"\"]", "key `exclude[1]`"),
+            ("upstream-keys = [\"a b\"]", "key `upstream-keys[0]`: \"a b\" is not a key name"),
         ] {
             let e = Config::parse(text, f).unwrap_err().to_string();
             assert!(e.contains(want), "{text:?}: {e}");

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::config::Config;
-use crate::nix::{db::NixDb, drv, PathInfo, StorePath};
+use crate::nix::{db::NixDb, drv, PathInfo, Realisation, StorePath};
 use crate::protocol::{self, Client, Request, Response};
 use crate::spool;
 
@@ -60,13 +60,37 @@ pub fn closure(roots: &[StorePath]) -> anyhow::Result<Vec<PathInfo>> {
     Ok(paths)
 }
 
-/// Hands `paths` (a closure, from [`closure`]) and the build log of `drv` to the daemon.
+/// The realisations Nix recorded for the build of `drv` (`ca-derivations`): those of `roots`,
+/// or, when the `.drv` names no output paths (a content-addressed derivation), those of the
+/// outputs `drv` derived, whose out paths are then the build's outputs. Their signatures
+/// are passed on only when well-formed, as for paths (see [`closure`]).
+pub fn realisations(roots: &[StorePath], drv: Option<&StorePath>) -> anyhow::Result<Vec<Realisation>> {
+    let mut found = NixDb::open_default()?.realisations(roots, drv)?;
+    for r in &mut found {
+        r.signatures.retain(|s| crate::nix::signing::check_signature_syntax(s).is_ok());
+        while r.signatures.len() > crate::nix::realisation::MAX_SIGS - 8 {
+            r.signatures.pop_last();
+        }
+    }
+    Ok(found)
+}
+
+/// [`submit_realised`] without realisations.
+pub fn submit(config: &Config, paths: Vec<PathInfo>, drv: Option<StorePath>) -> anyhow::Result<Delivery> {
+    submit_realised(config, paths, drv, Vec::new())
+}
+
+/// Hands `paths` (a closure, from [`closure`]), the build log of `drv` and the build's
+/// `realisations` (signed here, like the paths) to the daemon.
 ///
 /// Asks the daemon which paths it lacks and signs and sends only those. If the daemon is
 /// unreachable, too slow at any step, or cannot store the request now, the whole closure is
 /// signed and spooled. An explicit refusal is an error: spooling would only be refused again.
-pub fn submit(config: &Config, mut paths: Vec<PathInfo>, drv: Option<StorePath>) -> anyhow::Result<Delivery> {
+pub fn submit_realised(config: &Config, mut paths: Vec<PathInfo>, drv: Option<StorePath>, mut realisations: Vec<Realisation>) -> anyhow::Result<Delivery> {
     let keys = config.secret_keys()?;
+    for r in &mut realisations {
+        keys.iter().for_each(|k| r.sign(k));
+    }
     // Works on copies, so that `paths` stays whole for the spool if the daemon fails us.
     let handed = || -> Result<Response, protocol::FrameError> {
         let mut client = Client::connect(&config.socket, Some(DAEMON_TIMEOUT))?;
@@ -84,7 +108,7 @@ pub fn submit(config: &Config, mut paths: Vec<PathInfo>, drv: Option<StorePath>)
             paths.clone()
         };
         PathInfo::sign_all(&mut todo, &keys);
-        client.call(&Request::Enqueue { paths: todo, drv: drv.clone() })
+        client.call(&Request::Enqueue { paths: todo, drv: drv.clone(), realisations: realisations.clone() })
     };
     let why = match handed() {
         Ok(Response::Queued { new }) => return Ok(Delivery::Queued { new }),
@@ -94,7 +118,7 @@ pub fn submit(config: &Config, mut paths: Vec<PathInfo>, drv: Option<StorePath>)
         Err(e) => format!("daemon at {} unreachable: {e}", config.socket.display()),
     };
     PathInfo::sign_all(&mut paths, &keys);
-    deliver_or_spool(config, &Request::Enqueue { paths, drv }, why)
+    deliver_or_spool(config, &Request::Enqueue { paths, drv, realisations }, why)
 }
 
 /// Spools `req`, which the daemon did not take (`why`). On a full disk, the daemon's reserve
@@ -131,7 +155,13 @@ pub fn report(config: &Config, roots: &[StorePath], drv: Option<StorePath>, why:
 pub fn run(config_file: Option<&Path>, out_paths: Option<&str>, drv_path: Option<&str>) -> anyhow::Result<Option<String>> {
     let config = Config::load(config_file)?;
     let drv = drv_path.filter(|d| !d.is_empty()).map(StorePath::parse).transpose()?;
-    let roots = match outputs(out_paths, drv_path) {
+    let found = outputs(out_paths, drv_path).and_then(|roots| {
+        let realised = realisations(&roots, drv.as_ref())?;
+        // A content-addressed derivation's outputs are known only by their realisations.
+        let roots = if roots.is_empty() { realised.iter().map(|r| r.out_path.clone()).collect() } else { roots };
+        Ok((roots, realised))
+    });
+    let (roots, realised) = match found {
         Ok(r) => r,
         Err(e) => return Ok(Some(report(&config, &[], drv, &e))),
     };
@@ -140,7 +170,7 @@ pub fn run(config_file: Option<&Path>, out_paths: Option<&str>, drv_path: Option
     }
     // Whatever stops the hand-off from here on (an unreadable key or Nix database, a refusal)
     // is recorded with the daemon: a build the hook saw is never silently missing.
-    let delivered = closure(&roots).and_then(|paths| submit(&config, paths, drv.clone()));
+    let delivered = closure(&roots).and_then(|paths| submit_realised(&config, paths, drv.clone(), realised));
     let line = match delivered {
         Ok(Delivery::Queued { .. }) => None,
         Ok(Delivery::Spooled(file, why)) => Some(format!("{why}; spooled to {}", file.display())),

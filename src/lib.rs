@@ -2,8 +2,8 @@
 //!
 //! # Layout
 //! - [`nix`]: Nix's formats (nixbase32, store paths, NAR, narinfo, keys and signatures,
-//!   `.drv` outputs) and the read-only view of the local Nix database. Pure but for `db`
-//!   and `nar::dump`.
+//!   `.drv` outputs, NAR listings, realisations) and the read-only view of the local Nix
+//!   database. Pure but for `db` and `nar::dump`.
 //! - [`config`]: the one TOML configuration of hook, daemon and CLI; [`store_url`]: Nix's
 //!   store-URL syntax.
 //! - [`protocol`]: hook ↔ daemon frames (plain `std`, so the hook needs no runtime; their

@@ -35,7 +35,7 @@ type Label = [(&'static str, &'static str); 1];
 /// Every upload outcome and failure kind, so that each series exists (at 0) from the start:
 /// an alert on `increase(narq_failures_total[1h]) > 0` must not wait for the first failure.
 const FAILURE_KINDS: [&str; 3] = ["transient", "permanent", "store"];
-const SKIP_REASONS: [&str; 2] = ["in_cache", "upstream"];
+const SKIP_REASONS: [&str; 3] = ["in_cache", "upstream", "excluded"];
 const PAUSE_CAUSES: [&str; 2] = ["store_unavailable", "store_refuses"];
 /// The requests the hook sends (`missing`, `enqueue`, `report`) and the CLI's.
 const OPS: [&str; 7] = ["missing", "enqueue", "report", "status", "wait", "dropped", "recheck"];
@@ -196,7 +196,7 @@ impl Metrics {
     pub fn track(&self, item: &Item) -> Tracked<'_> {
         let total = match &item.kind {
             Kind::Nar(info) => info.nar_size,
-            Kind::Log(_) => 0,
+            Kind::Log(_) | Kind::Realisation(_) => 0,
         };
         let progress = Arc::new(InFlight { total, done: AtomicU64::new(0), nar_read: self.nar_read.clone() });
         self.uploading.lock().unwrap_or_else(|e| e.into_inner()).insert(item.key.clone(), progress.clone());
@@ -205,20 +205,25 @@ impl Metrics {
 
     /// Counts how the upload of `item` ended, `took` after it started.
     pub fn finished(&self, item: &Item, result: &Result<Outcome, UploadError>, took: Duration) {
-        let log = matches!(item.kind, Kind::Log(_));
+        let path = matches!(item.kind, Kind::Nar(_));
         match result {
             Ok(Outcome::Uploaded { bytes }) => {
                 self.uploaded_bytes.inc_by(*bytes);
-                if log {
-                    self.uploaded_logs.inc();
-                } else {
-                    self.uploaded_paths.inc();
-                    self.upload_seconds.observe(took.as_secs_f64());
-                    self.upload_bytes.observe(*bytes as f64);
+                match item.kind {
+                    Kind::Nar(_) => {
+                        self.uploaded_paths.inc();
+                        self.upload_seconds.observe(took.as_secs_f64());
+                        self.upload_bytes.observe(*bytes as f64);
+                    }
+                    Kind::Log(_) => {
+                        self.uploaded_logs.inc();
+                    }
+                    Kind::Realisation(_) => {}
                 }
             }
-            Ok(Outcome::Present) if !log => self.skip("in_cache"),
+            Ok(Outcome::Present) if path => self.skip("in_cache"),
             Ok(Outcome::Upstream) => self.skip("upstream"),
+            Ok(Outcome::Excluded(_)) if path => self.skip("excluded"),
             Ok(_) => {}
             Err(UploadError::Transient(_)) => self.fail("transient"),
             Err(UploadError::Permanent(_)) => self.fail("permanent"),

@@ -90,7 +90,13 @@ pub fn status(s: &Status) -> String {
         bytes(s.bytes),
         rate(s.rate)
     );
-    let _ = writeln!(o, "skipped:   {} (already in the cache or an upstream cache)", plural(s.skipped, "path", "paths"));
+    let _ = writeln!(o, "skipped:   {} (already in the cache, in an upstream cache, or excluded)", plural(s.skipped, "path", "paths"));
+    if !s.excluded.is_empty() {
+        let _ = writeln!(o, "excluded (by `exclude`, latest first):");
+        for f in &s.excluded {
+            let _ = writeln!(o, "  {}: {}", f.item, f.error);
+        }
+    }
     let _ = writeln!(o, "failed:    {}", s.failed);
     if !s.recent_failures.is_empty() {
         let _ = writeln!(o, "recent failures (root causes first):");

@@ -28,7 +28,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
-use crate::nix::{PathInfo, StorePath};
+use crate::nix::{PathInfo, Realisation, StorePath};
 
 pub const MAGIC: &[u8; 4] = b"NARQ";
 pub const VERSION: u32 = 1;
@@ -59,6 +59,10 @@ pub enum Request {
         /// The derivation just built, whose build log is uploaded to `log/`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         drv: Option<StorePath>,
+        /// Realisations of the build's outputs (`ca-derivations`), each uploaded after its
+        /// out path's narinfo; their out paths are in `paths` or already queued.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        realisations: Vec<Realisation>,
     },
     /// Which of `paths` the daemon does not hold, queued or uploaded (so the client signs
     /// and sends only those).
@@ -174,6 +178,9 @@ pub struct Status {
     /// While uploads are paused (`target_error`): seconds until they are tried again.
     #[serde(default)]
     pub paused_secs: Option<f64>,
+    /// Paths left out by `exclude` (counted in `skipped`), with why, latest first (10 at most).
+    #[serde(default)]
+    pub excluded: Vec<Failure>,
 }
 
 /// An upload in flight, as `status` reports it.
@@ -465,7 +472,7 @@ mod tests {
     fn op_is_the_tag_on_the_wire() {
         let p = StorePath::parse("/nix/store/00000000000000000000000000000000-x").unwrap();
         let all = [
-            Request::Enqueue { paths: vec![], drv: None },
+            Request::Enqueue { paths: vec![], drv: None, realisations: vec![] },
             Request::Missing { paths: vec![p.clone()] },
             Request::Status,
             Request::Wait { timeout_ms: 1, paths: None },

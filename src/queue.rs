@@ -10,7 +10,8 @@
 //! crate that does what SQLite already does here.
 //!
 //! # Items and states
-//! An item is a store path to upload (`nar`) or a build log (`log`). It is `pending` until
+//! An item is a store path to upload (`nar`), a build log (`log`), or a realisation of a
+//! content-addressed derivation's output (`realisation`, ready once its out path is `done`). It is `pending` until
 //! the target acknowledged its narinfo (or log), then `done`; `failed` only for failures
 //! that will not pass (path gone, contents differ from the NarHash), and then every pending
 //! path that depends on it fails too, since uploading it would break the cache's closure.
@@ -40,22 +41,22 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::nix::{PathInfo, StorePath};
+use crate::nix::{PathInfo, Realisation, StorePath};
 use crate::protocol::{DroppedBuild, Failure, Status};
 
 pub type Result<T> = std::result::Result<T, rusqlite::Error>;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS items (
-    key        TEXT PRIMARY KEY,          -- store path, or 'log:' + drv path
-    kind       TEXT NOT NULL,             -- 'nar' | 'log'
-    info       TEXT NOT NULL,             -- PathInfo JSON for 'nar', drv path for 'log'
+    key        TEXT PRIMARY KEY,          -- store path, 'log:' + drv path, or 'realisation:' + id
+    kind       TEXT NOT NULL,             -- 'nar' | 'log' | 'realisation'
+    info       TEXT NOT NULL,             -- PathInfo JSON for 'nar', drv path for 'log', Realisation JSON
     state      TEXT NOT NULL,             -- 'pending' | 'done' | 'failed'
     seq        INTEGER NOT NULL,          -- enqueue order, for `wait`
     attempts   INTEGER NOT NULL DEFAULT 0,
     next_try   INTEGER NOT NULL DEFAULT 0, -- unix ms
-    last_error TEXT,
-    outcome    TEXT,                      -- for done: 'uploaded' | 'present' | 'upstream' | 'no-log'
+    last_error TEXT,                      -- for done 'excluded': why
+    outcome    TEXT,                      -- for done: 'uploaded' | 'present' | 'upstream' | 'no-log' | 'excluded'
     bytes      INTEGER NOT NULL DEFAULT 0,
     done_at    INTEGER
 );
@@ -79,6 +80,7 @@ const DROPPED: &str = "dropped:";
 pub enum Kind {
     Nar(Box<PathInfo>),
     Log(StorePath),
+    Realisation(Box<Realisation>),
 }
 
 #[derive(Debug, Clone)]
@@ -86,9 +88,11 @@ pub struct Item {
     pub key: String,
     pub kind: Kind,
     pub attempts: u32,
+    /// A reference that was excluded (`exclude`): the item must not be uploaded either.
+    pub excluded_ref: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Uploaded { bytes: u64 },
     /// Already in the cache.
@@ -97,6 +101,9 @@ pub enum Outcome {
     Upstream,
     /// No build log was kept.
     NoLog,
+    /// Left out by the config (`exclude`), for this reason. Counts as done (it will not be
+    /// uploaded, and `wait` does not wait for it); whatever references it is excluded too.
+    Excluded(String),
 }
 
 
@@ -144,7 +151,7 @@ pub fn backoff(attempts: u32, key: &str) -> Duration {
     base.mul_f64(0.5 + (h % 1000) as f64 / 2000.0)
 }
 
-/// Parses a row of [`Queue::ready`]'s query: `rowid, key, kind, info, attempts`.
+/// Parses a row of [`Queue::ready`]'s query: `rowid, key, kind, info, attempts, excluded_ref`.
 fn item(r: &rusqlite::Row) -> std::result::Result<Item, String> {
     let key: String = r.get(1).map_err(|e| format!("key: {e}"))?;
     let kind: String = r.get(2).map_err(|e| format!("kind: {e}"))?;
@@ -154,9 +161,11 @@ fn item(r: &rusqlite::Row) -> std::result::Result<Item, String> {
     let kind = match kind.as_str() {
         "nar" => Kind::Nar(Box::new(serde_json::from_str(&info).map_err(|e| format!("path info: {e}"))?)),
         "log" => Kind::Log(StorePath::parse(&info).map_err(|e| format!("derivation: {e}"))?),
+        "realisation" => Kind::Realisation(Box::new(serde_json::from_str(&info).map_err(|e| format!("realisation: {e}"))?)),
         other => return Err(format!("unknown kind {other:?}")),
     };
-    Ok(Item { key, kind, attempts })
+    let excluded_ref = r.get(5).map_err(|e| format!("excluded reference: {e}"))?;
+    Ok(Item { key, kind, attempts, excluded_ref })
 }
 
 /// Whether `e` says that the database file is damaged, or not a database at all.
@@ -373,6 +382,45 @@ impl Queue {
         Ok(new)
     }
 
+    /// Adds realisations, each after its out path (which the caller has queued) and the
+    /// realisations it depends on, in one
+    /// durable transaction; returns how many were new. One already `done` with the same
+    /// JSON is left alone; any other is (re)queued.
+    pub fn enqueue_realisations(&mut self, realisations: &[Realisation]) -> Result<usize> {
+        if realisations.is_empty() {
+            return Ok(0);
+        }
+        let tx = self.conn.transaction()?;
+        let seq = self.last_seq + 1;
+        let mut new = 0;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO items (key, kind, info, state, seq) VALUES (?1, 'realisation', ?2, 'pending', ?3)
+                 ON CONFLICT(key) DO UPDATE SET info = ?2, state = 'pending', seq = ?3, attempts = 0, next_try = 0,
+                 last_error = NULL, outcome = NULL, done_at = NULL WHERE items.state != 'done' OR items.info != ?2",
+            )?;
+            let mut clear_refs = tx.prepare_cached("DELETE FROM refs WHERE key = ?1")?;
+            let mut add_ref = tx.prepare_cached("INSERT OR IGNORE INTO refs (key, ref) VALUES (?1, ?2)")?;
+            for r in realisations {
+                let key = format!("realisation:{}", r.id);
+                let n = insert.execute(params![key, serde_json::to_string(r).expect("Realisation serialises"), seq])?;
+                new += n;
+                if n > 0 {
+                    clear_refs.execute([&key])?;
+                    add_ref.execute(params![key, r.out_path.to_string()])?;
+                    // After the realisations it depends on, when they are queued too (a ref to
+                    // a key the queue does not hold holds nothing back).
+                    for dep in r.dependent_realisations.keys() {
+                        add_ref.execute(params![key, format!("realisation:{dep}")])?;
+                    }
+                }
+            }
+        }
+        tx.commit()?;
+        self.last_seq = seq;
+        Ok(new)
+    }
+
     /// Those of `paths` that the queue does not hold, pending or done: unknown ones, and
     /// failed ones (which a new request retries).
     pub fn not_queued(&self, paths: &[&StorePath]) -> Result<Vec<StorePath>> {
@@ -448,7 +496,10 @@ impl Queue {
         let mut unreadable = Vec::new();
         {
             let mut stmt = self.conn.prepare_cached(
-                "SELECT rowid, key, kind, info, attempts FROM items i
+                "SELECT rowid, key, kind, info, attempts,
+                        (SELECT r.ref FROM refs r JOIN items d ON d.key = r.ref
+                         WHERE r.key = i.key AND d.outcome = 'excluded' LIMIT 1)
+                 FROM items i
                  WHERE state = 'pending' AND next_try <= ?1
                    AND NOT EXISTS (SELECT 1 FROM refs r JOIN items d ON d.key = r.ref
                                    WHERE r.key = i.key AND d.state != 'done')
@@ -491,15 +542,16 @@ impl Queue {
     }
 
     pub fn done(&self, key: &str, outcome: Outcome) -> Result<()> {
-        let (name, bytes) = match outcome {
-            Outcome::Uploaded { bytes } => ("uploaded", bytes),
-            Outcome::Present => ("present", 0),
-            Outcome::Upstream => ("upstream", 0),
-            Outcome::NoLog => ("no-log", 0),
+        let (name, bytes, why) = match outcome {
+            Outcome::Uploaded { bytes } => ("uploaded", bytes, None),
+            Outcome::Present => ("present", 0, None),
+            Outcome::Upstream => ("upstream", 0, None),
+            Outcome::NoLog => ("no-log", 0, None),
+            Outcome::Excluded(why) => ("excluded", 0, Some(why)),
         };
         self.conn.execute(
-            "UPDATE items SET state = 'done', outcome = ?2, bytes = ?3, done_at = ?4, last_error = NULL WHERE key = ?1",
-            params![key, name, bytes as i64, now_ms()],
+            "UPDATE items SET state = 'done', outcome = ?2, bytes = ?3, done_at = ?4, last_error = ?5 WHERE key = ?1",
+            params![key, name, bytes as i64, now_ms(), why],
         )?;
         Ok(())
     }
@@ -612,7 +664,8 @@ impl Queue {
                 }
                 (_, "failed", _) => s.failed += n,
                 ("log", "done", Some("uploaded")) => s.logs_uploaded += n,
-                ("log", _, _) => {}
+                // Neither is a store path (a realisation is counted with its output).
+                ("log" | "realisation", _, _) => {}
                 (_, "done", Some("uploaded")) => s.uploaded += n,
                 _ => s.skipped += n,
             }
@@ -623,10 +676,14 @@ impl Queue {
         s.rate = recent.unwrap_or(0) as f64 / 60.0;
         // Root causes first: "depends on X, which failed" says less than X's own error.
         let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT key, last_error FROM items WHERE last_error IS NOT NULL
+            "SELECT key, last_error FROM items WHERE last_error IS NOT NULL AND state != 'done'
              ORDER BY {ROOT_CAUSES_FIRST}, COALESCE(done_at, next_try) DESC LIMIT 10"
         ))?;
         s.recent_failures = stmt.query_map([], failure)?.collect::<Result<_>>()?;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT key, last_error FROM items WHERE state = 'done' AND outcome = 'excluded' ORDER BY done_at DESC, key LIMIT 10",
+        )?;
+        s.excluded = stmt.query_map([], failure)?.collect::<Result<_>>()?;
         s.last_error = s.recent_failures.first().cloned();
         Ok(s)
     }
@@ -648,6 +705,30 @@ mod tests {
             sigs: Default::default(),
             ca: None,
         }
+    }
+
+    #[test]
+    fn an_excluded_path_marks_its_referrers_and_realisations_and_is_reported_not_failed() {
+        let dir = std::env::temp_dir().join(format!("narq-queue-excl-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut q = Queue::open(&dir.join("q.db")).unwrap();
+        let (a, b) = (info("a", &[]), info("b", &["a"]));
+        q.enqueue(&[a.clone(), b.clone()], None).unwrap();
+        let r = Realisation { id: format!("sha256:{}!out", "0".repeat(64)), out_path: a.path.clone(), signatures: Default::default(), dependent_realisations: Default::default() };
+        q.enqueue_realisations(std::slice::from_ref(&r)).unwrap();
+        let ready = q.ready(10, &HashSet::new()).unwrap();
+        assert_eq!(ready.iter().map(|i| (i.key.as_str(), i.excluded_ref.as_deref())).collect::<Vec<_>>(), [(&*a.path.to_string(), None)]);
+        q.done(&a.path.to_string(), Outcome::Excluded("its name matches exclude pattern \"a*\"".into())).unwrap();
+        // Both the referrer and the realisation come out marked with the excluded reference.
+        let mut ready: Vec<(String, Option<String>)> = q.ready(10, &HashSet::new()).unwrap().into_iter().map(|i| (i.key, i.excluded_ref)).collect();
+        ready.sort();
+        let a_key = Some(a.path.to_string());
+        assert_eq!(ready, [(b.path.to_string(), a_key.clone()), (format!("realisation:{}", r.id), a_key)]);
+        let s = q.status().unwrap();
+        assert_eq!((s.skipped, s.failed, s.recent_failures.len()), (1, 0, 0));
+        assert_eq!(s.excluded, [Failure { item: a.path.to_string(), error: "its name matches exclude pattern \"a*\"".into() }]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

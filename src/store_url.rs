@@ -56,6 +56,8 @@ pub struct StoreUrl {
     pub want_mass_query: Option<bool>,
     /// Extra secret key files given in the URL (`secret-key=`), as `nix copy` accepts them.
     pub secret_keys: Vec<PathBuf>,
+    /// `write-nar-listing=true`: a `<hashpart>.ls` listing with each narinfo.
+    pub write_nar_listing: bool,
     /// The URL as the user wrote it, for messages.
     pub original: String,
 }
@@ -144,16 +146,12 @@ impl StoreUrl {
                 Ok(n)
             })
             .transpose()?;
-        // Listings (`.ls` files) are not written yet: accepting `true` would silently make a
-        // cache without them.
-        if params.take_bool("write-nar-listing")? == Some(true) {
-            return Err("write-nar-listing=true is not supported yet (narq writes no NAR listings); remove it or set it to false".into());
-        }
+        let write_nar_listing = params.take_bool("write-nar-listing")?.unwrap_or(false);
         let priority = params.take("priority").map(|v| v.parse().map_err(|_| format!("priority={v:?} is not a number"))).transpose()?;
         let want_mass_query = params.take_bool("want-mass-query")?;
         let secret_keys = params.take("secret-key").map(PathBuf::from).into_iter().collect();
-        // Accepted as Nix does, and ignored: narq compresses NARs its own way, and writes
-        // no listings or debug-info index.
+        // Accepted as Nix does, and ignored: narq compresses NARs its own way, writes
+        // listings uncompressed, and writes no debug-info index.
         for k in ["parallel-compression", "index-debug-info", "trusted"] {
             params.take_bool(k)?;
         }
@@ -165,7 +163,7 @@ impl StoreUrl {
             let known: Vec<&str> = COMMON_PARAMS.iter().chain(backend_params).copied().collect();
             return Err(format!("unknown store parameter {k:?} for a {scheme}:// store (known: {})", known.join(", ")));
         }
-        Ok(StoreUrl { location, compression, compression_level, priority, want_mass_query, secret_keys, original: url.to_string() })
+        Ok(StoreUrl { location, compression, compression_level, priority, want_mass_query, secret_keys, write_nar_listing, original: url.to_string() })
     }
 
     /// Which cache this is, whatever the upload settings: what the queue's "uploaded" is
@@ -220,7 +218,6 @@ mod tests {
             ("s3://bucket?compresion=xz", "unknown store parameter \"compresion\" for a s3:// store"),
             ("s3://bucket?compression=xz&compression-level=12", "out of range"),
             ("s3://bucket?write-nar-listing=maybe", "true or false"),
-            ("s3://bucket?write-nar-listing=true", "write-nar-listing=true is not supported yet"),
             ("s3://bucket?trusted=maybe", "true or false"),
             // The backend's own parameters: typed, and only for that backend.
             ("file:///x?region=eu-west-1", "unknown store parameter \"region\" for a file:// store"),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::metrics::InFlight;
-use crate::nix::{db, nar, NarInfo, PathInfo, StorePath};
+use crate::nix::{db, nar, NarInfo, PathInfo, Realisation, StorePath};
 use crate::queue::{Item, Kind, Outcome};
 use crate::store_url::{Compression, StoreUrl};
 use crate::storage::{self, Body, Target, TempFile};
@@ -45,6 +45,8 @@ pub struct Uploader {
     pub upstreams: Option<crate::upstream::Upstreams>,
     /// Counts outcomes, and shows the uploads in flight with their progress.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// What is not uploaded (`exclude`, `upstream-keys`): see [`Uploader::skip`].
+    pub filters: crate::config::Filters,
 }
 
 /// Free space kept on the file system of the state dir, beyond a NAR's temp file: the
@@ -72,6 +74,8 @@ fn check_room(dir: &Path, size: u64) -> Result<(), String> {
 struct Compressed {
     nar: nar::NarStats,
     file_stats: nar::NarStats,
+    /// The NAR's listing, when `write-nar-listing=true`.
+    listing: Option<Vec<u8>>,
 }
 
 /// NARs at least this large are compressed with one zstd worker per core.
@@ -99,8 +103,9 @@ impl<W: Write> Write for Counting<'_, W> {
 
 fn compress_nar(path: &Path, nar_size: u64, url: &StoreUrl, tmp: &Path, progress: &InFlight) -> io::Result<Compressed> {
     let out = nar::HashingWriter::new(BufWriter::with_capacity(1 << 20, File::create(tmp)?));
-    let dump = |w: &mut dyn Write| nar::dump(path, &mut Counting { inner: w, progress });
-    let (out, nar) = match url.compression {
+    let list = url.write_nar_listing;
+    let dump = |w: &mut dyn Write| nar::dump_listed(path, &mut Counting { inner: w, progress }, list);
+    let (out, (nar, listing)) = match url.compression {
         Compression::None => {
             let mut out = out;
             let s = dump(&mut out)?;
@@ -127,7 +132,7 @@ fn compress_nar(path: &Path, nar_size: u64, url: &StoreUrl, tmp: &Path, progress
     };
     let (buf, file_stats) = out.finish();
     buf.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-    Ok(Compressed { nar, file_stats })
+    Ok(Compressed { nar, file_stats, listing })
 }
 
 /// Build logs are cut here (with a note at the end). Nix keeps logs bzip2-compressed, and a
@@ -185,12 +190,41 @@ impl Uploader {
     pub async fn run(&self, item: &Item) -> Result<Outcome, UploadError> {
         let start = Instant::now();
         let tracked = self.metrics.track(item);
-        let result = match &item.kind {
-            Kind::Nar(info) => self.upload_path(info, tracked.progress.clone()).await,
-            Kind::Log(drv) => self.upload_log(drv).await,
+        let result = match self.skip(item) {
+            Some(skipped) => Ok(skipped),
+            None => match &item.kind {
+                Kind::Nar(info) => self.upload_path(info, tracked.progress.clone()).await,
+                Kind::Log(drv) => self.upload_log(drv).await,
+                Kind::Realisation(r) => self.upload_realisation(r).await,
+            },
         };
         self.metrics.finished(item, &result, start.elapsed());
         result
+    }
+    /// What the config leaves out, decided here, when the item is about to go, rather than
+    /// when it is admitted: the daemon reads the config the user controls (the hook only
+    /// hands over builds), the current config applies to what was queued before it changed,
+    /// and an item made pending again (`narq push`, a store change) is decided afresh.
+    ///
+    /// A path that `exclude` matches is not uploaded; nor is an item (a path, a realisation)
+    /// that references an excluded one (`excluded_ref`, from the queue), since the cache's
+    /// closure would be broken: each is done as [`Outcome::Excluded`] with its reason, so its
+    /// referrers follow. A path signed by an `upstream-keys` key came from that cache: done
+    /// as [`Outcome::Upstream`] without a request. Build logs are never left out.
+    fn skip(&self, item: &Item) -> Option<Outcome> {
+        let why = if let Some(r) = &item.excluded_ref {
+            format!("references {r}, which is excluded")
+        } else if let Kind::Nar(info) = &item.kind {
+            if let Some(key) = self.filters.upstream_key(info) {
+                tracing::info!(path = %info.path, key, "{} is signed by upstream key {key}: not uploaded", info.path);
+                return Some(Outcome::Upstream);
+            }
+            format!("its name matches exclude pattern {:?}", self.filters.excluded(info.path.name())?)
+        } else {
+            return None;
+        };
+        tracing::info!(item = %item.key, reason = %why, "excluded: {} {why}", item.key);
+        Some(Outcome::Excluded(why))
     }
 
     async fn upload_path(&self, info: &PathInfo, progress: Arc<InFlight>) -> Result<Outcome, UploadError> {
@@ -245,6 +279,7 @@ impl Uploader {
             file_hash: Some(c.file_stats.hash),
             file_size: Some(c.file_stats.size),
         };
+        self.put_listing(info, c.listing).await?;
         self.target.put(&nar_key, Body::File(tmp), storage::NAR_TYPE).await?;
         self.target.put(&narinfo_key, Body::Bytes(narinfo.to_string().into_bytes()), storage::NARINFO_TYPE).await?;
         // The message stands alone for `journalctl -u narq`; the fields are for queries.
@@ -260,6 +295,26 @@ impl Uploader {
             c.file_stats.size
         );
         Ok(Outcome::Uploaded { bytes: c.file_stats.size })
+    }
+
+    /// Writes `<hashpart>.ls` (`write-nar-listing=true`), before the narinfo as Nix does, so
+    /// that a narinfo with listings on has its listing.
+    async fn put_listing(&self, info: &PathInfo, listing: Option<Vec<u8>>) -> Result<(), UploadError> {
+        if let Some(listing) = listing {
+            let key = format!("{}.ls", info.path.hash_part());
+            self.target.put(&key, Body::Bytes(listing), storage::JSON_TYPE).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes `realisations/<id>.doi`; the queue starts it only once its out path's narinfo
+    /// is in the cache, so a client that finds the realisation finds the path.
+    async fn upload_realisation(&self, r: &Realisation) -> Result<Outcome, UploadError> {
+        let json = r.to_json().into_bytes();
+        let bytes = json.len() as u64;
+        self.target.put(&r.key(), Body::Bytes(json), storage::JSON_TYPE).await?;
+        tracing::info!(id = %r.id, out_path = %r.out_path, "uploaded the realisation {} of {}", r.id, r.out_path);
+        Ok(Outcome::Uploaded { bytes })
     }
 
     async fn upload_log(&self, drv: &StorePath) -> Result<Outcome, UploadError> {

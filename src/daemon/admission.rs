@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 
 use super::shared_queue::SharedQueue;
-use crate::nix::{PathInfo, PublicKey, StorePath};
+use crate::nix::{PathInfo, PublicKey, Realisation, StorePath};
 use crate::protocol::{self, FrameError, Request, Response};
 use crate::queue::Queue;
 use crate::spool;
@@ -53,6 +53,17 @@ pub fn check(keys: &[PublicKey], paths: &[PathInfo], drv: Option<&StorePath>) ->
     }
     let edges = paths.iter().flat_map(|p| p.references.iter().map(move |r| (&p.path, r)));
     find_cycle(edges).map_or(Ok(()), |c| Err(cycle_message(&c)))
+}
+
+/// The checks of an `enqueue` request's realisations that need no queue state: well-formed,
+/// listed once, and signed by one of `keys` (guarantee 8, as for paths). Whether each out
+/// path is in the request or queued is [`enqueue`]'s to check.
+pub fn check_realisations(keys: &[PublicKey], realisations: &[Realisation]) -> Result<(), String> {
+    let ids: HashSet<&str> = realisations.iter().map(|r| r.id.as_str()).collect();
+    if ids.len() != realisations.len() {
+        return Err("a realisation is listed twice".into());
+    }
+    realisations.iter().try_for_each(|r| r.check_syntax().and_then(|()| r.check_sigs(keys)))
 }
 
 /// Paths checked together by [`check`]; a forged signature is found within one such chunk.
@@ -170,7 +181,12 @@ impl Admission {
 
     /// [`check`] off the socket thread when the request is large (see [`CHECK_INLINE`]); gives
     /// the request back for [`enqueue`].
-    pub(super) async fn checked(&self, paths: Vec<PathInfo>, drv: Option<StorePath>) -> Result<(Vec<PathInfo>, Option<StorePath>), NotStored> {
+    pub(super) async fn checked(&self, paths: Vec<PathInfo>, drv: Option<StorePath>, realisations: Vec<Realisation>) -> Result<Checked, NotStored> {
+        check_realisations(&self.trusted_keys, &realisations).map_err(NotStored::Refused)?;
+        self.checked_paths(paths, drv).await.map(|(paths, drv)| (paths, drv, realisations))
+    }
+
+    async fn checked_paths(&self, paths: Vec<PathInfo>, drv: Option<StorePath>) -> Result<(Vec<PathInfo>, Option<StorePath>), NotStored> {
         if paths.len() <= CHECK_INLINE {
             return check(&self.trusted_keys, &paths, drv.as_ref()).map(|()| (paths, drv)).map_err(NotStored::Refused);
         }
@@ -200,6 +216,9 @@ impl Admission {
     }
 }
 
+/// An `enqueue` request that passed [`Admission::checked`]: paths, derivation, realisations.
+pub(super) type Checked = (Vec<PathInfo>, Option<StorePath>, Vec<Realisation>);
+
 /// Why an `enqueue` request was not stored.
 #[derive(Debug)]
 pub enum NotStored {
@@ -226,8 +245,9 @@ impl NotStored {
 
 /// Validates (the queue-dependent part, after [`check`]) and stores an `enqueue` request in
 /// `q`; returns how many paths were new.
-pub(super) fn enqueue(q: &mut Queue, keys: &[PublicKey], paths: Vec<PathInfo>, drv: Option<StorePath>) -> Result<usize, NotStored> {
-    let mut mentioned: Vec<&StorePath> = paths.iter().flat_map(|p| p.references.iter().chain([&p.path])).collect();
+pub(super) fn enqueue(q: &mut Queue, keys: &[PublicKey], (paths, drv, realisations): Checked) -> Result<usize, NotStored> {
+    let mut mentioned: Vec<&StorePath> =
+        paths.iter().flat_map(|p| p.references.iter().chain([&p.path])).chain(realisations.iter().map(|r| &r.out_path)).collect();
     mentioned.sort_unstable();
     mentioned.dedup();
     let unknown: HashSet<StorePath> = q.not_queued(&mentioned).map_err(NotStored::queue)?.into_iter().collect();
@@ -237,6 +257,10 @@ pub(super) fn enqueue(q: &mut Queue, keys: &[PublicKey], paths: Vec<PathInfo>, d
     let outside: Vec<&StorePath> = queued.iter().filter(|p| !requested.contains(p)).collect();
     let pending_edges = q.pending_edges(&outside).map_err(NotStored::queue)?;
     validate(keys, &paths, &queued, &pending, &pending_edges).map_err(NotStored::Refused)?;
+    // A realisation is uploaded after its out path: which must be on its way.
+    if let Some(r) = realisations.iter().find(|r| !requested.contains(&r.out_path) && !queued.contains(&r.out_path)) {
+        return Err(NotStored::Refused(format!("realisation {}: its out path {} is neither in the request nor queued", r.id, r.out_path)));
+    }
     // New paths, and pending ones whose info this request changes (it replaces theirs).
     let todo: Vec<PathInfo> = paths
         .iter()
@@ -244,6 +268,7 @@ pub(super) fn enqueue(q: &mut Queue, keys: &[PublicKey], paths: Vec<PathInfo>, d
         .cloned()
         .collect();
     let new = q.enqueue(&todo, drv.as_ref()).map_err(NotStored::queue)?;
+    q.enqueue_realisations(&realisations).map_err(NotStored::queue)?;
     // Builds of these paths that the hook dropped earlier are handed over now.
     q.clear_dropped(paths.iter().map(|p| &p.path).chain(drv.as_ref())).map_err(NotStored::queue)?;
     Ok(new)
@@ -282,14 +307,14 @@ impl Admission {
             // Whose build this is, should it be refused: its derivation, else the paths nothing
             // else in the request references.
             let build = match &parsed {
-                Ok(Request::Enqueue { paths, drv }) => Some((tops(paths), drv.clone())),
+                Ok(Request::Enqueue { paths, drv, .. }) => Some((tops(paths), drv.clone())),
                 _ => None,
             };
             let result = match parsed {
-                Ok(Request::Enqueue { paths, drv }) => {
+                Ok(Request::Enqueue { paths, drv, realisations }) => {
                     let keys = self.trusted_keys.clone();
-                    let new = match self.checked(paths, drv).await {
-                        Ok((paths, drv)) => self.queue.run(move |q| enqueue(q, &keys, paths, drv)).await.unwrap_or_else(|e| Err(NotStored::Transient(e))),
+                    let new = match self.checked(paths, drv, realisations).await {
+                        Ok(req) => self.queue.run(move |q| enqueue(q, &keys, req)).await.unwrap_or_else(|e| Err(NotStored::Transient(e))),
                         Err(e) => Err(e),
                     };
                     self.wake.notify_one();
@@ -360,6 +385,40 @@ mod tests {
 
     fn none() -> (HashSet<StorePath>, HashMap<StorePath, Option<PathInfo>>) {
         (HashSet::new(), HashMap::new())
+    }
+
+    #[test]
+    fn realisations_need_a_trusted_signature_and_their_out_path_on_its_way() {
+        let key = SecretKey::generate("k-1").unwrap();
+        let keys = [key.public()];
+        let out = info("ca-out", &[], &key);
+        let mut r = Realisation {
+            id: format!("sha256:{}!out", "ab".repeat(32)),
+            out_path: out.path.clone(),
+            signatures: Default::default(),
+            dependent_realisations: Default::default(),
+        };
+        assert!(check_realisations(&keys, &[r.clone()]).unwrap_err().contains("no signature by a trusted key"));
+        r.sign(&SecretKey::generate("k-1").unwrap());
+        assert!(check_realisations(&keys, &[r.clone()]).unwrap_err().contains("does not verify"));
+        r.signatures.clear();
+        r.sign(&key);
+        check_realisations(&keys, &[r.clone()]).unwrap();
+        assert!(check_realisations(&keys, &[r.clone(), r.clone()]).unwrap_err().contains("twice"));
+
+        let dir = std::env::temp_dir().join(format!("narq-admit-real-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut q = Queue::open(&dir.join("queue.db")).unwrap();
+        let Err(NotStored::Refused(why)) = enqueue(&mut q, &keys, (vec![], None, vec![r.clone()])) else { panic!("admitted") };
+        assert!(why.contains("neither in the request nor queued"), "{why}");
+        assert_eq!(enqueue(&mut q, &keys, (vec![out.clone()], None, vec![r.clone()])).unwrap(), 1);
+        // The realisation waits for its out path's narinfo.
+        let ready: Vec<String> = q.ready(10, &HashSet::new()).unwrap().into_iter().map(|i| i.key).collect();
+        assert_eq!(ready, [out.path.to_string()]);
+        q.done(&out.path.to_string(), crate::queue::Outcome::Present).unwrap();
+        let ready: Vec<String> = q.ready(10, &HashSet::new()).unwrap().into_iter().map(|i| i.key).collect();
+        assert_eq!(ready, [format!("realisation:{}", r.id)]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

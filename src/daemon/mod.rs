@@ -114,6 +114,7 @@ pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Futur
             false => Some(crate::upstream::Upstreams::new(&config.upstream).context("TLS roots for upstream caches")?),
         },
         metrics: metrics.clone(),
+        filters: config.filters.clone(),
     });
     let queue = SharedQueue::new(queue);
     let wake = Arc::new(Notify::new());

@@ -227,10 +227,10 @@ async fn serve(server: Arc<Server>, mut stream: UnixStream) {
         let op = req.op();
         server.metrics.request(op);
         let resp = match req {
-            Request::Enqueue { paths, drv } => {
+            Request::Enqueue { paths, drv, realisations } => {
                 let n = paths.len();
-                let stored = match admission.checked(paths, drv).await {
-                    Ok((paths, drv)) => admission.queue.here(|q| enqueue(q, &admission.trusted_keys, paths, drv)),
+                let stored = match admission.checked(paths, drv, realisations).await {
+                    Ok(req) => admission.queue.here(|q| enqueue(q, &admission.trusted_keys, req)),
                     Err(e) => Err(e),
                 };
                 match stored {

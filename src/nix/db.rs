@@ -14,6 +14,9 @@
 //! Schema: `ValidPaths(id, path, hash, registrationTime, deriver, narSize, ultimate, sigs,
 //! ca)` and `Refs(referrer, reference)`, unchanged since Nix 2.0 (schema version 10) up to
 //! the 2.3x releases; `hash` is `sha256:<base16>`. Tested against Debian's Nix 2.8.
+//! With the CA schema (Nix 2.4+), `Realisations(id, drvPath, outputName, outputPath,
+//! signatures)` and `RealisationsRefs(referrer, realisationReference)`: `drvPath` is the
+//! derivation's hash modulo (`sha256:<base16>`), `outputPath` a `ValidPaths.id`.
 
 use rusqlite::{Connection, OpenFlags};
 use std::collections::BTreeSet;
@@ -23,6 +26,7 @@ use thiserror::Error;
 
 use super::hash::Sha256;
 use super::path_info::PathInfo;
+use super::realisation::Realisation;
 use super::store_path::StorePath;
 
 #[derive(Debug, Error)]
@@ -138,6 +142,73 @@ impl NixDb {
         if let Some(missing) = roots.iter().find(|r| out.binary_search_by(|i| i.path.cmp(r)).is_err()) {
             return Err(DbError::NotValid(missing.clone()));
         }
+        Ok(out)
+    }
+
+    /// The realisations Nix recorded (with `ca-derivations`) for the paths `outputs`, or,
+    /// when `outputs` is empty, for the outputs whose deriver is `drv`: a content-addressed
+    /// derivation's `.drv` names no output paths, and Nix 2.8 passes no `OUT_PATHS`. None
+    /// when the database has no `Realisations` table (no CA schema).
+    pub fn realisations(&self, outputs: &[StorePath], drv: Option<&StorePath>) -> Result<Vec<Realisation>, DbError> {
+        let err = |e| DbError::Sqlite(self.path.clone(), e);
+        let has_table: bool = self
+            .conn
+            .query_row("SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'Realisations')", [], |r| r.get(0))
+            .map_err(err)?;
+        let select = "SELECT r.id, r.drvPath, r.outputName, v.path, r.signatures";
+        let (sql, args): (String, Vec<String>) = match (outputs, drv) {
+            _ if !has_table => return Ok(Vec::new()),
+            ([], None) => return Ok(Vec::new()),
+            // No index on `deriver`: this scans Realisations, which only builds with `ca-derivations` fill.
+            ([], Some(d)) => (
+                format!("{select} FROM Realisations r CROSS JOIN ValidPaths v ON v.id = r.outputPath WHERE v.deriver = ?"),
+                vec![d.to_string()],
+            ),
+            // By path: ValidPaths' unique index, then IndexRealisationsRefsOnOutputPath.
+            (outs, _) => (
+                format!(
+                    "{select} FROM ValidPaths v CROSS JOIN Realisations r ON r.outputPath = v.id WHERE v.path IN ({})",
+                    vec!["?"; outs.len()].join(",")
+                ),
+                outs.iter().map(ToString::to_string).collect(),
+            ),
+        };
+        let mut stmt = self.conn.prepare(&sql).map_err(err)?;
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(args.iter()), |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?, r.get::<_, Option<String>>(4)?))
+            })
+            .map_err(err)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(err)?;
+        let mut deps = self
+            .conn
+            .prepare(
+                "SELECT d.drvPath, d.outputName, v.path FROM RealisationsRefs rr CROSS JOIN Realisations d ON d.id = rr.realisationReference
+                 CROSS JOIN ValidPaths v ON v.id = d.outputPath WHERE rr.referrer = ?1",
+            )
+            .map_err(err)?;
+        let mut out = Vec::new();
+        for (rowid, hash, output, path, sigs) in rows {
+            let id = format!("{hash}!{output}");
+            let bad = |why: String| DbError::BadRow(format!("realisation {id}"), why);
+            let sp = |s: &str| StorePath::parse(s).map_err(|e| bad(e.to_string()));
+            let mut dependent_realisations = std::collections::BTreeMap::new();
+            let dep_rows = deps
+                .query_map([rowid], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))
+                .map_err(err)?;
+            for d in dep_rows {
+                let (h, o, p) = d.map_err(err)?;
+                dependent_realisations.insert(format!("{h}!{o}"), sp(&p)?);
+            }
+            out.push(Realisation {
+                out_path: sp(&path)?,
+                signatures: sigs.as_deref().unwrap_or("").split(' ').filter(|s| !s.is_empty()).map(str::to_string).collect(),
+                dependent_realisations,
+                id,
+            });
+        }
+        out.sort_unstable_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
     }
 }

@@ -8,11 +8,13 @@ pub mod nar;
 pub mod narinfo;
 pub mod nixbase32;
 pub mod path_info;
+pub mod realisation;
 pub mod signing;
 pub mod store_path;
 
 pub use hash::Sha256;
 pub use narinfo::NarInfo;
 pub use path_info::PathInfo;
+pub use realisation::Realisation;
 pub use signing::{PublicKey, SecretKey};
 pub use store_path::StorePath;

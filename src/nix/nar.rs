@@ -15,7 +15,8 @@
 //! when its owner-execute bit is set; other permission bits, times and owners are not kept.
 //!
 //! Nothing is held in memory beyond one read buffer: [`dump`] writes into any `Write` and
-//! returns the SHA-256 and length of what it wrote.
+//! returns the SHA-256 and length of what it wrote. [`dump_listed`] also returns the NAR's
+//! listing (the `<hashpart>.ls` of `write-nar-listing=true`), built on the same walk.
 
 use sha2::Digest;
 use std::ffi::OsString;
@@ -68,16 +69,32 @@ const BUF_SIZE: usize = 1 << 20;
 
 /// Writes the NAR of `path` to `out`; returns its hash and size.
 pub fn dump<W: Write>(path: &Path, out: &mut W) -> io::Result<NarStats> {
+    dump_listed(path, out, false).map(|(stats, _)| stats)
+}
+
+/// [`dump`], and with `listing` the NAR's listing as Nix writes it to `<hashpart>.ls`:
+/// `{"version":1,"root":NODE}` without whitespace, where a NODE is
+/// `{"type":"regular","size":N[,"executable":true],"narOffset":OFFSET}` (OFFSET: where the
+/// contents start in the NAR), `{"type":"symlink","target":T}` or
+/// `{"type":"directory","entries":{NAME:NODE,...}}` in the NAR's order (Nix 2.8,
+/// `listNar` in `nar-accessor.cc`; compared byte for byte with `nix copy` by a test).
+pub fn dump_listed<W: Write>(path: &Path, out: &mut W, listing: bool) -> io::Result<(NarStats, Option<Vec<u8>>)> {
     let mut w = NarWriter {
         out: io::BufWriter::with_capacity(64 * 1024, HashingWriter::new(out)),
         buf: vec![0u8; BUF_SIZE],
+        pos: 0,
+        listing: listing.then(|| br#"{"version":1,"root":"#.to_vec()),
     };
     w.str(b"nix-archive-1")?;
     w.node(path)?;
+    let mut listing = w.listing.take();
+    if let Some(l) = &mut listing {
+        l.push(b'}');
+    }
     let hashing = w.out.into_inner().map_err(|e| e.into_error())?;
     let (inner, stats) = hashing.finish();
     inner.flush()?;
-    Ok(stats)
+    Ok((stats, listing))
 }
 
 /// Hash and size of the NAR of `path`, without writing it anywhere.
@@ -88,6 +105,27 @@ pub fn hash_path(path: &Path) -> io::Result<NarStats> {
 struct NarWriter<W: Write> {
     out: io::BufWriter<HashingWriter<W>>,
     buf: Vec<u8>,
+    /// Bytes written so far: the listing's `narOffset`s.
+    pos: u64,
+    /// The listing so far, when one is asked for.
+    listing: Option<Vec<u8>>,
+}
+
+/// Appends `s` as a JSON string the way Nix 2.8's `toJSON` writes it: `"` and `\` escaped,
+/// `\n`, `\r`, `\t`, other control bytes as `\u00xx`, every other byte as it is.
+fn json_str(out: &mut Vec<u8>, s: &[u8]) {
+    out.push(b'"');
+    for &b in s {
+        match b {
+            b'"' | b'\\' => out.extend([b'\\', b]),
+            b'\n' => out.extend(br"\n"),
+            b'\r' => out.extend(br"\r"),
+            b'\t' => out.extend(br"\t"),
+            0..=31 => out.extend(format!("\\u{b:04x}").bytes()),
+            _ => out.push(b),
+        }
+    }
+    out.push(b'"');
 }
 
 fn padding(len: u64) -> usize {
@@ -98,7 +136,15 @@ impl<W: Write> NarWriter<W> {
     fn str(&mut self, s: &[u8]) -> io::Result<()> {
         self.out.write_all(&(s.len() as u64).to_le_bytes())?;
         self.out.write_all(s)?;
+        self.pos += 8 + s.len() as u64 + padding(s.len() as u64) as u64;
         self.out.write_all(&[0u8; 8][..padding(s.len() as u64)])
+    }
+
+    /// Appends `parts` to the listing, if one is kept.
+    fn list(&mut self, parts: &[&[u8]]) {
+        if let Some(l) = &mut self.listing {
+            parts.iter().for_each(|p| l.extend_from_slice(p));
+        }
     }
 
     fn strs(&mut self, ss: &[&[u8]]) -> io::Result<()> {
@@ -112,23 +158,42 @@ impl<W: Write> NarWriter<W> {
         if ft.is_symlink() {
             let target = fs::read_link(path)?;
             self.strs(&[b"symlink", b"target", target.as_os_str().as_bytes()])?;
+            if let Some(l) = &mut self.listing {
+                l.extend_from_slice(br#"{"type":"symlink","target":"#);
+                json_str(l, target.as_os_str().as_bytes());
+                l.push(b'}');
+            }
         } else if ft.is_file() {
             self.str(b"regular")?;
-            if meta.permissions().mode() & 0o100 != 0 {
+            let executable = meta.permissions().mode() & 0o100 != 0;
+            if executable {
                 self.strs(&[b"executable", b""])?;
             }
             self.str(b"contents")?;
+            // The contents start after their 8-byte length.
+            let (size, offset) = (meta.len().to_string(), (self.pos + 8).to_string());
+            let exec: &[u8] = if executable { br#","executable":true"# } else { b"" };
+            self.list(&[br#"{"type":"regular","size":"#, size.as_bytes(), exec, br#","narOffset":"#, offset.as_bytes(), b"}"]);
             self.contents(path, meta.len())?;
         } else if ft.is_dir() {
             self.str(b"directory")?;
+            self.list(&[br#"{"type":"directory","entries":{"#]);
             let mut names: Vec<OsString> =
                 fs::read_dir(path)?.map(|e| e.map(|e| e.file_name())).collect::<io::Result<_>>()?;
             names.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
-            for name in names {
+            for (i, name) in names.iter().enumerate() {
+                if let Some(l) = &mut self.listing {
+                    if i > 0 {
+                        l.push(b',');
+                    }
+                    json_str(l, name.as_bytes());
+                    l.push(b':');
+                }
                 self.strs(&[b"entry", b"(", b"name", name.as_bytes(), b"node"])?;
-                self.node(&path.join(&name))?;
+                self.node(&path.join(name))?;
                 self.str(b")")?;
             }
+            self.list(&[b"}}"]);
         } else {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -154,6 +219,7 @@ impl<W: Write> NarWriter<W> {
             self.out.write_all(&self.buf[..n])?;
             left -= n as u64;
         }
+        self.pos += 8 + size + padding(size) as u64;
         self.out.write_all(&[0u8; 8][..padding(size)])
     }
 }

@@ -57,24 +57,7 @@ impl PathInfo {
     /// with it (the first forged one ends the check), and at least one must. Signatures by
     /// other keys are kept but prove nothing.
     pub fn check_sigs(&self, keys: &[PublicKey]) -> Result<(), String> {
-        let fp = self.fingerprint();
-        let mut verified = false;
-        for s in &self.sigs {
-            let name = s.split_once(':').map_or(s.as_str(), |n| n.0);
-            let mut named = keys.iter().filter(|k| k.name == name).peekable();
-            if named.peek().is_none() {
-                continue;
-            }
-            if !named.any(|k| k.verify(&fp, s)) {
-                return Err(format!("signature {s:?} on {} does not verify with the configured key of that name", self.path));
-            }
-            verified = true;
-        }
-        if verified {
-            return Ok(());
-        }
-        let names: Vec<&str> = keys.iter().map(|k| k.name.as_str()).collect();
-        Err(format!("{} carries no signature by a trusted key ({})", self.path, names.join(", ")))
+        super::signing::check_sigs(&self.fingerprint(), &self.sigs, keys, &self.path)
     }
 
     /// True if some signature verifies with one of `keys`.

@@ -57,6 +57,29 @@ pub fn fingerprint<'a>(
     format!("1;{path};{};{nar_size};{}", nar_hash.to_nix_string(), refs.join(","))
 }
 
+/// Admits what `fingerprint` describes (`what`, for messages) on its signatures `sigs`: every
+/// one named like one of `keys` must verify with it (the first forged one ends the check),
+/// and at least one must. Signatures by other keys are kept but prove nothing.
+pub fn check_sigs<'a>(fingerprint: &str, sigs: impl IntoIterator<Item = &'a String>, keys: &[PublicKey], what: &dyn std::fmt::Display) -> Result<(), String> {
+    let mut verified = false;
+    for s in sigs {
+        let name = s.split_once(':').map_or(s.as_str(), |n| n.0);
+        let mut named = keys.iter().filter(|k| k.name == name).peekable();
+        if named.peek().is_none() {
+            continue;
+        }
+        if !named.any(|k| k.verify(fingerprint, s)) {
+            return Err(format!("signature {s:?} on {what} does not verify with the configured key of that name"));
+        }
+        verified = true;
+    }
+    if verified {
+        return Ok(());
+    }
+    let names: Vec<&str> = keys.iter().map(|k| k.name.as_str()).collect();
+    Err(format!("{what} carries no signature by a trusted key ({})", names.join(", ")))
+}
+
 /// Checks that `sig` has the form of a signature: `NAME:BASE64` of 64 bytes, with a
 /// name of printable ASCII (a control character or a space would split or break the
 /// narinfo's `Sig:` line). Says what is wrong, without the signature itself.

@@ -87,6 +87,8 @@ pub const NARINFO_TYPE: &str = "text/x-nix-narinfo";
 pub const NAR_TYPE: &str = "application/x-nix-nar";
 pub const CACHE_INFO_TYPE: &str = "text/x-nix-cache-info";
 pub const LOG_TYPE: &str = "text/plain; charset=utf-8";
+/// NAR listings (`.ls`) and realisations (`.doi`), as Nix uploads them.
+pub const JSON_TYPE: &str = "application/json";
 
 /// One stored object, as [`Target::list`] reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]

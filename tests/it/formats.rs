@@ -196,3 +196,29 @@ fn drv_outputs_and_closure_equal_nix() {
     let e = NixDb::open_default().unwrap().query(&[missing], true).unwrap_err().to_string();
     assert!(e.contains("not a valid path"), "{e}");
 }
+
+#[test]
+fn nar_listing_equals_nix_copy_write_nar_listing() {
+    let t = TempDir::new("listing");
+    let (_tree, tree) = add_tree();
+    // The whole tree, and top-level files and symlinks (a listing whose root is not a directory).
+    let path = tree.to_absolute();
+    let mut paths = vec![path.clone()];
+    for sub in ["big.bin", "bin/run", "link", "empty"] {
+        paths.push(run(Command::new("nix-store").arg("--add").arg(format!("{path}/{sub}"))).trim().to_string());
+    }
+    let cache = t.join("cache");
+    for p in &paths {
+        run(Command::new("nix").args([
+            "--extra-experimental-features", "nix-command", "copy", "--to",
+            &format!("file://{}?compression=none&write-nar-listing=true", cache.display()), p,
+        ]));
+        let sp = StorePath::parse(p).unwrap();
+        let nix_ls = std::fs::read(cache.join(format!("{}.ls", sp.hash_part()))).unwrap();
+        let (stats, ours) = nar::dump_listed(Path::new(p), &mut std::io::sink(), true).unwrap();
+        let ours = ours.unwrap();
+        assert!(ours == nix_ls, "{p}: listing differs\nours: {}\nnix:  {}", String::from_utf8_lossy(&ours), String::from_utf8_lossy(&nix_ls));
+        // The NAR is the same with or without a listing.
+        assert_eq!(stats, nar::hash_path(Path::new(p)).unwrap());
+    }
+}

@@ -6,6 +6,7 @@ mod cli;
 mod daemon;
 mod doctor;
 mod faults;
+mod filters;
 mod formats;
 mod guarantees;
 mod hook;

@@ -219,7 +219,9 @@ const OPTIONS: &[(&str, &str, &str)] = &[
     ("settings.publicKeys", "list of string", "[]"),
     ("settings.socket", "string", r#""/run/narq/narq.sock""#),
     ("settings.jobs", "integer between 1 and 256 (both inclusive)", "4"),
-    ("settings.upstream", "list of string", r#"["https://cache.nixos.org"]"#),
+    ("settings.upstream", "list of string", "[]"),
+    ("settings.upstreamKeys", "list of string", r#"["cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="]"#),
+    ("settings.exclude", "list of string", "[]"),
     ("settings.allowedUsers", "list of string", "[]"),
     ("settings.metricsListen", "null or string", "null"),
 ];
@@ -339,7 +341,8 @@ fn module_renders_units_config_and_hook() {
         &enabled(
             r#"secretKeyFiles = [ "/etc/nix/c.sec" ]; environmentFile = "/etc/narq/aws.env"; user = "uploader"; group = "cache";
                memoryMax = "512M"; settings = { store = "s3://c-1?region=eu-west-1"; socket = "/run/narq/x.sock"; jobs = 8;
-               upstream = [ ]; allowedUsers = [ "root" ]; metricsListen = "127.0.0.1:9464"; };"#,
+               upstream = [ ]; allowedUsers = [ "root" ]; metricsListen = "127.0.0.1:9464";
+               exclude = [ "*-source" ]; upstreamKeys = [ "cache.nixos.org-1" ]; };"#,
         ),
     )
     .unwrap();
@@ -374,11 +377,15 @@ fn module_renders_units_config_and_hook() {
     assert_eq!(c.public_keys.len(), 1);
     assert_eq!(c.state_dir, Path::new("/var/lib/narq"));
     assert_eq!(c.metrics_listen, Some("127.0.0.1:9464".parse().unwrap()));
+    assert_eq!((c.filters.exclude.as_slice(), c.filters.upstream_keys.as_slice()), (&["*-source".to_string()][..], &["cache.nixos.org-1".to_string()][..]));
 
     // Without a user: a DynamicUser, and no user declared.
     let v = eval_module(&lib, &enabled("")).unwrap();
     assert_eq!(unit(&v, "services", "narq")["serviceConfig"]["DynamicUser"], true);
     assert_eq!(v["users"]["users"], serde_json::json!({}));
-    assert_eq!(rendered_config(&v).upstream, ["https://cache.nixos.org"]);
+    // By default no path hash leaves the machine: no upstream is asked, nixpkgs' paths are
+    // recognised by their signature.
+    assert!(rendered_config(&v).upstream.is_empty());
+    assert_eq!(rendered_config(&v).filters.upstream_public_keys.len(), 1);
     assert_eq!(rendered_config(&v).metrics_listen, None);
 }

@@ -34,7 +34,7 @@ fn bad_store_parameters_are_refused_by_hook_cli_and_daemon_naming_file_and_key()
         ("s3://narq-bad?endpoint=127.0.0.1:1&buffer-size=16M", "buffer-size=\"16M\" is not a number"),
         ("s3://narq-bad?multipart-upload=yes", "multipart-upload=\"yes\": expected true or false"),
         ("file:///tmp/narq-bad?region=eu-west-1", "unknown store parameter \"region\" for a file:// store"),
-        ("file:///tmp/narq-bad?write-nar-listing=true", "write-nar-listing=true is not supported yet"),
+        ("file:///tmp/narq-bad?write-nar-listing=yes", "write-nar-listing=\"yes\": expected true or false"),
     ]
     .into_iter()
     .enumerate()
