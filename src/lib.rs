@@ -22,12 +22,16 @@
 //!   a request, spool ingestion), `workers` (the dispatcher, which alone holds the in-flight
 //!   set and the breaker, and the upload workers), `breaker`, `systemd` (socket activation,
 //!   `sd_notify`), `lock` (one daemon per state dir), `shared_queue`.
+//! - [`cache`]: reading a whole cache — `scan` lists every object and reads every narinfo
+//!   through an index in the state dir that keeps the next scan to what changed.
 //! - [`logging`]: journald under systemd, readable lines on stderr otherwise.
 //!
 //! Without the `daemon` feature only what `narq-hook` needs is built: `nix`, `config`,
 //! `store_url` with the backends' options (`storage::s3_options`), `protocol`, `hook`,
 //! `spool`, `dirfd` and `par`.
 
+#[cfg(feature = "daemon")]
+pub mod cache;
 pub mod config;
 #[cfg(feature = "daemon")]
 pub mod daemon;
