@@ -163,17 +163,19 @@ impl WriteFinish for xz2::write::XzEncoder<BufWriter<File>> {
 impl Uploader {
     pub async fn run(&self, item: &Item) -> Result<Outcome, UploadError> {
         match &item.kind {
-            Kind::Nar(info) => self.upload_path(info).await,
+            Kind::Nar(info) => self.upload_path(info, item.repair).await,
             Kind::Log(drv) => self.upload_log(drv).await,
         }
     }
 
-    async fn upload_path(&self, info: &PathInfo) -> Result<Outcome, UploadError> {
+    /// Uploads the path unless the cache (or an upstream) has it; with `repair`, uploads it
+    /// whatever the cache has (a broken entry there), overwriting: NAR first, narinfo last.
+    async fn upload_path(&self, info: &PathInfo, repair: bool) -> Result<Outcome, UploadError> {
         let narinfo_key = format!("{}.narinfo", info.path.hash_part());
-        if self.target.exists(&narinfo_key).await? {
+        if !repair && self.target.exists(&narinfo_key).await? {
             return Ok(Outcome::Present);
         }
-        if let Some(up) = &self.upstreams {
+        if let Some(up) = self.upstreams.as_ref().filter(|_| !repair) {
             if let Some(url) = up.find(&info.path).await {
                 tracing::info!(path = %info.path, upstream = url, "in an upstream cache, not uploaded");
                 return Ok(Outcome::Upstream);
