@@ -147,6 +147,56 @@ pub async fn sign(target: &dyn Target, index_path: &Path, opts: &Options) -> Res
     Ok(report)
 }
 
+/// `narq sign`'s command line.
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["path", "all"])))]
+#[command(after_help = "Exit codes: 0 every path is signed; 1 some path was refused (not checked); 2 usage error.")]
+pub struct Args {
+    /// The secret key to sign with (NAME:BASE64, as nix-store --generate-binary-cache-key writes it)
+    #[arg(long, value_name = "FILE")]
+    pub key_file: std::path::PathBuf,
+    /// Store paths (or links to them, such as ./result) whose narinfos to sign
+    pub path: Vec<std::path::PathBuf>,
+    /// Sign every narinfo in the cache
+    #[arg(long, conflicts_with = "path")]
+    pub all: bool,
+    /// The cache: file:///DIR or s3://BUCKET?... [default: the configured store]
+    #[arg(long, value_name = "URL", value_parser = crate::store_url::StoreUrl::parse)]
+    pub store: Option<crate::store_url::StoreUrl>,
+    /// Check each path by downloading its NAR from the cache, instead of against the local store
+    #[arg(long)]
+    pub deep: bool,
+    /// Concurrent reads and writes
+    #[arg(long, value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub jobs: u16,
+    /// Print the report as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `narq sign`; true when nothing was refused. `resolve` turns a command-line path
+/// into a store path.
+pub fn run(config: &crate::config::Config, args: Args, resolve: impl Fn(&Path) -> anyhow::Result<StorePath>) -> anyhow::Result<bool> {
+    use anyhow::Context;
+    let key = SecretKey::read(&args.key_file)?;
+    let paths = args.path.iter().map(|p| resolve(p)).collect::<anyhow::Result<Vec<_>>>()?;
+    let opts = Options { key, paths, deep: args.deep, jobs: args.jobs.into() };
+    let (rt, target, index) = super::verify::open(config, args.store.as_ref())?;
+    let report = rt.block_on(sign(target.as_ref(), &index, &opts)).context("signing")?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for p in &report.signed {
+            println!("{p}: signed");
+        }
+        for (p, why) in &report.refused {
+            println!("{p}: not signed: {why}");
+        }
+        println!("signed {} paths with {}; {} were signed by it already; {} refused", report.signed.len(), opts.key.name, report.already, report.refused.len());
+    }
+    Ok(report.refused.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -282,7 +282,9 @@ pub async fn verify(target: &dyn Target, index_path: &Path, opts: &Options, prog
         let todo: Vec<&NarInfo> = selected.iter().filter_map(|e| e.info.as_ref().ok()).filter(|ni| objects.contains_key(ni.url.as_str())).collect();
         let total = todo.len() as u64;
         let done = std::sync::atomic::AtomicU64::new(0);
-        let found = try_concurrently(todo, opts.jobs, |ni| {
+        // Each NAR check keeps a core busy decompressing and hashing: no more than there are.
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let found = try_concurrently(todo, opts.jobs.min(cpus), |ni| {
             let done = &done;
             async move {
                 let r = super::deep::check(target, ni).await;
@@ -332,6 +334,210 @@ async fn whole_cache(target: &dyn Target, s: &super::Scan, report: &mut Report) 
         report.problems.push(Problem { kind: Kind::CacheInfo, subject: "nix-cache-info".into(), detail: why, heal: None });
     }
     Ok(())
+}
+
+/// `narq verify`'s command line.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Exit codes: 0 the cache is sound (with --repair: everything found was repaired); \
+1 a problem was found (with --repair: one remains); 2 usage error.")]
+pub struct Args {
+    /// Store paths (or links to them, such as ./result) to check [default: the whole cache]
+    pub path: Vec<std::path::PathBuf>,
+    /// Check the closures of PATHs, as the cache's narinfos give them
+    #[arg(short, long)]
+    pub recursive: bool,
+    /// The cache: file:///DIR or s3://BUCKET?... [default: the configured store]
+    #[arg(long, value_name = "URL", value_parser = crate::store_url::StoreUrl::parse)]
+    pub store: Option<crate::store_url::StoreUrl>,
+    /// Valid signatures by trusted keys that each path needs, as in Nix
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub sigs_needed: usize,
+    /// Space-separated NAME:BASE64 public keys [default: public-keys and the public halves of readable secret-key-files]
+    #[arg(long, value_name = "KEYS", value_parser = parse_keys)]
+    pub trusted_public_keys: Option<Keys>,
+    /// Also download every NAR and check FileHash, FileSize, NarHash, NarSize and its format
+    #[arg(long)]
+    pub deep: bool,
+    /// Upload broken paths again from the local store, through the daemon (nothing is deleted)
+    #[arg(long)]
+    pub repair: bool,
+    /// Print the report as JSON
+    #[arg(long)]
+    pub json: bool,
+    /// Concurrent reads from the cache
+    #[arg(long, value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub jobs: u16,
+}
+
+/// Public keys given on the command line.
+#[derive(Debug, Clone)]
+pub struct Keys(pub Vec<PublicKey>);
+
+/// `--trusted-public-keys`: space-separated `NAME:BASE64`, at least one.
+pub fn parse_keys(s: &str) -> Result<Keys, String> {
+    let keys = s.split_whitespace().map(|k| PublicKey::parse(k).map_err(|e| e.to_string())).collect::<Result<Vec<_>, _>>()?;
+    if keys.is_empty() {
+        return Err("no key given".into());
+    }
+    Ok(Keys(keys))
+}
+
+/// A progress line on stderr when it is a terminal: redrawn at most ten times a second.
+pub struct ProgressLine {
+    on: bool,
+    last: std::sync::Mutex<Option<Instant>>,
+}
+
+impl ProgressLine {
+    pub fn new() -> ProgressLine {
+        ProgressLine { on: std::io::IsTerminal::is_terminal(&std::io::stderr()), last: std::sync::Mutex::new(None) }
+    }
+
+    pub fn show(&self, line: String) {
+        if !self.on {
+            return;
+        }
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|t| t.elapsed() < Duration::from_millis(100)) {
+            return;
+        }
+        *last = Some(Instant::now());
+        eprint!("\r\x1b[K{line}");
+    }
+
+    pub fn clear(&self) {
+        if self.on && self.last.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+            eprint!("\r\x1b[K");
+        }
+    }
+}
+
+impl Default for ProgressLine {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The cache at `store` (the configured one by default), its index path, and a runtime to
+/// read it with: what `verify` and `sign` start from.
+pub fn open(config: &crate::config::Config, store: Option<&crate::store_url::StoreUrl>) -> anyhow::Result<(tokio::runtime::Runtime, std::sync::Arc<dyn Target>, std::path::PathBuf)> {
+    let url = store.unwrap_or(&config.store);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let target = rt.block_on(crate::storage::open(url)).map_err(anyhow::Error::msg)?;
+    Ok((rt, target, super::index_path(&config.state_dir, &url.identity())))
+}
+
+/// Runs `narq verify`; true when the cache is sound (with `--repair`: when everything found
+/// was repaired). `resolve` turns a command-line path into a store path.
+pub fn run(config: &crate::config::Config, args: Args, resolve: impl Fn(&Path) -> anyhow::Result<StorePath>) -> anyhow::Result<bool> {
+    use anyhow::Context;
+    let paths = args.path.iter().map(|p| resolve(p)).collect::<anyhow::Result<Vec<_>>>()?;
+    if args.repair {
+        let url = args.store.as_ref().unwrap_or(&config.store);
+        anyhow::ensure!(
+            url.identity() == config.store.identity(),
+            "--repair uploads through the daemon, which writes to {}, not {}",
+            config.store.original,
+            url.original
+        );
+    }
+    let trusted = match args.trusted_public_keys {
+        Some(Keys(k)) => k,
+        None => config.trusted_keys(),
+    };
+    anyhow::ensure!(
+        !trusted.is_empty() || args.sigs_needed == 0,
+        "no trusted keys: set public-keys (or secret-key-files) in the configuration, or pass --trusted-public-keys"
+    );
+    let opts = Options { paths, recursive: args.recursive, sigs_needed: args.sigs_needed, trusted, deep: args.deep, jobs: args.jobs.into() };
+    let (rt, target, index) = open(config, args.store.as_ref())?;
+    let line = ProgressLine::new();
+    let report = rt.block_on(verify(target.as_ref(), &index, &opts, &|l| line.show(l))).context("verifying the cache")?;
+    line.clear();
+    let (mut repaired, mut unrepairable) = (Vec::new(), Vec::new());
+    if args.repair && !report.problems.is_empty() {
+        (repaired, unrepairable) = repair(config, &report)?;
+    }
+    if args.json {
+        let out = serde_json::json!({
+            "checked": report.checked,
+            "fetched": report.fetched,
+            "problems": report.problems,
+            "counts": report.counts().into_iter().map(|(k, n)| (k.name(), n)).collect::<BTreeMap<_, _>>(),
+            "orphan_nars": report.orphan_nars,
+            "orphan_bytes": report.orphan_bytes,
+            "seconds": report.seconds,
+            "repaired": repaired.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "unrepairable": unrepairable.iter().map(|(p, why)| serde_json::json!({"subject": p, "why": why})).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        for p in &report.problems {
+            println!("{}: {} ({})", p.subject, p.detail, p.kind.name());
+        }
+        for p in &repaired {
+            println!("{p}: repaired");
+        }
+        for (p, why) in &unrepairable {
+            println!("{p}: cannot repair: {why}");
+        }
+        println!("{}", report.summary());
+        if args.repair && !report.problems.is_empty() {
+            println!("repaired {} paths; {} problems left", repaired.len(), unrepairable.len());
+        }
+    }
+    Ok(if args.repair { unrepairable.is_empty() } else { report.problems.is_empty() })
+}
+
+/// How long `--repair` waits for the daemon to upload what it repairs.
+const REPAIR_WAIT: Duration = Duration::from_secs(3600);
+
+/// Hands the paths that would heal `report`'s problems, those valid in the local store,
+/// with their closures, signed, to the daemon as a `repair` request, and waits until they
+/// are uploaded. Returns what was repaired, and what was not with why.
+fn repair(config: &crate::config::Config, report: &Report) -> anyhow::Result<(Vec<StorePath>, Vec<(String, String)>)> {
+    use crate::protocol::{self, Request, Response};
+    let mut unrepairable = Vec::new();
+    let mut heal = std::collections::BTreeSet::new();
+    for p in &report.problems {
+        match &p.heal {
+            Some(path) => drop(heal.insert(path.clone())),
+            None => unrepairable.push((p.subject.clone(), match p.kind {
+                Kind::OrphanNar | Kind::StaleUpload => "not broken, only space taken (`narq gc` removes it)".to_string(),
+                _ => format!("{} is not something uploading a path again heals", p.kind.name()),
+            })),
+        }
+    }
+    let db = crate::nix::db::NixDb::open_default()?;
+    let mut valid = Vec::new();
+    for p in heal {
+        match db.query(std::slice::from_ref(&p), false) {
+            Ok(_) => valid.push(p),
+            Err(e) => unrepairable.push((p.to_string(), format!("not valid in the local store ({e})"))),
+        }
+    }
+    drop(db);
+    if valid.is_empty() {
+        return Ok((valid, unrepairable));
+    }
+    let mut closure = crate::hook::closure(&valid)?;
+    PathInfo::sign_all(&mut closure, &config.secret_keys()?);
+    let call = |req: &Request, timeout: Duration| match protocol::call(&config.socket, req, Some(timeout)) {
+        Ok(Response::Error { message, .. }) => anyhow::bail!("the daemon refused: {message}"),
+        Ok(r) => Ok(r),
+        Err(e) => Err(anyhow::anyhow!("asking the daemon at {}: {e}", config.socket.display())),
+    };
+    call(&Request::Repair { paths: closure, repair: valid.clone() }, Duration::from_secs(60))?;
+    let waited = call(&Request::Wait { timeout_ms: REPAIR_WAIT.as_millis() as u64, paths: Some(valid.clone()) }, REPAIR_WAIT + Duration::from_secs(30))?;
+    let Response::Waited { complete, failed } = waited else { anyhow::bail!("unexpected answer from the daemon: {waited:?}") };
+    anyhow::ensure!(complete, "the daemon did not finish the repair within {} s; it goes on in the background", REPAIR_WAIT.as_secs());
+    let failed: HashMap<String, String> = failed.into_iter().map(|f| (f.item, f.error)).collect();
+    let (ok, bad): (Vec<StorePath>, Vec<StorePath>) = valid.into_iter().partition(|p| !failed.contains_key(&p.to_string()));
+    unrepairable.extend(bad.into_iter().map(|p| {
+        let why = failed.get(&p.to_string()).cloned().unwrap_or_default();
+        (p.to_string(), format!("the upload failed: {why}"))
+    }));
+    Ok((ok, unrepairable))
 }
 
 #[cfg(test)]
