@@ -23,6 +23,9 @@ impl Cache {
             let moto = Moto::start(t.path(), &[]);
             std::mem::forget(t); // the log must outlive the server; removed with the test's temp dirs
             moto.bucket(&format!("narq-{tag}"));
+            // `nix store verify` asks with HEAD, which moto answers anonymously only for
+            // objects written after the bucket's ACL became public-read.
+            boto(&moto, &format!("s3.put_bucket_acl(Bucket='narq-{tag}', ACL='public-read')"));
             let extra = format!("store = \"s3://narq-{tag}?endpoint=127.0.0.1:{}&scheme=http\"", moto.port);
             (Some(moto), extra)
         } else {
@@ -68,7 +71,7 @@ impl Cache {
             Some(m) => {
                 let file = self.n.dir.join(format!("put-{}", unique()));
                 std::fs::write(&file, body).unwrap();
-                s3(m, &format!("s3.put_object(Bucket='{}', Key='{key}', Body=open('{}', 'rb').read())", self.bucket, file.display()));
+                boto(m, &format!("s3.put_object(Bucket='{}', Key='{key}', Body=open('{}', 'rb').read())", self.bucket, file.display()));
             }
             None => std::fs::write(self.n.cache().join(key), body).unwrap(),
         }
@@ -76,7 +79,7 @@ impl Cache {
 
     fn delete(&self, key: &str) {
         match &self.moto {
-            Some(m) => s3(m, &format!("s3.delete_object(Bucket='{}', Key='{key}')", self.bucket)),
+            Some(m) => boto(m, &format!("s3.delete_object(Bucket='{}', Key='{key}')", self.bucket)),
             None => std::fs::remove_file(self.n.cache().join(key)).unwrap(),
         }
     }
@@ -111,7 +114,7 @@ impl Cache {
 }
 
 /// Runs `call` (Python, with `s3` a boto3 client of `m`), which must succeed.
-fn s3(m: &Moto, call: &str) {
+fn boto(m: &Moto, call: &str) {
     let script = format!(
         "import boto3\ns3 = boto3.client('s3', endpoint_url='http://127.0.0.1:{}', aws_access_key_id='test', \
          aws_secret_access_key='test', region_name='us-east-1')\n{call}\n",
@@ -227,7 +230,7 @@ fn verify_finds_each_damage_as_nix_does_and_repair_heals_it() {
         for name in ["top", "a", "b", "c", "d", "f"] {
             let ours = c.narq(&["verify", "--deep", &p[name]]).status.success();
             let nix = c.nix_verify(&c.n.public_key, 1, &[&p[name]]);
-            assert_eq!(ours, nix.status.success(), "{name}: narq says sound={ours}, nix store verify: {}", text(&nix));
+            assert_eq!(ours, nix.status.success(), "{name} in {}: narq says sound={ours}, nix store verify: {}", c.nix_url(), text(&nix));
             assert_eq!(ours, name == "top", "{name}");
         }
 
