@@ -424,7 +424,23 @@ pub fn open(config: &crate::config::Config, store: Option<&crate::store_url::Sto
     let url = store.unwrap_or(&config.store);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let target = rt.block_on(crate::storage::open(url)).map_err(anyhow::Error::msg)?;
-    Ok((rt, target, super::index_path(&config.state_dir, &url.identity())))
+    let index = super::index_path(&config.state_dir, &url.identity());
+    // A user who may not write the state dir still gets an audit, only without a warm index.
+    let dir = index.parent().unwrap_or(Path::new("/"));
+    let writable = std::fs::create_dir_all(dir).is_ok() && may_write(dir);
+    if !writable {
+        eprintln!("narq: {} is not writable: no index is kept, every narinfo is read", dir.display());
+        return Ok((rt, target, std::path::PathBuf::from(":memory:")));
+    }
+    Ok((rt, target, index))
+}
+
+/// Whether this process may write in `dir` (access(2), which honours root's rights).
+fn may_write(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else { return false };
+    // SAFETY: a valid NUL-terminated path.
+    unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
 }
 
 /// Runs `narq verify`; true when the cache is sound (with `--repair`: when everything found

@@ -152,7 +152,7 @@ fn build_closure(c: &Cache, tag: &str) -> std::collections::BTreeMap<String, Str
         d("f", &format!("echo f-{u} > $out")),
         d("e", "echo ${f} > $out"),
         d("a", &format!("echo a-{u} > $out")),
-        d("b", &format!("head -c 100000 /dev/urandom > $out")),
+        d("b", "head -c 100000 /dev/urandom > $out"),
         d("c", &format!("echo c-{u} > $out")),
         d("d", &format!("echo d-{u} > $out")),
         d("top", "echo ${a} ${b} ${c} ${d} ${e} > $out"),
