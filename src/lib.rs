@@ -22,6 +22,9 @@
 //!   a request, spool ingestion), `workers` (the dispatcher, which alone holds the in-flight
 //!   set and the breaker, and the upload workers), `breaker`, `systemd` (socket activation,
 //!   `sd_notify`), `lock` (one daemon per state dir), `shared_queue`.
+//! - [`cache`]: reading a whole cache — `scan` lists every object and reads every narinfo
+//!   through an index in the state dir that keeps the next scan to what changed; `verify`
+//!   (`narq verify`, `--repair`), `deep` (a NAR downloaded and checked), `sign` (`narq sign`).
 //! - [`logging`]: journald under systemd, readable lines on stderr otherwise.
 //! - [`doctor`]: `narq doctor`, one line per check of the whole set-up.
 //! - [`metrics`]: counters, the uploads in flight with their progress, and the Prometheus
@@ -31,6 +34,8 @@
 //! `store_url` with the backends' options (`storage::s3_options`), `protocol`, `hook`,
 //! `spool`, `dirfd` and `par`.
 
+#[cfg(feature = "daemon")]
+pub mod cache;
 pub mod config;
 #[cfg(feature = "daemon")]
 pub mod daemon;

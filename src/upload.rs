@@ -193,7 +193,7 @@ impl Uploader {
         let result = match self.skip(item) {
             Some(skipped) => Ok(skipped),
             None => match &item.kind {
-                Kind::Nar(info) => self.upload_path(info, tracked.progress.clone()).await,
+                Kind::Nar(info) => self.upload_path(info, item.repair, tracked.progress.clone()).await,
                 Kind::Log(drv) => self.upload_log(drv).await,
                 Kind::Realisation(r) => self.upload_realisation(r).await,
             },
@@ -201,6 +201,7 @@ impl Uploader {
         self.metrics.finished(item, &result, start.elapsed());
         result
     }
+
     /// What the config leaves out, decided here, when the item is about to go, rather than
     /// when it is admitted: the daemon reads the config the user controls (the hook only
     /// hands over builds), the current config applies to what was queued before it changed,
@@ -227,12 +228,14 @@ impl Uploader {
         Some(Outcome::Excluded(why))
     }
 
-    async fn upload_path(&self, info: &PathInfo, progress: Arc<InFlight>) -> Result<Outcome, UploadError> {
+    /// Uploads the path unless the cache (or an upstream) has it; with `repair`, uploads it
+    /// whatever the cache has (a broken entry there), overwriting: NAR first, narinfo last.
+    async fn upload_path(&self, info: &PathInfo, repair: bool, progress: Arc<InFlight>) -> Result<Outcome, UploadError> {
         let narinfo_key = format!("{}.narinfo", info.path.hash_part());
-        if self.target.exists(&narinfo_key).await? {
+        if !repair && self.target.exists(&narinfo_key).await? {
             return Ok(Outcome::Present);
         }
-        if let Some(up) = &self.upstreams {
+        if let Some(up) = self.upstreams.as_ref().filter(|_| !repair) {
             if let Some(url) = up.find(&info.path).await {
                 tracing::info!(path = %info.path, upstream = url, "in an upstream cache, not uploaded");
                 return Ok(Outcome::Upstream);

@@ -71,6 +71,10 @@ enum Cmd {
     /// Check the whole set-up, one line per check (config, keys, daemon, Nix's hook, store, clock, upstreams)
     #[command(after_help = "Exit codes: 0 every check passed; 1 some check failed (its line says what to fix).")]
     Doctor,
+    /// Audit a binary cache (the whole cache without paths); --repair uploads broken paths again
+    Verify(narq::cache::verify::Args),
+    /// Add a signature to narinfos already in the cache, keeping theirs; only to paths it checked
+    Sign(narq::cache::sign::Args),
     /// Print the NAR hash and size of PATH (like nix-hash --type sha256 --base32)
     NarHash { path: PathBuf },
     /// Print a completion script for SHELL (for packagers)
@@ -171,6 +175,8 @@ fn run(cli: Cli) -> anyhow::Result<Exit> {
         Cmd::Retry => retry(&config()?),
         Cmd::Keygen { name, secret_key_file, public_key_file } => keygen(&name, &secret_key_file, &public_key_file),
         Cmd::Doctor => Ok(if narq::doctor::run(cli.config.as_deref()) { Exit::Success } else { Exit::Failed }),
+        Cmd::Verify(args) => Ok(if narq::cache::verify::run(&config()?, args, to_store_path)? { Exit::Success } else { Exit::Failed }),
+        Cmd::Sign(args) => Ok(if narq::cache::sign::run(&config()?, args, to_store_path)? { Exit::Success } else { Exit::Failed }),
         Cmd::NarHash { path } => {
             let stats = nar::hash_path(&path).with_context(|| format!("{}", path.display()))?;
             println!("{} {}", stats.hash.to_base32(), stats.size);

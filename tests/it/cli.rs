@@ -23,6 +23,8 @@ const COMMANDS: &[(&str, &[&str])] = &[
     ("wait", &["--timeout <SECS>"]),
     ("retry", &[]),
     ("doctor", &[]),
+    ("verify", &["--deep", "--repair", "--sigs-needed <N>", "--json"]),
+    ("sign", &["--key-file <FILE>", "--all"]),
     ("keygen", &["<NAME>", "--secret-key-file <FILE>", "--public-key-file <FILE>"]),
     ("nar-hash", &["<PATH>"]),
 ];

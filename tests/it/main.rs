@@ -20,3 +20,4 @@ mod s3;
 mod setup;
 mod storage;
 mod util;
+mod verify;
