@@ -28,6 +28,8 @@
 //! `store_url` with the backends' options (`storage::s3_options`), `protocol`, `hook`,
 //! `spool`, `dirfd` and `par`.
 
+#[cfg(feature = "daemon")]
+pub mod cache;
 pub mod config;
 #[cfg(feature = "daemon")]
 pub mod daemon;
