@@ -15,7 +15,8 @@
 //! path info and signatures, the `.drv` whose log to upload), `status`, `wait` (answer
 //! once everything enqueued so far is uploaded), `report` (a build the hook could not hand
 //! over, and why), `dropped` (those builds, for `narq retry`) and `recheck` (check the cache
-//! for these paths again). The hook asks `missing` first and signs
+//! for these paths again), `repair` (upload these paths again though the cache has their
+//! narinfos: `narq verify --repair`). The hook asks `missing` first and signs
 //! and sends only those paths, so a build whose closure is mostly uploaded costs no
 //! signatures for the rest.
 //! This module is plain `std` (and `libc` for a bounded connect): the hook links it without
@@ -84,6 +85,10 @@ pub enum Request {
     /// Forget that these paths are uploaded: the daemon checks the cache for them again
     /// (and uploads them if they are gone). `narq push` sends it for its closure.
     Recheck { paths: Vec<StorePath> },
+    /// Upload `repair` again, whatever the queue remembers and even though the cache has
+    /// their narinfos (overwritten, NAR first): `narq verify --repair` found them broken.
+    /// `paths` holds their closure, signed, as for `enqueue`; `repair` must be among them.
+    Repair { paths: Vec<PathInfo>, repair: Vec<StorePath> },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -121,6 +126,7 @@ impl Request {
             Request::Report { .. } => "report",
             Request::Dropped => "dropped",
             Request::Recheck { .. } => "recheck",
+            Request::Repair { .. } => "repair",
         }
     }
 }
@@ -441,7 +447,8 @@ mod tests {
             Request::Wait { timeout_ms: 1, paths: None },
             Request::Report { roots: vec![p.clone()], drv: None, reason: "r".into() },
             Request::Dropped,
-            Request::Recheck { paths: vec![p] },
+            Request::Recheck { paths: vec![p.clone()] },
+            Request::Repair { paths: vec![], repair: vec![p] },
         ];
         for req in all {
             let json = serde_json::to_value(&req).unwrap();

@@ -63,7 +63,8 @@ CREATE TABLE IF NOT EXISTS items (
     last_error TEXT,
     outcome    TEXT,                      -- for done: 'uploaded' | 'present' | 'upstream' | 'no-log'
     bytes      INTEGER NOT NULL DEFAULT 0,
-    done_at    INTEGER
+    done_at    INTEGER,
+    repair     INTEGER NOT NULL DEFAULT 0 -- 1: upload even if the cache has a narinfo (see Queue::repair)
 );
 CREATE INDEX IF NOT EXISTS items_state ON items(state, seq);
 CREATE TABLE IF NOT EXISTS refs (
@@ -98,6 +99,8 @@ pub struct Item {
     pub key: String,
     pub kind: Kind,
     pub attempts: u32,
+    /// Upload it even though the cache has its narinfo: it is broken there ([`Queue::repair`]).
+    pub repair: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,7 +172,7 @@ pub fn backoff(attempts: u32, key: &str) -> Duration {
     base.mul_f64(0.5 + (h % 1000) as f64 / 2000.0)
 }
 
-/// Parses a row of [`Queue::ready`]'s query: `rowid, key, kind, info, attempts`.
+/// Parses a row of [`Queue::ready`]'s query: `rowid, key, kind, info, attempts, repair`.
 fn item(r: &rusqlite::Row) -> std::result::Result<Item, String> {
     let key: String = r.get(1).map_err(|e| format!("key: {e}"))?;
     let kind: String = r.get(2).map_err(|e| format!("kind: {e}"))?;
@@ -181,7 +184,8 @@ fn item(r: &rusqlite::Row) -> std::result::Result<Item, String> {
         "log" => Kind::Log(StorePath::parse(&info).map_err(|e| format!("derivation: {e}"))?),
         other => return Err(format!("unknown kind {other:?}")),
     };
-    Ok(Item { key, kind, attempts })
+    let repair = r.get::<_, i64>(5).unwrap_or(0) != 0;
+    Ok(Item { key, kind, attempts, repair })
 }
 
 /// Whether `e` says that the database file is damaged, or not a database at all.
@@ -220,6 +224,11 @@ impl Queue {
         conn.pragma_update(None, "wal_autocheckpoint", 64)?;
         conn.pragma_update(None, "journal_size_limit", 256 * 1024)?;
         conn.execute_batch(SCHEMA)?;
+        // Queues made before `repair` existed lack its column.
+        let has_repair: i64 = conn.query_row("SELECT COUNT(*) FROM pragma_table_info('items') WHERE name = 'repair'", [], |r| r.get(0))?;
+        if has_repair == 0 {
+            conn.execute_batch("ALTER TABLE items ADD COLUMN repair INTEGER NOT NULL DEFAULT 0")?;
+        }
         let last_seq = conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM items", [], |r| r.get(0))?;
         Ok(Queue { conn, last_seq })
     }
@@ -249,6 +258,23 @@ impl Queue {
         let n = tx.execute(REPEND, [seq])?;
         set_meta(&tx, "store", store)?;
         tx.commit()?;
+        if n > 0 {
+            self.last_seq = seq;
+        }
+        Ok(n)
+    }
+
+    /// Makes `paths` (queued `nar` items, in any state) pending again, marked so that the
+    /// uploader uploads them even though the cache has their narinfo: `narq verify --repair`
+    /// found them broken there (NAR missing or corrupt, too few signatures). Returns how many.
+    pub fn repair(&mut self, paths: &[StorePath]) -> Result<usize> {
+        let keys: Vec<String> = paths.iter().map(|p| p.to_string()).collect();
+        let seq = self.last_seq + 1;
+        let n = self.conn.execute(
+            "UPDATE items SET state = 'pending', repair = 1, outcome = NULL, bytes = 0, attempts = 0, next_try = 0,
+             last_error = NULL, done_at = NULL, seq = ?1 WHERE kind = 'nar' AND key IN (SELECT value FROM json_each(?2))",
+            params![seq, serde_json::to_string(&keys).expect("strings serialise")],
+        )?;
         if n > 0 {
             self.last_seq = seq;
         }
@@ -525,7 +551,7 @@ impl Queue {
         let mut unreadable = Vec::new();
         {
             let mut stmt = self.conn.prepare_cached(
-                "SELECT rowid, key, kind, info, attempts FROM items i
+                "SELECT rowid, key, kind, info, attempts, repair FROM items i
                  WHERE state = 'pending' AND next_try <= ?1
                    AND NOT EXISTS (SELECT 1 FROM refs r JOIN items d ON d.key = r.ref
                                    WHERE r.key = i.key AND d.state != 'done')
@@ -575,7 +601,7 @@ impl Queue {
             Outcome::NoLog => ("no-log", 0),
         };
         self.conn.execute(
-            "UPDATE items SET state = 'done', outcome = ?2, bytes = ?3, done_at = ?4, last_error = NULL WHERE key = ?1",
+            "UPDATE items SET state = 'done', outcome = ?2, bytes = ?3, done_at = ?4, last_error = NULL, repair = 0 WHERE key = ?1",
             params![key, name, bytes as i64, now_ms()],
         )?;
         Ok(())
@@ -775,6 +801,32 @@ mod tests {
         q.note_generation("g2").unwrap();
         q.note_roots(&[b.path.clone()]).unwrap();
         assert_eq!(q.roots_due(10).unwrap(), [b.path.clone()]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn repair_makes_done_paths_pending_and_marked_until_done_again() {
+        let dir = std::env::temp_dir().join(format!("narq-queue-repair-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut q = Queue::open(&dir.join("q.db")).unwrap();
+        let (a, b) = (info("a", &[]), info("b", &["a"]));
+        q.enqueue(&[a.clone(), b.clone()], None).unwrap();
+        for p in [&a, &b] {
+            q.done(&p.path.to_string(), Outcome::Present).unwrap();
+        }
+        // Enqueuing again leaves done paths alone; repair does not.
+        assert_eq!(q.enqueue(&[a.clone(), b.clone()], None).unwrap(), 0);
+        assert!(q.ready(10, &HashSet::new()).unwrap().is_empty());
+        assert_eq!(q.repair(&[a.path.clone(), b.path.clone()]).unwrap(), 2);
+        let ready = q.ready(10, &HashSet::new()).unwrap();
+        assert_eq!(ready.iter().map(|i| (i.key.clone(), i.repair)).collect::<Vec<_>>(), [(a.path.to_string(), true)], "references first");
+        q.done(&a.path.to_string(), Outcome::Uploaded { bytes: 1 }).unwrap();
+        assert!(q.ready(10, &HashSet::new()).unwrap()[0].repair);
+        q.done(&b.path.to_string(), Outcome::Uploaded { bytes: 1 }).unwrap();
+        // Pending again for another reason (a recheck), it is no longer marked.
+        assert_eq!(q.recheck(&[a.path.clone()]).unwrap(), 1);
+        assert!(!q.ready(10, &HashSet::new()).unwrap()[0].repair);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

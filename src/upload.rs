@@ -176,7 +176,7 @@ impl Uploader {
     /// what it remembered then of the item's references is trusted only in that epoch.
     pub async fn run_in(&self, item: &Item, epoch: u64) -> Result<Outcome, UploadError> {
         match &item.kind {
-            Kind::Nar(info) => self.upload_path(info, epoch).await,
+            Kind::Nar(info) => self.upload_path(info, item.repair, epoch).await,
             Kind::Log(drv) => self.upload_log(drv).await,
         }
     }
@@ -215,12 +215,14 @@ impl Uploader {
         Err(UploadError::Transient(format!("{}: collections keep starting and ending; will try again", info.path)))
     }
 
-    async fn upload_path(&self, info: &PathInfo, epoch: u64) -> Result<Outcome, UploadError> {
+    /// Uploads the path unless the cache (or an upstream) has it; with `repair`, uploads it
+    /// whatever the cache has (a broken entry there), overwriting: NAR first, narinfo last.
+    async fn upload_path(&self, info: &PathInfo, repair: bool, epoch: u64) -> Result<Outcome, UploadError> {
         let narinfo_key = format!("{}.narinfo", info.path.hash_part());
-        if self.target.exists(&narinfo_key).await? {
+        if !repair && self.target.exists(&narinfo_key).await? {
             return Ok(Outcome::Present);
         }
-        if let Some(up) = &self.upstreams {
+        if let Some(up) = self.upstreams.as_ref().filter(|_| !repair) {
             if let Some(url) = up.find(&info.path).await {
                 tracing::info!(path = %info.path, upstream = url, "in an upstream cache, not uploaded");
                 return Ok(Outcome::Upstream);

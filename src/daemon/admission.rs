@@ -189,9 +189,9 @@ impl Admission {
     /// Who may ask what. Any peer that can connect (the socket is 0660: root and the socket's
     /// group) may ask `status`, `wait`, `missing` and `dropped`, which reveal no more than the
     /// cache and the build logs do; only those who [may change](Self::may_change) the queue
-    /// may `enqueue`, `report` or `recheck`. Returns the refusal.
+    /// may `enqueue`, `report`, `recheck` or `repair`. Returns the refusal.
     pub(super) fn may(&self, uid: u32, req: &Request) -> Result<(), String> {
-        let changes = matches!(req, Request::Enqueue { .. } | Request::Report { .. } | Request::Recheck { .. });
+        let changes = matches!(req, Request::Enqueue { .. } | Request::Report { .. } | Request::Recheck { .. } | Request::Repair { .. });
         if changes && !self.may_change(uid) {
             let op = req.op();
             return Err(format!("uid {uid} may not {op} (only root, the daemon's user and allowed-users may)"));
@@ -249,6 +249,16 @@ pub(super) fn enqueue(q: &mut Queue, keys: &[PublicKey], paths: Vec<PathInfo>, d
     // Builds of these paths that the hook dropped earlier are handed over now.
     q.clear_dropped(paths.iter().map(|p| &p.path).chain(drv.as_ref())).map_err(NotStored::queue)?;
     Ok(new)
+}
+
+/// [`enqueue`]s the closure `paths`, then marks `repair` (which must be among them) for
+/// upload whatever the cache says ([`Queue::repair`]); returns how many were marked.
+pub(super) fn repair(q: &mut Queue, keys: &[PublicKey], paths: Vec<PathInfo>, repair: &[StorePath]) -> Result<usize, NotStored> {
+    if let Some(p) = repair.iter().find(|r| !paths.iter().any(|p| &p.path == *r)) {
+        return Err(NotStored::Refused(format!("{p} is to be repaired but its path info is not in the request")));
+    }
+    enqueue(q, keys, paths, None)?;
+    q.repair(repair).map_err(NotStored::queue)
 }
 
 /// Stores a non-enqueue request that changes the queue (`report`, `recheck`).

@@ -11,7 +11,7 @@ use tokio::net::{UnixListener, UnixStream};
 
 use tokio::sync::watch;
 
-use super::admission::{enqueue, record, Admission, NotStored};
+use super::admission::{enqueue, record, repair, Admission, NotStored};
 use super::lock::lock_state_dir;
 use super::systemd::systemd_listener;
 use super::workers::Snapshot;
@@ -245,6 +245,20 @@ async fn serve(server: Arc<Server>, mut stream: UnixStream) {
                         tracing::warn!(uid, "could not store a request (the client keeps it): {message}");
                         Response::unavailable(message)
                     }
+                }
+            }
+            Request::Repair { paths, repair: broken } => {
+                let stored = match admission.checked(paths, None).await {
+                    Ok((paths, _)) => admission.queue.here(|q| repair(q, &admission.trusted_keys, paths, &broken)),
+                    Err(e) => Err(e),
+                };
+                match stored {
+                    Ok(count) => {
+                        admission.wake.notify_one();
+                        tracing::info!(uid, paths = count, "{count} paths to repair: uploaded again whatever the cache has");
+                        Response::Queued { new: count }
+                    }
+                    Err(e) => e.response(),
                 }
             }
             Request::Missing { paths } => {

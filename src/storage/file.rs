@@ -196,7 +196,7 @@ impl FileTarget {
 impl Target for FileTarget {
     fn list<'a>(&'a self, prefix: &'a str, each: &'a mut (dyn FnMut(Object) + Send)) -> BoxFuture<'a, Result<u64, TargetError>> {
         Box::pin(async move {
-            self.walk_async(prefix, false, &mut |key, _, meta| each(Object { key, size: meta.len(), last_modified: meta.modified().ok() }))
+            self.walk_async(prefix, false, &mut |key, _, meta| each(Object { key, size: meta.len(), last_modified: meta.modified().ok(), etag: None }))
                 .await
         })
     }

@@ -94,6 +94,8 @@ pub struct Object {
     pub key: String,
     pub size: u64,
     pub last_modified: Option<std::time::SystemTime>,
+    /// The server's ETag when it gives one (S3); `file://` has none, size and mtime stand in.
+    pub etag: Option<String>,
 }
 
 /// An upload begun and never finished: an S3 multipart upload, a `file://` temp file. It

@@ -398,7 +398,7 @@ impl Target for S3Target {
                 for o in out.contents() {
                     let Some(key) = o.key() else { continue };
                     let last_modified = o.last_modified().and_then(|t| std::time::SystemTime::try_from(*t).ok());
-                    each(Object { key: key.to_string(), size: o.size().unwrap_or(0).max(0) as u64, last_modified });
+                    each(Object { key: key.to_string(), size: o.size().unwrap_or(0).max(0) as u64, last_modified, etag: o.e_tag().map(str::to_string) });
                     n += 1;
                 }
                 match out.next_continuation_token() {
