@@ -373,45 +373,6 @@ pub async fn since_scan(target: &dyn Target, m: &mut Model) -> Result<HashSet<St
     Ok(also)
 }
 
-/// Parses `30d`, `6h`, `15m`, `0s` (and plain seconds).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, ""), |i| s.split_at(i));
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration (like 30d, 6h, 15m, 0s)"))?;
-    let mult = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        "w" => 7 * 86400,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use s, m, h, d or w)")),
-    };
-    n.checked_mul(mult).map(Duration::from_secs).ok_or_else(|| format!("{s:?} is too long"))
-}
-
-/// Parses `500G`, `20M`, `1T`, `4096` (bytes; K, M, G, T are powers of 1024; an optional `B`
-/// or `iB` after them).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (num, unit) = t.find(|c: char| !c.is_ascii_digit() && c != '.').map_or((t, ""), |i| t.split_at(i));
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a size (like 500G, 20M)"))?;
-    let unit = unit.trim().to_ascii_uppercase();
-    let shift = match unit.trim_end_matches("IB").trim_end_matches('B') {
-        "" => 0,
-        "K" => 10,
-        "M" => 20,
-        "G" => 30,
-        "T" => 40,
-        "P" => 50,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use K, M, G, T or P)")),
-    };
-    let v = n * (1u64 << shift) as f64;
-    if !v.is_finite() || v < 0.0 || v >= u64::MAX as f64 {
-        return Err(format!("{s:?} is out of range"));
-    }
-    Ok(v as u64)
-}
-
 /// Bytes for people: `1.5 GiB`.
 pub fn human(bytes: u64) -> String {
     let mut v = bytes as f64;
@@ -542,6 +503,7 @@ mod tests {
 
     #[test]
     fn durations_and_sizes() {
+        use crate::config::{parse_duration, parse_size};
         assert_eq!(parse_duration("30d").unwrap(), 30 * DAY);
         assert_eq!(parse_duration("6h").unwrap(), Duration::from_secs(6 * 3600));
         assert_eq!(parse_duration("0s").unwrap(), Duration::ZERO);
