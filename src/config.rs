@@ -6,6 +6,7 @@
 
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 use thiserror::Error;
 
 use crate::nix::{PublicKey, SecretKey};
@@ -58,12 +59,12 @@ pub struct GcConfig {
     /// If what stays is larger, the oldest roots go first (never pins).
     pub max_size: Option<u64>,
     /// Anything written within this long stays (uploads in progress anywhere).
-    pub grace: std::time::Duration,
+    pub grace: Duration,
 }
 
 impl Default for GcConfig {
     fn default() -> Self {
-        GcConfig { keep_days: 30, max_size: None, grace: std::time::Duration::from_secs(86400) }
+        GcConfig { keep_days: 30, max_size: None, grace: Duration::from_secs(86400) }
     }
 }
 

@@ -2,9 +2,13 @@
 //! only those the [`index`] does not already hold in the same version. `narq verify`,
 //! `narq sign` and the maintenance commands (`rm`, `gc`) build on it.
 
+pub mod deep;
 pub mod gc;
 pub mod index;
+pub mod maint;
 pub mod roots;
+pub mod sign;
+pub mod verify;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -146,22 +150,34 @@ pub async fn scan(target: &dyn Target, index_path: &Path, jobs: usize, progress:
 type Fetched = (Object, Option<String>, Option<Vec<u8>>);
 
 /// Gets every object of `todo` with `jobs` concurrent requests; the first error ends it.
-/// The requests run as futures of this one task (the target's I/O runs on the runtime's
-/// threads either way), so the target need not be `'static`.
 async fn fetch_all(target: &dyn Target, todo: Vec<(Object, Option<String>)>, jobs: usize, done: &(dyn Fn(u64) + Sync)) -> Result<Vec<Fetched>, TargetError> {
-    let queue = Mutex::new(todo.into_iter());
-    let out = Mutex::new(Vec::new());
     let count = std::sync::atomic::AtomicU64::new(0);
+    try_concurrently(todo, jobs, |(o, stamp)| {
+        let count = &count;
+        async move {
+            let body = target.get(&o.key).await?;
+            done(count.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1);
+            Ok((o, stamp, body))
+        }
+    })
+    .await
+}
+
+/// `f` on every item, at most `jobs` at a time; the results in the order they finish, or
+/// the first error. The calls run as futures of this one task (the I/O they wait on runs on
+/// the runtime's threads), so that they may borrow, e.g. a `&dyn Target`.
+pub async fn try_concurrently<T, R, E, Fut: Future<Output = Result<R, E>>>(items: Vec<T>, jobs: usize, f: impl Fn(T) -> Fut) -> Result<Vec<R>, E> {
+    let queue = Mutex::new(items.into_iter());
+    let out = Mutex::new(Vec::new());
     let worker = || async {
         loop {
             let next = queue.lock().unwrap_or_else(|e| e.into_inner()).next();
-            let Some((o, stamp)) = next else { return Ok::<(), TargetError>(()) };
-            let body = target.get(&o.key).await?;
-            out.lock().unwrap_or_else(|e| e.into_inner()).push((o, stamp, body));
-            done(count.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1);
+            let Some(item) = next else { return Ok::<(), E>(()) };
+            let r = f(item).await?;
+            out.lock().unwrap_or_else(|e| e.into_inner()).push(r);
         }
     };
-    let mut workers: Vec<Option<Pin<Box<_>>>> = (0..jobs).map(|_| Some(Box::pin(worker()))).collect();
+    let mut workers: Vec<Option<Pin<Box<_>>>> = (0..jobs.max(1)).map(|_| Some(Box::pin(worker()))).collect();
     std::future::poll_fn(|cx| {
         let mut running = false;
         for slot in workers.iter_mut() {

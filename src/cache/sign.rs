@@ -1,0 +1,184 @@
+//! `narq sign`: adds a signature to narinfos already in the cache, keeping the ones there
+//! (`nix copy` never adds one to a path the cache has, so adding a key would otherwise mean
+//! uploading everything again). It signs only what it checked: the path is valid in the
+//! local store with the same NarHash, NarSize and references, or (`--deep`) the cache's NAR
+//! was downloaded and matches.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+
+use super::{scan, try_concurrently, NarInfoEntry, ScanError};
+use crate::nix::db::NixDb;
+use crate::nix::{NarInfo, SecretKey, StorePath};
+use crate::storage::{self, Body, Target, TargetError};
+
+pub struct Options {
+    pub key: SecretKey,
+    /// The paths to sign; empty: every narinfo of the cache (`--all`).
+    pub paths: Vec<StorePath>,
+    /// Check the cache's NAR instead of the local store.
+    pub deep: bool,
+    pub jobs: usize,
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Report {
+    /// Paths signed now.
+    pub signed: Vec<String>,
+    /// Paths that carried a valid signature by the key already.
+    pub already: u64,
+    /// What was not signed, and why.
+    pub refused: Vec<(String, String)>,
+}
+
+/// `text` (a narinfo) with `sig` added to its `Sig:` lines, which Nix writes sorted, after
+/// `Deriver` and before `CA`. Everything else stays as it was, byte for byte.
+pub fn add_sig(text: &str, sig: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut sigs: BTreeSet<&str> = lines.iter().filter_map(|l| l.strip_prefix("Sig: ")).collect();
+    sigs.insert(sig);
+    let at = lines.iter().position(|l| l.starts_with("Sig: ") || l.starts_with("CA: ")).unwrap_or(lines.len());
+    let mut out = String::with_capacity(text.len() + sig.len() + 6);
+    for (i, l) in lines.iter().enumerate() {
+        if i == at {
+            sigs.iter().for_each(|s| out += &format!("Sig: {s}\n"));
+        }
+        if !l.starts_with("Sig: ") {
+            out += l;
+            out.push('\n');
+        }
+    }
+    if at == lines.len() {
+        sigs.iter().for_each(|s| out += &format!("Sig: {s}\n"));
+    }
+    out
+}
+
+/// Signs the narinfos of `opts.paths` (all without) in the cache at `target`.
+pub async fn sign(target: &dyn Target, index_path: &Path, opts: &Options) -> Result<Report, ScanError> {
+    let s = scan(target, index_path, opts.jobs, &|_| {}).await?;
+    let by_hash: HashMap<&str, &NarInfoEntry> = s.narinfos.iter().map(|e| (e.hash_part(), e)).collect();
+    let mut report = Report::default();
+    let selected: Vec<&NarInfoEntry> = if opts.paths.is_empty() {
+        s.narinfos.iter().collect()
+    } else {
+        let mut out = Vec::new();
+        for p in &opts.paths {
+            match by_hash.get(p.hash_part()) {
+                Some(e) => out.push(*e),
+                None => report.refused.push((p.to_string(), "has no narinfo in the cache".into())),
+            }
+        }
+        out
+    };
+    let public = opts.key.public();
+    // The local store's view first (its database is not shared between tasks).
+    let db = if opts.deep { None } else { Some(NixDb::open_default().map_err(|e| TargetError::transient(format!("the local Nix database: {e}")))?) };
+    let mut todo: Vec<&NarInfo> = Vec::new();
+    for e in selected {
+        let ni = match &e.info {
+            Ok(ni) if ni.info.path.hash_part() == e.hash_part() => ni,
+            Ok(ni) => {
+                report.refused.push((e.object.key.clone(), format!("names {}, not the path of its key", ni.info.path)));
+                continue;
+            }
+            Err(why) => {
+                report.refused.push((e.object.key.clone(), format!("does not parse: {why}")));
+                continue;
+            }
+        };
+        if ni.info.signed_by_any(std::slice::from_ref(&public)) {
+            report.already += 1;
+            continue;
+        }
+        if let Some(db) = &db {
+            let path = ni.info.path.to_string();
+            match db.query(std::slice::from_ref(&ni.info.path), false) {
+                Err(_) => {
+                    report.refused.push((path, "is not valid in the local store (--deep checks the cache's NAR instead)".into()));
+                    continue;
+                }
+                Ok(local) => {
+                    let Some(l) = local.first() else { continue };
+                    if (l.nar_hash, l.nar_size) != (ni.info.nar_hash, ni.info.nar_size) {
+                        let why = format!("the local store has NarHash {} ({} bytes), the cache {} ({} bytes)", l.nar_hash, l.nar_size, ni.info.nar_hash, ni.info.nar_size);
+                        report.refused.push((path, why));
+                        continue;
+                    }
+                    if l.references != ni.info.references {
+                        report.refused.push((path, "the local store gives it other references than the cache".into()));
+                        continue;
+                    }
+                }
+            }
+        }
+        todo.push(ni);
+    }
+    drop(db);
+    let results = try_concurrently(todo, opts.jobs, |ni| async move {
+        let path = ni.info.path.to_string();
+        if opts.deep {
+            if let Err(why) = super::deep::check(target, ni).await {
+                return Ok::<_, TargetError>(Err((path, why)));
+            }
+        }
+        // Signed as read now: what was checked must be what gets the signature.
+        let key = format!("{}.narinfo", ni.info.path.hash_part());
+        let Some(body) = target.get(&key).await? else { return Ok(Err((path, "its narinfo was deleted meanwhile".into()))) };
+        let text = String::from_utf8_lossy(&body);
+        match NarInfo::parse(&text) {
+            Ok(now) if now.info.fingerprint() == ni.info.fingerprint() => {
+                let sig = opts.key.sign(&ni.info.fingerprint());
+                target.put(&key, Body::Bytes(add_sig(&text, &sig).into_bytes()), storage::NARINFO_TYPE).await?;
+                Ok(Ok(path))
+            }
+            _ => Ok(Err((path, "its narinfo changed meanwhile; run sign again".into()))),
+        }
+    })
+    .await?;
+    for r in results {
+        match r {
+            Ok(p) => report.signed.push(p),
+            Err(refused) => report.refused.push(refused),
+        }
+    }
+    report.signed.sort();
+    report.refused.sort();
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NARINFO: &str = "StorePath: /nix/store/6il1lpdfxrnnfp077s9yqgr5nl3k3cm6-top
+URL: nar/1w1fff338fvdw53sqcamqgqmxgrgjyb3j3bzkqmr0qfkvlsqb05w.nar.zst
+Compression: zstd
+FileHash: sha256:1w1fff338fvdw53sqcamqgqmxgrgjyb3j3bzkqmr0qfkvlsqb05w
+FileSize: 112
+NarHash: sha256:0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73
+NarSize: 160
+References: z4asv3j07d89ywjf8fxkn7sg6mf5s9q5-dep
+Deriver: 3m5mqv6z9sjq13jva3mpxk9af68fb56x-top.drv
+";
+
+    #[test]
+    fn adds_sorted_sig_lines_where_nix_writes_them() {
+        let with = |sigs: &[&str], ca: bool| {
+            let mut t = NARINFO.to_string();
+            sigs.iter().for_each(|s| t += &format!("Sig: {s}\n"));
+            if ca {
+                t += "CA: fixed:r:sha256:1w1fff338fvdw53sqcamqgqmxgrgjyb3j3bzkqmr0qfkvlsqb05w\n";
+            }
+            t
+        };
+        assert_eq!(add_sig(&with(&[], false), "m:1"), with(&["m:1"], false));
+        assert_eq!(add_sig(&with(&["b:2", "z:3"], false), "m:1"), with(&["b:2", "m:1", "z:3"], false));
+        assert_eq!(add_sig(&with(&[], true), "m:1"), with(&["m:1"], true));
+        assert_eq!(add_sig(&with(&["z:3"], true), "a:1"), with(&["a:1", "z:3"], true));
+        // The same as narq (and Nix) render the narinfo with both.
+        let mut ni = NarInfo::parse(&with(&["b:2"], true)).unwrap();
+        ni.info.sigs.insert("a:1".into());
+        assert_eq!(add_sig(&with(&["b:2"], true), "a:1"), ni.to_string());
+    }
+}
