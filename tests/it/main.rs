@@ -6,6 +6,7 @@ mod cli;
 mod daemon;
 mod faults;
 mod formats;
+mod gc;
 mod guarantees;
 mod hook;
 mod nixos;
