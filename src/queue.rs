@@ -308,7 +308,8 @@ impl Queue {
         let seq = self.last_seq + 1;
         let n = tx.execute("UPDATE items SET state = 'stale' WHERE state = 'done' AND kind = 'nar'", [])?;
         tx.execute(&repend_reached("SELECT key FROM items WHERE state = 'pending'"), [seq])?;
-        tx.execute("DELETE FROM roots", [])?;
+        // Recorded roots are recorded again at their next request; those waiting stay.
+        tx.execute("DELETE FROM roots WHERE recorded_at IS NOT NULL", [])?;
         set_meta(&tx, "gc-generation", generation)?;
         tx.commit()?;
         self.last_seq = seq;
@@ -798,9 +799,11 @@ mod tests {
         q.roots_recorded(&[b.path.clone()]).unwrap();
         q.note_roots(&[b.path.clone()]).unwrap();
         assert!(q.roots_due(10).unwrap().is_empty());
+        q.note_roots(&[a.path.clone()]).unwrap();
         q.note_generation("g2").unwrap();
+        assert_eq!(q.roots_due(10).unwrap(), [a.path.clone()], "a root not recorded yet stays due");
         q.note_roots(&[b.path.clone()]).unwrap();
-        assert_eq!(q.roots_due(10).unwrap(), [b.path.clone()]);
+        assert_eq!(q.roots_due(10).unwrap().len(), 2);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
