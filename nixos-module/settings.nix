@@ -9,4 +9,9 @@ cfg: {
   jobs = cfg.settings.jobs;
   upstream = cfg.settings.upstream;
   allowed-users = cfg.settings.allowedUsers;
+  # A table: `[gc]`. Options not set (or a cfg without them) are left out.
+  gc = let g = cfg.gc or { }; in {
+    keep-days = g.keepDays or null;
+    max-size = g.maxSize or null;
+  };
 }

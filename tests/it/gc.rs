@@ -329,15 +329,19 @@ fn gc_in_a_loop_while_builds_and_pushes_run_never_breaks_a_closure() {
         .map(|i| {
             let (stop, config) = (stop.clone(), s.n.config.clone());
             std::thread::spawn(move || {
-                let mut runs = 0;
+                let (mut runs, mut removed) = (0, 0);
                 // The second collector starts later: at times two run at once.
                 std::thread::sleep(Duration::from_secs(5 * i));
-                while !stop.load(Ordering::Relaxed) && runs < 50 {
+                while !stop.load(Ordering::Relaxed) && runs < 2000 {
                     let out = output(Command::new(bin("narq")).args(["gc", "--keep-days", "1", "--grace", "0s"]).env("NARQ_CONFIG", &config));
-                    assert!(out.status.success(), "gc: {}", String::from_utf8_lossy(&out.stderr));
+                    if !out.status.success() {
+                        return Err(format!("gc run {runs} failed: {}", String::from_utf8_lossy(&out.stderr)));
+                    }
+                    removed += String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with("removed /nix/store/")).count();
                     runs += 1;
+                    std::thread::sleep(Duration::from_millis(300));
                 }
-                runs
+                Ok((runs, removed))
             })
         })
         .collect();
@@ -371,10 +375,12 @@ fn gc_in_a_loop_while_builds_and_pushes_run_never_breaks_a_closure() {
     }
     s.n.wait(180);
     stop.store(true, Ordering::Relaxed);
-    let runs: Vec<i32> = collectors.into_iter().map(|c| c.join().unwrap()).collect();
+    let runs: Vec<(i32, usize)> = collectors.into_iter().map(|c| c.join().unwrap().unwrap_or_else(|e| panic!("{e}"))).collect();
     let looks = watcher.join().unwrap().unwrap_or_else(|e| panic!("a closure was broken: {e}\ndaemon log:\n{}", s.n.daemon_log()));
-    eprintln!("{i} builds, gc runs {runs:?}, {looks} looks");
-    assert!(runs.iter().sum::<i32>() >= 2, "gc ran {runs:?} times");
+    eprintln!("{i} builds; (gc runs, paths removed) per collector: {runs:?}; {looks} looks");
+    assert!(runs.iter().map(|r| r.1).sum::<usize>() >= 2, "gc removed too little to test anything: {runs:?}");
+    let again = s.n.daemon_log().matches("was removed from the cache; it is uploaded again first").count();
+    eprintln!("uploads that found a reference collected and waited for it: {again}");
     // A last gc once everything is quiet, then every kept closure substitutes.
     s.ok(&["gc", "--keep-days", "1", "--grace", "0s"]);
     closed_now(&cache).unwrap();
@@ -406,4 +412,60 @@ fn pin_checks_its_path_and_name_and_bad_options_are_usage_errors() {
     let out = s.narq(&["gc", "--dry-run"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&s.n.config.display().to_string()) && err.contains("gc.grace"), "{err}");
+}
+
+/// `services.narq.gc`: a timer and a oneshot `narq gc` with the daemon's hardening, user and
+/// credentials; `[gc]` in the rendered config loads; the units pass systemd's own checker.
+#[test]
+fn nixos_module_runs_gc_on_a_timer() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let t = TempDir::new("gc-units");
+    std::fs::create_dir_all(t.join("pkg/bin")).unwrap();
+    std::os::unix::fs::symlink(bin("narq"), t.join("pkg/bin/narq")).unwrap();
+    let eval = |expr: &str| -> serde_json::Value { serde_json::from_str(&run(Command::new("nix-instantiate").args(["--eval", "--strict", "--json", "-E", expr]))).unwrap() };
+    let u = eval(&format!(
+        r#"import {}/nixos-module/units.nix {{ narq = "{}"; configFile = "/etc/narq.toml"; socket = "/run/narq/narq.sock"; environmentFile = "/etc/narq/aws.env"; gcDates = "daily"; }}"#,
+        repo.display(),
+        t.join("pkg").display()
+    ));
+    let (svc, timer) = (&u["gcService"]["serviceConfig"], &u["gcTimer"]);
+    assert_eq!(svc["Type"], "oneshot");
+    assert_eq!(svc["ExecStart"], format!("{}/bin/narq gc --config /etc/narq.toml", t.join("pkg").display()));
+    assert_eq!((&svc["User"], &svc["DynamicUser"], &svc["StateDirectory"]), (&"narq".into(), &true.into(), &"narq".into()));
+    assert_eq!(svc["EnvironmentFile"], "/etc/narq/aws.env");
+    assert_eq!(svc["ProtectSystem"], "strict");
+    assert_eq!(timer["timerConfig"]["OnCalendar"], "daily");
+    assert_eq!(timer["wantedBy"], serde_json::json!(["timers.target"]));
+
+    // The options reach `[gc]` of the config, which narq reads.
+    let cfg = r#"{ secretKeyFiles = [ ]; settings = { store = "file:///tmp/c"; publicKeys = [ ]; socket = "/s"; jobs = 4; upstream = [ ]; allowedUsers = [ ]; }; gc = { enable = true; dates = "weekly"; keepDays = 7; maxSize = "500G"; }; }"#;
+    let dir = repo.join("nixos-module");
+    let toml = eval(&format!("import {}/toml.nix (import {}/settings.nix {cfg})", dir.display(), dir.display()));
+    let c = narq::config::Config::parse(toml.as_str().unwrap(), None).unwrap();
+    assert_eq!((c.gc.keep_days, c.gc.max_size), (7, Some(500 << 30)));
+
+    // As unit files, through systemd-analyze verify.
+    let ini = |section: &str, v: &serde_json::Value| -> String {
+        let mut s = format!("[{section}]\n");
+        for (k, v) in v.as_object().unwrap() {
+            let v = match v {
+                serde_json::Value::Array(a) => a.iter().map(|x| x.as_str().unwrap().to_string()).collect::<Vec<_>>().join(" "),
+                serde_json::Value::Bool(b) => b.to_string(),
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            s.push_str(&format!("{k}={v}\n"));
+        }
+        s
+    };
+    let service = format!(
+        "[Unit]\nDescription={}\n{}Environment=NARQ_CONFIG=/etc/narq.toml\n",
+        u["gcService"]["description"].as_str().unwrap(),
+        ini("Service", svc)
+    );
+    let timer_text = format!("[Unit]\nDescription=x\n{}[Install]\nWantedBy=timers.target\n", ini("Timer", &timer["timerConfig"]));
+    std::fs::write(t.join("narq-gc.service"), service).unwrap();
+    std::fs::write(t.join("narq-gc.timer"), timer_text).unwrap();
+    let out = output(Command::new("systemd-analyze").args(["verify", "--man=no"]).arg(t.join("narq-gc.timer")).arg(t.join("narq-gc.service")));
+    assert!(out.status.success(), "systemd-analyze verify: {}", String::from_utf8_lossy(&out.stderr));
 }
