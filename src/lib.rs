@@ -23,7 +23,9 @@
 //!   set and the breaker, and the upload workers), `breaker`, `systemd` (socket activation,
 //!   `sd_notify`), `lock` (one daemon per state dir), `shared_queue`.
 //! - [`cache`]: reading a whole cache — `scan` lists every object and reads every narinfo
-//!   through an index in the state dir that keeps the next scan to what changed.
+//!   through an index in the state dir that keeps the next scan to what changed; `roots`
+//!   (narq's objects in the bucket: roots, pins, and the protocol that keeps uploads safe
+//!   while `gc`/`rm` delete), `gc` (the deletion planner), `maint` (`narq gc`, `rm`, `pin`).
 //! - [`logging`]: journald under systemd, readable lines on stderr otherwise.
 //!
 //! Without the `daemon` feature only what `narq-hook` needs is built: `nix`, `config`,
