@@ -18,6 +18,7 @@ let
     inherit configFile;
     inherit (cfg.settings) socket;
     inherit (cfg) user group environmentFile memoryMax;
+    gcDates = cfg.gc.dates;
   };
 in
 {
@@ -57,6 +58,26 @@ in
       type = types.str;
       default = "narq";
       description = "Group of the daemon; members may also enqueue over the socket.";
+    };
+    gc = {
+      enable = mkEnableOption "a systemd timer running `narq gc` (closure-aware garbage collection of the cache)";
+      dates = mkOption {
+        type = types.str;
+        default = "weekly";
+        example = "daily";
+        description = "When `narq gc` runs (systemd OnCalendar= syntax).";
+      };
+      keepDays = mkOption {
+        type = types.ints.unsigned;
+        default = 30;
+        description = "Keep the closures of roots pushed within this many days (plus pins); `[gc] keep-days`.";
+      };
+      maxSize = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "500G";
+        description = "If what stays is larger, the oldest roots go first (never pins); `[gc] max-size`.";
+      };
     };
     settings = {
       store = mkOption {
@@ -145,5 +166,7 @@ in
     environment.systemPackages = [ cfg.package ];
     systemd.sockets.narq = units.socket;
     systemd.services.narq = units.service;
+    systemd.services.narq-gc = mkIf cfg.gc.enable units.gcService;
+    systemd.timers.narq-gc = mkIf cfg.gc.enable units.gcTimer;
   };
 }

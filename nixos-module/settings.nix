@@ -14,4 +14,9 @@ cfg: {
   # `or`: the tests evaluate this file with settings that predate these options.
   exclude = cfg.settings.exclude or [ ];
   upstream-keys = cfg.settings.upstreamKeys or [ ];
+  # A table: `[gc]`. Options not set (or a cfg without them) are left out.
+  gc = let g = cfg.gc or { }; in {
+    keep-days = g.keepDays or null;
+    max-size = g.maxSize or null;
+  };
 }

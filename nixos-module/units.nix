@@ -1,7 +1,7 @@
 # The systemd units of narq, as NixOS attribute sets, without nixpkgs: the module uses them,
 # and the test suite checks them.
-{ narq, configFile, socket, stateDirName ? "narq", user ? null, group ? "narq", environmentFile ? null, memoryMax ? "1G" }:
-{
+{ narq, configFile, socket, stateDirName ? "narq", user ? null, group ? "narq", environmentFile ? null, memoryMax ? "1G", gcDates ? "weekly" }:
+let units = {
   socket = {
     description = "narq: the socket narq-hook hands builds to";
     wantedBy = [ "sockets.target" ];
@@ -57,4 +57,29 @@
     } // (if user == null then { DynamicUser = true; } else { User = user; })
       // (if environmentFile == null then { } else { EnvironmentFile = environmentFile; });
   };
-}
+  # `narq gc` on a timer: the daemon's hardening and credentials, as the same user (a
+  # DynamicUser of the same name shares the daemon's uid), so that it can use the cache
+  # index in the state dir.
+  gcService = {
+    description = "narq: collects garbage in the binary cache";
+    after = [ "network-online.target" ];
+    wants = [ "network-online.target" ];
+    environment.NARQ_CONFIG = configFile;
+    serviceConfig = (builtins.removeAttrs units.service.serviceConfig [ "Type" "NotifyAccess" "ExecStart" "Restart" "RestartSec" ]) // {
+      Type = "oneshot";
+      ExecStart = "${narq}/bin/narq gc --config ${configFile}";
+      User = if user == null then "narq" else user;
+      # Deleting is safe to interrupt; a run that takes this long is stuck.
+      TimeoutStartSec = "6h";
+    };
+  };
+  gcTimer = {
+    description = "narq: collects garbage in the binary cache, ${gcDates}";
+    wantedBy = [ "timers.target" ];
+    timerConfig = {
+      OnCalendar = gcDates;
+      Persistent = true;
+      RandomizedDelaySec = "1h";
+    };
+  };
+}; in units

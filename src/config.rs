@@ -6,6 +6,7 @@
 
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 use thiserror::Error;
 
 use crate::nix::{PathInfo, PublicKey, SecretKey};
@@ -43,6 +44,33 @@ struct Raw {
     exclude: Vec<String>,
     #[serde(default)]
     upstream_keys: Vec<String>,
+    #[serde(default)]
+    gc: RawGc,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct RawGc {
+    keep_days: Option<u64>,
+    max_size: Option<String>,
+    grace: Option<String>,
+}
+
+/// `[gc]`: what `narq gc` keeps, unless its options say otherwise.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GcConfig {
+    /// Roots pushed within this many days stay, with their closures.
+    pub keep_days: u64,
+    /// If what stays is larger, the oldest roots go first (never pins).
+    pub max_size: Option<u64>,
+    /// Anything written within this long stays (uploads in progress anywhere).
+    pub grace: Duration,
+}
+
+impl Default for GcConfig {
+    fn default() -> Self {
+        GcConfig { keep_days: 30, max_size: None, grace: Duration::from_secs(86400) }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -70,6 +98,8 @@ pub struct Config {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// What the daemon does not upload (`exclude`, `upstream-keys`).
     pub filters: Filters,
+    /// `[gc]`: defaults of `narq gc`.
+    pub gc: GcConfig,
 }
 
 /// What the daemon leaves out, decided from the config when an item is about to be
@@ -221,7 +251,14 @@ impl Config {
             }
             upstream_keys.push(name.to_string());
         }
+        let d = GcConfig::default();
+        let gc = GcConfig {
+            keep_days: raw.gc.keep_days.unwrap_or(d.keep_days),
+            max_size: raw.gc.max_size.as_deref().map(parse_size).transpose().map_err(|m| err(Some("gc.max-size"), m))?,
+            grace: raw.gc.grace.as_deref().map(parse_duration).transpose().map_err(|m| err(Some("gc.grace"), m))?.unwrap_or(d.grace),
+        };
         Ok(Config {
+            gc,
             file: file.map(Path::to_path_buf),
             store,
             secret_key_files,
@@ -304,6 +341,45 @@ impl Config {
     }
 }
 
+/// Parses `30d`, `6h`, `15m`, `0s` (and plain seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, ""), |i| s.split_at(i));
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration (like 30d, 6h, 15m, 0s)"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        "w" => 7 * 86400,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use s, m, h, d or w)")),
+    };
+    n.checked_mul(mult).map(Duration::from_secs).ok_or_else(|| format!("{s:?} is too long"))
+}
+
+/// Parses `500G`, `20M`, `1T`, `4096` (bytes; K, M, G, T are powers of 1024; an optional `B`
+/// or `iB` after them).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, unit) = t.find(|c: char| !c.is_ascii_digit() && c != '.').map_or((t, ""), |i| t.split_at(i));
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a size (like 500G, 20M)"))?;
+    let unit = unit.trim().to_ascii_uppercase();
+    let shift = match unit.trim_end_matches("IB").trim_end_matches('B') {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        "P" => 50,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use K, M, G, T or P)")),
+    };
+    let v = n * (1u64 << shift) as f64;
+    if !v.is_finite() || v < 0.0 || v >= u64::MAX as f64 {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok(v as u64)
+}
+
 /// The config file, as error messages name it.
 fn describe(file: Option<&Path>) -> String {
     file.map_or("(built-in defaults)".to_string(), |f| f.display().to_string())
@@ -330,6 +406,9 @@ mod tests {
         assert_eq!(c.store.location, crate::store_url::Location::File("/tmp/x/cache".into()));
         assert_eq!(c.socket, PathBuf::from(DEFAULT_SOCKET));
         assert_eq!(c.jobs, 4);
+        assert_eq!(c.gc, GcConfig::default());
+        let c = Config::parse("[gc]\nkeep-days = 7\nmax-size = \"500G\"\ngrace = \"6h\"\n", None).unwrap();
+        assert_eq!(c.gc, GcConfig { keep_days: 7, max_size: Some(500 << 30), grace: std::time::Duration::from_secs(6 * 3600) });
         assert_eq!(Config::parse("allowed-users = [\"root\", \"1000\"]", None).unwrap().allowed_uids, [0, 1000]);
         assert_eq!(c.metrics_listen, None);
         let c = Config::parse("metrics-listen = \"127.0.0.1:9464\"", None).unwrap();
@@ -422,6 +501,9 @@ mod tests {
             ("exclude = [\"/nix/store/*-source\"]", "key `exclude[0]`: \"/nix/store/*-source\" is not a glob on store path names"),
             ("exclude = [\"*.iso\", \"\"]", "key `exclude[1]`"),
             ("upstream-keys = [\"a b\"]", "key `upstream-keys[0]`: \"a b\" is not a key name"),
+            ("[gc]\ngrace = \"3x\"", "key `gc.grace`: \"3x\": unknown unit"),
+            ("[gc]\nmax-size = \"lots\"", "key `gc.max-size`: \"lots\" is not a size"),
+            ("[gc]\nkeep-days = -1", "line 2"),
         ] {
             let e = Config::parse(text, f).unwrap_err().to_string();
             assert!(e.contains(want), "{text:?}: {e}");

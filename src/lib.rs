@@ -24,7 +24,9 @@
 //!   `sd_notify`), `lock` (one daemon per state dir), `shared_queue`.
 //! - [`cache`]: reading a whole cache — `scan` lists every object and reads every narinfo
 //!   through an index in the state dir that keeps the next scan to what changed; `verify`
-//!   (`narq verify`, `--repair`), `deep` (a NAR downloaded and checked), `sign` (`narq sign`).
+//!   (`narq verify`, `--repair`), `deep` (a NAR downloaded and checked), `sign` (`narq sign`),
+//!   `roots` (narq's objects in the bucket: roots, pins, and the protocol that keeps uploads
+//!   safe while `gc`/`rm` delete), `gc` (the deletion planner), `maint` (`narq gc`, `rm`, `pin`).
 //! - [`logging`]: journald under systemd, readable lines on stderr otherwise.
 //! - [`doctor`]: `narq doctor`, one line per check of the whole set-up.
 //! - [`metrics`]: counters, the uploads in flight with their progress, and the Prometheus

@@ -32,6 +32,12 @@
 //! [`Queue::recheck`] does the same for given paths (`narq push`), for caches that someone
 //! else may have pruned.
 //!
+//! When `narq gc` or `narq rm` may have deleted paths ([`Queue::note_generation`]), `done`
+//! paths become `stale`: not uploaded again for that alone (that would undo the collection),
+//! but no longer trusted either. A path that a pending path reaches through its references
+//! is pending again, and so is every stale one a new request reaches: the uploader looks for
+//! it in the cache and uploads it again if it is gone, before anything that references it.
+//!
 //! # Ordering
 //! A `nar` item is ready only when every reference (other than itself) is `done`, so a
 //! narinfo is never visible before the narinfos of its references.
@@ -68,6 +74,12 @@ CREATE TABLE IF NOT EXISTS refs (
     PRIMARY KEY (key, ref)
 );
 CREATE INDEX IF NOT EXISTS refs_ref ON refs(ref);
+-- Top-level paths of requests, for the cache's roots (see `cache::roots`): recorded in the
+-- bucket at most once a day each; NULL: to be recorded.
+CREATE TABLE IF NOT EXISTS roots (
+    path        TEXT PRIMARY KEY,
+    recorded_at INTEGER
+);
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,             -- 'store': the cache 'done' refers to; 'waited': see wait_checkpoint
     value TEXT NOT NULL
@@ -114,7 +126,20 @@ pub enum Outcome {
 /// reports what happens to them from here on), for the uploader to check the cache for them;
 /// callers narrow it with `AND …`.
 const REPEND: &str = "UPDATE items SET state = 'pending', outcome = NULL, bytes = 0, attempts = 0, next_try = 0,
-     last_error = NULL, done_at = NULL, seq = ?1 WHERE state = 'done'";
+     last_error = NULL, done_at = NULL, seq = ?1 WHERE state IN ('done', 'stale')";
+
+/// [`REPEND`] for the `stale` items reached through references from the keys that `from`
+/// selects: what an upload is about to rely on is looked for in the cache again first.
+fn repend_reached(from: &str) -> String {
+    format!(
+        "WITH RECURSIVE reach(k) AS ({from} UNION SELECT r.ref FROM reach JOIN refs r ON r.key = reach.k)
+         UPDATE items SET state = 'pending', outcome = NULL, bytes = 0, attempts = 0, next_try = 0,
+             last_error = NULL, done_at = NULL, seq = ?1 WHERE state = 'stale' AND key IN (SELECT k FROM reach)"
+    )
+}
+
+/// A root is recorded in the bucket again once it is this old (see `cache::roots`).
+const ROOT_REFRESH_MS: i64 = 86_400_000;
 
 fn set_meta(conn: &Connection, key: &str, value: &str) -> Result<()> {
     conn.execute("INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = ?2", [key, value])?;
@@ -280,6 +305,56 @@ impl Queue {
         Ok(n)
     }
 
+    /// Called with the cache's collection marker ([`crate::cache::roots`]): when it is not the
+    /// one recorded, a `gc` or `rm` may have deleted paths since, so every `done` path becomes
+    /// `stale`, the stale ones pending paths reach are pending again (see the module doc), and
+    /// the roots are recorded again at their next request. Returns how many became stale.
+    pub fn note_generation(&mut self, generation: &str) -> Result<usize> {
+        if self.meta("gc-generation")?.as_deref() == Some(generation) {
+            return Ok(0);
+        }
+        let tx = self.conn.transaction()?;
+        let seq = self.last_seq + 1;
+        let n = tx.execute("UPDATE items SET state = 'stale' WHERE state = 'done' AND kind = 'nar'", [])?;
+        tx.execute(&repend_reached("SELECT key FROM items WHERE state = 'pending'"), [seq])?;
+        // Recorded roots are recorded again at their next request; those waiting stay.
+        tx.execute("DELETE FROM roots WHERE recorded_at IS NOT NULL", [])?;
+        set_meta(&tx, "gc-generation", generation)?;
+        tx.commit()?;
+        self.last_seq = seq;
+        Ok(n)
+    }
+
+    /// Notes the top-level paths of a request: each is recorded in the cache as a root when it
+    /// was not in the last day.
+    pub fn note_roots(&mut self, roots: &[StorePath]) -> Result<()> {
+        let mut stmt = self.conn.prepare_cached(
+            "INSERT INTO roots (path, recorded_at) VALUES (?1, NULL)
+             ON CONFLICT(path) DO UPDATE SET recorded_at = NULL WHERE recorded_at < ?2",
+        )?;
+        for r in roots {
+            stmt.execute(params![r.to_string(), now_ms() - ROOT_REFRESH_MS])?;
+        }
+        Ok(())
+    }
+
+    /// Up to `limit` roots to record in the cache.
+    pub fn roots_due(&self, limit: usize) -> Result<Vec<StorePath>> {
+        let mut stmt = self.conn.prepare_cached("SELECT path FROM roots WHERE recorded_at IS NULL LIMIT ?1")?;
+        let rows = stmt.query_map([limit as i64], |r| r.get::<_, String>(0))?;
+        // A row that does not parse is dropped: it only ever held a parsed store path.
+        Ok(rows.filter_map(|r| r.ok().and_then(|p| StorePath::parse(&p).ok())).collect())
+    }
+
+    /// `roots` are recorded in the cache now.
+    pub fn roots_recorded(&mut self, roots: &[StorePath]) -> Result<()> {
+        let mut stmt = self.conn.prepare_cached("UPDATE roots SET recorded_at = ?2 WHERE path = ?1")?;
+        for r in roots {
+            stmt.execute(params![r.to_string(), now_ms()])?;
+        }
+        Ok(())
+    }
+
     /// Records a build the hook could not hand over, failed with `reason`: one item per
     /// output (or one for the derivation, when its outputs are unknown).
     pub fn record_dropped(&mut self, roots: &[StorePath], drv: Option<&StorePath>, reason: &str) -> Result<()> {
@@ -403,6 +478,9 @@ impl Queue {
                 new += n;
             }
         }
+        // What the request relies on but was only remembered from before a collection.
+        let keys: Vec<String> = paths.iter().map(|p| p.path.to_string()).collect();
+        tx.execute(&repend_reached("SELECT value FROM json_each(?2)"), params![seq, serde_json::to_string(&keys).expect("strings serialise")])?;
         tx.commit()?;
         self.last_seq = seq;
         Ok(new)
@@ -794,6 +872,44 @@ mod tests {
         // Reopened (as after kill -9): the same state.
         let q = Queue::open(&dir.join("q.db")).unwrap();
         assert_eq!(q.status().unwrap().pending, 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// After a collection, `done` is not trusted: what a pending path or a new request reaches
+    /// is looked for again before it is relied on; the rest is not uploaded again for that alone.
+    #[test]
+    fn a_new_generation_makes_done_stale_and_repends_what_uploads_rely_on() {
+        let dir = std::env::temp_dir().join(format!("narq-queue-gen-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut q = Queue::open(&dir.join("q.db")).unwrap();
+        let keys = |v: Vec<Item>| v.into_iter().map(|i| i.key).collect::<Vec<_>>();
+        let (a, b, x, y) = (info("a", &[]), info("b", &["a"]), info("x", &[]), info("y", &["x"]));
+        q.enqueue(&[a.clone(), x.clone()], None).unwrap();
+        q.done(&a.path.to_string(), Outcome::Uploaded { bytes: 1 }).unwrap();
+        q.done(&x.path.to_string(), Outcome::Uploaded { bytes: 1 }).unwrap();
+        q.enqueue(&[b.clone()], None).unwrap();
+        assert_eq!(q.note_generation("g1").unwrap(), 2);
+        assert_eq!(q.note_generation("g1").unwrap(), 0, "the same generation changes nothing");
+        // b is pending: a, which it references, is looked for again, and b waits for it.
+        assert_eq!(keys(q.ready(10, &HashSet::new()).unwrap()), [a.path.to_string()]);
+        // x is stale, not pending: nothing is uploaded again for the collection alone.
+        assert_eq!(q.status().unwrap().pending, 2);
+        // A request whose references were only remembered (the hook did not send x) repends them.
+        q.enqueue(&[y.clone()], None).unwrap();
+        let ready = keys(q.ready(10, &HashSet::new()).unwrap());
+        assert!(ready.contains(&x.path.to_string()) && !ready.contains(&y.path.to_string()), "{ready:?}");
+        // Roots are recorded once a day, and again after a new generation.
+        q.note_roots(&[b.path.clone()]).unwrap();
+        assert_eq!(q.roots_due(10).unwrap(), [b.path.clone()]);
+        q.roots_recorded(&[b.path.clone()]).unwrap();
+        q.note_roots(&[b.path.clone()]).unwrap();
+        assert!(q.roots_due(10).unwrap().is_empty());
+        q.note_roots(&[a.path.clone()]).unwrap();
+        q.note_generation("g2").unwrap();
+        assert_eq!(q.roots_due(10).unwrap(), [a.path.clone()], "a root not recorded yet stays due");
+        q.note_roots(&[b.path.clone()]).unwrap();
+        assert_eq!(q.roots_due(10).unwrap().len(), 2);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::cache::roots::{Gate, GcWatch};
 use crate::metrics::InFlight;
 use crate::nix::{db, nar, NarInfo, PathInfo, Realisation, StorePath};
 use crate::queue::{Item, Kind, Outcome};
@@ -47,7 +48,13 @@ pub struct Uploader {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// What is not uploaded (`exclude`, `upstream-keys`): see [`Uploader::skip`].
     pub filters: crate::config::Filters,
+    /// The daemon's view of `narq gc`/`narq rm` runs: narinfos are put only when it allows.
+    pub gc: Option<Arc<GcWatch>>,
 }
+
+/// How long an upload waits for a collection to end before its narinfo is put, before it
+/// gives its worker back (the item is retried).
+const GC_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Free space kept on the file system of the state dir, beyond a NAR's temp file: the
 /// queue and the spool live there, and a full disk would make narq refuse (or the hook
@@ -188,12 +195,18 @@ impl WriteFinish for xz2::write::XzEncoder<BufWriter<File>> {
 
 impl Uploader {
     pub async fn run(&self, item: &Item) -> Result<Outcome, UploadError> {
+        self.run_in(item, self.gc.as_ref().map_or(0, |g| g.epoch())).await
+    }
+
+    /// [`Uploader::run`] for an item that the queue gave as ready in the watch's `epoch`:
+    /// what it remembered then of the item's references is trusted only in that epoch.
+    pub async fn run_in(&self, item: &Item, epoch: u64) -> Result<Outcome, UploadError> {
         let start = Instant::now();
         let tracked = self.metrics.track(item);
         let result = match self.skip(item) {
             Some(skipped) => Ok(skipped),
             None => match &item.kind {
-                Kind::Nar(info) => self.upload_path(info, item.repair, tracked.progress.clone()).await,
+                Kind::Nar(info) => self.upload_path(info, item.repair, tracked.progress.clone(), epoch).await,
                 Kind::Log(drv) => self.upload_log(drv).await,
                 Kind::Realisation(r) => self.upload_realisation(r).await,
             },
@@ -228,9 +241,43 @@ impl Uploader {
         Some(Outcome::Excluded(why))
     }
 
+    /// Puts the narinfo when no collection is in the way, and before the deadline that keeps
+    /// it visible to any collection's final listing (see `cache::roots`). If a collection
+    /// began or ended since the item was found ready, its references and NAR are looked for
+    /// in the cache first: one that is gone makes the item wait for it to be uploaded again.
+    async fn put_narinfo(&self, info: &PathInfo, nar_key: &str, key: &str, body: Vec<u8>, mut epoch: u64) -> Result<(), UploadError> {
+        let Some(gc) = &self.gc else {
+            return Ok(self.target.put(key, Body::Bytes(body), storage::NARINFO_TYPE).await?);
+        };
+        for _ in 0..3 {
+            let until = match gc.wait_open(GC_WAIT).await? {
+                Gate::Held(why) => return Err(UploadError::Transient(format!("{}: {why}", info.path))),
+                Gate::Open { epoch: now, until } if now == epoch => until,
+                Gate::Open { epoch: now, .. } => {
+                    for r in info.references.iter().filter(|r| **r != info.path) {
+                        if !self.target.exists(&format!("{}.narinfo", r.hash_part())).await? {
+                            return Err(UploadError::Transient(format!("{r}, which {} references, was removed from the cache; it is uploaded again first", info.path)));
+                        }
+                    }
+                    if !self.target.exists(nar_key).await? {
+                        return Err(UploadError::Transient(format!("the NAR of {} was removed from the cache before its narinfo; uploading it again", info.path)));
+                    }
+                    epoch = now;
+                    continue;
+                }
+            };
+            let left = until.saturating_duration_since(Instant::now());
+            return match tokio::time::timeout(left, self.target.put(key, Body::Bytes(body), storage::NARINFO_TYPE)).await {
+                Ok(r) => Ok(r?),
+                Err(_) => Err(UploadError::Transient(format!("the narinfo of {} took too long to put while a collection may start; will check again", info.path))),
+            };
+        }
+        Err(UploadError::Transient(format!("{}: collections keep starting and ending; will try again", info.path)))
+    }
+
     /// Uploads the path unless the cache (or an upstream) has it; with `repair`, uploads it
     /// whatever the cache has (a broken entry there), overwriting: NAR first, narinfo last.
-    async fn upload_path(&self, info: &PathInfo, repair: bool, progress: Arc<InFlight>) -> Result<Outcome, UploadError> {
+    async fn upload_path(&self, info: &PathInfo, repair: bool, progress: Arc<InFlight>, epoch: u64) -> Result<Outcome, UploadError> {
         let narinfo_key = format!("{}.narinfo", info.path.hash_part());
         if !repair && self.target.exists(&narinfo_key).await? {
             return Ok(Outcome::Present);
@@ -284,7 +331,7 @@ impl Uploader {
         };
         self.put_listing(info, c.listing).await?;
         self.target.put(&nar_key, Body::File(tmp), storage::NAR_TYPE).await?;
-        self.target.put(&narinfo_key, Body::Bytes(narinfo.to_string().into_bytes()), storage::NARINFO_TYPE).await?;
+        self.put_narinfo(info, &nar_key, &narinfo_key, narinfo.to_string().into_bytes(), epoch).await?;
         // The message stands alone for `journalctl -u narq`; the fields are for queries.
         let ms = start.elapsed().as_millis() as u64;
         tracing::info!(

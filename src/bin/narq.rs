@@ -75,6 +75,44 @@ enum Cmd {
     Verify(narq::cache::verify::Args),
     /// Add a signature to narinfos already in the cache, keeping theirs; only to paths it checked
     Sign(narq::cache::sign::Args),
+    /// Remove paths from the cache without breaking closures (NARs only when no narinfo left names them)
+    #[command(after_help = "Exit codes: 0 removed (or nothing to remove); 1 refused: narinfos that stay reference a path, or it is pinned.")]
+    Rm {
+        /// Also remove every path that references one of them, directly or not
+        #[arg(long)]
+        with_referrers: bool,
+        /// Print what would be removed; delete nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// Store paths, or links to them such as ./result
+        #[arg(required = true)]
+        path: Vec<PathBuf>,
+    },
+    /// Keep PATH's closure in the cache whatever its age, under NAME
+    Pin { name: String, path: PathBuf },
+    /// Remove the pin NAME (the paths go at a later gc unless something else keeps them)
+    Unpin { name: String },
+    /// List the pins: NAME PATH
+    Pins,
+    /// Collect garbage: keep recent roots, pins and their closures; delete the rest, safely while uploads run
+    #[command(after_help = "Defaults come from the [gc] section of the config (keep-days 30, grace 24h, no max-size).")]
+    Gc {
+        /// Keep the closures of roots pushed within N days
+        #[arg(long, value_name = "N")]
+        keep_days: Option<u64>,
+        /// If what stays is larger, give up the oldest roots (never pins) until it fits, e.g. 500G
+        #[arg(long, value_name = "SIZE", value_parser = narq::config::parse_size)]
+        max_size: Option<u64>,
+        /// Keep anything written within this long (uploads in progress), e.g. 24h, 0s
+        #[arg(long, value_name = "DURATION", value_parser = narq::config::parse_duration)]
+        grace: Option<Duration>,
+        /// Print what would be removed; delete nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the summary as JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the NAR hash and size of PATH (like nix-hash --type sha256 --base32)
     NarHash { path: PathBuf },
     /// Print a completion script for SHELL (for packagers)
@@ -177,6 +215,13 @@ fn run(cli: Cli) -> anyhow::Result<Exit> {
         Cmd::Doctor => Ok(if narq::doctor::run(cli.config.as_deref()) { Exit::Success } else { Exit::Failed }),
         Cmd::Verify(args) => Ok(if narq::cache::verify::run(&config()?, args, to_store_path)? { Exit::Success } else { Exit::Failed }),
         Cmd::Sign(args) => Ok(if narq::cache::sign::run(&config()?, args, to_store_path)? { Exit::Success } else { Exit::Failed }),
+        Cmd::Rm { with_referrers, dry_run, path } => done(narq::cache::maint::rm(&config()?, &store_paths(&path)?, with_referrers, dry_run)),
+        Cmd::Pin { name, path } => done(narq::cache::maint::pin(&config()?, &name, &to_store_path(&path)?)),
+        Cmd::Unpin { name } => done(narq::cache::maint::unpin(&config()?, &name)),
+        Cmd::Pins => done(narq::cache::maint::pins(&config()?)),
+        Cmd::Gc { keep_days, max_size, grace, dry_run, json } => {
+            done(narq::cache::maint::gc(&config()?, &narq::cache::maint::GcOptions { keep_days, max_size, grace, dry_run, json }))
+        }
         Cmd::NarHash { path } => {
             let stats = nar::hash_path(&path).with_context(|| format!("{}", path.display()))?;
             println!("{} {}", stats.hash.to_base32(), stats.size);
@@ -191,6 +236,15 @@ fn run(cli: Cli) -> anyhow::Result<Exit> {
             Ok(Exit::Success)
         }
     }
+}
+
+/// A maintenance command's answer: done, or refused (it said why).
+fn done(r: anyhow::Result<bool>) -> anyhow::Result<Exit> {
+    r.map(|ok| if ok { Exit::Success } else { Exit::Failed })
+}
+
+fn store_paths(paths: &[PathBuf]) -> anyhow::Result<Vec<StorePath>> {
+    paths.iter().map(|p| to_store_path(p)).collect()
 }
 
 /// A store path, or something that resolves to one (`./result`).

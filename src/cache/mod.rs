@@ -3,7 +3,10 @@
 //! `narq sign` and the maintenance commands (`rm`, `gc`) build on it.
 
 pub mod deep;
+pub mod gc;
 pub mod index;
+pub mod maint;
+pub mod roots;
 pub mod sign;
 pub mod verify;
 

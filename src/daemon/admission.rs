@@ -269,6 +269,8 @@ pub(super) fn enqueue(q: &mut Queue, keys: &[PublicKey], (paths, drv, realisatio
         .collect();
     let new = q.enqueue(&todo, drv.as_ref()).map_err(NotStored::queue)?;
     q.enqueue_realisations(&realisations).map_err(NotStored::queue)?;
+    // Its top-level paths are roots of the cache: in use, whether uploaded now or before.
+    q.note_roots(&tops(&paths)).map_err(NotStored::queue)?;
     // Builds of these paths that the hook dropped earlier are handed over now.
     q.clear_dropped(paths.iter().map(|p| &p.path).chain(drv.as_ref())).map_err(NotStored::queue)?;
     Ok(new)

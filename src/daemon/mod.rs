@@ -22,6 +22,7 @@ use anyhow::Context;
 use tokio::net::UnixListener;
 use tokio::sync::Notify;
 
+use crate::cache::roots::GcWatch;
 use crate::config::Config;
 use crate::metrics::{Levels, Metrics};
 use crate::queue::Queue;
@@ -105,7 +106,18 @@ pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Futur
     let metrics = Arc::new(Metrics::new());
     let mut allowed_uids = vec![0, me];
     allowed_uids.extend(&config.allowed_uids);
+    let queue = SharedQueue::new(queue);
+    // What a `gc` or `rm` deleted is not trusted as uploaded any more (see `cache::roots`).
+    let gc = Arc::new(GcWatch::new(target.clone(), {
+        let queue = queue.clone();
+        Box::new(move |marker| match queue.here(|q| q.note_generation(marker)) {
+            Ok(0) => Ok(()),
+            Ok(n) => Ok(tracing::info!(stale = n, "the cache was collected: {n} paths remembered as uploaded will be looked for again before they are relied on")),
+            Err(e) => Err(e.to_string()),
+        })
+    }));
     let uploader = Arc::new(Uploader {
+        gc: Some(gc),
         target,
         url: config.store.clone(),
         tmp_dir,
@@ -116,7 +128,6 @@ pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Futur
         metrics: metrics.clone(),
         filters: config.filters.clone(),
     });
-    let queue = SharedQueue::new(queue);
     let wake = Arc::new(Notify::new());
     let admission = Arc::new(Admission::new(queue.clone(), config.required_trusted_keys()?, allowed_uids, config.spool_dir(), wake.clone()));
     let store = uploader.target.describe();
@@ -155,6 +166,7 @@ pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Futur
             }
         }
     });
+    let roots = tokio::spawn(record_roots(queue.clone(), uploader_target.clone()));
     // The socket is served on a thread of its own with a single-threaded runtime: a hook's
     // request is read, stored (one fsync) and answered without waking any other thread (on
     // an idle machine each such wake-up costs ~0.1 ms), and busy upload workers share only
@@ -180,6 +192,7 @@ pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Futur
     if let Some(s) = scraper {
         s.abort();
     }
+    roots.abort();
     unlock_state_dir(&config.state_dir);
     tracing::info!("narq daemon stopped");
     Ok(())
@@ -202,6 +215,37 @@ fn levels(queue: SharedQueue, workers: tokio::sync::watch::Receiver<workers::Sna
             paused: w.target_error().is_some(),
         }
     })
+}
+
+/// How often the roots noted by requests are looked at, to be recorded in the cache.
+const ROOTS_POLL: Duration = Duration::from_secs(1);
+
+/// Records in the cache the roots that requests noted (`cache::roots`), in the background:
+/// a failure is logged and tried again at the next round.
+async fn record_roots(queue: SharedQueue, target: Arc<dyn storage::Target>) {
+    loop {
+        tokio::time::sleep(ROOTS_POLL).await;
+        let due = match queue.run(|q| q.roots_due(100)).await {
+            Ok(Ok(d)) if !d.is_empty() => d,
+            Ok(Ok(_)) => continue,
+            Ok(Err(e)) => {
+                tracing::warn!("reading the roots to record: {e}");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!("reading the roots to record: {e}");
+                continue;
+            }
+        };
+        match crate::cache::roots::record_roots(&*target, &due).await {
+            Ok(done) => match queue.run(move |q| q.roots_recorded(&done)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!("remembering recorded roots: {e}"),
+                Err(e) => tracing::warn!("remembering recorded roots: {e}"),
+            },
+            Err(e) => tracing::warn!("recording roots in the cache (will retry): {e}"),
+        }
+    }
 }
 
 /// Keeps the state dir's reserve ([`spool::ensure_reserve`]) while there is room for it.

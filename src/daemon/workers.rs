@@ -112,9 +112,12 @@ impl Dispatcher {
             return None;
         }
         let busy = self.in_flight.clone();
+        // Taken before the queue is read: a collection seen after it makes the items check
+        // the references they were found ready with (see `Uploader::run_in`).
+        let epoch = self.uploader.gc.as_ref().map_or(0, |g| g.epoch());
         match self.queue.run(move |q| (q.ready(free, &busy), q.next_retry_in())).await {
             Ok((Ok(items), next)) => {
-                items.into_iter().for_each(|item| self.start(item));
+                items.into_iter().for_each(|item| self.start(item, epoch));
                 next.ok().flatten()
             }
             Ok((Err(e), _)) => {
@@ -128,14 +131,14 @@ impl Dispatcher {
         }
     }
 
-    fn start(&mut self, item: Item) {
+    fn start(&mut self, item: Item, epoch: u64) {
         self.in_flight.insert(item.key.clone());
         let uploader = self.uploader.clone();
         let report = self.report.clone();
         tokio::spawn(async move {
             let job = tokio::spawn({
                 let item = item.clone();
-                async move { upload(&uploader, &item).await }
+                async move { upload(&uploader, &item, epoch).await }
             });
             let result = job.await.unwrap_or_else(|e| Err(UploadError::Transient(panic_message(e))));
             // Fails only once the dispatcher is gone, at shutdown.
@@ -184,10 +187,10 @@ fn record(q: &mut Queue, key: &str, attempts: u32, result: Result<Outcome, Uploa
 }
 
 /// One worker's upload.
-async fn upload(uploader: &Uploader, item: &Item) -> Result<Outcome, UploadError> {
+async fn upload(uploader: &Uploader, item: &Item, epoch: u64) -> Result<Outcome, UploadError> {
     #[cfg(debug_assertions)]
     panic_if_asked(item);
-    uploader.run(item).await
+    uploader.run_in(item, epoch).await
 }
 
 /// Test-only, and only in debug builds: `NARQ_TEST_PANIC_ON=<substring>` makes the upload

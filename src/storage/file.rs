@@ -137,7 +137,15 @@ fn walk(root: &Path, prefix: &str, temp: bool, send: &mut dyn FnMut(String, Stri
                 (true, Some(object)) => format!("{rel}{object}"),
                 _ => continue,
             };
-            if key.starts_with(prefix) && !send(key, format!("{rel}{name}"), e.metadata()?) {
+            if !key.starts_with(prefix) {
+                continue;
+            }
+            // Deleted (a gc) or renamed (a temp file done) since it was read from the directory.
+            let meta = match e.metadata() {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                m => m?,
+            };
+            if !send(key, format!("{rel}{name}"), meta) {
                 return Ok(());
             }
         }

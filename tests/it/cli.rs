@@ -27,6 +27,11 @@ const COMMANDS: &[(&str, &[&str])] = &[
     ("sign", &["--key-file <FILE>", "--all"]),
     ("keygen", &["<NAME>", "--secret-key-file <FILE>", "--public-key-file <FILE>"]),
     ("nar-hash", &["<PATH>"]),
+    ("rm", &["--with-referrers", "--dry-run", "<PATH>..."]),
+    ("pin", &["<NAME>", "<PATH>"]),
+    ("unpin", &["<NAME>"]),
+    ("pins", &[]),
+    ("gc", &["--keep-days <N>", "--max-size <SIZE>", "--grace <DURATION>", "--dry-run", "--json"]),
 ];
 
 /// Before clap, `narq daemon --help` said "invalid option" and exited 1.

@@ -8,6 +8,7 @@ mod doctor;
 mod faults;
 mod filters;
 mod formats;
+mod gc;
 mod guarantees;
 mod hook;
 mod nixos;

@@ -224,6 +224,10 @@ const OPTIONS: &[(&str, &str, &str)] = &[
     ("settings.exclude", "list of string", "[]"),
     ("settings.allowedUsers", "list of string", "[]"),
     ("settings.metricsListen", "null or string", "null"),
+    ("gc.enable", "boolean", "false"),
+    ("gc.dates", "string", r#""weekly""#),
+    ("gc.keepDays", "unsigned integer, meaning >=0", "30"),
+    ("gc.maxSize", "null or string", "null"),
 ];
 
 /// nixpkgs' `lib`: `$NARQ_NIXPKGS_LIB`, else `shared/nixpkgs-lib/lib` beside the repository
@@ -378,6 +382,16 @@ fn module_renders_units_config_and_hook() {
     assert_eq!(c.state_dir, Path::new("/var/lib/narq"));
     assert_eq!(c.metrics_listen, Some("127.0.0.1:9464".parse().unwrap()));
     assert_eq!((c.filters.exclude.as_slice(), c.filters.upstream_keys.as_slice()), (&["*-source".to_string()][..], &["cache.nixos.org-1".to_string()][..]));
+
+    // No gc timer unless asked for; with one, `narq gc` as the daemon's user, on its dates.
+    assert_eq!(v["systemd"]["timers"], serde_json::json!({}));
+    let v = eval_module(&lib, &enabled(r#"user = "uploader"; gc = { enable = true; dates = "daily"; keepDays = 7; maxSize = "50G"; };"#)).unwrap();
+    assert_eq!(v["systemd"]["timers"]["narq-gc"]["timerConfig"]["OnCalendar"], "daily");
+    let gc = unit(&v, "services", "narq-gc");
+    assert_eq!((&gc["serviceConfig"]["User"], &gc["serviceConfig"]["Type"]), (&"uploader".into(), &"oneshot".into()));
+    assert!(gc["serviceConfig"]["ExecStart"].as_str().is_some_and(|e| e.contains("/bin/narq gc")), "{gc}");
+    let c = rendered_config(&v);
+    assert_eq!((c.gc.keep_days, c.gc.max_size), (7, Some(50 << 30)));
 
     // Without a user: a DynamicUser, and no user declared.
     let v = eval_module(&lib, &enabled("")).unwrap();

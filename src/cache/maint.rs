@@ -1,0 +1,242 @@
+//! The commands `narq gc`, `narq rm`, `narq pin`, `narq unpin` and `narq pins`: they scan
+//! the cache ([`super::scan`]), plan with [`super::gc`], and delete under the collection
+//! protocol of [`super::roots`]. Each returns `Ok(true)` when it did what was asked,
+//! `Ok(false)` when it refused (and said why on stderr).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context;
+use serde::Serialize;
+
+use super::gc::{self, human, Model, Plan, Policy, RmRefused};
+use super::roots::{self, Run};
+use crate::config::Config;
+use crate::nix::StorePath;
+use crate::storage::{self, Body, Target};
+
+/// `narq gc`'s options; `None` takes the config's `[gc]`.
+#[derive(Debug, Default)]
+pub struct GcOptions {
+    pub keep_days: Option<u64>,
+    pub max_size: Option<u64>,
+    pub grace: Option<Duration>,
+    pub dry_run: bool,
+    pub json: bool,
+}
+
+/// How long `narq pin` waits for running collections to end before it checks its path.
+const PIN_WAIT: Duration = Duration::from_secs(600);
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+async fn open(config: &Config) -> anyhow::Result<Arc<dyn Target>> {
+    storage::open(&config.store).await.map_err(|e| anyhow::anyhow!("store {}: {e}", config.store.original))
+}
+
+/// Scans the cache (through the index in the state dir) and reads the pins.
+async fn model(config: &Config, target: &dyn Target) -> anyhow::Result<(Model, Stats)> {
+    let start = Instant::now();
+    let ix = super::index_path(&config.state_dir, &config.store.identity());
+    let jobs = (config.jobs * 8).clamp(8, 64);
+    let scan = super::scan(target, &ix, jobs, &|_| {}).await.with_context(|| format!("scanning {}", target.describe()))?;
+    let stats = Stats { objects: (scan.objects.len() + scan.narinfos.len()) as u64, fetched: scan.fetched, scan_ms: start.elapsed().as_millis() as u64 };
+    let pins = roots::pins(target).await?;
+    Ok((Model::from_scan(scan, pins), stats))
+}
+
+/// What a scan cost, for `--json` and the benchmark.
+#[derive(Debug, Default, Serialize)]
+struct Stats {
+    /// Objects listed (one LIST request per 1000 on S3).
+    objects: u64,
+    /// Narinfos read from the cache (the rest came from the index).
+    fetched: u64,
+    scan_ms: u64,
+}
+
+#[derive(Serialize)]
+struct Summary<'a> {
+    dry_run: bool,
+    #[serde(flatten)]
+    plan: &'a Plan,
+    incomplete: usize,
+    unreadable: &'a [String],
+    scan: &'a Stats,
+}
+
+fn print(what: &str, plan: &Plan, m: &Model, stats: &Stats, dry_run: bool, json: bool) -> anyhow::Result<()> {
+    if json {
+        let s = Summary { dry_run, plan, incomplete: plan.incomplete.len(), unreadable: &m.unreadable, scan: stats };
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    let verb = if dry_run { "would remove" } else { "removed" };
+    for p in &plan.paths {
+        println!("{verb} {p}");
+    }
+    for p in &plan.dropped_roots {
+        eprintln!("narq: {what}: max-size: gave up the root {p}");
+    }
+    for k in &m.unreadable {
+        eprintln!("narq: {what}: {k} does not parse; left alone");
+    }
+    println!(
+        "{what}: {verb} {} paths and {} other objects ({}){}; {} paths stay ({})",
+        plan.paths.len(),
+        plan.objects.len(),
+        human(plan.freed),
+        match plan.incomplete.len() {
+            0 => String::new(),
+            n => format!(", and {n} incomplete uploads"),
+        },
+        plan.kept_paths,
+        human(plan.kept_bytes)
+    );
+    Ok(())
+}
+
+/// `narq gc`.
+pub fn gc(config: &Config, o: &GcOptions) -> anyhow::Result<bool> {
+    runtime()?.block_on(async {
+        let target = open(config).await?;
+        let (mut m, stats) = model(config, &*target).await?;
+        let policy = Policy {
+            keep: Duration::from_secs(o.keep_days.unwrap_or(config.gc.keep_days).saturating_mul(86400)),
+            max_size: o.max_size.or(config.gc.max_size),
+            grace: o.grace.unwrap_or(config.gc.grace),
+            now: SystemTime::now(),
+        };
+        let plan = gc::plan_gc(&m, &policy, &HashSet::new());
+        let nothing = plan.rounds.is_empty() && plan.objects.is_empty() && plan.incomplete.is_empty();
+        if o.dry_run || nothing {
+            print("gc", &plan, &m, &stats, o.dry_run, o.json)?;
+            return Ok(true);
+        }
+        let mut run = Run::begin(&*target, "gc").await?;
+        let result = async {
+            run.wait_lease().await?;
+            let also = gc::since_scan(&*target, &mut m).await?;
+            let policy = Policy { now: SystemTime::now(), ..policy };
+            let plan = gc::plan_gc(&m, &policy, &also);
+            gc::execute(&*target, &mut run, &plan).await?;
+            anyhow::Ok(plan)
+        }
+        .await;
+        // Deleting may have begun: the generation moves whatever happened.
+        run.end(true).await.context("ending the collection (daemons wait for it until its heartbeat is 2 minutes old)")?;
+        let plan = result?;
+        print("gc", &plan, &m, &stats, false, o.json)?;
+        Ok(true)
+    })
+}
+
+/// `narq rm`.
+pub fn rm(config: &Config, paths: &[StorePath], with_referrers: bool, dry_run: bool) -> anyhow::Result<bool> {
+    runtime()?.block_on(async {
+        let target = open(config).await?;
+        let (mut m, stats) = model(config, &*target).await?;
+        let refused = |e: RmRefused| {
+            match e {
+                RmRefused::Referenced(v) => {
+                    eprintln!("narq: rm: refused: {} paths that stay reference paths to remove (--with-referrers removes them too):", v.len());
+                    for (r, p) in v {
+                        eprintln!("  {r} references {p}");
+                    }
+                }
+                RmRefused::Pinned(v) => {
+                    for (n, p) in v {
+                        eprintln!("narq: rm: refused: {p} is pinned as {n}; `narq unpin {n}` first");
+                    }
+                }
+            }
+            Ok(false)
+        };
+        for p in paths.iter().filter(|p| !m.narinfos.contains_key(p.hash_part())) {
+            eprintln!("narq: rm: {p} is not in the cache");
+        }
+        let plan = match gc::plan_rm(&m, paths, with_referrers) {
+            Ok(p) => p,
+            Err(e) => return refused(e),
+        };
+        if dry_run || plan.rounds.is_empty() {
+            print("rm", &plan, &m, &stats, dry_run, false)?;
+            return Ok(true);
+        }
+        let mut run = Run::begin(&*target, "rm").await?;
+        let result = async {
+            run.wait_lease().await?;
+            // A referrer uploaded meanwhile is seen here: refused, or removed too.
+            gc::since_scan(&*target, &mut m).await?;
+            match gc::plan_rm(&m, paths, with_referrers) {
+                Ok(plan) => gc::execute(&*target, &mut run, &plan).await.map(|()| Ok(plan)).map_err(anyhow::Error::from),
+                Err(e) => Ok(Err(e)),
+            }
+        }
+        .await;
+        run.end(true).await.context("ending the removal")?;
+        match result? {
+            Ok(plan) => {
+                print("rm", &plan, &m, &stats, false, false)?;
+                Ok(true)
+            }
+            Err(e) => refused(e),
+        }
+    })
+}
+
+/// `narq pin NAME PATH`.
+pub fn pin(config: &Config, name: &str, path: &StorePath) -> anyhow::Result<bool> {
+    let key = roots::pin_key(name).map_err(anyhow::Error::msg)?;
+    runtime()?.block_on(async {
+        let target = open(config).await?;
+        let narinfo = format!("{}.narinfo", path.hash_part());
+        if !target.exists(&narinfo).await? {
+            eprintln!("narq: pin: {path} is not in the cache ({}); push it first", target.describe());
+            return Ok(false);
+        }
+        target.put(&key, Body::Bytes(format!("{path}\n").into_bytes()), roots::TEXT).await?;
+        // A collection that began before the pin was written may not have seen it: once
+        // those are over, the path must still be there.
+        if !roots::wait_quiet(&*target, PIN_WAIT).await? {
+            eprintln!("narq: pin: pinned {name}, but a collection still runs after {} s: check `narq pins` later", PIN_WAIT.as_secs());
+            return Ok(false);
+        }
+        target.forget_listing();
+        if !target.exists(&narinfo).await? {
+            eprintln!("narq: pin: a collection removed {path} while it was being pinned; push it again (the pin {name} stays)");
+            return Ok(false);
+        }
+        println!("pinned {name} {path}");
+        Ok(true)
+    })
+}
+
+/// `narq unpin NAME`.
+pub fn unpin(config: &Config, name: &str) -> anyhow::Result<bool> {
+    let key = roots::pin_key(name).map_err(anyhow::Error::msg)?;
+    runtime()?.block_on(async {
+        let target = open(config).await?;
+        if target.get(&key).await?.is_none() {
+            eprintln!("narq: unpin: no pin named {name}");
+            return Ok(false);
+        }
+        target.delete(&[key]).await?;
+        println!("unpinned {name}");
+        Ok(true)
+    })
+}
+
+/// `narq pins`: one `NAME PATH` line per pin.
+pub fn pins(config: &Config) -> anyhow::Result<bool> {
+    runtime()?.block_on(async {
+        let target = open(config).await?;
+        for (name, path) in roots::pins(&*target).await? {
+            println!("{name} {path}");
+        }
+        Ok(true)
+    })
+}
