@@ -11,6 +11,7 @@ mod guarantees;
 mod hook;
 mod nixos;
 mod parsers;
+mod review;
 mod robust;
 mod rooms;
 mod s3;

@@ -1,0 +1,57 @@
+//! Adversarial review of cache maintenance (`gc`, `rm`, `verify --repair`, `sign`, pins):
+//! each test reproduces a way a guarantee broke, on a real cache filled by real Nix builds
+//! through a real daemon, read back by a real Nix client.
+
+use crate::util::*;
+use base64::Engine;
+
+fn hash(path: &str) -> &str {
+    &path["/nix/store/".len().."/nix/store/".len() + 32]
+}
+
+/// `app` over `lib`, built through the hook and uploaded; returns (app, lib).
+fn app_over_lib(n: &Narq) -> (String, String) {
+    let u = unique();
+    let lib = sh_drv(&format!("lib-{u}"), &format!("echo lib-{u} > $out"));
+    let app = n.build(&format!("let lib = {lib}; in {}", sh_drv(&format!("app-{u}"), "echo ${lib} > $out"))).0[0].clone();
+    n.wait(60);
+    let lib = closure(std::slice::from_ref(&app)).into_iter().find(|p| p.ends_with(&format!("lib-{u}"))).unwrap();
+    // Both are roots (each was a build): recorded within a few seconds.
+    for p in [&app, &lib] {
+        let root = n.cache().join(format!("narq/roots/{}", hash(p)));
+        assert!(wait_for(std::time::Duration::from_secs(20), || root.exists()), "root of {p} not recorded");
+    }
+    (app, lib)
+}
+
+/// A narinfo Nix reads but narq's parser does not (here its NarHash in base64, which Nix
+/// accepts) was "left alone" by `gc`, which then deleted its NAR and its references: a
+/// narinfo clients see, with nothing behind it.
+#[test]
+fn gc_keeps_the_nar_and_references_of_a_narinfo_it_cannot_parse() {
+    let mut n = Narq::new("rev-unparsed", "");
+    n.start();
+    let (app, lib) = app_over_lib(&n);
+    let key = n.cache().join(format!("{}.narinfo", hash(&app)));
+    let text = std::fs::read_to_string(&key).unwrap();
+    let ni = narq::nix::NarInfo::parse(&text).unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(ni.info.nar_hash.0);
+    let changed: String = text
+        .lines()
+        .map(|l| if l.starts_with("NarHash: ") { format!("NarHash: sha256:{b64}\n") } else { format!("{l}\n") })
+        .collect();
+    std::fs::write(&key, changed).unwrap();
+    // Nix itself still substitutes it.
+    n.substitute(&app);
+
+    let out = n.narq(&["gc", "--keep-days", "0", "--grace", "0s"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(n.has(&app), "the narinfo narq cannot parse is left alone");
+    assert!(n.has(&lib), "its reference stays: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(n.cache().join(&ni.url).exists(), "its NAR stays: {}", String::from_utf8_lossy(&out.stdout));
+    n.substitute(&app);
+    // rm of its reference is refused while it stays.
+    let rm = n.narq(&["rm", &lib]);
+    assert_eq!(rm.status.code(), Some(1), "{}", String::from_utf8_lossy(&rm.stderr));
+    assert!(n.has(&lib));
+}
