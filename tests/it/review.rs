@@ -55,3 +55,37 @@ fn gc_keeps_the_nar_and_references_of_a_narinfo_it_cannot_parse() {
     assert_eq!(rm.status.code(), Some(1), "{}", String::from_utf8_lossy(&rm.stderr));
     assert!(n.has(&lib));
 }
+
+/// The scan's index knew a `file://` narinfo by its size and mtime only: a narinfo replaced
+/// by one of the same size with its mtime kept (`cp -p`, `rsync -a`, a restore) was read from
+/// the index, stale, and `gc` deleted the NAR the new narinfo names.
+#[test]
+fn gc_does_not_trust_the_index_for_a_narinfo_replaced_with_the_same_size_and_mtime() {
+    let mut n = Narq::new("rev-index", "");
+    n.start();
+    let (app, _lib) = app_over_lib(&n);
+    assert!(n.narq(&["pin", "app", &app]).status.success());
+    // The index learns every narinfo.
+    let dry = n.narq(&["gc", "--dry-run", "--keep-days", "0", "--grace", "0s"]);
+    assert!(dry.status.success(), "{}", String::from_utf8_lossy(&dry.stderr));
+
+    let key = n.cache().join(format!("{}.narinfo", hash(&app)));
+    let text = std::fs::read_to_string(&key).unwrap();
+    let url = narq::nix::NarInfo::parse(&text).unwrap().url;
+    // The same NAR under another key of the same length: a narinfo as valid as the first.
+    let (name, ext) = url["nar/".len()..].split_once('.').unwrap();
+    let moved = format!("nar/{}.{ext}", name.chars().rev().collect::<String>());
+    std::fs::copy(n.cache().join(&url), n.cache().join(&moved)).unwrap();
+    let mtime = std::fs::metadata(&key).unwrap().modified().unwrap();
+    let tmp = n.cache().join(".replace.tmp");
+    std::fs::write(&tmp, text.replace(&url, &moved)).unwrap();
+    std::fs::File::options().write(true).open(&tmp).unwrap().set_modified(mtime).unwrap();
+    std::fs::rename(&tmp, &key).unwrap();
+    std::fs::remove_file(n.cache().join(&url)).unwrap();
+    assert_eq!(check_closed(&n.cache()), Ok(2));
+
+    let out = n.narq(&["gc", "--keep-days", "0", "--grace", "0s"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(check_closed(&n.cache()), Ok(2), "{}", String::from_utf8_lossy(&out.stdout));
+    n.substitute(&app);
+}
