@@ -226,6 +226,7 @@ async fn serve(server: Arc<Server>, mut stream: UnixStream) {
         let resp = match req {
             Request::Enqueue { paths, drv } => {
                 let n = paths.len();
+                let named: Vec<StorePath> = paths.iter().map(|p| p.path.clone()).collect();
                 let stored = match admission.checked(paths, drv).await {
                     Ok((paths, drv)) => admission.queue.here(|q| enqueue(q, &admission.trusted_keys, paths, drv)),
                     Err(e) => Err(e),
@@ -233,6 +234,10 @@ async fn serve(server: Arc<Server>, mut stream: UnixStream) {
                 match stored {
                     Ok(new) => {
                         admission.wake.notify_one();
+                        if let Ok(mut a) = admission.asked.lock() {
+                            let now = std::time::Instant::now();
+                            a.extend(named.into_iter().map(|p| (now, p)));
+                        }
                         tracing::debug!(uid, paths = n, new, "enqueued");
                         Response::Queued { new }
                     }

@@ -4,6 +4,7 @@
 
 use crate::util::*;
 use base64::Engine;
+use std::process::Command;
 
 fn hash(path: &str) -> &str {
     &path["/nix/store/".len().."/nix/store/".len() + 32]
@@ -88,4 +89,28 @@ fn gc_does_not_trust_the_index_for_a_narinfo_replaced_with_the_same_size_and_mti
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(check_closed(&n.cache()), Ok(2), "{}", String::from_utf8_lossy(&out.stdout));
     n.substitute(&app);
+}
+
+/// After `gc` removed a path, the same path built again (its output deleted from the local
+/// store, the same derivation rebuilt) through the same daemon must land in the cache again:
+/// the daemon must not answer from what it remembered before the collection.
+#[test]
+fn a_path_rebuilt_after_gc_removed_it_is_uploaded_again() {
+    let mut n = Narq::new("rev-rebuild", "");
+    n.start();
+    let u = unique();
+    let expr = sh_drv(&format!("solo-{u}"), &format!("echo solo-{u} > $out"));
+    let solo = n.build(&expr).0[0].clone();
+    n.wait(60);
+    assert!(n.has(&solo));
+    let root = n.cache().join(format!("narq/roots/{}", hash(&solo)));
+    assert!(wait_for(std::time::Duration::from_secs(20), || root.exists()), "root not recorded");
+    let out = n.narq(&["gc", "--keep-days", "0", "--grace", "0s"]);
+    assert!(out.status.success() && !n.has(&solo), "{}", String::from_utf8_lossy(&out.stdout));
+
+    run(Command::new("nix-store").args(["--delete", &solo]));
+    assert_eq!(n.build(&expr).0[0], solo);
+    n.wait(60);
+    assert!(wait_for(std::time::Duration::from_secs(30), || n.has(&solo)), "rebuilt after gc, never uploaded again: {}", n.daemon_log());
+    n.substitute(&solo);
 }
