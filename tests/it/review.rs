@@ -114,3 +114,44 @@ fn a_path_rebuilt_after_gc_removed_it_is_uploaded_again() {
     assert!(wait_for(std::time::Duration::from_secs(30), || n.has(&solo)), "rebuilt after gc, never uploaded again: {}", n.daemon_log());
     n.substitute(&solo);
 }
+
+/// `verify --repair` overwrote a narinfo with one signed only by what the local store
+/// knows: a signature `narq sign` had added in the cache was lost, and clients that need it
+/// (`--sigs-needed 2`) could no longer substitute the path it had "repaired".
+#[test]
+fn repair_keeps_the_signatures_the_cache_had() {
+    let mut n = Narq::new("rev-repair", "");
+    n.start();
+    let u = unique();
+    let solo = n.build(&sh_drv(&format!("signed-{u}"), &format!("echo signed-{u} > $out"))).0[0].clone();
+    n.wait(60);
+    let (sk, pk) = (n.dir.join("second.sec"), n.dir.join("second.pub"));
+    run(Command::new(bin("narq")).args(["keygen", "rev-second-1", "--secret-key-file"]).arg(&sk).arg("--public-key-file").arg(&pk));
+    let key = n.cache().join(format!("{}.narinfo", hash(&solo)));
+    // What `narq sign` writes: the second key's signature added in the cache.
+    let second = narq::nix::SecretKey::read(&sk).unwrap();
+    let text = std::fs::read_to_string(&key).unwrap();
+    let fp = narq::nix::NarInfo::parse(&text).unwrap().info.fingerprint();
+    std::fs::write(&key, narq::cache::sign::add_sig(&text, &second.sign(&fp))).unwrap();
+    assert!(std::fs::read_to_string(&key).unwrap().contains("Sig: rev-second-1:"));
+
+    let url = narq::nix::NarInfo::parse(&std::fs::read_to_string(&key).unwrap()).unwrap().url;
+    std::fs::remove_file(n.cache().join(&url)).unwrap();
+    // What `narq verify --repair` sends for a path whose NAR is missing.
+    let sp = narq::nix::StorePath::parse(&solo).unwrap();
+    let mut infos = narq::nix::db::NixDb::open_default().unwrap().query(std::slice::from_ref(&sp), true).unwrap();
+    narq::nix::PathInfo::sign_all(&mut infos, &[narq::nix::SecretKey::read(&n.dir.join("key.sec")).unwrap()]);
+    let req = narq::protocol::Request::Repair { paths: infos, repair: vec![sp] };
+    let resp = narq::protocol::call(&n.socket(), &req, Some(std::time::Duration::from_secs(10))).unwrap();
+    assert!(matches!(resp, narq::protocol::Response::Queued { .. }), "{resp:?}");
+    assert!(wait_for(std::time::Duration::from_secs(30), || {
+        let t = std::fs::read_to_string(&key).unwrap_or_default();
+        narq::nix::NarInfo::parse(&t).is_ok_and(|ni| n.cache().join(&ni.url).exists())
+    }), "not repaired: {}", n.daemon_log());
+    let text = std::fs::read_to_string(&key).unwrap();
+    assert!(text.contains("Sig: rev-second-1:"), "the second key's signature was lost:\n{text}");
+    let both = format!("{} {}", n.public_key, std::fs::read_to_string(&pk).unwrap().trim());
+    let v = output(Command::new("nix").args(["store", "verify", "--store", &format!("file://{}", n.cache().display()), "--sigs-needed", "2", &solo])
+        .args(["--option", "trusted-public-keys", &both]).env("NIX_CONF_DIR", &n.nix_conf));
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+}
