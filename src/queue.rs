@@ -305,6 +305,18 @@ impl Queue {
         Ok(n)
     }
 
+    /// `paths`, named by a request before a collection was seen, and the stale paths they
+    /// reach, are pending again: that request relied on them.
+    pub fn repend_stale(&mut self, paths: &[StorePath]) -> Result<usize> {
+        let keys: Vec<String> = paths.iter().map(|p| p.to_string()).collect();
+        let seq = self.last_seq + 1;
+        let n = self.conn.execute(&repend_reached("SELECT value FROM json_each(?2)"), params![seq, serde_json::to_string(&keys).expect("strings serialise")])?;
+        if n > 0 {
+            self.last_seq = seq;
+        }
+        Ok(n)
+    }
+
     /// Called with the cache's collection marker ([`crate::cache::roots`]): when it is not the
     /// one recorded, a `gc` or `rm` may have deleted paths since, so every `done` path becomes
     /// `stale`, the stale ones pending paths reach are pending again (see the module doc), and

@@ -322,7 +322,7 @@ impl Uploader {
         }
         let ext = self.url.compression.extension();
         let nar_key = format!("nar/{}.nar{ext}", c.file_stats.hash.to_base32());
-        let narinfo = NarInfo {
+        let mut narinfo = NarInfo {
             info: info.clone(),
             url: nar_key.clone(),
             compression: self.url.compression.name().to_string(),
@@ -330,6 +330,15 @@ impl Uploader {
             file_size: Some(c.file_stats.size),
         };
         self.put_listing(info, c.listing).await?;
+        if repair {
+            // The narinfo repaired may carry signatures the store does not (`narq sign` adds
+            // them in the cache only): those over the same fingerprint stay valid, and stay.
+            if let Some(old) = self.target.get(&narinfo_key).await?.and_then(|b| NarInfo::parse(&String::from_utf8_lossy(&b)).ok()) {
+                if old.info.fingerprint() == info.fingerprint() {
+                    narinfo.info.sigs.extend(old.info.sigs);
+                }
+            }
+        }
         self.target.put(&nar_key, Body::File(tmp), storage::NAR_TYPE).await?;
         self.put_narinfo(info, &nar_key, &narinfo_key, narinfo.to_string().into_bytes(), epoch).await?;
         // The message stands alone for `journalctl -u narq`; the fields are for queries.

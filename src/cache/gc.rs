@@ -56,6 +56,32 @@ impl Entry {
     }
 }
 
+/// The `URL` and `References` of a narinfo that does not parse, as far as they can be read.
+#[derive(Debug, Clone, Default)]
+pub struct Held {
+    /// The narinfo's key.
+    pub key: String,
+    pub url: Option<String>,
+    /// Hash parts.
+    pub refs: Vec<String>,
+}
+
+impl Held {
+    pub fn lenient(key: &str, body: &[u8]) -> Held {
+        let mut h = Held { key: key.to_string(), ..Held::default() };
+        for line in String::from_utf8_lossy(body).lines() {
+            let Some((k, v)) = line.split_once(':') else { continue };
+            let v = v.trim();
+            match k.trim() {
+                "URL" if !v.is_empty() => h.url = Some(v.to_string()),
+                "References" => h.refs.extend(v.split_whitespace().filter_map(|r| r.get(..32)).map(str::to_string)),
+                _ => {}
+            }
+        }
+        h
+    }
+}
+
 /// A cache as deletion sees it.
 #[derive(Debug, Default)]
 pub struct Model {
@@ -63,6 +89,9 @@ pub struct Model {
     pub narinfos: HashMap<String, Entry>,
     /// Narinfos that do not parse: left alone, and reported.
     pub unreadable: Vec<String>,
+    /// What those name, read leniently ([`Held::lenient`]): a client that reads them (Nix is
+    /// more lenient than our parser) needs their NARs and references, so these stay.
+    pub held: Vec<Held>,
     /// Every other object (NARs, listings, logs, narq's own, `nix-cache-info`).
     pub objects: Vec<Object>,
     /// Roots: hash part → when last pushed.
@@ -170,9 +199,11 @@ pub fn plan_gc(m: &Model, p: &Policy, also_alive: &HashSet<String>) -> Plan {
     let mut firm: Vec<&str> = m.pins.values().map(|p| p.hash_part()).collect();
     firm.extend(m.narinfos.iter().filter(|(_, e)| !older(e.modified, p.grace, p.now)).map(|(hp, _)| hp.as_str()));
     firm.extend(also_alive.iter().map(String::as_str));
+    firm.extend(m.held.iter().flat_map(|h| h.refs.iter().map(String::as_str)));
     for hp in firm {
         size += m.mark(hp, &mut alive, &mut nars).0;
     }
+    nars.extend(m.held.iter().filter_map(|h| h.url.clone()));
     // Roots newest first: with max-size, the oldest are given up first.
     let mut roots: Vec<(&String, &SystemTime)> = m.roots.iter().filter(|(_, t)| !older(Some(**t), p.keep, p.now)).collect();
     roots.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
@@ -300,13 +331,24 @@ pub fn plan_rm(m: &Model, paths: &[StorePath], with_referrers: bool) -> Result<P
             return Err(RmRefused::Referenced(refused));
         }
     }
+    // A narinfo that does not parse stays (left alone): what it references cannot go.
+    let mut held: Vec<(String, String)> = m
+        .held
+        .iter()
+        .flat_map(|h| h.refs.iter().filter(|r| gone.contains(r.as_str())).map(move |r| (h.key.clone(), m.narinfos[r].path.to_string())))
+        .collect();
+    if !held.is_empty() {
+        held.sort();
+        return Err(RmRefused::Referenced(held));
+    }
     let pinned: Vec<(String, String)> =
         m.pins.iter().filter(|(_, p)| gone.contains(p.hash_part())).map(|(n, p)| (n.clone(), p.to_string())).collect();
     if !pinned.is_empty() {
         return Err(RmRefused::Pinned(pinned));
     }
     let mut plan = rounds(m, &gone);
-    let named: HashSet<&str> = m.narinfos.iter().filter(|(hp, _)| !gone.contains(hp.as_str())).map(|(_, e)| e.url.as_str()).collect();
+    let mut named: HashSet<&str> = m.narinfos.iter().filter(|(hp, _)| !gone.contains(hp.as_str())).map(|(_, e)| e.url.as_str()).collect();
+    named.extend(m.held.iter().filter_map(|h| h.url.as_deref()));
     let their: HashSet<String> = gone.iter().flat_map(|hp| [m.narinfos[*hp].url.clone(), format!("{hp}.ls")]).collect();
     for o in m.objects.iter().filter(|o| their.contains(&o.key) && !named.contains(o.key.as_str())) {
         plan.objects.push(o.key.clone());
@@ -362,7 +404,10 @@ pub async fn since_scan(target: &dyn Target, m: &mut Model) -> Result<HashSet<St
             Some(info) => {
                 m.narinfos.insert(hp.clone(), Entry::new(&info, &o));
             }
-            None => m.unreadable.push(o.key.clone()),
+            None => {
+                m.unreadable.push(o.key.clone());
+                m.held.push(Held::lenient(&o.key, &body));
+            }
         }
         also.insert(hp);
     }
@@ -499,6 +544,20 @@ mod tests {
         assert!(plan.objects.contains(&"nar/lib.nar".to_string()) && !plan.objects.contains(&"nar/app.nar".to_string()));
         t.m.pins.insert("r".into(), sp("app"));
         assert!(matches!(plan_rm(&t.m, &[sp("lib")], true), Err(RmRefused::Pinned(_))));
+    }
+
+    #[test]
+    fn a_narinfo_that_does_not_parse_keeps_its_nar_and_references() {
+        let mut t = M::new();
+        t.path("lib", &[], 40 * DAY, 100).path("other", &[], 40 * DAY, 100);
+        let body = format!("StorePath: /nix/store/x\nURL: nar/app.nar\nNarHash: sha256:bad\nReferences: {}-lib\n", sp("lib").hash_part());
+        t.m.objects.push(Object { key: "nar/app.nar".into(), size: 5, last_modified: Some(t.now - 40 * DAY), etag: None });
+        t.m.unreadable.push("app.narinfo".into());
+        t.m.held.push(Held::lenient("app.narinfo", body.as_bytes()));
+        let plan = plan_gc(&t.m, &t.policy(Duration::ZERO, None, Duration::ZERO), &HashSet::new());
+        assert_eq!(names(&plan.paths), ["other"]);
+        assert_eq!(plan.objects, ["nar/other.nar"]);
+        assert!(matches!(plan_rm(&t.m, &[sp("lib")], true), Err(RmRefused::Referenced(_))));
     }
 
     #[test]

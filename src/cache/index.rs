@@ -13,9 +13,9 @@ use crate::storage::Object;
 
 const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS narinfo (key TEXT PRIMARY KEY, stamp TEXT NOT NULL, body TEXT NOT NULL);";
 
-/// What identifies one version of an object: its ETag (S3), else its size and modification
-/// time in nanoseconds (`file://`, where every write is a rename of a new file). `None` when
-/// the listing gives neither: such an object is always fetched.
+/// What identifies one version of an object: its ETag (S3; inode and ctime on `file://`, where
+/// size and mtime can be set back by a copy), else its size and modification time in
+/// nanoseconds. `None` when the listing gives neither: such an object is always fetched.
 pub fn stamp(o: &Object) -> Option<String> {
     if let Some(e) = &o.etag {
         return Some(format!("etag:{e}:{}", o.size));

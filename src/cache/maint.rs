@@ -45,7 +45,14 @@ async fn model(config: &Config, target: &dyn Target) -> anyhow::Result<(Model, S
     let scan = super::scan(target, &ix, jobs, &|_| {}).await.with_context(|| format!("scanning {}", target.describe()))?;
     let stats = Stats { objects: (scan.objects.len() + scan.narinfos.len()) as u64, fetched: scan.fetched, scan_ms: start.elapsed().as_millis() as u64 };
     let pins = roots::pins(target).await?;
-    Ok((Model::from_scan(scan, pins), stats))
+    let mut m = Model::from_scan(scan, pins);
+    // What a narinfo that does not parse names stays (few: each is read again here).
+    for k in m.unreadable.clone() {
+        if let Some(body) = target.get(&k).await? {
+            m.held.push(gc::Held::lenient(&k, &body));
+        }
+    }
+    Ok((m, stats))
 }
 
 /// What a scan cost, for `--json` and the benchmark.

@@ -27,6 +27,9 @@ pub(super) struct Admission {
     /// Held while the spool is ingested: the poller and `wait` both ingest, and two at once
     /// would read a file the other is removing and log a false refusal.
     spool: tokio::sync::Mutex<()>,
+    /// Paths that requests named, and when: once the cache's collections were looked at after
+    /// that, a collection seen then makes them pending again (`daemon::recheck_asked`).
+    pub(super) asked: std::sync::Mutex<Vec<(std::time::Instant, StorePath)>>,
 }
 
 /// The checks of an `enqueue` request that need no queue state, made before the queue lock
@@ -176,7 +179,7 @@ fn tops(paths: &[PathInfo]) -> Vec<StorePath> {
 
 impl Admission {
     pub(super) fn new(queue: SharedQueue, trusted_keys: Vec<PublicKey>, allowed_uids: Vec<u32>, spool_dir: PathBuf, wake: Arc<Notify>) -> Admission {
-        Admission { queue, trusted_keys: Arc::new(trusted_keys), allowed_uids, spool_dir, wake, spool: tokio::sync::Mutex::new(()) }
+        Admission { queue, trusted_keys: Arc::new(trusted_keys), allowed_uids, spool_dir, wake, spool: tokio::sync::Mutex::new(()), asked: Default::default() }
     }
 
     /// [`check`] off the socket thread when the request is large (see [`CHECK_INLINE`]); gives

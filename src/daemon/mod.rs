@@ -108,7 +108,7 @@ pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Futur
     allowed_uids.extend(&config.allowed_uids);
     let queue = SharedQueue::new(queue);
     // What a `gc` or `rm` deleted is not trusted as uploaded any more (see `cache::roots`).
-    let gc = Arc::new(GcWatch::new(target.clone(), {
+    let gc: Arc<GcWatch> = Arc::new(GcWatch::new(target.clone(), {
         let queue = queue.clone();
         Box::new(move |marker| match queue.here(|q| q.note_generation(marker)) {
             Ok(0) => Ok(()),
@@ -117,7 +117,7 @@ pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Futur
         })
     }));
     let uploader = Arc::new(Uploader {
-        gc: Some(gc),
+        gc: Some(gc.clone()),
         target,
         url: config.store.clone(),
         tmp_dir,
@@ -167,6 +167,7 @@ pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Futur
         }
     });
     let roots = tokio::spawn(record_roots(queue.clone(), uploader_target.clone()));
+    let asked = tokio::spawn(recheck_asked(admission.clone(), gc.clone()));
     // The socket is served on a thread of its own with a single-threaded runtime: a hook's
     // request is read, stored (one fsync) and answered without waking any other thread (on
     // an idle machine each such wake-up costs ~0.1 ms), and busy upload workers share only
@@ -193,6 +194,7 @@ pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Futur
         s.abort();
     }
     roots.abort();
+    asked.abort();
     unlock_state_dir(&config.state_dir);
     tracing::info!("narq daemon stopped");
     Ok(())
@@ -244,6 +246,47 @@ async fn record_roots(queue: SharedQueue, target: Arc<dyn storage::Target>) {
                 Err(e) => tracing::warn!("remembering recorded roots: {e}"),
             },
             Err(e) => tracing::warn!("recording roots in the cache (will retry): {e}"),
+        }
+    }
+}
+
+/// A request answered from what the daemon remembers (paths `done`) may come before the daemon
+/// saw that a `gc` or `rm` removed them, and then nothing would upload them again. So the
+/// collections are looked at after each request (one listing of `narq/gc/` at most every
+/// [`WATCH_TTL`]); once a look is surely later than a request, its paths that a collection
+/// made `stale` are pending again, with the stale paths they reach.
+async fn recheck_asked(admission: Arc<Admission>, gc: Arc<GcWatch>) {
+    let settled = crate::cache::roots::WATCH_TTL + Duration::from_secs(1);
+    loop {
+        tokio::time::sleep(ROOTS_POLL).await;
+        if admission.asked.lock().map_or(true, |a| a.is_empty()) {
+            continue;
+        }
+        // A look older than WATCH_TTL is made again here, so after it every request older
+        // than `settled` was followed by a look.
+        if let Err(e) = gc.gate().await {
+            tracing::warn!("looking for collections of the cache (will retry): {e}");
+            continue;
+        }
+        let due: Vec<crate::nix::StorePath> = match admission.asked.lock() {
+            Ok(mut a) => {
+                let (old, new): (Vec<_>, Vec<_>) = a.drain(..).partition(|(t, _)| t.elapsed() >= settled);
+                *a = new;
+                old.into_iter().map(|(_, p)| p).collect()
+            }
+            Err(_) => continue,
+        };
+        if due.is_empty() {
+            continue;
+        }
+        match admission.queue.run(move |q| q.repend_stale(&due)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => {
+                tracing::info!(paths = n, "requested paths a collection of the cache may have removed are looked for again");
+                admission.wake.notify_one();
+            }
+            Ok(Err(e)) => tracing::warn!("rechecking requested paths after a collection: {e}"),
+            Err(e) => tracing::warn!("rechecking requested paths after a collection: {e}"),
         }
     }
 }

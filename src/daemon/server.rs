@@ -229,6 +229,7 @@ async fn serve(server: Arc<Server>, mut stream: UnixStream) {
         let resp = match req {
             Request::Enqueue { paths, drv, realisations } => {
                 let n = paths.len();
+                let named: Vec<StorePath> = paths.iter().map(|p| p.path.clone()).collect();
                 let stored = match admission.checked(paths, drv, realisations).await {
                     Ok(req) => admission.queue.here(|q| enqueue(q, &admission.trusted_keys, req)),
                     Err(e) => Err(e),
@@ -236,6 +237,10 @@ async fn serve(server: Arc<Server>, mut stream: UnixStream) {
                 match stored {
                     Ok(new) => {
                         admission.wake.notify_one();
+                        if let Ok(mut a) = admission.asked.lock() {
+                            let now = std::time::Instant::now();
+                            a.extend(named.into_iter().map(|p| (now, p)));
+                        }
                         tracing::debug!(uid, paths = n, new, "enqueued");
                         Response::Queued { new }
                     }

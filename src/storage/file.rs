@@ -201,10 +201,17 @@ impl FileTarget {
     }
 }
 
+/// What stands for an ETag: the inode and its change time, which every write here (a rename of
+/// a new file) changes and which, unlike size and mtime, no copy or restore can set back.
+fn version(meta: &fs::Metadata) -> String {
+    use std::os::unix::fs::MetadataExt;
+    format!("file:{}:{}.{}", meta.ino(), meta.ctime(), meta.ctime_nsec())
+}
+
 impl Target for FileTarget {
     fn list<'a>(&'a self, prefix: &'a str, each: &'a mut (dyn FnMut(Object) + Send)) -> BoxFuture<'a, Result<u64, TargetError>> {
         Box::pin(async move {
-            self.walk_async(prefix, false, &mut |key, _, meta| each(Object { key, size: meta.len(), last_modified: meta.modified().ok(), etag: None }))
+            self.walk_async(prefix, false, &mut |key, _, meta| each(Object { key, size: meta.len(), last_modified: meta.modified().ok(), etag: Some(version(&meta)) }))
                 .await
         })
     }

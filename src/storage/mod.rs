@@ -96,7 +96,7 @@ pub struct Object {
     pub key: String,
     pub size: u64,
     pub last_modified: Option<std::time::SystemTime>,
-    /// The server's ETag when it gives one (S3); `file://` has none, size and mtime stand in.
+    /// The server's ETag when it gives one (S3); `file://` gives its inode and change time.
     pub etag: Option<String>,
 }
 

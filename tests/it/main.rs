@@ -15,6 +15,7 @@ mod nixos;
 mod observe;
 mod parsers;
 mod remote;
+mod review;
 mod robust;
 mod rooms;
 mod s3;
