@@ -99,8 +99,12 @@ pub fn submit_realised(config: &Config, mut paths: Vec<PathInfo>, drv: Option<St
             let all = paths.iter().map(|p| p.path.clone()).collect();
             match client.call(&Request::Missing { paths: all })? {
                 Response::Missing { paths: missing } => {
-                    let missing: HashSet<StorePath> = missing.into_iter().collect();
-                    paths.iter().filter(|p| missing.contains(&p.path)).cloned().collect()
+                    // The outputs go too, missing or not: the daemon notes them as roots of
+                    // the cache (pushed again, kept by `narq gc`), and looks again for what a
+                    // request named once a collection has run.
+                    let mut wanted: HashSet<StorePath> = missing.into_iter().collect();
+                    wanted.extend(PathInfo::tops(&paths));
+                    paths.iter().filter(|p| wanted.contains(&p.path)).cloned().collect()
                 }
                 other => return Ok(other),
             }

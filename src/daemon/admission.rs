@@ -170,12 +170,6 @@ fn cycle_message(cycle: &[&StorePath]) -> String {
     format!("reference cycle {}: store paths reference only themselves and older paths", names.join(" -> "))
 }
 
-/// The paths of a closure that no other path in it references: the outputs it was sent for.
-fn tops(paths: &[PathInfo]) -> Vec<StorePath> {
-    let referenced: HashSet<&StorePath> =
-        paths.iter().flat_map(|p| p.references.iter().filter(move |r| **r != p.path)).collect();
-    paths.iter().map(|p| &p.path).filter(|p| !referenced.contains(p)).cloned().collect()
-}
 
 impl Admission {
     pub(super) fn new(queue: SharedQueue, trusted_keys: Vec<PublicKey>, allowed_uids: Vec<u32>, spool_dir: PathBuf, wake: Arc<Notify>) -> Admission {
@@ -273,7 +267,7 @@ pub(super) fn enqueue(q: &mut Queue, keys: &[PublicKey], (paths, drv, realisatio
     let new = q.enqueue(&todo, drv.as_ref()).map_err(NotStored::queue)?;
     q.enqueue_realisations(&realisations).map_err(NotStored::queue)?;
     // Its top-level paths are roots of the cache: in use, whether uploaded now or before.
-    q.note_roots(&tops(&paths)).map_err(NotStored::queue)?;
+    q.note_roots(&PathInfo::tops(&paths)).map_err(NotStored::queue)?;
     // Builds of these paths that the hook dropped earlier are handed over now.
     q.clear_dropped(paths.iter().map(|p| &p.path).chain(drv.as_ref())).map_err(NotStored::queue)?;
     Ok(new)
@@ -322,7 +316,7 @@ impl Admission {
             // Whose build this is, should it be refused: its derivation, else the paths nothing
             // else in the request references.
             let build = match &parsed {
-                Ok(Request::Enqueue { paths, drv, .. }) => Some((tops(paths), drv.clone())),
+                Ok(Request::Enqueue { paths, drv, .. }) => Some((PathInfo::tops(paths), drv.clone())),
                 _ => None,
             };
             let result = match parsed {

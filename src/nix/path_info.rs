@@ -34,6 +34,14 @@ pub struct PathInfo {
 }
 
 impl PathInfo {
+    /// The paths of a closure that no other path in it references: the outputs it was sent
+    /// for (a request's roots).
+    pub fn tops(paths: &[PathInfo]) -> Vec<StorePath> {
+        let referenced: std::collections::HashSet<&StorePath> =
+            paths.iter().flat_map(|p| p.references.iter().filter(move |r| **r != p.path)).collect();
+        paths.iter().map(|p| &p.path).filter(|p| !referenced.contains(p)).cloned().collect()
+    }
+
     pub fn fingerprint(&self) -> String {
         fingerprint(&self.path, &self.nar_hash, self.nar_size, &self.references)
     }

@@ -155,3 +155,30 @@ fn repair_keeps_the_signatures_the_cache_had() {
         .args(["--option", "trusted-public-keys", &both]).env("NIX_CONF_DIR", &n.nix_conf));
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
 }
+
+/// The same after a larger build: above 16 paths the hook asks the daemon what it lacks and
+/// sent only that, so an output already uploaded was not in the request at all — neither
+/// noted as a root pushed again nor looked for again after a collection.
+#[test]
+fn a_large_closure_rebuilt_after_gc_is_uploaded_again() {
+    let mut n = Narq::new("rev-rebuild-large", "");
+    n.start();
+    let u = unique();
+    let deps: String = (0..20).map(|i| format!("d{i} = {}; ", sh_drv(&format!("dep{i}-{u}"), &format!("echo dep{i}-{u} > $out")))).collect();
+    let refs: String = (0..20).map(|i| format!("${{d{i}}} ")).collect();
+    let expr = format!("let {deps} in {}", sh_drv(&format!("top-{u}"), &format!("echo {refs} > $out")));
+    let top = n.build(&expr).0[0].clone();
+    n.wait(60);
+    let root = n.cache().join(format!("narq/roots/{}", hash(&top)));
+    assert!(wait_for(std::time::Duration::from_secs(20), || root.exists()), "root not recorded");
+    let out = n.narq(&["gc", "--keep-days", "0", "--grace", "0s"]);
+    assert!(out.status.success() && !n.has(&top), "{}", String::from_utf8_lossy(&out.stdout));
+
+    run(Command::new("nix-store").args(["--delete", &top]));
+    assert_eq!(n.build(&expr).0[0], top);
+    n.wait(60);
+    assert!(wait_for(std::time::Duration::from_secs(30), || n.has(&top)), "rebuilt after gc, never uploaded again: {}", n.daemon_log());
+    n.wait(60);
+    assert_eq!(check_closed(&n.cache()), Ok(21));
+    n.substitute(&top);
+}
