@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::cache::roots::{Gate, GcWatch};
+use crate::cache::roots::{Gate, GcWatch, GC_WAIT};
 use crate::metrics::InFlight;
 use crate::nix::{db, nar, NarInfo, PathInfo, Realisation, StorePath};
 use crate::queue::{Item, Kind, Outcome};
@@ -51,10 +51,6 @@ pub struct Uploader {
     /// The daemon's view of `narq gc`/`narq rm` runs: narinfos are put only when it allows.
     pub gc: Option<Arc<GcWatch>>,
 }
-
-/// How long an upload waits for a collection to end before its narinfo is put, before it
-/// gives its worker back (the item is retried).
-const GC_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Free space kept on the file system of the state dir, beyond a NAR's temp file: the
 /// queue and the spool live there, and a full disk would make narq refuse (or the hook

@@ -58,6 +58,9 @@ pub const WATCH_TTL: Duration = Duration::from_secs(3);
 pub const LEASE: Duration = Duration::from_secs(12);
 /// Time kept in hand for a narinfo put to end before a collector's final listing.
 pub const MARGIN: Duration = Duration::from_secs(3);
+/// How long a narinfo put waits for a collection to end (an upload gives its worker back
+/// then, and the item is retried; `narq sign` reports the path).
+pub const GC_WAIT: Duration = Duration::from_secs(60);
 /// A collector rewrites its run object this often.
 pub const HEARTBEAT: Duration = Duration::from_secs(30);
 /// A run object unchanged this long belongs to a collector that died.

@@ -6,7 +6,9 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 
+use super::roots::{Gate, GcWatch, GC_WAIT};
 use super::{scan, try_concurrently, NarInfoEntry, ScanError};
 use crate::nix::db::NixDb;
 use crate::nix::{NarInfo, SecretKey, StorePath};
@@ -55,7 +57,13 @@ pub fn add_sig(text: &str, sig: &str) -> String {
 }
 
 /// Signs the narinfos of `opts.paths` (all without) in the cache at `target`.
-pub async fn sign(target: &dyn Target, index_path: &Path, opts: &Options) -> Result<Report, ScanError> {
+pub async fn sign(shared: &Arc<dyn Target>, index_path: &Path, opts: &Options) -> Result<Report, ScanError> {
+    let target = &**shared;
+    // A narinfo is put back only while no `narq gc`/`narq rm` is deleting, as the daemon's
+    // uploads do: else one deleted between our read and our write would come back without
+    // its NAR or references.
+    let watch = GcWatch::new(shared.clone(), Box::new(|_| Ok(())));
+    let watch = &watch;
     let s = scan(target, index_path, opts.jobs, &|_| {}).await?;
     let by_hash: HashMap<&str, &NarInfoEntry> = s.narinfos.iter().map(|e| (e.hash_part(), e)).collect();
     let mut report = Report::default();
@@ -122,6 +130,10 @@ pub async fn sign(target: &dyn Target, index_path: &Path, opts: &Options) -> Res
                 return Ok::<_, TargetError>(Err((path, why)));
             }
         }
+        let until = match watch.wait_open(GC_WAIT).await? {
+            Gate::Open { until, .. } => until,
+            Gate::Held(why) => return Ok(Err((path, format!("{why}; run sign again")))),
+        };
         // Signed as read now: what was checked must be what gets the signature.
         let key = format!("{}.narinfo", ni.info.path.hash_part());
         let Some(body) = target.get(&key).await? else { return Ok(Err((path, "its narinfo was deleted meanwhile".into()))) };
@@ -129,7 +141,11 @@ pub async fn sign(target: &dyn Target, index_path: &Path, opts: &Options) -> Res
         match NarInfo::parse(&text) {
             Ok(now) if now.info.fingerprint() == ni.info.fingerprint() => {
                 let sig = opts.key.sign(&ni.info.fingerprint());
-                target.put(&key, Body::Bytes(add_sig(&text, &sig).into_bytes()), storage::NARINFO_TYPE).await?;
+                let put = target.put(&key, Body::Bytes(add_sig(&text, &sig).into_bytes()), storage::NARINFO_TYPE);
+                match tokio::time::timeout(until.saturating_duration_since(std::time::Instant::now()), put).await {
+                    Ok(r) => r?,
+                    Err(_) => return Ok(Err((path, "its narinfo took too long to put while a collection may start; run sign again".into()))),
+                }
                 Ok(Ok(path))
             }
             _ => Ok(Err((path, "its narinfo changed meanwhile; run sign again".into()))),
@@ -182,7 +198,7 @@ pub fn run(config: &crate::config::Config, args: Args, resolve: impl Fn(&Path) -
     let paths = args.path.iter().map(|p| resolve(p)).collect::<anyhow::Result<Vec<_>>>()?;
     let opts = Options { key, paths, deep: args.deep, jobs: args.jobs.into() };
     let (rt, target, index) = super::verify::open(config, args.store.as_ref())?;
-    let report = rt.block_on(sign(target.as_ref(), &index, &opts)).context("signing")?;
+    let report = rt.block_on(sign(&target, &index, &opts)).context("signing")?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
