@@ -10,6 +10,7 @@ mod guarantees;
 mod hook;
 mod nixos;
 mod parsers;
+mod perf;
 mod robust;
 mod rooms;
 mod s3;
