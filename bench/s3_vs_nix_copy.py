@@ -216,6 +216,18 @@ def main():
                           f"http://127.0.0.1:{via or port}/{bucket}?compression=zstd&compression-level={ZSTD_LEVEL}", path],
                          env=nixenv)
 
+        def requests_and_cpu():
+            """Requests in the server's log, and CPU seconds the server has used: where the time
+            goes when the server is the bottleneck."""
+            with open(moto_log) as f:
+                n = sum(1 for l in f if "HTTP/1.1" in l)
+            with open(f"/proc/{moto.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return n, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+        def server_note(before, after):
+            return f"server: {after[0] - before[0]} requests, {after[1] - before[1]:.1f} CPU s"
+
         def uploads():
             """Requests in the server's log that upload (PUT, POST)."""
             with open(moto_log) as f:
@@ -249,10 +261,15 @@ def main():
 
         if "small" in CASES:
             top = closure_of(500, "small")
+            s0 = requests_and_cpu()
             nix_t, _ = nix_copy("nix-small", top)
+            s1 = requests_and_cpu()
             env = fresh_narq("narq-small")
+            s2 = requests_and_cpu()
             narq_t = narq_push(env, top)
-            row("500 small paths", "nix copy", nix_t, "narq", narq_t)
+            s3_ = requests_and_cpu()
+            row("500 small paths", "nix copy", nix_t, "narq", narq_t,
+                f"nix copy's {server_note(s0, s1)}; narq's {server_note(s2, s3_)}")
             before = uploads()
             nix_t2, _ = timed(["nix", "--extra-experimental-features", "nix-command", "copy", "--to",
                                f"http://127.0.0.1:{port}/nix-small?compression=zstd", top], env=nixenv)

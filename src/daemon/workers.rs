@@ -192,10 +192,7 @@ impl Dispatcher {
             records.push((item.key, item.attempts, result));
         }
         let keys: Vec<String> = records.iter().map(|(k, _, _)| k.clone()).collect();
-        let recorded = self
-            .queue
-            .run(move |q| records.into_iter().map(|(key, attempts, result)| record(q, &key, attempts, result).map_err(|e| (key, e))).filter_map(Result::err).collect::<Vec<_>>())
-            .await;
+        let recorded = self.queue.run(move |q| record_all(q, records)).await;
         match recorded {
             Ok(errors) => errors.into_iter().for_each(|(key, e)| tracing::error!(item = %key, "recording the result in the queue: {e}")),
             Err(e) => tracing::error!("recording {} results in the queue: {e}", keys.len()),
@@ -216,8 +213,39 @@ impl Dispatcher {
     }
 }
 
-/// Records how an upload ended.
-fn record(q: &mut Queue, key: &str, attempts: u32, result: Result<Outcome, UploadError>) -> Result<(), rusqlite::Error> {
+/// Records how uploads ended: the results that only update their item in one transaction
+/// (one fsync for a batch of small paths instead of one each), the permanent failures (which
+/// fail their dependents too) each in its own. Returns the keys whose result could not be
+/// recorded, and why.
+fn record_all(q: &mut Queue, records: Vec<(String, u32, Result<Outcome, UploadError>)>) -> Vec<(String, rusqlite::Error)> {
+    let (permanent, simple): (Vec<_>, Vec<_>) = records.into_iter().partition(|(_, _, r)| matches!(r, Err(UploadError::Permanent(_))));
+    let mut errors = Vec::new();
+    let keys: Vec<String> = simple.iter().map(|(k, _, _)| k.clone()).collect();
+    let batch = q.in_one_transaction(|q| {
+        for (key, attempts, result) in simple {
+            record_simple(q, &key, attempts, result)?;
+        }
+        Ok(())
+    });
+    if let Err(e) = batch {
+        // Rolled back: none of them is recorded, each will be uploaded (checked) again.
+        errors.extend(keys.into_iter().map(|k| (k, clone_error(&e))));
+    }
+    for (key, attempts, result) in permanent {
+        if let Err(e) = record(q, &key, attempts, result) {
+            errors.push((key, e));
+        }
+    }
+    errors
+}
+
+/// A `rusqlite::Error` for each item of a failed batch (the error itself is not `Clone`).
+fn clone_error(e: &rusqlite::Error) -> rusqlite::Error {
+    rusqlite::Error::ToSqlConversionFailure(e.to_string().into())
+}
+
+/// Records an upload that ended without failing for good: done, or retried later.
+fn record_simple(q: &Queue, key: &str, attempts: u32, result: Result<Outcome, UploadError>) -> Result<(), rusqlite::Error> {
     match result {
         Ok(outcome) => q.done(key, outcome),
         Err(UploadError::Target(e)) => q.retry_later(key, attempts, &e.msg).map(drop),
@@ -226,11 +254,20 @@ fn record(q: &mut Queue, key: &str, attempts: u32, result: Result<Outcome, Uploa
             tracing::warn!(item = %key, attempt = attempts + 1, retry_in_ms = delay.as_millis() as u64, error = %e, "upload failed, will retry: {key}: {e}");
             Ok(())
         }
+        // Recorded by [`record`] (it fails the dependents in a transaction of its own).
+        Err(UploadError::Permanent(_)) => Err(rusqlite::Error::ToSqlConversionFailure(format!("{key}: a permanent failure in a batch").into())),
+    }
+}
+
+/// Records how an upload ended.
+fn record(q: &mut Queue, key: &str, attempts: u32, result: Result<Outcome, UploadError>) -> Result<(), rusqlite::Error> {
+    match result {
         Err(UploadError::Permanent(e)) => {
             let dependents = q.fail(key, &e)?;
             tracing::error!(item = %key, dependents, error = %e, "upload failed permanently: {key}: {e}");
             Ok(())
         }
+        other => record_simple(q, key, attempts, other),
     }
 }
 
