@@ -309,8 +309,11 @@ def main():
             leaves = " ".join(f'(builtins.toFile "s3bench-huge-{i}-{stamp}" "{i}")' for i in range(n - 1))
             expr_file = os.path.join(tmp, "huge.nix")
             with open(expr_file, "w") as f:
+                # The list goes in a file (passAsFile): as one argument it would pass exec's
+                # 128 KiB limit.
                 f.write('derivation { name = "s3bench-huge-top-%s"; system = builtins.currentSystem; builder = "/bin/sh"; '
-                        'args = ["-c" "echo ${toString [ %s ]} > $out"]; }' % (stamp, leaves))
+                        'refs = toString [ %s ]; passAsFile = [ "refs" ]; args = ["-c" "/bin/cat $refsPath > $out"]; }'
+                        % (stamp, leaves))
             top = sh("nix-build", "--no-out-link", expr_file, env=nixenv).strip()
             drv = sh("nix-store", "-q", "--deriver", top, env=nixenv).strip()
             env = fresh_narq("narq-huge")

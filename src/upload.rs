@@ -91,6 +91,9 @@ const ZSTD_JOB_SIZE: u32 = 2 << 20;
 /// compressed in memory: no temp file, no fsync, one request.
 const IN_MEMORY_MAX: u64 = 8 << 20;
 
+/// NARs up to this size are made on the async worker's thread (a few hundred µs at most).
+const INLINE_MAX: u64 = 64 << 10;
+
 /// Serialises `path` as a NAR into `out`, compressed as `url` says, hashing both.
 fn compress<W: Write>(path: &Path, nar_size: u64, url: &StoreUrl, out: W) -> io::Result<(W, Compressed)> {
     let out = nar::HashingWriter::new(out);
@@ -414,9 +417,15 @@ impl Uploader {
     async fn upload_nar(&self, info: &PathInfo) -> Result<Compressed, UploadError> {
         if self.in_memory(info.nar_size) {
             let (store_path, info2, url) = (PathBuf::from(info.path.to_absolute()), info.clone(), self.url.clone());
-            let made = tokio::task::spawn_blocking(move || compress_in_memory(&store_path, &info2, &url))
-                .await
-                .map_err(|e| UploadError::Transient(format!("worker: {e}")))?;
+            // Tiny NARs (most paths of a large closure) are made right here: a hop to the
+            // blocking pool costs more, and its many threads each keep their own heap.
+            let made = if info.nar_size <= INLINE_MAX {
+                compress_in_memory(&store_path, &info2, &url)
+            } else {
+                tokio::task::spawn_blocking(move || compress_in_memory(&store_path, &info2, &url))
+                    .await
+                    .map_err(|e| UploadError::Transient(format!("worker: {e}")))?
+            };
             let (bytes, c) = made.map_err(|e| self.nar_error(info, e))?;
             self.target.put(&self.nar_key(&c.file_stats), Body::Bytes(bytes), storage::NAR_TYPE).await?;
             return Ok(c);
