@@ -1,26 +1,47 @@
 #!/usr/bin/env python3
-"""narq vs `nix copy` uploading to the same S3 server (moto on 127.0.0.1), in one run.
+"""narq vs `nix copy` and vs the machine's limits, uploading to one S3 server (moto on
+127.0.0.1), every comparison in one run; one line per case with both numbers and the ratio.
 
-Nix 2.8 from Debian has no s3:// support, so Nix uploads with HTTP PUTs to
-http://127.0.0.1:PORT/BUCKET (moto accepts them); narq uses the S3 API. Both compress with
-zstd. Cases:
-  1. one ~1 GB store path (/usr/lib/x86_64-linux-gnu added with --add-fixed --recursive):
-     wall time, and peak RSS of `nix copy` vs of the narq daemon;
-  2. a closure of 300 small paths;
-  3. the same closure again (already in the bucket).
-Usage: bench/s3_vs_nix_copy.py   (run scripts/setup.sh and cargo build --release first)
+Fairness: Nix 2.8 from Debian has no s3:// support, so Nix uploads with HTTP PUTs to
+http://127.0.0.1:PORT/BUCKET on the same moto server (moto accepts them) and narq uses the
+S3 API; both compress with zstd at level 3 (narq's default; Nix's `compression=zstd`
+default level is 3 too), both start with the store path in the page cache, both go through
+the same proxy in the slow-link cases. Each tool gets a fresh, empty bucket.
+Cases (pick some with arguments; default all):
+  big      one ~1 GB store path (/usr/lib/x86_64-linux-gnu, added with --add-fixed
+           --recursive; removed again at the end): narq vs the compression limit
+           (`nix-store --dump P | zstd -T0 -3 | sha256sum` from the page cache) and vs
+           `nix copy`; the narq daemon's peak RSS vs nix copy's;
+  small    a closure of 500 small paths, then the same closure again (the S3 server's log
+           counts the requests that upload: PUT and POST);
+  slow     through a delaying proxy written here (127.0.0.1 only; 50 ms per round trip,
+           i.e. 25 ms each way, and 50 MiB/s each way shared by all connections; bounded
+           queues): 300 small paths vs nix copy, and the 1 GB path vs the link's limit
+           (its compressed size / 50 MiB/s) and vs nix copy;
+  huge     a closure of 10,000 generated paths (builtins.toFile, one build): the daemon's
+           peak RSS, and the hook's median time once the closure is queued (20 runs);
+  compress zstd levels 1, 3 and 9 and xz (level 6, Nix's default) on the 1 GB path, each
+           through narq to a file:// cache: time and ratio.
+Usage: bench/s3_vs_nix_copy.py [big small slow huge compress]
+       (run scripts/setup.sh and cargo build --release first; binaries from
+       $CARGO_TARGET_DIR/release, else target/release)
 moto and boto3 come from the repo's .venv/ (scripts/setup.sh), which runs this script; Nix's
 settings from a private NIX_CONF_DIR.
 """
-import os, shutil, socket, subprocess, sys, tempfile, time
+import asyncio, os, re, shutil, socket, statistics, subprocess, sys, tempfile, threading, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NARQ = os.path.join(ROOT, "target", "release", "narq")
+BIN = os.path.join(os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target"), "release")
+NARQ = os.path.join(BIN, "narq")
+HOOK = os.environ.get("NARQ_BENCH_HOOK") or os.path.join(BIN, "narq-hook")
 VENV = os.path.join(ROOT, ".venv")
 if not os.path.exists(os.path.join(VENV, "bin", "moto_server")):
     sys.exit(f"{VENV}/bin/moto_server not found: run scripts/setup.sh")
 if os.path.realpath(sys.prefix) != os.path.realpath(VENV):
     os.execv(os.path.join(VENV, "bin", "python"), [os.path.join(VENV, "bin", "python")] + sys.argv)
+
+CASES = sys.argv[1:] or ["big", "small", "slow", "huge", "compress"]
+ZSTD_LEVEL = 3
 
 
 def free_port():
@@ -45,12 +66,89 @@ def timed(args, env=None):
     return dt, int(out.stderr.strip().splitlines()[-1])
 
 
+class SlowLink:
+    """A TCP proxy on 127.0.0.1 to 127.0.0.1:upstream that delays every byte by ONE_WAY in
+    each direction (a round trip costs 2 × ONE_WAY) and passes at most RATE bytes/s each
+    way, all connections sharing the link. Per connection and direction at most QUEUE
+    chunks wait, so memory is bounded; it stops with the bench."""
+    ONE_WAY = 0.025
+    RATE = 50 << 20
+    QUEUE = 64
+    CHUNK = 64 << 10
+
+    def __init__(self, upstream):
+        self.upstream = upstream
+        self.port = free_port()
+        self.free_at = {"up": 0.0, "down": 0.0}
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        threading.Thread(target=self._run, args=(ready,), daemon=True).start()
+        ready.wait(10)
+
+    def _run(self, ready):
+        asyncio.set_event_loop(self.loop)
+        server = self.loop.run_until_complete(asyncio.start_server(self._conn, "127.0.0.1", self.port))
+        ready.set()
+        self.loop.run_forever()
+
+    async def _pump(self, reader, writer, way):
+        q = asyncio.Queue(self.QUEUE)
+        loop = asyncio.get_running_loop()
+
+        async def send():
+            while (item := await q.get()) is not None:
+                due, data = item
+                if due > loop.time():
+                    await asyncio.sleep(due - loop.time())
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        sender = asyncio.ensure_future(send())
+        try:
+            while data := await reader.read(self.CHUNK):
+                # The link is busy until free_at: this chunk leaves after the ones before it.
+                start = max(loop.time(), self.free_at[way])
+                self.free_at[way] = start + len(data) / self.RATE
+                await q.put((self.free_at[way] + self.ONE_WAY, data))
+        except (ConnectionError, OSError):
+            pass
+        await q.put(None)
+        try:
+            await sender
+        except (ConnectionError, OSError):
+            pass
+
+    async def _conn(self, cr, cw):
+        try:
+            sr, sw = await asyncio.open_connection("127.0.0.1", self.upstream)
+        except OSError:
+            cw.close()
+            return
+        await asyncio.gather(self._pump(cr, sw, "up"), self._pump(sr, cw, "down"), return_exceptions=True)
+
+    def stop(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
 def main():
     tmp = tempfile.mkdtemp(prefix="narq-s3bench-")
     port = free_port()
+    moto_log = os.path.join(tmp, "moto.log")
     moto = subprocess.Popen([os.path.join(VENV, "bin", "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    daemon = None
+                            stdout=open(moto_log, "w"), stderr=subprocess.STDOUT)
+    state = {"daemon": None}
+    big = None
+    conf = os.path.join(tmp, "nix")
+    nixenv = dict(os.environ, NIX_CONF_DIR=conf)
+    rows = []
+
+    def row(name, a_name, a, b_name, b, note=""):
+        """One line: both numbers and how many times faster the second is (a / b)."""
+        line = f"{name:<34} {a_name} {a:>7.2f} s   {b_name} {b:>7.2f} s   ratio {a / b:>5.2f}x  {note}"
+        rows.append(line)
+        print(line, flush=True)
+
     try:
         for _ in range(100):
             try:
@@ -61,38 +159,43 @@ def main():
         import boto3
         s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id="test",
                           aws_secret_access_key="test", region_name="us-east-1")
-        conf = os.path.join(tmp, "nix")
         os.makedirs(conf)
         with open(os.path.join(conf, "nix.conf"), "w") as f:
             f.write("sandbox = false\nbuild-users-group =\nsubstituters =\nmax-jobs = 8\n")
-        nixenv = dict(os.environ, NIX_CONF_DIR=conf)
-
-        big = sh("nix-store", "--add-fixed", "--recursive", "sha256", "/usr/lib/x86_64-linux-gnu", env=nixenv).strip()
+        key = os.path.join(tmp, "key.sec")
+        sh(NARQ, "keygen", "bench-1", "--secret-key-file", key, "--public-key-file", key + ".pub")
         stamp = str(time.time_ns())
-        leaf = ('derivation { name = "s3bench-${toString i}-%s"; system = builtins.currentSystem; '
-                'builder = "/bin/sh"; args = ["-c" "echo ${toString i} > $out"]; }' % stamp)
-        top = sh("nix-build", "--no-out-link", "-E",
-                 'let leaf = i: %s; in derivation { name = "s3bench-top-%s"; system = builtins.currentSystem; '
-                 'builder = "/bin/sh"; args = ["-c" "echo ${toString (builtins.genList leaf 299)} > $out"]; }'
-                 % (leaf, stamp), env=nixenv).strip()
-        size = int(sh("du", "-sb", big).split()[0])
-        print(f"1 GB case: {big} ({size / 2**20:.0f} MiB); 300-path closure: {top}", flush=True)
 
-        def fresh_narq(bucket):
-            nonlocal daemon
-            if daemon:
-                daemon.terminate()
-                daemon.wait()
-            s3.create_bucket(Bucket=bucket)
-            state = os.path.join(tmp, bucket)
+        def closure_of(n, tag):
+            """A top path referring to n - 1 leaves, each built by its own derivation."""
+            leaf = ('derivation { name = "s3bench-%s-${toString i}-%s"; system = builtins.currentSystem; '
+                    'builder = "/bin/sh"; args = ["-c" "echo ${toString i} > $out"]; }' % (tag, stamp))
+            return sh("nix-build", "--no-out-link", "-E",
+                      'let leaf = i: %s; in derivation { name = "s3bench-%s-top-%s"; system = builtins.currentSystem; '
+                      'builder = "/bin/sh"; args = ["-c" "echo ${toString (builtins.genList leaf %d)} > $out"]; }'
+                      % (leaf, tag, stamp, n - 1), env=nixenv).strip()
+
+        def stop_daemon():
+            d = state["daemon"]
+            if d:
+                d.terminate()
+                d.wait()
+                state["daemon"] = None
+
+        def fresh_narq(bucket, store=None):
+            stop_daemon()
+            if store is None:
+                s3.create_bucket(Bucket=bucket)
+                store = f"s3://{bucket}?endpoint=127.0.0.1:{port}&scheme=http&compression=zstd"
+            st = os.path.join(tmp, bucket)
             cfg = os.path.join(tmp, bucket + ".toml")
             with open(cfg, "w") as f:
-                f.write(f'state-dir = "{state}"\nsocket = "{state}.sock"\n' + os.environ.get('NARQ_BENCH_EXTRA', '') + '\n'
-                        f'store = "s3://{bucket}?endpoint=127.0.0.1:{port}&scheme=http&compression=zstd"\n')
+                f.write(f'state-dir = "{st}"\nsocket = "{st}.sock"\nsecret-key-files = ["{key}"]\n'
+                        + os.environ.get('NARQ_BENCH_EXTRA', '') + f'\nstore = "{store}"\n')
             env = dict(os.environ, NARQ_CONFIG=cfg, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test",
-                       AWS_EC2_METADATA_DISABLED="true")
-            daemon = subprocess.Popen([NARQ, "daemon"], env=env, stderr=open(state + ".log", "w"))
-            for _ in range(100):
+                       AWS_EC2_METADATA_DISABLED="true", NIX_CONF_DIR=conf)
+            state["daemon"] = subprocess.Popen([NARQ, "daemon"], env=env, stderr=open(st + ".log", "w"))
+            for _ in range(200):
                 if subprocess.run([NARQ, "status"], env=env, capture_output=True).returncode == 0:
                     break
                 time.sleep(0.05)
@@ -104,38 +207,157 @@ def main():
             return time.perf_counter() - t
 
         def daemon_peak():
-            with open(f"/proc/{daemon.pid}/status") as f:
-                return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:"))
+            with open(f"/proc/{state['daemon'].pid}/status") as f:
+                return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
 
-        def nix_copy(bucket, path):
+        def nix_copy(bucket, path, via=None):
             s3.create_bucket(Bucket=bucket)
             return timed(["nix", "--extra-experimental-features", "nix-command", "copy", "--to",
-                          f"http://127.0.0.1:{port}/{bucket}?compression=zstd", path], env=nixenv)
+                          f"http://127.0.0.1:{via or port}/{bucket}?compression=zstd&compression-level={ZSTD_LEVEL}", path],
+                         env=nixenv)
 
-        rows = []
-        nix_t, nix_rss = nix_copy("nix-big", big)
-        env = fresh_narq("narq-big")
-        narq_t = narq_push(env, big)
-        rows.append(("1 GB path", nix_t, narq_t, f"peak RSS: nix copy {nix_rss / 1024:.0f} MiB, narq daemon {daemon_peak() / 1024:.0f} MiB"))
+        def requests_and_cpu():
+            """Requests in the server's log, and CPU seconds the server has used: where the time
+            goes when the server is the bottleneck."""
+            with open(moto_log) as f:
+                n = sum(1 for l in f if "HTTP/1.1" in l)
+            with open(f"/proc/{moto.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return n, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-        nix_t, _ = nix_copy("nix-small", top)
-        env = fresh_narq("narq-small")
-        narq_t = narq_push(env, top)
-        rows.append(("300 small paths", nix_t, narq_t, ""))
-        nix_t2, _ = timed(["nix", "--extra-experimental-features", "nix-command", "copy", "--to",
-                           f"http://127.0.0.1:{port}/nix-small?compression=zstd", top], env=nixenv)
-        narq_t2 = narq_push(env, top)
-        rows.append(("300 paths, again", nix_t2, narq_t2, ""))
+        def server_note(before, after):
+            return f"server: {after[0] - before[0]} requests, {after[1] - before[1]:.1f} CPU s"
 
-        print(f"{'case':<18} {'nix copy':>10} {'narq':>10} {'speed-up':>9}")
-        for name, n, q, note in rows:
-            print(f"{name:<18} {n:>9.2f}s {q:>9.2f}s {n / q:>8.1f}x  {note}")
+        def uploads():
+            """Requests in the server's log that upload (PUT, POST)."""
+            with open(moto_log) as f:
+                return sum(1 for l in f if re.search(r'"(\x1b\[[0-9;]*m)*(PUT|POST) ', l))
+
+        def big_path():
+            nonlocal big
+            if big is None:
+                big = sh("nix-store", "--add-fixed", "--recursive", "sha256", "/usr/lib/x86_64-linux-gnu", env=nixenv).strip()
+                size = int(sh("du", "-sb", big).split()[0])
+                print(f"1 GB path: {big} ({size / 2**20:.0f} MiB)", flush=True)
+            # Into the page cache, for every contender alike.
+            subprocess.run(f"nix-store --dump {big} > /dev/null", shell=True, check=True, env=nixenv)
+            return big
+
+        if "big" in CASES:
+            p = big_path()
+            t = time.perf_counter()
+            limit_hash = subprocess.run(f"nix-store --dump {p} | zstd -T0 -{ZSTD_LEVEL} | sha256sum", shell=True,
+                                        check=True, capture_output=True, env=nixenv)
+            limit = time.perf_counter() - t
+            env = fresh_narq("narq-big")
+            s0 = requests_and_cpu()
+            narq_t = narq_push(env, p)
+            s1 = requests_and_cpu()
+            peak = daemon_peak()
+            stop_daemon()
+            nix_t, nix_rss = nix_copy("nix-big", p)
+            row("1 GB path: the compression limit", "zstd -T0 -3 | sha256sum", limit, "narq", narq_t,
+                f"(narq / limit: {narq_t / limit:.2f}x; narq's {server_note(s0, s1)})")
+            row("1 GB path: nix copy", "nix copy", nix_t, "narq", narq_t,
+                f"peak RSS: nix copy {nix_rss / 1024:.0f} MiB, narq daemon {peak:.0f} MiB")
+
+        if "small" in CASES:
+            top = closure_of(500, "small")
+            s0 = requests_and_cpu()
+            nix_t, _ = nix_copy("nix-small", top)
+            s1 = requests_and_cpu()
+            env = fresh_narq("narq-small")
+            s2 = requests_and_cpu()
+            narq_t = narq_push(env, top)
+            s3_ = requests_and_cpu()
+            row("500 small paths", "nix copy", nix_t, "narq", narq_t,
+                f"nix copy's {server_note(s0, s1)}; narq's {server_note(s2, s3_)}")
+            before = uploads()
+            nix_t2, _ = timed(["nix", "--extra-experimental-features", "nix-command", "copy", "--to",
+                               f"http://127.0.0.1:{port}/nix-small?compression=zstd", top], env=nixenv)
+            nix_uploads = uploads() - before
+            before = uploads()
+            narq_t2 = narq_push(env, top)
+            row("500 paths again", "nix copy", nix_t2, "narq", narq_t2,
+                f"uploading requests: nix copy {nix_uploads}, narq {uploads() - before}")
+            stop_daemon()
+
+        if "slow" in CASES:
+            link = SlowLink(port)
+            top = closure_of(300, "slow")
+            nix_t, _ = nix_copy("nix-slow", top, via=link.port)
+            s3.create_bucket(Bucket="narq-slow")
+            env = fresh_narq("narq-slow", f"s3://narq-slow?endpoint=127.0.0.1:{link.port}&scheme=http&compression=zstd")
+            narq_t = narq_push(env, top)
+            row("300 small paths, slow link", "nix copy", nix_t, "narq", narq_t)
+            p = big_path()
+            s3.create_bucket(Bucket="narq-slowbig")
+            env = fresh_narq("narq-slowbig", f"s3://narq-slowbig?endpoint=127.0.0.1:{link.port}&scheme=http&compression=zstd")
+            narq_t = narq_push(env, p)
+            stop_daemon()
+            info = next(o for o in s3.list_objects_v2(Bucket="narq-slowbig")["Contents"] if o["Key"].startswith("nar/"))
+            link_limit = info["Size"] / SlowLink.RATE
+            row("1 GB path, slow link: link limit", "size / 50 MiB/s", link_limit, "narq", narq_t,
+                f"(narq / limit: {narq_t / link_limit:.2f}x; {info['Size'] / 2**20:.0f} MiB compressed)")
+            if os.environ.get("NARQ_BENCH_SLOW_NIX_BIG", "1") == "1":
+                nix_t, _ = nix_copy("nix-slowbig", p, via=link.port)
+                row("1 GB path, slow link: nix copy", "nix copy", nix_t, "narq", narq_t)
+            link.stop()
+
+        if "huge" in CASES:
+            n = 10_000
+            leaves = " ".join(f'(builtins.toFile "s3bench-huge-{i}-{stamp}" "{i}")' for i in range(n - 1))
+            expr_file = os.path.join(tmp, "huge.nix")
+            with open(expr_file, "w") as f:
+                # The list goes in a file (passAsFile): as one argument it would pass exec's
+                # 128 KiB limit.
+                f.write('derivation { name = "s3bench-huge-top-%s"; system = builtins.currentSystem; builder = "/bin/sh"; '
+                        'refs = toString [ %s ]; passAsFile = [ "refs" ]; args = ["-c" "/bin/cat $refsPath > $out"]; }'
+                        % (stamp, leaves))
+            top = sh("nix-build", "--no-out-link", expr_file, env=nixenv).strip()
+            drv = sh("nix-store", "-q", "--deriver", top, env=nixenv).strip()
+            env = fresh_narq("narq-huge")
+            narq_t = narq_push(env, top)
+            peak = daemon_peak()
+            # The hook as Nix runs it once the closure is queued (and uploaded).
+            hook_env = dict(env, OUT_PATHS="", DRV_PATH=drv)
+            times = []
+            for _ in range(20):
+                t = time.perf_counter()
+                subprocess.run([HOOK], env=hook_env, check=True, capture_output=True)
+                times.append(time.perf_counter() - t)
+            stop_daemon()
+            line = (f"{n:,} paths: narq push {narq_t:.2f} s, daemon peak RSS {peak:.0f} MiB (goal < 64); "
+                    f"hook once queued: median {statistics.median(times) * 1000:.1f} ms (goal < 30)")
+            rows.append(line)
+            print(line, flush=True)
+
+        if "compress" in CASES:
+            p = big_path()
+            nar_size = int(sh("nix-store", "-q", "--size", p, env=nixenv))
+            # NARQ_BENCH_XZ_LEVEL=none leaves xz out (level 6 takes minutes on this VM).
+            xz = os.environ.get("NARQ_BENCH_XZ_LEVEL", "6")
+            for comp, level in [("zstd", 1), ("zstd", 3), ("zstd", 9)] + ([("xz", int(xz))] if xz != "none" else []):
+                cache = os.path.join(tmp, f"cache-{comp}{level}")
+                env = fresh_narq(f"file-{comp}{level}", f"file://{cache}?compression={comp}&compression-level={level}")
+                t = narq_push(env, p)
+                stop_daemon()
+                size = sum(os.path.getsize(os.path.join(cache, "nar", f)) for f in os.listdir(os.path.join(cache, "nar")))
+                line = f"compression {comp} {level:<2} on the 1 GB path: {t:>7.2f} s, ratio {nar_size / size:.2f} ({size / 2**20:.0f} MiB)"
+                rows.append(line)
+                print(line, flush=True)
+                shutil.rmtree(cache, ignore_errors=True)
+
+        print("\n".join(["", "summary:"] + rows))
     finally:
-        if daemon:
-            daemon.terminate()
-            daemon.wait()
+        d = state["daemon"]
+        if d:
+            d.terminate()
+            d.wait()
         moto.terminate()
         moto.wait()
+        if big and os.environ.get("NARQ_BENCH_KEEP_BIG") != "1":
+            subprocess.run(["nix-store", "--delete", big], capture_output=True, env=nixenv)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

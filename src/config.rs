@@ -73,6 +73,10 @@ impl Default for GcConfig {
     }
 }
 
+/// `jobs` when the config sets none: enough requests in flight to hide round trips to a
+/// distant S3 region behind each other for a closure of small paths.
+pub const DEFAULT_JOBS: usize = 64;
+
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Where this configuration came from (for messages); `None` for built-in defaults.
@@ -88,7 +92,8 @@ pub struct Config {
     pub socket: PathBuf,
     /// The durable queue, the spool of requests written while the daemon was away, temp files.
     pub state_dir: PathBuf,
-    /// Concurrent uploads.
+    /// The most uploads at once; what they hold in memory bounds them too (see
+    /// `daemon::workers`).
     pub jobs: usize,
     /// Users besides root and the daemon's own user who may enqueue.
     pub allowed_uids: Vec<u32>,
@@ -212,7 +217,7 @@ impl Config {
         }
         let mut secret_key_files = raw.secret_key_files;
         secret_key_files.extend(store.secret_keys.iter().cloned());
-        let jobs = raw.jobs.unwrap_or(4);
+        let jobs = raw.jobs.unwrap_or(DEFAULT_JOBS);
         if !(1..=256).contains(&jobs) {
             return Err(err(Some("jobs"), format!("{jobs} is out of range 1..=256")));
         }
@@ -405,7 +410,7 @@ mod tests {
         let c = Config::parse("state-dir = \"/tmp/x\"\n", Some(Path::new("/etc/narq/config.toml"))).unwrap();
         assert_eq!(c.store.location, crate::store_url::Location::File("/tmp/x/cache".into()));
         assert_eq!(c.socket, PathBuf::from(DEFAULT_SOCKET));
-        assert_eq!(c.jobs, 4);
+        assert_eq!(c.jobs, DEFAULT_JOBS);
         assert_eq!(c.gc, GcConfig::default());
         let c = Config::parse("[gc]\nkeep-days = 7\nmax-size = \"500G\"\ngrace = \"6h\"\n", None).unwrap();
         assert_eq!(c.gc, GcConfig { keep_days: 7, max_size: Some(500 << 30), grace: std::time::Duration::from_secs(6 * 3600) });

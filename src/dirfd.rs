@@ -139,6 +139,13 @@ impl Dir {
         ok_or_err(unsafe { libc::renameat(d, f.as_ptr(), d, t.as_ptr()) })
     }
 
+    /// Moves `from` in this directory to `to` in `dir` (a symlink there is replaced, not followed).
+    pub fn rename_to(&self, from: &str, dir: &Dir, to: &str) -> io::Result<()> {
+        let (f, t) = (component(from)?, component(to)?);
+        // SAFETY: valid C strings, our descriptors.
+        ok_or_err(unsafe { libc::renameat(self.fd.as_raw_fd(), f.as_ptr(), dir.fd.as_raw_fd(), t.as_ptr()) })
+    }
+
     /// Moves the file at `src` (a path) to `to` in this directory.
     pub fn rename_into(&self, src: &Path, to: &str) -> io::Result<()> {
         let (s, t) = (c_name(src.as_os_str().as_bytes())?, component(to)?);

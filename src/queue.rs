@@ -673,6 +673,16 @@ impl Queue {
         Ok(())
     }
 
+    /// Runs `f` in one transaction, so that all its changes cost one fsync: for recording
+    /// many results at once ([`Queue::done`], [`Queue::retry_later`]; nothing that opens a
+    /// transaction of its own). Rolled back if `f` fails.
+    pub fn in_one_transaction<T>(&self, f: impl FnOnce(&Queue) -> Result<T>) -> Result<T> {
+        let tx = self.conn.unchecked_transaction()?;
+        let out = f(self)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
     /// A failure that may pass: retried after [`backoff`]. Returns the delay.
     pub fn retry_later(&self, key: &str, attempts: u32, error: &str) -> Result<Duration> {
         let delay = backoff(attempts, key);

@@ -1,5 +1,16 @@
 //! One item, start to finish: store path → NAR (streamed, hashed, checked against the
-//! NarHash) → compressed temp file → target, then the narinfo; or a build log to `log/`.
+//! NarHash) → compressed → target, then the narinfo; or a build log to `log/`.
+//!
+//! How the NAR goes up depends on its size, so that upload time hides behind compression:
+//! - small (at most one part): serialised and compressed in memory, one PUT to its key;
+//! - large: compressed on a blocking thread into parts that go up as they are filled, to a
+//!   random key under [`storage::STREAM_TMP_PREFIX`] (the final key, Nix's
+//!   `nar/<filehash>.nar.zst`, is known only once the last byte is compressed); when the
+//!   NarHash checks out the object is moved to its key (server-side copy), otherwise the
+//!   upload is aborted. An object at a `nar/` key is thus always whole, and always has the
+//!   hash its name says, whichever builder (and compression setting) wrote it;
+//! - a target that takes whole objects only (`multipart-upload=false`): a compressed temp
+//!   file in the state dir, then one PUT.
 
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
@@ -12,7 +23,7 @@ use crate::metrics::InFlight;
 use crate::nix::{db, nar, NarInfo, PathInfo, Realisation, StorePath};
 use crate::queue::{Item, Kind, Outcome};
 use crate::store_url::{Compression, StoreUrl};
-use crate::storage::{self, Body, Target, TempFile};
+use crate::storage::{self, Body, Chunk, Target, TempFile};
 
 /// Why an item did not make it.
 #[derive(Debug)]
@@ -73,7 +84,7 @@ fn check_room(dir: &Path, size: u64) -> Result<(), String> {
     Ok(())
 }
 
-/// Result of compressing a NAR into the temp file.
+/// Result of compressing a NAR.
 struct Compressed {
     nar: nar::NarStats,
     file_stats: nar::NarStats,
@@ -86,6 +97,9 @@ const MULTITHREAD_ABOVE: u64 = 4 << 20;
 /// Input per zstd worker job: small enough to keep memory flat, large enough to keep the
 /// ratio (zstd's minimum is 512 KiB).
 const ZSTD_JOB_SIZE: u32 = 2 << 20;
+/// NARs up to this size (and one part of the target's streamed uploads) are serialised and
+/// compressed in memory: no temp file, no fsync, one request.
+const IN_MEMORY_MAX: u64 = 8 << 20;
 
 /// A writer that reports what passes through it to an upload's progress.
 struct Counting<'a, W> {
@@ -104,8 +118,13 @@ impl<W: Write> Write for Counting<'_, W> {
     }
 }
 
-fn compress_nar(path: &Path, nar_size: u64, url: &StoreUrl, tmp: &Path, progress: &InFlight) -> io::Result<Compressed> {
-    let out = nar::HashingWriter::new(BufWriter::with_capacity(1 << 20, File::create(tmp)?));
+/// NARs up to this size are made on the async worker's thread (a few hundred µs at most).
+const INLINE_MAX: u64 = 64 << 10;
+
+/// Serialises `path` as a NAR into `out`, compressed as `url` says, hashing both (and
+/// listing it with `write-nar-listing`); counts the NAR bytes into `progress`.
+fn compress<W: Write>(path: &Path, nar_size: u64, url: &StoreUrl, out: W, progress: &InFlight) -> io::Result<(W, Compressed)> {
+    let out = nar::HashingWriter::new(out);
     let list = url.write_nar_listing;
     let dump = |w: &mut dyn Write| nar::dump_listed(path, &mut Counting { inner: w, progress }, list);
     let (out, (nar, listing)) = match url.compression {
@@ -115,7 +134,7 @@ fn compress_nar(path: &Path, nar_size: u64, url: &StoreUrl, tmp: &Path, progress
             (out, s)
         }
         Compression::Zstd => {
-            let mut enc = zstd::Encoder::new(out, url.compression_level.unwrap_or(3))?;
+            let mut enc = zstd::Encoder::new(out, url.compression_level.unwrap_or(DEFAULT_ZSTD_LEVEL))?;
             // Worker threads pay off only for large NARs; small ones would just take CPU
             // from the builds.
             let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
@@ -133,9 +152,162 @@ fn compress_nar(path: &Path, nar_size: u64, url: &StoreUrl, tmp: &Path, progress
             (enc.finish()?, s)
         }
     };
-    let (buf, file_stats) = out.finish();
-    buf.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-    Ok(Compressed { nar, file_stats, listing })
+    let (w, file_stats) = out.finish();
+    Ok((w, Compressed { nar, file_stats, listing }))
+}
+
+/// zstd's level when the store URL names none: from the compression table in the README
+/// (time and ratio on a 1 GB path).
+const DEFAULT_ZSTD_LEVEL: i32 = 3;
+
+/// Why a NAR could not be made.
+enum NarError {
+    /// Reading the store path or writing the output failed.
+    Io(io::Error),
+    /// The NAR is not what the Nix database says: its hash and size.
+    Mismatch(nar::NarStats),
+}
+
+impl From<io::Error> for NarError {
+    fn from(e: io::Error) -> Self {
+        NarError::Io(e)
+    }
+}
+
+/// `Ok` if `nar` is what the database says `info` is.
+fn check_nar(info: &PathInfo, nar: &nar::NarStats) -> Result<(), NarError> {
+    match nar.hash == info.nar_hash && nar.size == info.nar_size {
+        true => Ok(()),
+        false => Err(NarError::Mismatch(*nar)),
+    }
+}
+
+/// The NAR of a small path, compressed in memory: checked against the database before it
+/// is compressed.
+fn compress_in_memory(path: &Path, info: &PathInfo, url: &StoreUrl, progress: &InFlight) -> Result<(Vec<u8>, Compressed), NarError> {
+    let mut raw = Vec::with_capacity(info.nar_size.min(IN_MEMORY_MAX) as usize);
+    let (nar, listing) = nar::dump_listed(path, &mut Counting { inner: &mut raw, progress }, url.write_nar_listing)?;
+    check_nar(info, &nar)?;
+    let out = match url.compression {
+        Compression::None => raw,
+        // One shot: zstd sizes its tables to the input, a few KiB for a small path.
+        Compression::Zstd => zstd::bulk::compress(&raw, url.compression_level.unwrap_or(DEFAULT_ZSTD_LEVEL))?,
+        Compression::Xz => {
+            drop(raw);
+            let (out, c) = compress(path, info.nar_size, url, Vec::new(), progress)?;
+            check_nar(info, &c.nar)?;
+            return Ok((out, c));
+        }
+    };
+    let file_stats = nar::NarStats { hash: crate::nix::Sha256::digest(&out), size: out.len() as u64 };
+    Ok((out, Compressed { nar, file_stats, listing }))
+}
+
+/// Parts larger than this are written to temp files in the state dir, not held in memory:
+/// the page cache holds them while they go up, and the daemon's memory stays flat (an
+/// S3 part is at least 5 MiB, and a few are in flight while the next is filled).
+const SPILL_ABOVE: u64 = 1 << 20;
+
+/// Hands what is written to it on as [`Chunk`]s of `part` bytes (the last may be shorter),
+/// waiting while the uploader is busy: for a thread of the blocking pool.
+struct ChunkWriter {
+    part: u64,
+    /// Bytes in the part being filled.
+    filled: u64,
+    /// The part being filled, when parts are held in memory.
+    mem: Vec<u8>,
+    /// The part being filled, when parts are spilled ([`SPILL_ABOVE`]).
+    file: Option<(TempFile, BufWriter<File>)>,
+    /// Where parts are spilled, and the start of their names; `None`: parts in memory.
+    spill: Option<PathBuf>,
+    /// Parts sent so far, for the temp files' names.
+    sent: u32,
+    tx: tokio::sync::mpsc::Sender<Chunk>,
+}
+
+impl ChunkWriter {
+    fn new(part: u64, spill: Option<PathBuf>, tx: tokio::sync::mpsc::Sender<Chunk>) -> Self {
+        let mem = if spill.is_none() { Vec::with_capacity(part as usize) } else { Vec::new() };
+        ChunkWriter { part, filled: 0, mem, file: None, spill, sent: 0, tx }
+    }
+
+    fn send(&mut self, chunk: Chunk) -> io::Result<()> {
+        self.tx.blocking_send(chunk).map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the upload stopped"))
+    }
+
+    /// Sends the part being filled, if it has any bytes.
+    fn send_part(&mut self) -> io::Result<()> {
+        if self.filled == 0 {
+            return Ok(());
+        }
+        let body = match self.file.take() {
+            Some((tmp, w)) => {
+                w.into_inner().map_err(|e| e.into_error())?;
+                Body::File(tmp)
+            }
+            None => Body::Bytes(std::mem::replace(&mut self.mem, Vec::with_capacity(self.part as usize))),
+        };
+        self.filled = 0;
+        self.sent += 1;
+        self.send(Chunk::Data(body))
+    }
+
+    /// Sends what is left and the end: the upload completes.
+    fn end(mut self) -> io::Result<()> {
+        self.send_part()?;
+        self.send(Chunk::End)
+    }
+}
+
+impl Write for ChunkWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = data.len().min((self.part - self.filled) as usize);
+        match &self.spill {
+            Some(prefix) => {
+                if self.file.is_none() {
+                    let tmp = TempFile::new(PathBuf::from(format!("{}.{}.part", prefix.display(), self.sent)));
+                    let f = File::create(tmp.path())?;
+                    self.file = Some((tmp, BufWriter::with_capacity(256 << 10, f)));
+                }
+                if let Some((_, w)) = &mut self.file {
+                    w.write_all(&data[..n])?;
+                }
+            }
+            None => self.mem.extend_from_slice(&data[..n]),
+        }
+        self.filled += n as u64;
+        if self.filled == self.part {
+            self.send_part()?;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Compresses the NAR of `path` into chunks for a streamed upload; ends the stream (the
+/// upload completes) only if the NAR is what the database says, else the channel closes
+/// without its end and the upload is aborted.
+fn compress_streamed(path: &Path, info: &PathInfo, url: &StoreUrl, w: ChunkWriter, progress: &InFlight) -> Result<Compressed, NarError> {
+    let (w, c) = compress(path, info.nar_size, url, w, progress)?;
+    check_nar(info, &c.nar)?;
+    w.end()?;
+    Ok(c)
+}
+
+/// A random name for a streamed upload's temporary key.
+fn random_name() -> String {
+    let mut b = [0u8; 12];
+    // SAFETY: writes at most b.len() bytes into b.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != b.len() as isize {
+        // Unique enough without it: this process, this instant.
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        b[..8].copy_from_slice(&(t as u64).to_le_bytes());
+        b[8..].copy_from_slice(&std::process::id().to_le_bytes());
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Build logs are cut here (with a note at the end). Nix keeps logs bzip2-compressed, and a
@@ -189,7 +361,41 @@ impl WriteFinish for xz2::write::XzEncoder<BufWriter<File>> {
     }
 }
 
+/// What an item holds while it uploads, for the dispatcher's limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cost {
+    /// About this many bytes of memory: a small NAR (raw and compressed), a log's encoder.
+    Memory(u64),
+    /// A streamed NAR: a few parts and a compressor on every core, bounded by itself.
+    Stream,
+}
+
+/// What a build log upload holds: the xz encoder's buffers (streamed from and to files).
+const LOG_COST: u64 = 1 << 20;
+
 impl Uploader {
+    /// What `item` holds while it uploads (see [`Cost`]).
+    pub fn cost(&self, item: &Item) -> Cost {
+        match &item.kind {
+            Kind::Nar(info) if self.in_memory(info.nar_size) => {
+                // Small NARs: the NAR and its compressed copy, plus the encoder's tables.
+                Cost::Memory(2 * info.nar_size + (64 << 10))
+            }
+            Kind::Nar(_) if self.target.stream_part_size(0).is_some() => Cost::Stream,
+            // A temp file in the state dir: only the encoder's memory.
+            Kind::Nar(_) => Cost::Memory(16 << 20),
+            Kind::Log(_) => Cost::Memory(LOG_COST),
+            // A few hundred bytes of JSON.
+            Kind::Realisation(_) => Cost::Memory(4 << 10),
+        }
+    }
+
+    /// Whether a NAR of `nar_size` bytes is made in memory and goes up in one request: up
+    /// to one part of the target's streamed uploads, and at most [`IN_MEMORY_MAX`].
+    fn in_memory(&self, nar_size: u64) -> bool {
+        nar_size <= self.target.stream_part_size(nar_size).unwrap_or(IN_MEMORY_MAX).min(IN_MEMORY_MAX)
+    }
+
     pub async fn run(&self, item: &Item) -> Result<Outcome, UploadError> {
         self.run_in(item, self.gc.as_ref().map_or(0, |g| g.epoch())).await
     }
@@ -284,43 +490,11 @@ impl Uploader {
                 return Ok(Outcome::Upstream);
             }
         }
-        check_room(&self.tmp_dir, info.nar_size).map_err(UploadError::Transient)?;
         let start = Instant::now();
-        let store_path = PathBuf::from(info.path.to_absolute());
-        // Removed on every way out but the one that hands it to the target.
-        let tmp = TempFile::new(self.tmp_dir.join(format!("{}.nar.tmp", info.path.hash_part())));
-        let (url, nar_size) = (self.url.clone(), info.nar_size);
-        let c = {
-            let (tmp, store_path) = (tmp.path().to_path_buf(), store_path.clone());
-            tokio::task::spawn_blocking(move || compress_nar(&store_path, nar_size, &url, &tmp, &progress))
-                .await
-                .map_err(|e| UploadError::Transient(format!("worker: {e}")))?
-        };
-        let c = match c {
-            Ok(c) => c,
-            Err(e) => {
-                return Err(if !store_path.exists() {
-                    UploadError::Permanent(format!("{} is gone from the store", info.path))
-                } else if e.kind() == io::ErrorKind::PermissionDenied {
-                    UploadError::Permanent(format!("reading {}: {e}", info.path))
-                } else if e.kind() == io::ErrorKind::StorageFull {
-                    UploadError::Transient(format!("writing the NAR of {} to {}: {e}; temp file removed", info.path, self.tmp_dir.display()))
-                } else {
-                    UploadError::Transient(format!("serialising {}: {e}", info.path))
-                });
-            }
-        };
-        if c.nar.hash != info.nar_hash || c.nar.size != info.nar_size {
-            return Err(UploadError::Permanent(format!(
-                "contents of {} do not match the Nix database: NAR has {} ({} bytes), database says {} ({} bytes); not uploaded",
-                info.path, c.nar.hash, c.nar.size, info.nar_hash, info.nar_size
-            )));
-        }
-        let ext = self.url.compression.extension();
-        let nar_key = format!("nar/{}.nar{ext}", c.file_stats.hash.to_base32());
+        let c = self.upload_nar(info, &progress).await?;
         let mut narinfo = NarInfo {
             info: info.clone(),
-            url: nar_key.clone(),
+            url: self.nar_key(&c.file_stats),
             compression: self.url.compression.name().to_string(),
             file_hash: Some(c.file_stats.hash),
             file_size: Some(c.file_stats.size),
@@ -335,8 +509,7 @@ impl Uploader {
                 }
             }
         }
-        self.target.put(&nar_key, Body::File(tmp), storage::NAR_TYPE).await?;
-        self.put_narinfo(info, &nar_key, &narinfo_key, narinfo.to_string().into_bytes(), epoch).await?;
+        self.put_narinfo(info, &narinfo.url, &narinfo_key, narinfo.to_string().into_bytes(), epoch).await?;
         // The message stands alone for `journalctl -u narq`; the fields are for queries.
         let ms = start.elapsed().as_millis() as u64;
         tracing::info!(
@@ -370,6 +543,114 @@ impl Uploader {
         self.target.put(&r.key(), Body::Bytes(json), storage::JSON_TYPE).await?;
         tracing::info!(id = %r.id, out_path = %r.out_path, "uploaded the realisation {} of {}", r.id, r.out_path);
         Ok(Outcome::Uploaded { bytes })
+    }
+
+    /// Where a NAR with these compressed bytes goes: `nar/<filehash>.nar<ext>`.
+    fn nar_key(&self, file: &nar::NarStats) -> String {
+        format!("nar/{}.nar{}", file.hash.to_base32(), self.url.compression.extension())
+    }
+
+    /// Uploads the NAR of `info` to its key ([`Uploader::nar_key`]), checked against the
+    /// NarHash; the way depends on its size (see the module doc).
+    async fn upload_nar(&self, info: &PathInfo, progress: &Arc<InFlight>) -> Result<Compressed, UploadError> {
+        if self.in_memory(info.nar_size) {
+            let (store_path, info2, url, progress) = (PathBuf::from(info.path.to_absolute()), info.clone(), self.url.clone(), progress.clone());
+            // Tiny NARs (most paths of a large closure) are made right here: a hop to the
+            // blocking pool costs more, and its many threads each keep their own heap.
+            let made = if info.nar_size <= INLINE_MAX {
+                compress_in_memory(&store_path, &info2, &url, &progress)
+            } else {
+                tokio::task::spawn_blocking(move || compress_in_memory(&store_path, &info2, &url, &progress))
+                    .await
+                    .map_err(|e| UploadError::Transient(format!("worker: {e}")))?
+            };
+            let (bytes, c) = made.map_err(|e| self.nar_error(info, e))?;
+            self.target.put(&self.nar_key(&c.file_stats), Body::Bytes(bytes), storage::NAR_TYPE).await?;
+            return Ok(c);
+        }
+        match self.target.stream_part_size(info.nar_size) {
+            Some(part) => self.stream_nar(info, part, progress.clone()).await,
+            None => self.upload_nar_file(info, progress.clone()).await,
+        }
+    }
+
+    /// A large NAR, compressed into parts that go up as they are filled (see the module doc).
+    async fn stream_nar(&self, info: &PathInfo, part: u64, progress: Arc<InFlight>) -> Result<Compressed, UploadError> {
+        // Spilled parts in flight, and the one being filled.
+        check_room(&self.tmp_dir, 8 * part).map_err(UploadError::Transient)?;
+        let tmp_key = format!("{}{}-{}.nar{}", storage::STREAM_TMP_PREFIX, info.path.hash_part(), random_name(), self.url.compression.extension());
+        // One chunk waits in the channel while another is filled: the compressor keeps
+        // going while a part is uploaded.
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let producer = {
+            let (store_path, info, url) = (PathBuf::from(info.path.to_absolute()), info.clone(), self.url.clone());
+            let spill = (part > SPILL_ABOVE).then(|| self.tmp_dir.join(tmp_key.rsplit('/').next().unwrap_or("nar")));
+            let w = ChunkWriter::new(part, spill, tx);
+            tokio::task::spawn_blocking(move || compress_streamed(&store_path, &info, &url, w, &progress))
+        };
+        let uploaded = self.target.put_streamed(&tmp_key, rx, storage::NAR_TYPE).await;
+        let produced = producer.await.map_err(|e| UploadError::Transient(format!("worker: {e}")))?;
+        let c = match (produced, uploaded) {
+            // The compressor stopped because the upload did: the upload's error is the cause.
+            (Err(NarError::Io(e)), Err(up)) if e.kind() == io::ErrorKind::BrokenPipe => return Err(up.into()),
+            (Err(e), _) => return Err(self.nar_error(info, e)),
+            (Ok(_), Err(up)) => return Err(up.into()),
+            (Ok(c), Ok(_)) => c,
+        };
+        let key = self.nar_key(&c.file_stats);
+        if let Err(e) = self.target.rename(&tmp_key, &key, c.file_stats.size, storage::NAR_TYPE).await {
+            if let Err(d) = self.target.delete(std::slice::from_ref(&tmp_key)).await {
+                tracing::warn!(key = tmp_key, "deleting the temporary object after a failed move: {d}");
+            }
+            return Err(e.into());
+        }
+        Ok(c)
+    }
+
+    /// A NAR for a target that takes whole objects only: compressed to a temp file in the
+    /// state dir, then one PUT.
+    async fn upload_nar_file(&self, info: &PathInfo, progress: Arc<InFlight>) -> Result<Compressed, UploadError> {
+        check_room(&self.tmp_dir, info.nar_size).map_err(UploadError::Transient)?;
+        // Removed on every way out but the one that hands it to the target.
+        let tmp = TempFile::new(self.tmp_dir.join(format!("{}.nar.tmp", info.path.hash_part())));
+        let made = {
+            let (tmp, store_path, info) = (tmp.path().to_path_buf(), PathBuf::from(info.path.to_absolute()), info.clone());
+            let url = self.url.clone();
+            tokio::task::spawn_blocking(move || -> Result<Compressed, NarError> {
+                let out = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
+                let (out, c) = compress(&store_path, info.nar_size, &url, out, &progress)?;
+                out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+                check_nar(&info, &c.nar)?;
+                Ok(c)
+            })
+            .await
+            .map_err(|e| UploadError::Transient(format!("worker: {e}")))?
+        };
+        let c = made.map_err(|e| self.nar_error(info, e))?;
+        self.target.put(&self.nar_key(&c.file_stats), Body::File(tmp), storage::NAR_TYPE).await?;
+        Ok(c)
+    }
+
+    /// What a failure to make the NAR of `info` means for the item.
+    fn nar_error(&self, info: &PathInfo, e: NarError) -> UploadError {
+        let e = match e {
+            NarError::Mismatch(nar) => {
+                return UploadError::Permanent(format!(
+                    "contents of {} do not match the Nix database: NAR has {} ({} bytes), database says {} ({} bytes); not uploaded",
+                    info.path, nar.hash, nar.size, info.nar_hash, info.nar_size
+                ))
+            }
+            NarError::Io(e) => e,
+        };
+        if !Path::new(&info.path.to_absolute()).exists() {
+            UploadError::Permanent(format!("{} is gone from the store", info.path))
+        } else if e.kind() == io::ErrorKind::PermissionDenied {
+            UploadError::Permanent(format!("reading {}: {e}", info.path))
+        } else if e.kind() == io::ErrorKind::StorageFull {
+            UploadError::Transient(format!("writing the NAR of {} to {}: {e}; temp file removed", info.path, self.tmp_dir.display()))
+        } else {
+            UploadError::Transient(format!("serialising {}: {e}", info.path))
+        }
     }
 
     async fn upload_log(&self, drv: &StorePath) -> Result<Outcome, UploadError> {

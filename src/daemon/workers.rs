@@ -1,12 +1,17 @@
 //! The worker pool: the dispatcher starts ready items on free workers and records what they
 //! report.
 //!
+//! How many run at once is bounded by what they hold, not by a small fixed count: small
+//! items (most paths of a closure, each a few round trips) run many at once, up to
+//! [`MEMORY_IN_FLIGHT`] bytes of NARs in memory and `jobs` items; a large NAR streams (its
+//! memory bounded by itself) [`STREAMS_AT_ONCE`] at a time, beside the small ones.
+//!
 //! Only the dispatcher holds the in-flight set and the breaker: a worker uploads one item
 //! and reports [`Finished`] over a channel. A worker that panics is reported too (its
 //! `JoinHandle` turns the panic into an error), as a failure that may pass, and its slot is
 //! free again; nothing a worker does can stop the dispatcher.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,7 +20,14 @@ use tokio::sync::{mpsc, watch, Notify};
 use super::breaker::Breaker;
 use super::shared_queue::SharedQueue;
 use crate::queue::{Item, Outcome, Queue};
-use crate::upload::{UploadError, Uploader};
+use crate::upload::{Cost, UploadError, Uploader};
+
+/// Bytes that small items in flight may hold in memory (NARs made in memory, encoders); one
+/// item always may, whatever its size.
+const MEMORY_IN_FLIGHT: u64 = 24 << 20;
+/// Streamed NARs uploading at once: each compresses on every core already, and holds a few
+/// parts in memory.
+const STREAMS_AT_ONCE: usize = 1;
 
 /// What the dispatcher publishes for `status`.
 #[derive(Debug, Clone, Default)]
@@ -57,6 +69,12 @@ pub(super) struct Dispatcher {
     wake: Arc<Notify>,
     /// Keys of the items being uploaded now.
     in_flight: HashSet<String>,
+    /// What each item in flight holds ([`Uploader::cost`]).
+    costs: HashMap<String, Cost>,
+    /// Bytes the items in flight hold ([`Cost::Memory`]).
+    memory: u64,
+    /// Streamed NARs in flight.
+    streams: usize,
     /// Whether the target works; while it does not, uploads pause.
     breaker: Breaker,
     /// `nix-cache-info` is known to be in the cache.
@@ -74,7 +92,7 @@ impl Dispatcher {
     pub(super) fn new(uploader: Arc<Uploader>, queue: SharedQueue, jobs: usize, wake: Arc<Notify>) -> (Dispatcher, watch::Receiver<Snapshot>) {
         let (report, finished) = mpsc::unbounded_channel();
         let (publish, snapshot) = watch::channel(Snapshot::default());
-        let d = Dispatcher { uploader, queue, jobs, wake, in_flight: HashSet::new(), breaker: Breaker::default(), cache_info: false, report, finished, publish };
+        let d = Dispatcher { uploader, queue, jobs, wake, in_flight: HashSet::new(), costs: HashMap::new(), memory: 0, streams: 0, breaker: Breaker::default(), cache_info: false, report, finished, publish };
         (d, snapshot)
     }
 
@@ -100,7 +118,13 @@ impl Dispatcher {
                 _ = tokio::time::sleep(wait) => None,
             };
             if let Some(f) = finished {
-                self.finish(f).await;
+                // Whatever else has finished meanwhile is recorded with it: one trip to the
+                // queue's thread, and one look for ready items, for all of them.
+                let mut all = vec![f];
+                while let Ok(f) = self.finished.try_recv() {
+                    all.push(f);
+                }
+                self.finish(all).await;
             }
         }
     }
@@ -117,7 +141,12 @@ impl Dispatcher {
         let epoch = self.uploader.gc.as_ref().map_or(0, |g| g.epoch());
         match self.queue.run(move |q| (q.ready(free, &busy), q.next_retry_in())).await {
             Ok((Ok(items), next)) => {
-                items.into_iter().for_each(|item| self.start(item, epoch));
+                for item in items {
+                    let cost = self.uploader.cost(&item);
+                    if self.fits(cost) {
+                        self.start(item, cost, epoch);
+                    }
+                }
                 next.ok().flatten()
             }
             Ok((Err(e), _)) => {
@@ -131,8 +160,21 @@ impl Dispatcher {
         }
     }
 
-    fn start(&mut self, item: Item, epoch: u64) {
+    /// Whether an item that holds `cost` may start now (see the module doc).
+    fn fits(&self, cost: Cost) -> bool {
+        match cost {
+            Cost::Stream => self.streams < STREAMS_AT_ONCE,
+            Cost::Memory(bytes) => self.memory == 0 || self.memory + bytes <= MEMORY_IN_FLIGHT,
+        }
+    }
+
+    fn start(&mut self, item: Item, cost: Cost, epoch: u64) {
         self.in_flight.insert(item.key.clone());
+        match cost {
+            Cost::Stream => self.streams += 1,
+            Cost::Memory(bytes) => self.memory += bytes,
+        }
+        self.costs.insert(item.key.clone(), cost);
         let uploader = self.uploader.clone();
         let report = self.report.clone();
         tokio::spawn(async move {
@@ -146,20 +188,31 @@ impl Dispatcher {
         });
     }
 
-    /// Feeds the breaker, records the result in the queue, and frees the item's slot.
-    async fn finish(&mut self, Finished { item, result }: Finished) {
-        match &result {
-            Ok(_) => self.breaker.ok(),
-            Err(UploadError::Target(e)) => self.breaker.fail(e),
-            Err(_) => {}
+    /// Feeds the breaker, records the results in the queue, and frees the items' slots.
+    async fn finish(&mut self, all: Vec<Finished>) {
+        let mut records = Vec::with_capacity(all.len());
+        for Finished { item, result } in all {
+            match &result {
+                Ok(_) => self.breaker.ok(),
+                Err(UploadError::Target(e)) => self.breaker.fail(e),
+                Err(_) => {}
+            }
+            records.push((item.key, item.attempts, result));
         }
-        let key = item.key.clone();
-        let attempts = item.attempts;
-        let recorded = self.queue.run(move |q| record(q, &key, attempts, result)).await;
-        if let Err(e) = recorded.and_then(|r| r.map_err(|e| e.to_string())) {
-            tracing::error!(item = %item.key, "recording the result in the queue: {e}");
+        let keys: Vec<String> = records.iter().map(|(k, _, _)| k.clone()).collect();
+        let recorded = self.queue.run(move |q| record_all(q, records)).await;
+        match recorded {
+            Ok(errors) => errors.into_iter().for_each(|(key, e)| tracing::error!(item = %key, "recording the result in the queue: {e}")),
+            Err(e) => tracing::error!("recording {} results in the queue: {e}", keys.len()),
         }
-        self.in_flight.remove(&item.key);
+        for key in keys {
+            self.in_flight.remove(&key);
+            match self.costs.remove(&key) {
+                Some(Cost::Stream) => self.streams -= 1,
+                Some(Cost::Memory(bytes)) => self.memory -= bytes,
+                None => {}
+            }
+        }
     }
 
     fn publish(&self) {
@@ -168,8 +221,39 @@ impl Dispatcher {
     }
 }
 
-/// Records how an upload ended.
-fn record(q: &mut Queue, key: &str, attempts: u32, result: Result<Outcome, UploadError>) -> Result<(), rusqlite::Error> {
+/// Records how uploads ended: the results that only update their item in one transaction
+/// (one fsync for a batch of small paths instead of one each), the permanent failures (which
+/// fail their dependents too) each in its own. Returns the keys whose result could not be
+/// recorded, and why.
+fn record_all(q: &mut Queue, records: Vec<(String, u32, Result<Outcome, UploadError>)>) -> Vec<(String, rusqlite::Error)> {
+    let (permanent, simple): (Vec<_>, Vec<_>) = records.into_iter().partition(|(_, _, r)| matches!(r, Err(UploadError::Permanent(_))));
+    let mut errors = Vec::new();
+    let keys: Vec<String> = simple.iter().map(|(k, _, _)| k.clone()).collect();
+    let batch = q.in_one_transaction(|q| {
+        for (key, attempts, result) in simple {
+            record_simple(q, &key, attempts, result)?;
+        }
+        Ok(())
+    });
+    if let Err(e) = batch {
+        // Rolled back: none of them is recorded, each will be uploaded (checked) again.
+        errors.extend(keys.into_iter().map(|k| (k, clone_error(&e))));
+    }
+    for (key, attempts, result) in permanent {
+        if let Err(e) = record(q, &key, attempts, result) {
+            errors.push((key, e));
+        }
+    }
+    errors
+}
+
+/// A `rusqlite::Error` for each item of a failed batch (the error itself is not `Clone`).
+fn clone_error(e: &rusqlite::Error) -> rusqlite::Error {
+    rusqlite::Error::ToSqlConversionFailure(e.to_string().into())
+}
+
+/// Records an upload that ended without failing for good: done, or retried later.
+fn record_simple(q: &Queue, key: &str, attempts: u32, result: Result<Outcome, UploadError>) -> Result<(), rusqlite::Error> {
     match result {
         Ok(outcome) => q.done(key, outcome),
         Err(UploadError::Target(e)) => q.retry_later(key, attempts, &e.msg).map(drop),
@@ -178,11 +262,20 @@ fn record(q: &mut Queue, key: &str, attempts: u32, result: Result<Outcome, Uploa
             tracing::warn!(item = %key, attempt = attempts + 1, retry_in_ms = delay.as_millis() as u64, error = %e, "upload failed, will retry: {key}: {e}");
             Ok(())
         }
+        // Recorded by [`record`] (it fails the dependents in a transaction of its own).
+        Err(UploadError::Permanent(_)) => Err(rusqlite::Error::ToSqlConversionFailure(format!("{key}: a permanent failure in a batch").into())),
+    }
+}
+
+/// Records how an upload ended.
+fn record(q: &mut Queue, key: &str, attempts: u32, result: Result<Outcome, UploadError>) -> Result<(), rusqlite::Error> {
+    match result {
         Err(UploadError::Permanent(e)) => {
             let dependents = q.fail(key, &e)?;
             tracing::error!(item = %key, dependents, error = %e, "upload failed permanently: {key}: {e}");
             Ok(())
         }
+        other => record_simple(q, key, attempts, other),
     }
 }
 

@@ -120,6 +120,22 @@ pub const MAX_GET: u64 = 64 << 20;
 #[cfg(feature = "daemon")]
 pub type Reader = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
 
+/// One piece of an object streamed to the target ([`Target::put_streamed`]).
+#[cfg(feature = "daemon")]
+pub enum Chunk {
+    /// The next bytes: a whole part ([`Target::stream_part_size`]) but for the last; a temp
+    /// file for parts too large to hold in memory.
+    Data(Body),
+    /// Everything was sent and the writer vouches for it: complete the object. A channel
+    /// that closes without it is a writer that failed, and the upload is aborted.
+    End,
+}
+
+/// Where narq streams objects whose final key is not known until they are whole (a NAR is
+/// named by the hash of its compressed bytes): a random key under narq's own prefix, moved
+/// to its place with [`Target::rename`]. Nix ignores keys it does not know.
+pub const STREAM_TMP_PREFIX: &str = "narq/tmp/";
+
 /// S3's limit of keys per DeleteObjects request.
 pub const DELETE_BATCH: usize = 1000;
 
@@ -143,6 +159,20 @@ pub trait Target: Send + Sync {
     fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, TargetError>>;
     /// Stores `body` at `key`; durable once this returns `Ok`.
     fn put<'a>(&'a self, key: &'a str, body: Body, content_type: &'static str) -> BoxFuture<'a, Result<(), TargetError>>;
+    /// The part size [`Target::put_streamed`] expects for an object of about `size_hint`
+    /// bytes; `None` if this target takes whole objects only (then [`Target::put`] it).
+    fn stream_part_size(&self, _size_hint: u64) -> Option<u64> {
+        None
+    }
+    /// Stores at `key` the [`Chunk`]s that arrive on `chunks` as they arrive (memory holds a
+    /// few parts, whatever the object's size). Whole once [`Chunk::End`] arrives and this
+    /// returns `Ok`; if the channel closes without it, or anything fails, nothing is left
+    /// at `key` and no incomplete upload is left behind. Returns the object's size.
+    fn put_streamed<'a>(&'a self, key: &'a str, chunks: tokio::sync::mpsc::Receiver<Chunk>, content_type: &'static str) -> BoxFuture<'a, Result<u64, TargetError>>;
+    /// Moves the whole object at `from` (`size` bytes) to `to`, replacing any object there:
+    /// a server-side copy then a delete, or a rename. Readers of `to` see the old object or
+    /// the new one whole, never a part.
+    fn rename<'a>(&'a self, from: &'a str, to: &'a str, size: u64, content_type: &'static str) -> BoxFuture<'a, Result<(), TargetError>>;
     /// For messages: where this target writes.
     fn describe(&self) -> String;
     /// Forgets what the target remembers of the cache's contents (a listing), so that the

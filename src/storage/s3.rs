@@ -7,11 +7,13 @@
 //! - Checksums: recent SDKs add CRC trailers to every upload, which several S3-compatible
 //!   servers reject. `checksum=when-required` (the default with a custom endpoint) sends
 //!   them only where S3 requires one; `checksum=when-supported` (the default for AWS) always.
-//! - NARs at most one part large go in one PUT, larger ones as a multipart upload of
-//!   `buffer-size` parts (default 16 MiB, at least 5 MiB; larger when the file would need
-//!   more than S3's 10,000 parts), 6 parts in flight, each read from the compressed temp
-//!   file: memory stays flat whatever the NAR size. A failed multipart upload is aborted.
-//!   `multipart-upload=false` forces single PUTs.
+//! - NARs at most one part large go in one PUT, larger ones stream: a multipart upload to
+//!   a temporary key whose parts (`buffer-size`, at most 8 MiB, at least 5 MiB; larger when
+//!   the NAR would need more than S3's 10,000 parts; 3 in flight) go up while the rest is
+//!   being compressed, then a server-side copy to the NAR's key (UploadPartCopy above
+//!   5 GiB) and a delete of the temporary one. Other large files (build logs) go up as
+//!   multipart uploads of `buffer-size` parts, 6 in flight, each read from its range of the
+//!   file. A failed multipart upload is aborted. `multipart-upload=false` forces single PUTs.
 //! - A request not answered within 20 s plus its size at 16 KiB/s is given up (and retried
 //!   after a pause): a stalled server must not hold a worker forever.
 
@@ -23,7 +25,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::s3_options::{Checksum, S3Options};
-use super::{Body, BoxFuture, Incomplete, Object, Reader, Target, TargetError, DELETE_BATCH, MAX_GET};
+use super::{Body, BoxFuture, Chunk, Incomplete, Object, Reader, Target, TargetError, DELETE_BATCH, MAX_GET};
 
 const PARTS_IN_FLIGHT: usize = 6;
 
@@ -170,6 +172,31 @@ async fn answered<T>(what: &str, len: u64, send: impl std::future::Future<Output
         .map_err(|_| TargetError::transient(format!("{what}: no answer within {} s", limit.as_secs())))
 }
 
+/// UploadPart of part `n`, `len` bytes of `body`.
+async fn upload_part(client: &aws_sdk_s3::Client, bucket: &str, key: &str, upload_id: &str, n: i32, body: ByteStream, len: u64) -> Result<CompletedPart, TargetError> {
+    let what = format!("uploading part {n} of {key}");
+    let send = client.upload_part().bucket(bucket).key(key).upload_id(upload_id).part_number(n).content_length(len as i64).body(body).send();
+    let out = answered(&what, len, send).await?.map_err(|e| classify(&what, e))?;
+    Ok(CompletedPart::builder().part_number(n).set_e_tag(out.e_tag().map(str::to_string)).build())
+}
+
+/// Streamed NARs go up in parts of at most this size (`buffer-size` if smaller).
+const STREAM_PART: u64 = 8 << 20;
+/// Parts of a streamed NAR uploading at once: enough to keep a 50 ms, 50 MiB/s link busy.
+const STREAM_IN_FLIGHT: usize = 3;
+
+/// S3 copies at most this much with one CopyObject; larger objects are copied in ranges of
+/// this size (UploadPartCopy). Debug builds read `NARQ_TEST_COPY_LIMIT` (at least S3's
+/// 5 MiB part minimum), so that a test can take that way with a small NAR.
+fn copy_limit() -> u64 {
+    const MAX_COPY: u64 = 5 << 30;
+    #[cfg(debug_assertions)]
+    if let Some(n) = std::env::var("NARQ_TEST_COPY_LIMIT").ok().and_then(|v| v.parse::<u64>().ok()) {
+        return n.max(super::s3_options::MIN_PART);
+    }
+    MAX_COPY
+}
+
 /// S3 accepts at most this many parts in one multipart upload.
 const MAX_PARTS: u64 = 10_000;
 
@@ -246,6 +273,19 @@ impl S3Target {
     }
 
     async fn put_multipart(&self, key: &str, file: &Path, size: u64, content_type: &str, encoding: Option<&str>) -> Result<(), TargetError> {
+        let upload_id = self.create_upload(key, content_type, encoding).await?;
+        let parts = match self.upload_parts(key, &upload_id, file, size).await {
+            Ok(p) => p,
+            Err(e) => {
+                self.abort_upload(key, &upload_id).await;
+                return Err(e);
+            }
+        };
+        self.complete_upload(key, &upload_id, parts, size).await
+    }
+
+    /// CreateMultipartUpload; returns the upload id.
+    async fn create_upload(&self, key: &str, content_type: &str, encoding: Option<&str>) -> Result<String, TargetError> {
         let what = format!("starting the multipart upload of {key}");
         let create = self
             .client
@@ -256,32 +296,120 @@ impl S3Target {
             .set_content_encoding(encoding.map(str::to_string))
             .send();
         let created = answered(&what, 0, create).await?.map_err(|e| classify(&what, e))?;
-        let upload_id = created.upload_id().unwrap_or_default().to_string();
-        let result = self.upload_parts(key, &upload_id, file, size).await;
-        let parts = match result {
-            Ok(p) => p,
-            Err(e) => {
-                let abort = self.client.abort_multipart_upload().bucket(&self.bucket).key(key).upload_id(&upload_id).send();
-                match answered("aborting", 0, abort).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(a)) => tracing::warn!(key, "aborting the multipart upload: {}", one_line(&a)),
-                    Err(a) => tracing::warn!(key, "aborting the multipart upload: {a}"),
-                }
-                return Err(e);
-            }
-        };
+        Ok(created.upload_id().unwrap_or_default().to_string())
+    }
+
+    /// AbortMultipartUpload, after a failure: a failed abort is only logged (the failure
+    /// that led here is what the caller reports; `narq gc` aborts what is left).
+    async fn abort_upload(&self, key: &str, upload_id: &str) {
+        let abort = self.client.abort_multipart_upload().bucket(&self.bucket).key(key).upload_id(upload_id).send();
+        match answered("aborting", 0, abort).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(a)) => tracing::warn!(key, "aborting the multipart upload: {}", one_line(&a)),
+            Err(a) => tracing::warn!(key, "aborting the multipart upload: {a}"),
+        }
+    }
+
+    /// CompleteMultipartUpload of `size` bytes; aborted if the server refuses it.
+    async fn complete_upload(&self, key: &str, upload_id: &str, parts: Vec<CompletedPart>, size: u64) -> Result<(), TargetError> {
         let what = format!("completing the multipart upload of {key}");
         let complete = self
             .client
             .complete_multipart_upload()
             .bucket(&self.bucket)
             .key(key)
-            .upload_id(&upload_id)
+            .upload_id(upload_id)
             .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
             .send();
         // The server assembles the parts before it answers: give it time for the whole size.
-        answered(&what, size, complete).await?.map_err(|e| classify(&what, e))?;
+        if let Err(e) = answered(&what, size, complete).await?.map_err(|e| classify(&what, e)) {
+            self.abort_upload(key, upload_id).await;
+            return Err(e);
+        }
         Ok(())
+    }
+
+    /// Uploads the chunks from `chunks` as parts, as they come, at most [`STREAM_IN_FLIGHT`]
+    /// of them at a time; returns the parts and the total size.
+    async fn stream_parts(&self, key: &str, upload_id: &str, chunks: &mut tokio::sync::mpsc::Receiver<Chunk>) -> Result<(Vec<CompletedPart>, u64), TargetError> {
+        let sem = Arc::new(tokio::sync::Semaphore::new(STREAM_IN_FLIGHT));
+        let mut tasks = tokio::task::JoinSet::new();
+        let (mut parts, mut size, mut n) = (Vec::new(), 0u64, 0i32);
+        let joined = |r: Result<Result<CompletedPart, TargetError>, tokio::task::JoinError>| {
+            r.map_err(|e| TargetError::transient(format!("part upload task: {e}")))?
+        };
+        loop {
+            // The permit first: the next chunk stays with the writer (which then waits)
+            // until a part slot is free.
+            let permit = sem.clone().acquire_owned().await.map_err(|e| TargetError::transient(format!("part slots: {e}")))?;
+            match chunks.recv().await {
+                Some(Chunk::Data(body)) => {
+                    n += 1;
+                    let (stream, len, tmp) = match body {
+                        Body::Bytes(b) => {
+                            let len = b.len() as u64;
+                            (ByteStream::from(b), len, None)
+                        }
+                        Body::File(tmp) => {
+                            let f = tmp.path();
+                            let len = std::fs::metadata(f).map_err(|e| TargetError::transient(format!("{}: {e}", f.display())))?.len();
+                            let s = ByteStream::from_path(f).await.map_err(|e| TargetError::transient(format!("reading {}: {e}", f.display())))?;
+                            (s, len, Some(tmp))
+                        }
+                    };
+                    size += len;
+                    let (client, bucket, key, upload_id) = (self.client.clone(), self.bucket.clone(), key.to_string(), upload_id.to_string());
+                    tasks.spawn(async move {
+                        // Both held until the part is up: the slot, and the part's temp file.
+                        let _held = (permit, tmp);
+                        upload_part(&client, &bucket, &key, &upload_id, n, stream, len).await
+                    });
+                }
+                Some(Chunk::End) if n > 0 => break,
+                Some(Chunk::End) => return Err(TargetError::transient(format!("streaming {key}: no bytes to upload"))),
+                None => return Err(TargetError::transient(format!("streaming {key}: the writer stopped before the end"))),
+            }
+            // Fail fast: a failed part stops the upload (dropping `tasks` aborts the rest).
+            while let Some(done) = tasks.try_join_next() {
+                parts.push(joined(done)?);
+            }
+        }
+        while let Some(done) = tasks.join_next().await {
+            parts.push(joined(done)?);
+        }
+        parts.sort_by_key(|p| p.part_number());
+        Ok((parts, size))
+    }
+
+    /// The copy of a `size`-byte object beyond CopyObject's limit: a multipart upload of
+    /// ranges of `from` (UploadPartCopy), aborted on failure.
+    async fn copy_multipart(&self, from: &str, to: &str, size: u64, content_type: &str) -> Result<(), TargetError> {
+        let upload_id = self.create_upload(to, content_type, None).await?;
+        let part = copy_limit();
+        let mut parts = Vec::new();
+        for (i, offset) in (0..size).step_by(part as usize).enumerate() {
+            let n = i as i32 + 1;
+            let what = format!("copying part {n} of {from} to {to}");
+            let len = part.min(size - offset);
+            let send = self
+                .client
+                .upload_part_copy()
+                .bucket(&self.bucket)
+                .key(to)
+                .upload_id(&upload_id)
+                .part_number(n)
+                .copy_source(format!("{}/{from}", self.bucket))
+                .copy_source_range(format!("bytes={offset}-{}", offset + len - 1))
+                .send();
+            match answered(&what, len, send).await.and_then(|r| r.map_err(|e| classify(&what, e))) {
+                Ok(out) => parts.push(CompletedPart::builder().part_number(n).set_e_tag(out.copy_part_result().and_then(|r| r.e_tag()).map(str::to_string)).build()),
+                Err(e) => {
+                    self.abort_upload(to, &upload_id).await;
+                    return Err(e);
+                }
+            }
+        }
+        self.complete_upload(to, &upload_id, parts, size).await
     }
 
     /// Uploads the parts, `PARTS_IN_FLIGHT` at a time, each streamed from its range of the file.
@@ -309,19 +437,7 @@ impl S3Target {
                     .build()
                     .await
                     .map_err(|e| TargetError::transient(format!("reading {}: {e}", file.display())))?;
-                let n = (i + 1) as i32;
-                let what = format!("uploading part {n} of {key}");
-                let send = client
-                    .upload_part()
-                    .bucket(bucket)
-                    .key(&key)
-                    .upload_id(upload_id)
-                    .part_number(n)
-                    .content_length(len as i64)
-                    .body(body)
-                    .send();
-                let out = answered(&what, len, send).await?.map_err(|e| classify(&what, e))?;
-                Ok(CompletedPart::builder().part_number(n).set_e_tag(out.e_tag().map(str::to_string)).build())
+                upload_part(&client, &bucket, &key, &upload_id, (i + 1) as i32, body, len).await
             });
             // Fail fast: a failed part stops the upload (dropping `tasks` aborts the rest).
             while let Some(done) = tasks.try_join_next() {
@@ -374,6 +490,58 @@ impl Target for S3Target {
             // What we wrote is there: the listing must not send us to upload it again.
             if let Some(Some(l)) = &mut *self.listing.lock().await {
                 l.keys.insert(key.to_string());
+            }
+            Ok(())
+        })
+    }
+
+    /// Multipart uploads stream; without them (`multipart-upload=false`) objects go whole.
+    fn stream_part_size(&self, size_hint: u64) -> Option<u64> {
+        self.multipart.then(|| part_size_for(self.part_size.min(STREAM_PART), size_hint))
+    }
+
+    /// A multipart upload whose parts go up as the chunks arrive; aborted on every failure,
+    /// the writer's included.
+    fn put_streamed<'a>(&'a self, key: &'a str, mut chunks: tokio::sync::mpsc::Receiver<Chunk>, content_type: &'static str) -> BoxFuture<'a, Result<u64, TargetError>> {
+        Box::pin(async move {
+            let upload_id = self.create_upload(key, content_type, None).await?;
+            let (parts, size) = match self.stream_parts(key, &upload_id, &mut chunks).await {
+                Ok(p) => p,
+                Err(e) => {
+                    self.abort_upload(key, &upload_id).await;
+                    return Err(e);
+                }
+            };
+            self.complete_upload(key, &upload_id, parts, size).await?;
+            Ok(size)
+        })
+    }
+
+    /// CopyObject (in ranges above [`copy_limit`]), then DeleteObject of `from`. A delete
+    /// that fails is only logged: `to` is whole, and the leftover is a copy under narq's
+    /// own prefix.
+    fn rename<'a>(&'a self, from: &'a str, to: &'a str, size: u64, content_type: &'static str) -> BoxFuture<'a, Result<(), TargetError>> {
+        Box::pin(async move {
+            if size > copy_limit() {
+                self.copy_multipart(from, to, size, content_type).await?;
+            } else {
+                let what = format!("copying {from} to {to}");
+                let copy = self
+                    .client
+                    .copy_object()
+                    .bucket(&self.bucket)
+                    .key(to)
+                    .copy_source(format!("{}/{from}", self.bucket))
+                    .content_type(content_type)
+                    .metadata_directive(aws_sdk_s3::types::MetadataDirective::Replace)
+                    .send();
+                answered(&what, size, copy).await?.map_err(|e| classify(&what, e))?;
+            }
+            let what = format!("deleting {from}");
+            match answered(&what, 0, self.client.delete_object().bucket(&self.bucket).key(from).send()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(key = from, "{}", classify(&what, e)),
+                Err(e) => tracing::warn!(key = from, "{e}"),
             }
             Ok(())
         })

@@ -16,6 +16,7 @@ mod observe;
 mod parsers;
 mod remote;
 mod review;
+mod perf;
 mod robust;
 mod rooms;
 mod s3;
