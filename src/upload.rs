@@ -576,8 +576,9 @@ impl Uploader {
 
     /// A large NAR, compressed into parts that go up as they are filled (see the module doc).
     async fn stream_nar(&self, info: &PathInfo, part: u64, progress: Arc<InFlight>) -> Result<Compressed, UploadError> {
-        // Spilled parts in flight, and the one being filled.
-        check_room(&self.tmp_dir, 8 * part).map_err(UploadError::Transient)?;
+        // Spilled parts in flight, and the one being filled; and the whole NAR, as before
+        // streaming, since a `file://` cache is often on the state dir's disk.
+        check_room(&self.tmp_dir, info.nar_size.max(8 * part)).map_err(UploadError::Transient)?;
         let tmp_key = format!("{}{}-{}.nar{}", storage::STREAM_TMP_PREFIX, info.path.hash_part(), random_name(), self.url.compression.extension());
         // One chunk waits in the channel while another is filled: the compressor keeps
         // going while a part is uploaded.

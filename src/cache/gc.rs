@@ -23,7 +23,7 @@ use serde::Serialize;
 use super::roots::{self, Run, ROOTS};
 use super::Scan;
 use crate::nix::{NarInfo, StorePath};
-use crate::storage::{Incomplete, Object, Target, TargetError, DELETE_BATCH};
+use crate::storage::{Incomplete, Object, Target, TargetError, DELETE_BATCH, STREAM_TMP_PREFIX};
 
 /// One narinfo, as deletion sees it.
 #[derive(Debug, Clone)]
@@ -238,6 +238,9 @@ pub fn plan_gc(m: &Model, p: &Policy, also_alive: &HashSet<String>) -> Plan {
             !alive.contains(hp) && older(o.last_modified, p.grace, p.now)
         } else if k.starts_with("log/") {
             !logs.contains(k) && older(o.last_modified, p.grace, p.now)
+        } else if k.starts_with(STREAM_TMP_PREFIX) {
+            // A streamed NAR whose move to `nar/` never happened (the daemon was killed).
+            older(o.last_modified, p.grace, p.now)
         } else if let Some(hp) = k.strip_prefix(ROOTS) {
             older(o.last_modified, p.keep, p.now) || dropped_set.contains(&hp.to_string())
         } else {
@@ -506,11 +509,14 @@ mod tests {
         t.path("old", &[], 40 * DAY, 5).path("new", &["old"], Duration::from_secs(60), 5);
         // A NAR whose narinfo is not written yet.
         t.m.objects.push(Object { key: "nar/orphan.nar".into(), size: 7, last_modified: Some(t.now - Duration::from_secs(60)), etag: None });
+        // A streamed NAR not yet moved to its key (or left by a daemon killed before the move).
+        t.m.objects.push(Object { key: "narq/tmp/x-1.nar.zst".into(), size: 9, last_modified: Some(t.now - Duration::from_secs(60)), etag: None });
         let plan = plan_gc(&t.m, &t.policy(DAY, None, DAY), &HashSet::new());
         assert!(plan.paths.is_empty() && plan.objects.is_empty(), "{plan:?}");
         let plan = plan_gc(&t.m, &t.policy(DAY, None, Duration::ZERO), &HashSet::new());
         assert_eq!(names(&plan.paths), ["new", "old"]);
         assert!(plan.objects.contains(&"nar/orphan.nar".to_string()));
+        assert!(plan.objects.contains(&"narq/tmp/x-1.nar.zst".to_string()));
         let also: HashSet<String> = [sp("new").hash_part().to_string()].into();
         let plan = plan_gc(&t.m, &t.policy(DAY, None, Duration::ZERO), &also);
         assert!(plan.paths.is_empty(), "what appeared during the lease stays, with its closure");

@@ -166,7 +166,7 @@ pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Futur
             }
         }
     });
-    let roots = tokio::spawn(record_roots(queue.clone(), uploader_target.clone()));
+    let roots = tokio::spawn(record_roots(queue.clone(), uploader_target.clone(), workers.clone()));
     let asked = tokio::spawn(recheck_asked(admission.clone(), gc.clone()));
     // The socket is served on a thread of its own with a single-threaded runtime: a hook's
     // request is read, stored (one fsync) and answered without waking any other thread (on
@@ -224,9 +224,14 @@ const ROOTS_POLL: Duration = Duration::from_secs(1);
 
 /// Records in the cache the roots that requests noted (`cache::roots`), in the background:
 /// a failure is logged and tried again at the next round.
-async fn record_roots(queue: SharedQueue, target: Arc<dyn storage::Target>) {
+async fn record_roots(queue: SharedQueue, target: Arc<dyn storage::Target>, workers: tokio::sync::watch::Receiver<workers::Snapshot>) {
     loop {
         tokio::time::sleep(ROOTS_POLL).await;
+        // While uploads pause for the store (an outage, throttling, `Retry-After`), so do
+        // these writes: they would only add to what the store asked us to stop.
+        if workers.borrow().target_error().is_some() {
+            continue;
+        }
         let due = match queue.run(|q| q.roots_due(100)).await {
             Ok(Ok(d)) if !d.is_empty() => d,
             Ok(Ok(_)) => continue,
