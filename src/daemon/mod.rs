@@ -167,7 +167,7 @@ pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Futur
         }
     });
     let roots = tokio::spawn(record_roots(queue.clone(), uploader_target.clone(), workers.clone()));
-    let asked = tokio::spawn(recheck_asked(admission.clone(), gc.clone()));
+    let asked = tokio::spawn(recheck_asked(admission.clone(), gc.clone(), workers.clone()));
     // The socket is served on a thread of its own with a single-threaded runtime: a hook's
     // request is read, stored (one fsync) and answered without waking any other thread (on
     // an idle machine each such wake-up costs ~0.1 ms), and busy upload workers share only
@@ -260,11 +260,12 @@ async fn record_roots(queue: SharedQueue, target: Arc<dyn storage::Target>, work
 /// collections are looked at after each request (one listing of `narq/gc/` at most every
 /// [`WATCH_TTL`]); once a look is surely later than a request, its paths that a collection
 /// made `stale` are pending again, with the stale paths they reach.
-async fn recheck_asked(admission: Arc<Admission>, gc: Arc<GcWatch>) {
+async fn recheck_asked(admission: Arc<Admission>, gc: Arc<GcWatch>, workers: tokio::sync::watch::Receiver<workers::Snapshot>) {
     let settled = crate::cache::roots::WATCH_TTL + Duration::from_secs(1);
     loop {
         tokio::time::sleep(ROOTS_POLL).await;
-        if admission.asked.lock().map_or(true, |a| a.is_empty()) {
+        // Its look at the cache waits, like the uploads, while the store asked for a pause.
+        if admission.asked.lock().map_or(true, |a| a.is_empty()) || workers.borrow().target_error().is_some() {
             continue;
         }
         // A look older than WATCH_TTL is made again here, so after it every request older
