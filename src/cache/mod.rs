@@ -95,7 +95,7 @@ pub async fn scan(target: &dyn Target, index_path: &Path, jobs: usize, progress:
     target
         .list("", &mut |o: Object| {
             n += 1;
-            if n % 1000 == 0 {
+            if n.is_multiple_of(1000) {
                 progress(Progress { listed: n, ..Progress::default() });
             }
             if is_narinfo(&o.key) {

@@ -1,8 +1,12 @@
-//! The circuit breaker: while the store fails, all uploads pause.
+//! The circuit breaker: while the store fails, all uploads pause, and every request the
+//! daemon sends it waits ([`Gated`]).
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::storage;
+use tokio::sync::{mpsc, watch};
+
+use crate::storage::{self, Body, BoxFuture, Chunk, Incomplete, Object, Reader, Target, TargetError};
 
 /// The longest pause a store's `Retry-After` may ask for: a broken or hostile header must
 /// not stop uploads for hours.
@@ -13,16 +17,26 @@ const MAX_PAUSE: Duration = Duration::from_secs(60);
 
 /// The circuit breaker: a target failure pauses all uploads, for 1 s doubling up to a
 /// minute (with jitter) while failures go on, and at least as long as the store's
-/// `Retry-After` (up to [`MAX_RETRY_AFTER`]); a success closes it. One log line per pause,
-/// not one per item. Only the dispatcher holds it.
-#[derive(Default)]
+/// `Retry-After` (up to [`MAX_RETRY_AFTER`]); a success of an upload begun after the last
+/// failure closes it (one begun before proves nothing about the store now). One log line per
+/// pause, not one per item. The store's requests see it, and feed it, through [`Gated`].
 pub(super) struct Breaker {
     /// Failures since the last success: the next pause doubles with each.
     failures: u32,
+    /// When the last failure was reported.
+    failed_at: Option<Instant>,
     /// Uploads wait until then.
     paused_until: Option<Instant>,
     /// The last failure, for `status` while paused and for the "works again" line.
     error: Option<String>,
+    /// `paused_until`, for the [`Gated`] targets.
+    gate: watch::Sender<Option<Instant>>,
+}
+
+impl Default for Breaker {
+    fn default() -> Self {
+        Breaker { failures: 0, failed_at: None, paused_until: None, error: None, gate: watch::channel(None).0 }
+    }
 }
 
 impl Breaker {
@@ -31,7 +45,10 @@ impl Breaker {
         let asked = e.retry_after.map_or(Duration::ZERO, |d| d.min(MAX_RETRY_AFTER));
         let pause = crate::queue::backoff(self.failures, &e.msg).min(MAX_PAUSE).max(asked);
         self.failures += 1;
-        self.paused_until = Some(Instant::now() + pause);
+        let now = Instant::now();
+        self.failed_at = Some(now);
+        self.paused_until = Some(now + pause);
+        self.gate.send_replace(self.paused_until);
         self.error = Some(e.msg.clone());
         if !already {
             let pause_ms = pause.as_millis() as u64;
@@ -43,12 +60,18 @@ impl Breaker {
         }
     }
 
-    pub(super) fn ok(&mut self) {
+    /// An upload begun at `started` succeeded.
+    pub(super) fn ok(&mut self, started: Instant) {
+        if self.failed_at.is_some_and(|t| started <= t) {
+            return;
+        }
         if self.error.take().is_some() {
             tracing::info!("the store works again; uploads resumed");
         }
         self.failures = 0;
+        self.failed_at = None;
         self.paused_until = None;
+        self.gate.send_replace(None);
     }
 
     /// How long uploads stay paused from now, if they are.
@@ -59,6 +82,101 @@ impl Breaker {
     /// Until when uploads are paused, and why (the last failure).
     pub(super) fn pause(&self) -> Option<(Instant, String)> {
         self.paused_until.zip(self.error.clone())
+    }
+}
+
+/// The breaker, as every request to the store meets it: a [`Target`] that waits while
+/// uploads are paused before it sends anything, and pauses them the moment a request fails
+/// (not when the item it belongs to ends). The daemon's uploads (those in flight included:
+/// their next request waits), its root records and its looks for collections all go through
+/// it, so nothing reaches a store that asked for a pause before the pause ends. Only a whole
+/// upload closes the breaker ([`Breaker::ok`]): one request that works proves little.
+pub(super) struct Gated {
+    inner: Arc<dyn Target>,
+    breaker: Arc<Mutex<Breaker>>,
+    until: watch::Receiver<Option<Instant>>,
+}
+
+impl Gated {
+    /// `target`, its requests held while `breaker` pauses uploads, and their failures fed to it.
+    pub(super) fn wrap(target: Arc<dyn Target>, breaker: &Arc<Mutex<Breaker>>) -> Arc<dyn Target> {
+        let until = breaker.lock().unwrap_or_else(|e| e.into_inner()).gate.subscribe();
+        Arc::new(Gated { inner: target, breaker: breaker.clone(), until })
+    }
+
+    /// Returns once no pause holds (at once when there is none); a pause lengthened or ended
+    /// meanwhile is followed.
+    async fn open(&self) {
+        let mut until = self.until.clone();
+        loop {
+            let Some(t) = (*until.borrow_and_update()).filter(|t| *t > Instant::now()) else { return };
+            tokio::select! {
+                _ = tokio::time::sleep_until(t.into()) => {}
+                changed = until.changed() => if changed.is_err() { return },
+            }
+        }
+    }
+
+    /// Sends the request `f` makes once the gate is open; a failure of the store (not a
+    /// refusal of one object) pauses uploads.
+    fn through<'a, T: Send + 'a>(&'a self, f: impl FnOnce() -> BoxFuture<'a, Result<T, TargetError>> + Send + 'a) -> BoxFuture<'a, Result<T, TargetError>> {
+        Box::pin(async move {
+            self.open().await;
+            let r = f().await;
+            match &r {
+                Err(e) if !e.permanent => self.breaker.lock().unwrap_or_else(|e| e.into_inner()).fail(e),
+                _ => {}
+            }
+            r
+        })
+    }
+}
+
+impl Target for Gated {
+    fn list<'a>(&'a self, prefix: &'a str, each: &'a mut (dyn FnMut(Object) + Send)) -> BoxFuture<'a, Result<u64, TargetError>> {
+        self.through(move || self.inner.list(prefix, each))
+    }
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>, TargetError>> {
+        self.through(move || self.inner.get(key))
+    }
+    fn open_read<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Reader>, TargetError>> {
+        self.through(move || self.inner.open_read(key))
+    }
+    fn delete<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Result<(), TargetError>> {
+        self.through(move || self.inner.delete(keys))
+    }
+    fn list_incomplete<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<Incomplete>, TargetError>> {
+        self.through(move || self.inner.list_incomplete(prefix))
+    }
+    fn abort_incomplete<'a>(&'a self, upload: &'a Incomplete) -> BoxFuture<'a, Result<(), TargetError>> {
+        self.through(move || self.inner.abort_incomplete(upload))
+    }
+    fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, TargetError>> {
+        self.through(move || self.inner.exists(key))
+    }
+    fn put<'a>(&'a self, key: &'a str, body: Body, content_type: &'static str) -> BoxFuture<'a, Result<(), TargetError>> {
+        self.through(move || self.inner.put(key, body, content_type))
+    }
+    fn stream_part_size(&self, size_hint: u64) -> Option<u64> {
+        self.inner.stream_part_size(size_hint)
+    }
+    fn put_streamed<'a>(&'a self, key: &'a str, chunks: mpsc::Receiver<Chunk>, content_type: &'static str) -> BoxFuture<'a, Result<u64, TargetError>> {
+        self.through(move || self.inner.put_streamed(key, chunks, content_type))
+    }
+    fn rename<'a>(&'a self, from: &'a str, to: &'a str, size: u64, content_type: &'static str) -> BoxFuture<'a, Result<(), TargetError>> {
+        self.through(move || self.inner.rename(from, to, size, content_type))
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn forget_listing(&self) {
+        self.inner.forget_listing()
+    }
+    fn log_encoding(&self) -> Option<&'static str> {
+        self.inner.log_encoding()
+    }
+    fn put_encoded<'a>(&'a self, key: &'a str, body: Body, content_type: &'static str, encoding: &'static str) -> BoxFuture<'a, Result<(), TargetError>> {
+        self.through(move || self.inner.put_encoded(key, body, content_type, encoding))
     }
 }
 
@@ -84,7 +202,7 @@ mod tests {
         }
         let p = b.paused_for().expect("paused");
         assert!(p > Duration::from_secs(25) && p <= MAX_PAUSE, "doubling is capped at a minute: {p:?}");
-        b.ok();
+        b.ok(Instant::now());
         assert!(b.paused_for().is_none() && b.pause().is_none());
         b.fail(&down(None));
         assert!(b.paused_for().unwrap() <= Duration::from_secs(1), "a success starts the doubling over");
@@ -99,5 +217,46 @@ mod tests {
         b.fail(&down(Some(Duration::from_secs(86_400))));
         let p = b.paused_for().unwrap();
         assert!(p > MAX_RETRY_AFTER - Duration::from_secs(1) && p <= MAX_RETRY_AFTER, "{p:?}");
+    }
+
+    #[test]
+    fn a_success_begun_before_the_failure_proves_nothing() {
+        let mut b = Breaker::default();
+        let before = Instant::now();
+        b.fail(&down(None));
+        b.ok(before);
+        assert!(b.paused_for().is_some(), "an upload in flight when the store failed does not close the breaker");
+        b.ok(Instant::now());
+        assert!(b.paused_for().is_none());
+    }
+
+    /// A request through the gate waits out the pause, follows a pause ended early, and
+    /// passes at once when there is none.
+    #[tokio::test(flavor = "current_thread")]
+    async fn requests_wait_while_paused() {
+        let dir = std::env::temp_dir().join(format!("narq-gate-{}", std::process::id()));
+        let b = Arc::new(Mutex::new(Breaker::default()));
+        let t = Gated::wrap(Arc::new(storage::file::FileTarget::open(dir.clone())), &b);
+        let timed = |t: Arc<dyn Target>| async move {
+            let start = Instant::now();
+            assert!(!t.exists("x.narinfo").await.unwrap());
+            start.elapsed()
+        };
+        assert!(timed(t.clone()).await < Duration::from_millis(500));
+        b.lock().unwrap().fail(&down(Some(Duration::from_secs(1))));
+        let waited = timed(t.clone()).await;
+        assert!(waited >= Duration::from_millis(990) && waited < Duration::from_millis(1500), "{waited:?}");
+        b.lock().unwrap().fail(&down(Some(Duration::from_secs(60))));
+        let request = tokio::spawn(timed(t.clone()));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        b.lock().unwrap().ok(Instant::now());
+        let waited = request.await.unwrap();
+        assert!(waited < Duration::from_secs(1), "a pause ended early lets requests go: {waited:?}");
+        // A failing request pauses uploads at once.
+        std::fs::create_dir_all(&dir).unwrap();
+        std::os::unix::fs::symlink("/nonexistent", dir.join("nar")).unwrap();
+        assert!(t.put("nar/x", Body::Bytes(vec![]), storage::NAR_TYPE).await.is_err());
+        assert!(b.lock().unwrap().paused_for().is_some());
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -35,6 +35,7 @@ use lock::{lock_state_dir, unlock_state_dir};
 use server::{accept, Server};
 use shared_queue::SharedQueue;
 use systemd::sd_notify;
+use breaker::{Breaker, Gated};
 use workers::Dispatcher;
 
 pub use admission::{check, validate, NotStored};
@@ -101,6 +102,10 @@ pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Futur
         tracing::info!(forgotten, "the queue last uploaded to another store: {forgotten} paths remembered as uploaded will be checked again");
     }
     let target = storage::open(&config.store).await.map_err(|e| anyhow::anyhow!("store {}: {e}", config.store.original))?;
+    // Everything the daemon sends the store waits while uploads pause for it (an outage,
+    // throttling, `Retry-After`): uploads in flight, root records, looks for collections.
+    let breaker = Arc::new(std::sync::Mutex::new(Breaker::default()));
+    let target = Gated::wrap(target, &breaker);
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
     let metrics = Arc::new(Metrics::new());
@@ -132,7 +137,7 @@ pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Futur
     let admission = Arc::new(Admission::new(queue.clone(), config.required_trusted_keys()?, allowed_uids, config.spool_dir(), wake.clone()));
     let store = uploader.target.describe();
     let uploader_target = uploader.target.clone();
-    let (dispatcher, workers) = Dispatcher::new(uploader, queue.clone(), config.jobs, wake);
+    let (dispatcher, workers) = Dispatcher::new(uploader, breaker, queue.clone(), config.jobs, wake);
     // Uploads matter more than their metrics: an address that cannot be bound is an error
     // in the log, not a daemon that does not start.
     let scraper = match config.metrics_listen {
@@ -166,8 +171,8 @@ pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Futur
             }
         }
     });
-    let roots = tokio::spawn(record_roots(queue.clone(), uploader_target.clone(), workers.clone()));
-    let asked = tokio::spawn(recheck_asked(admission.clone(), gc.clone(), workers.clone()));
+    let roots = tokio::spawn(record_roots(queue.clone(), uploader_target.clone()));
+    let asked = tokio::spawn(recheck_asked(admission.clone(), gc.clone()));
     // The socket is served on a thread of its own with a single-threaded runtime: a hook's
     // request is read, stored (one fsync) and answered without waking any other thread (on
     // an idle machine each such wake-up costs ~0.1 ms), and busy upload workers share only
@@ -224,14 +229,9 @@ const ROOTS_POLL: Duration = Duration::from_secs(1);
 
 /// Records in the cache the roots that requests noted (`cache::roots`), in the background:
 /// a failure is logged and tried again at the next round.
-async fn record_roots(queue: SharedQueue, target: Arc<dyn storage::Target>, workers: tokio::sync::watch::Receiver<workers::Snapshot>) {
+async fn record_roots(queue: SharedQueue, target: Arc<dyn storage::Target>) {
     loop {
         tokio::time::sleep(ROOTS_POLL).await;
-        // While uploads pause for the store (an outage, throttling, `Retry-After`), so do
-        // these writes: they would only add to what the store asked us to stop.
-        if workers.borrow().target_error().is_some() {
-            continue;
-        }
         let due = match queue.run(|q| q.roots_due(100)).await {
             Ok(Ok(d)) if !d.is_empty() => d,
             Ok(Ok(_)) => continue,
@@ -260,12 +260,11 @@ async fn record_roots(queue: SharedQueue, target: Arc<dyn storage::Target>, work
 /// collections are looked at after each request (one listing of `narq/gc/` at most every
 /// [`WATCH_TTL`]); once a look is surely later than a request, its paths that a collection
 /// made `stale` are pending again, with the stale paths they reach.
-async fn recheck_asked(admission: Arc<Admission>, gc: Arc<GcWatch>, workers: tokio::sync::watch::Receiver<workers::Snapshot>) {
+async fn recheck_asked(admission: Arc<Admission>, gc: Arc<GcWatch>) {
     let settled = crate::cache::roots::WATCH_TTL + Duration::from_secs(1);
     loop {
         tokio::time::sleep(ROOTS_POLL).await;
-        // Its look at the cache waits, like the uploads, while the store asked for a pause.
-        if admission.asked.lock().map_or(true, |a| a.is_empty()) || workers.borrow().target_error().is_some() {
+        if admission.asked.lock().map_or(true, |a| a.is_empty()) {
             continue;
         }
         // A look older than WATCH_TTL is made again here, so after it every request older

@@ -12,7 +12,7 @@
 //! free again; nothing a worker does can stop the dispatcher.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch, Notify};
@@ -53,6 +53,8 @@ impl Snapshot {
 /// A worker's report: the item it was given and how its upload ended.
 struct Finished {
     item: Item,
+    /// When its upload began.
+    started: Instant,
     result: Result<Outcome, UploadError>,
 }
 
@@ -75,8 +77,9 @@ pub(super) struct Dispatcher {
     memory: u64,
     /// Streamed NARs in flight.
     streams: usize,
-    /// Whether the target works; while it does not, uploads pause.
-    breaker: Breaker,
+    /// Whether the target works; while it does not, uploads pause. Failures reach it from
+    /// the requests themselves (the uploader's target is [`super::breaker::Gated`]).
+    breaker: Arc<Mutex<Breaker>>,
     /// `nix-cache-info` is known to be in the cache.
     cache_info: bool,
     /// Cloned into each worker; kept here so that the channel never closes.
@@ -88,24 +91,24 @@ pub(super) struct Dispatcher {
 }
 
 impl Dispatcher {
-    /// A dispatcher, and what it will publish for `status`.
-    pub(super) fn new(uploader: Arc<Uploader>, queue: SharedQueue, jobs: usize, wake: Arc<Notify>) -> (Dispatcher, watch::Receiver<Snapshot>) {
+    /// A dispatcher, and what it will publish for `status`. `breaker` is the one the
+    /// uploader's target feeds and waits for ([`super::breaker::Gated`]).
+    pub(super) fn new(uploader: Arc<Uploader>, breaker: Arc<Mutex<Breaker>>, queue: SharedQueue, jobs: usize, wake: Arc<Notify>) -> (Dispatcher, watch::Receiver<Snapshot>) {
         let (report, finished) = mpsc::unbounded_channel();
         let (publish, snapshot) = watch::channel(Snapshot::default());
-        let d = Dispatcher { uploader, queue, jobs, wake, in_flight: HashSet::new(), costs: HashMap::new(), memory: 0, streams: 0, breaker: Breaker::default(), cache_info: false, report, finished, publish };
+        let d = Dispatcher { uploader, queue, jobs, wake, in_flight: HashSet::new(), costs: HashMap::new(), memory: 0, streams: 0, breaker, cache_info: false, report, finished, publish };
         (d, snapshot)
     }
 
     pub(super) async fn run(mut self) {
         loop {
             let mut wait = Duration::from_secs(1);
-            if let Some(p) = self.breaker.paused_for() {
+            let paused = self.breaker().paused_for();
+            if let Some(p) = paused {
                 wait = p;
             } else if !self.cache_info {
-                match self.uploader.ensure_cache_info().await {
-                    Ok(()) => self.cache_info = true,
-                    Err(e) => self.breaker.fail(&e),
-                }
+                // A failure has paused uploads already.
+                self.cache_info = self.uploader.ensure_cache_info().await.is_ok();
                 self.publish();
                 continue;
             } else if let Some(next) = self.start_ready().await {
@@ -178,24 +181,23 @@ impl Dispatcher {
         let uploader = self.uploader.clone();
         let report = self.report.clone();
         tokio::spawn(async move {
+            let started = Instant::now();
             let job = tokio::spawn({
                 let item = item.clone();
                 async move { upload(&uploader, &item, epoch).await }
             });
             let result = job.await.unwrap_or_else(|e| Err(UploadError::Transient(panic_message(e))));
             // Fails only once the dispatcher is gone, at shutdown.
-            let _ = report.send(Finished { item, result });
+            let _ = report.send(Finished { item, started, result });
         });
     }
 
     /// Feeds the breaker, records the results in the queue, and frees the items' slots.
     async fn finish(&mut self, all: Vec<Finished>) {
         let mut records = Vec::with_capacity(all.len());
-        for Finished { item, result } in all {
-            match &result {
-                Ok(_) => self.breaker.ok(),
-                Err(UploadError::Target(e)) => self.breaker.fail(e),
-                Err(_) => {}
+        for Finished { item, started, result } in all {
+            if result.is_ok() {
+                self.breaker().ok(started);
             }
             records.push((item.key, item.attempts, result));
         }
@@ -215,8 +217,12 @@ impl Dispatcher {
         }
     }
 
+    fn breaker(&self) -> std::sync::MutexGuard<'_, Breaker> {
+        self.breaker.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn publish(&self) {
-        let snapshot = Snapshot { in_flight: self.in_flight.len(), paused: self.breaker.pause() };
+        let snapshot = Snapshot { in_flight: self.in_flight.len(), paused: self.breaker().pause() };
         self.publish.send_replace(snapshot);
     }
 }

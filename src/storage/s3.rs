@@ -101,6 +101,25 @@ fn classify<E: ProvideErrorMetadata + std::error::Error + 'static>(what: &str, e
     TargetError { retry_after, ..TargetError::transient(msg) }
 }
 
+/// Forbids the SDK's own quick retry of an answer with `Retry-After`: the SDK would send it
+/// again within a second, whatever the store asked.
+#[derive(Debug)]
+struct RetryAfterIsOurs;
+
+impl aws_sdk_s3::config::retry::ClassifyRetry for RetryAfterIsOurs {
+    fn classify_retry(&self, ctx: &aws_sdk_s3::config::interceptors::InterceptorContext) -> aws_sdk_s3::config::retry::RetryAction {
+        use aws_sdk_s3::config::retry::RetryAction;
+        match ctx.response() {
+            Some(r) if r.headers().get("retry-after").is_some() => RetryAction::RetryForbidden,
+            _ => RetryAction::NoActionIndicated,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        "narq: Retry-After is the daemon's"
+    }
+}
+
 /// "No credentials" in one line, if that is what `e` comes down to: the SDK wraps it in a
 /// dispatch failure whose text lists every provider's internals.
 fn credentials_error(e: &(dyn std::error::Error + 'static)) -> Option<String> {
@@ -241,8 +260,9 @@ impl S3Target {
             b = b.endpoint_url(e).force_path_style(true);
         }
         // The queue retries with its own backoff; one quick retry here covers a dropped
-        // keep-alive connection.
-        b = b.retry_config(aws_sdk_s3::config::retry::RetryConfig::standard().with_max_attempts(2));
+        // keep-alive connection, but not an answer that says when to come back: that one
+        // reaches the daemon's breaker, which holds every request for as long.
+        b = b.retry_config(aws_sdk_s3::config::retry::RetryConfig::standard().with_max_attempts(2)).retry_classifier(RetryAfterIsOurs);
         let describe = format!("s3://{}{}", o.bucket, endpoint.map(|e| format!(" at {e}")).unwrap_or_default());
         S3Target {
             client: aws_sdk_s3::Client::from_conf(b.build()),

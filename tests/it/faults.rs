@@ -422,6 +422,44 @@ fn s3_faults_every_path_once_and_closed() {
     assert!(gap >= Duration::from_millis(RETRY_AFTER * 1000 - 100), "the store asked for {RETRY_AFTER} s, the next request came after {gap:?}: {after:#?}");
 }
 
+/// A store's `Retry-After` holds every request, not only new uploads: with many uploads in
+/// flight (default `jobs`), those already going when the store said "slow down" send their
+/// next request only after the pause, and so do root records and looks for collections.
+#[test]
+fn s3_retry_after_holds_uploads_already_in_flight() {
+    let t = TempDir::new("retryafter");
+    let moto = Moto::start(t.path(), &[]);
+    moto.bucket("narq-retryafter");
+    let proxy = FaultProxy::start(moto.port);
+    let mut n = s3_narq("retryafter", proxy.port, "", "");
+    n.start();
+    let u = unique();
+    let conf = nix_conf(n.dir.path(), None);
+    let paths: Vec<String> = (0..24).map(|i| nix_build(&conf, &sh_drv(&format!("retryafter-{i}-{u}"), &format!("echo {i} > $out")), &[]).remove(0)).collect();
+    const RETRY_AFTER: u64 = 3;
+    // Two uploads are throttled: the SDK does not retry them itself (it would within a
+    // second), the daemon's breaker pauses.
+    proxy.add("PUT", ".narinfo", Fault::SlowDown(RETRY_AFTER), 2);
+    let mut push = vec!["push"];
+    push.extend(paths.iter().map(String::as_str));
+    assert!(n.narq(&push).status.success());
+    let wait = n.narq(&["wait", "--timeout", "60"]);
+    let log = n.daemon_log();
+    assert!(wait.status.success(), "{}\n{log}", String::from_utf8_lossy(&wait.stderr));
+    let seen = proxy.seen();
+    let last_503 = seen.iter().filter(|r| r.status == Some(503)).map(|r| r.at).max().expect("the store was never throttled");
+    // Requests sent before the daemon read the 503 may still arrive just after it.
+    let in_flight = Duration::from_millis(250);
+    let during: Vec<_> = seen.iter().filter(|r| r.at > last_503 + in_flight && r.at < last_503 + Duration::from_millis(RETRY_AFTER * 1000 - 100)).collect();
+    assert!(during.is_empty(), "requests within the {RETRY_AFTER} s the store asked for: {during:#?}\n{log}");
+    let after = seen.iter().filter(|r| r.at > last_503).count();
+    assert!(after > 0, "nothing was left to send after the pause: the test proves nothing");
+    let keys = bucket_keys(moto.port, "narq-retryafter");
+    for p in &paths {
+        assert!(keys.contains(&format!("{}.narinfo", &p[11..43])), "{p} missing");
+    }
+}
+
 /// A stub upstream cache on 127.0.0.1: answers every request with `200 not found`, or
 /// (`stall`) reads it and never answers. Stops with the returned flag.
 fn stub_upstream(stall: bool) -> (u16, std::sync::Arc<std::sync::atomic::AtomicBool>) {

@@ -278,7 +278,12 @@ fn max_size_and_dry_run_s3() {
 /// unless the referrer is still there.
 fn closed_now(cache: &Path) -> Result<usize, String> {
     let mut n = 0;
-    for e in std::fs::read_dir(cache).map_err(|e| e.to_string())?.flatten() {
+    let entries = match std::fs::read_dir(cache) {
+        // Made by the first upload.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        r => r.map_err(|e| format!("{}: {e}", cache.display()))?,
+    };
+    for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
         if !name.ends_with(".narinfo") || name.starts_with('.') {
             continue;
