@@ -43,29 +43,30 @@ pub enum Delivery {
 }
 
 /// The path info of `roots` and everything they reference, from the Nix database.
-///
+pub fn closure(roots: &[StorePath]) -> anyhow::Result<Vec<PathInfo>> {
+    Source::Db(NixDb::open_default()?).whole(roots)
+}
+
 /// Signatures the paths already carry (from substituters, `nix store sign`) are passed on
 /// only when well-formed, and at most [`MAX_SIGS`](crate::nix::path_info::MAX_SIGS) minus
 /// room for ours: the daemon refuses a request with a malformed signature or too many, and
 /// one odd path must not make every build above it unuploadable.
-pub fn closure(roots: &[StorePath]) -> anyhow::Result<Vec<PathInfo>> {
+fn tidy(paths: &mut [PathInfo]) {
     const ROOM_FOR_OURS: usize = 8;
-    let mut paths = NixDb::open_default()?.query(roots, true)?;
-    for p in &mut paths {
+    for p in paths {
         p.sigs.retain(|s| crate::nix::signing::check_signature_syntax(s).is_ok());
         while p.sigs.len() > crate::nix::path_info::MAX_SIGS - ROOM_FOR_OURS {
             p.sigs.pop_last();
         }
     }
-    Ok(paths)
 }
 
 /// The realisations Nix recorded for the build of `drv` (`ca-derivations`): those of `roots`,
 /// or, when the `.drv` names no output paths (a content-addressed derivation), those of the
 /// outputs `drv` derived, whose out paths are then the build's outputs. Their signatures
-/// are passed on only when well-formed, as for paths (see [`closure`]).
-pub fn realisations(roots: &[StorePath], drv: Option<&StorePath>) -> anyhow::Result<Vec<Realisation>> {
-    let mut found = NixDb::open_default()?.realisations(roots, drv)?;
+/// are passed on only when well-formed, as for paths (see [`tidy`]).
+pub fn realisations(db: &NixDb, roots: &[StorePath], drv: Option<&StorePath>) -> anyhow::Result<Vec<Realisation>> {
+    let mut found = db.realisations(roots, drv)?;
     for r in &mut found {
         r.signatures.retain(|s| crate::nix::signing::check_signature_syntax(s).is_ok());
         while r.signatures.len() > crate::nix::realisation::MAX_SIGS - 8 {
@@ -75,52 +76,166 @@ pub fn realisations(roots: &[StorePath], drv: Option<&StorePath>) -> anyhow::Res
     Ok(found)
 }
 
-/// [`submit_realised`] without realisations.
-pub fn submit(config: &Config, paths: Vec<PathInfo>, drv: Option<StorePath>) -> anyhow::Result<Delivery> {
-    submit_realised(config, paths, drv, Vec::new())
+/// What to hand over: the roots (a build's outputs, `narq push` arguments) and their
+/// closure, read from the Nix database only as far as the daemon lacks it.
+pub struct Handover<'a> {
+    pub roots: &'a [StorePath],
+    /// The closure, when the caller has read it already.
+    pub closure: Option<Vec<PathInfo>>,
+    pub drv: Option<StorePath>,
+    /// The build's realisations (signed here, like the paths).
+    pub realisations: Vec<Realisation>,
 }
 
-/// Hands `paths` (a closure, from [`closure`]), the build log of `drv` and the build's
-/// `realisations` (signed here, like the paths) to the daemon.
-///
-/// Asks the daemon which paths it lacks and signs and sends only those. If the daemon is
-/// unreachable, too slow at any step, or cannot store the request now, the whole closure is
-/// signed and spooled. An explicit refusal is an error: spooling would only be refused again.
-pub fn submit_realised(config: &Config, mut paths: Vec<PathInfo>, drv: Option<StorePath>, mut realisations: Vec<Realisation>) -> anyhow::Result<Delivery> {
+/// Where the closure comes from.
+enum Source {
+    /// The caller read it.
+    Read(Vec<PathInfo>),
+    /// The Nix database, read as far as needed.
+    Db(NixDb),
+}
+
+impl Source {
+    /// The size of the closure of `roots`, counted up to `limit`.
+    fn len_up_to(&self, roots: &[StorePath], limit: usize) -> anyhow::Result<usize> {
+        Ok(match self {
+            Source::Read(c) => c.len().min(limit),
+            Source::Db(db) => db.closure_len_up_to(roots, limit)?,
+        })
+    }
+
+    /// The whole closure of `roots`.
+    fn whole(&self, roots: &[StorePath]) -> anyhow::Result<Vec<PathInfo>> {
+        let mut c = match self {
+            Source::Read(c) => c.clone(),
+            Source::Db(db) => db.query(roots, true)?,
+        };
+        tidy(&mut c);
+        Ok(c)
+    }
+}
+
+/// Why a hand-off to the daemon stopped.
+enum Stopped {
+    /// The daemon failed us (unreachable, too slow, a broken answer): spool.
+    Daemon(protocol::FrameError),
+    /// The daemon answered something else than asked: say it.
+    Answer(Box<Response>),
+    /// Reading the Nix database failed: no request can be made.
+    Local(anyhow::Error),
+}
+
+impl From<protocol::FrameError> for Stopped {
+    fn from(e: protocol::FrameError) -> Self {
+        Stopped::Daemon(e)
+    }
+}
+
+/// Levels of a closure read one at a time, each after asking the daemon which of its paths
+/// it lacks, before the rest is read in one query: a build over a closure the daemon holds
+/// reads the outputs and their references only (the daemon holds a path only with its
+/// closure), a build of a new closure costs a few round trips more.
+const WALK_LEVELS: usize = 3;
+
+/// The paths of the closure of `roots` that the daemon lacks, and the roots whatever it has:
+/// it notes them as roots of the cache (pushed again, kept by `narq gc`), and looks again
+/// for what a request named once a collection has run.
+fn lacking(client: &mut Client, db: &NixDb, roots: &[StorePath]) -> Result<Vec<PathInfo>, Stopped> {
+    let local = |e: crate::nix::db::DbError| Stopped::Local(e.into());
+    let mut ask = |paths: Vec<StorePath>| -> Result<HashSet<StorePath>, Stopped> {
+        match client.call(&Request::Missing { paths })? {
+            Response::Missing { paths } => Ok(paths.into_iter().collect()),
+            other => Err(Stopped::Answer(Box::new(other))),
+        }
+    };
+    let mut seen: HashSet<StorePath> = roots.iter().cloned().collect();
+    let mut out = Vec::new();
+    let mut frontier = roots.to_vec();
+    for level in 0.. {
+        if frontier.is_empty() {
+            break;
+        }
+        let missing = ask(frontier.clone())?;
+        if level >= WALK_LEVELS && !missing.is_empty() {
+            // Deep and new: the rest of it at once, then one question for all of it.
+            let missing: Vec<StorePath> = missing.into_iter().collect();
+            let rest: Vec<PathInfo> = db.query(&missing, true).map_err(local)?;
+            let fresh: Vec<StorePath> = rest.iter().map(|p| p.path.clone()).filter(|p| !seen.contains(p)).collect();
+            let mut wanted = ask(fresh)?;
+            wanted.extend(missing);
+            out.extend(rest.into_iter().filter(|p| wanted.contains(&p.path)));
+            break;
+        }
+        let wanted: Vec<StorePath> = if level == 0 { frontier } else { frontier.into_iter().filter(|p| missing.contains(p)).collect() };
+        let infos = db.query(&wanted, false).map_err(local)?;
+        frontier = Vec::new();
+        for r in infos.iter().filter(|p| missing.contains(&p.path)).flat_map(|p| &p.references) {
+            if seen.insert(r.clone()) {
+                frontier.push(r.clone());
+            }
+        }
+        out.extend(infos);
+    }
+    Ok(out)
+}
+
+/// Hands `h` to the daemon: asks which paths it lacks, and signs and sends only those (a
+/// small closure is signed and sent whole: that costs less than a question). If the daemon
+/// is unreachable, too slow at any step, or cannot store the request now, the whole closure
+/// is signed and spooled. An explicit refusal is an error: spooling would only be refused
+/// again.
+pub fn submit(config: &Config, h: Handover) -> anyhow::Result<Delivery> {
+    let Handover { roots, closure: known, drv, mut realisations } = h;
     let keys = config.secret_keys()?;
     for r in &mut realisations {
         keys.iter().for_each(|k| r.sign(k));
     }
-    // Works on copies, so that `paths` stays whole for the spool if the daemon fails us.
-    let handed = || -> Result<Response, protocol::FrameError> {
+    let source = match known {
+        Some(c) => Source::Read(c),
+        None => Source::Db(NixDb::open_default()?),
+    };
+    let small = source.len_up_to(roots, SIGN_ALL_BELOW + 1)? <= SIGN_ALL_BELOW;
+    let handed = || -> Result<Response, Stopped> {
         let mut client = Client::connect(&config.socket, Some(DAEMON_TIMEOUT))?;
-        // Signing a small closure costs less than a round trip to ask what to sign.
-        let mut todo: Vec<PathInfo> = if paths.len() > SIGN_ALL_BELOW {
-            let all = paths.iter().map(|p| p.path.clone()).collect();
-            match client.call(&Request::Missing { paths: all })? {
-                Response::Missing { paths: missing } => {
-                    // The outputs go too, missing or not: the daemon notes them as roots of
-                    // the cache (pushed again, kept by `narq gc`), and looks again for what a
-                    // request named once a collection has run.
-                    let mut wanted: HashSet<StorePath> = missing.into_iter().collect();
-                    wanted.extend(PathInfo::tops(&paths));
-                    paths.iter().filter(|p| wanted.contains(&p.path)).cloned().collect()
-                }
-                other => return Ok(other),
+        // A build over a closure the daemon holds (a rebuild, `narq push` of what was pushed):
+        // only the roots are named again, their path info is neither read nor signed.
+        if !small && realisations.is_empty() {
+            match client.call(&Request::Roots { paths: roots.to_vec(), drv: drv.clone() })? {
+                Response::Missing { .. } => {}
+                // A daemon older than `roots` refuses it and hangs up: the whole hand-off.
+                Response::Error { retryable: false, .. } => client = Client::connect(&config.socket, Some(DAEMON_TIMEOUT))?,
+                answer => return Ok(answer),
             }
-        } else {
-            paths.clone()
+        }
+        let mut todo = match &source {
+            _ if small => source.whole(roots).map_err(Stopped::Local)?,
+            Source::Read(c) => {
+                let all = c.iter().map(|p| p.path.clone()).collect();
+                match client.call(&Request::Missing { paths: all })? {
+                    Response::Missing { paths: missing } => {
+                        let mut wanted: HashSet<StorePath> = missing.into_iter().collect();
+                        wanted.extend(roots.iter().cloned());
+                        c.iter().filter(|p| wanted.contains(&p.path)).cloned().collect()
+                    }
+                    other => return Err(Stopped::Answer(Box::new(other))),
+                }
+            }
+            Source::Db(db) => lacking(&mut client, db, roots)?,
         };
+        tidy(&mut todo);
         PathInfo::sign_all(&mut todo, &keys);
-        client.call(&Request::Enqueue { paths: todo, drv: drv.clone(), realisations: realisations.clone() })
+        Ok(client.call(&Request::Enqueue { paths: todo, drv: drv.clone(), realisations: realisations.clone() })?)
     };
     let why = match handed() {
         Ok(Response::Queued { new }) => return Ok(Delivery::Queued { new }),
         Ok(Response::Error { message, retryable: false }) => anyhow::bail!("the daemon refused the request: {message}"),
         Ok(Response::Error { message, retryable: true }) => format!("the daemon could not store the request ({message})"),
         Ok(other) => format!("unexpected answer {other:?}"),
-        Err(e) => format!("daemon at {} unreachable: {e}", config.socket.display()),
+        Err(Stopped::Answer(other)) => format!("unexpected answer {other:?}"),
+        Err(Stopped::Daemon(e)) => format!("daemon at {} unreachable: {e}", config.socket.display()),
+        Err(Stopped::Local(e)) => return Err(e),
     };
+    let mut paths = source.whole(roots)?;
     PathInfo::sign_all(&mut paths, &keys);
     deliver_or_spool(config, &Request::Enqueue { paths, drv, realisations }, why)
 }
@@ -160,7 +275,7 @@ pub fn run(config_file: Option<&Path>, out_paths: Option<&str>, drv_path: Option
     let config = Config::load(config_file)?;
     let drv = drv_path.filter(|d| !d.is_empty()).map(StorePath::parse).transpose()?;
     let found = outputs(out_paths, drv_path).and_then(|roots| {
-        let realised = realisations(&roots, drv.as_ref())?;
+        let realised = realisations(&NixDb::open_default()?, &roots, drv.as_ref())?;
         // A content-addressed derivation's outputs are known only by their realisations.
         let roots = if roots.is_empty() { realised.iter().map(|r| r.out_path.clone()).collect() } else { roots };
         Ok((roots, realised))
@@ -174,7 +289,7 @@ pub fn run(config_file: Option<&Path>, out_paths: Option<&str>, drv_path: Option
     }
     // Whatever stops the hand-off from here on (an unreadable key or Nix database, a refusal)
     // is recorded with the daemon: a build the hook saw is never silently missing.
-    let delivered = closure(&roots).and_then(|paths| submit_realised(&config, paths, drv.clone(), realised));
+    let delivered = submit(&config, Handover { roots: &roots, closure: None, drv: drv.clone(), realisations: realised });
     let line = match delivered {
         Ok(Delivery::Queued { .. }) => None,
         Ok(Delivery::Spooled(file, why)) => Some(format!("{why}; spooled to {}", file.display())),

@@ -38,7 +38,7 @@ const FAILURE_KINDS: [&str; 3] = ["transient", "permanent", "store"];
 const SKIP_REASONS: [&str; 3] = ["in_cache", "upstream", "excluded"];
 const PAUSE_CAUSES: [&str; 2] = ["store_unavailable", "store_refuses"];
 /// The requests the hook sends (`missing`, `enqueue`, `report`) and the CLI's.
-const OPS: [&str; 7] = ["missing", "enqueue", "report", "status", "wait", "dropped", "recheck"];
+const OPS: [&str; 8] = ["missing", "roots", "enqueue", "report", "status", "wait", "dropped", "recheck"];
 
 /// The daemon's counters and the uploads in flight; shared by the workers, the socket
 /// server and the scrape endpoint.

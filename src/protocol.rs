@@ -65,6 +65,16 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         realisations: Vec<Realisation>,
     },
+    /// Outputs of a build (or `narq push` arguments) that the daemon holds already, with
+    /// their closures: they are noted as roots of the cache, looked for again after a
+    /// collection, and the build log of `drv` is queued, as an `enqueue` of them would, without
+    /// sending (and checking) their path info again. Answered with [`Response::Missing`]
+    /// naming those it does not hold (then nothing is recorded: enqueue them).
+    Roots {
+        paths: Vec<StorePath>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        drv: Option<StorePath>,
+    },
     /// Which of `paths` the daemon does not hold, queued or uploaded (so the client signs
     /// and sends only those).
     Missing { paths: Vec<StorePath> },
@@ -125,6 +135,7 @@ impl Request {
         match self {
             Request::Enqueue { .. } => "enqueue",
             Request::Missing { .. } => "missing",
+            Request::Roots { .. } => "roots",
             Request::Status => "status",
             Request::Wait { .. } => "wait",
             Request::Report { .. } => "report",
@@ -480,6 +491,7 @@ mod tests {
         let all = [
             Request::Enqueue { paths: vec![], drv: None, realisations: vec![] },
             Request::Missing { paths: vec![p.clone()] },
+            Request::Roots { paths: vec![p.clone()], drv: None },
             Request::Status,
             Request::Wait { timeout_ms: 1, paths: None },
             Request::Report { roots: vec![p.clone()], drv: None, reason: "r".into() },

@@ -191,7 +191,7 @@ fn run(cli: Cli) -> anyhow::Result<Exit> {
                     eprintln!("narq: checking the cache again for {count} paths uploaded before");
                 }
             }
-            match hook::submit(&config, closure, None)? {
+            match hook::submit(&config, hook::Handover { roots: &paths, closure: Some(closure), drv: None, realisations: Vec::new() })? {
                 Delivery::Queued { new } => eprintln!("narq: enqueued {new} paths not uploaded before"),
                 Delivery::Spooled(f, why) => eprintln!("narq: {why}; spooled to {}", f.display()),
             }
@@ -290,7 +290,7 @@ fn retry(config: &Config) -> anyhow::Result<Exit> {
             None => b.root.iter().cloned().collect(),
         };
         let what = b.drv.as_ref().map_or_else(|| roots.iter().map(ToString::to_string).collect::<Vec<_>>().join(" "), ToString::to_string);
-        match hook::closure(&roots).and_then(|c| hook::submit(config, c, b.drv.clone())) {
+        match hook::submit(config, hook::Handover { roots: &roots, closure: None, drv: b.drv.clone(), realisations: Vec::new() }) {
             Ok(Delivery::Queued { new }) => eprintln!("narq: {what}: enqueued ({new} paths not uploaded before)"),
             Ok(Delivery::Spooled(f, why)) => eprintln!("narq: {what}: {why}; spooled to {}", f.display()),
             Err(e) => {

@@ -194,6 +194,14 @@ impl Admission {
             .map_err(NotStored::Refused)
     }
 
+    /// Notes that a request named `paths` now (see [`Admission::asked`]).
+    pub(super) fn asked_now(&self, paths: Vec<StorePath>) {
+        if let Ok(mut a) = self.asked.lock() {
+            let now = std::time::Instant::now();
+            a.extend(paths.into_iter().map(|p| (now, p)));
+        }
+    }
+
     /// Whether `uid` may change the queue: root, the daemon's own user and `allowed-users`.
     pub(super) fn may_change(&self, uid: u32) -> bool {
         self.allowed_uids.contains(&uid)
@@ -204,7 +212,7 @@ impl Admission {
     /// cache and the build logs do; only those who [may change](Self::may_change) the queue
     /// may `enqueue`, `report`, `recheck` or `repair`. Returns the refusal.
     pub(super) fn may(&self, uid: u32, req: &Request) -> Result<(), String> {
-        let changes = matches!(req, Request::Enqueue { .. } | Request::Report { .. } | Request::Recheck { .. } | Request::Repair { .. });
+        let changes = matches!(req, Request::Enqueue { .. } | Request::Roots { .. } | Request::Report { .. } | Request::Recheck { .. } | Request::Repair { .. });
         if changes && !self.may_change(uid) {
             let op = req.op();
             return Err(format!("uid {uid} may not {op} (only root, the daemon's user and allowed-users may)"));
@@ -243,14 +251,25 @@ impl NotStored {
 /// Validates (the queue-dependent part, after [`check`]) and stores an `enqueue` request in
 /// `q`; returns how many paths were new.
 pub(super) fn enqueue(q: &mut Queue, keys: &[PublicKey], (paths, drv, realisations): Checked) -> Result<usize, NotStored> {
-    let mut mentioned: Vec<&StorePath> =
-        paths.iter().flat_map(|p| p.references.iter().chain([&p.path])).chain(realisations.iter().map(|r| &r.out_path)).collect();
-    mentioned.sort_unstable();
-    mentioned.dedup();
-    let unknown: HashSet<StorePath> = q.not_queued(&mentioned).map_err(NotStored::queue)?.into_iter().collect();
-    let queued: HashSet<StorePath> = mentioned.into_iter().filter(|p| !unknown.contains(*p)).cloned().collect();
     let requested: HashSet<&StorePath> = paths.iter().map(|p| &p.path).collect();
+    let mut own: Vec<&StorePath> = requested.iter().copied().chain(realisations.iter().map(|r| &r.out_path)).collect();
+    own.sort_unstable();
+    own.dedup();
+    let mut unknown: HashSet<StorePath> = q.not_queued(&own).map_err(NotStored::queue)?.into_iter().collect();
     let pending = q.pending_infos(&requested.iter().copied().collect::<Vec<_>>()).map_err(NotStored::queue)?;
+    // References matter only for the paths this request adds or may replace (pending ones):
+    // a path uploaded already came with its closure. A build over a queued closure re-sends
+    // its outputs (as roots), whose references are then not looked up one by one.
+    let mut refs: Vec<&StorePath> = paths
+        .iter()
+        .filter(|p| unknown.contains(&p.path) || pending.contains_key(&p.path))
+        .flat_map(|p| &p.references)
+        .filter(|r| !requested.contains(r))
+        .collect();
+    refs.sort_unstable();
+    refs.dedup();
+    unknown.extend(q.not_queued(&refs).map_err(NotStored::queue)?);
+    let queued: HashSet<StorePath> = own.into_iter().chain(refs).filter(|p| !unknown.contains(*p)).cloned().collect();
     let outside: Vec<&StorePath> = queued.iter().filter(|p| !requested.contains(p)).collect();
     let pending_edges = q.pending_edges(&outside).map_err(NotStored::queue)?;
     validate(keys, &paths, &queued, &pending, &pending_edges).map_err(NotStored::Refused)?;
@@ -271,6 +290,23 @@ pub(super) fn enqueue(q: &mut Queue, keys: &[PublicKey], (paths, drv, realisatio
     // Builds of these paths that the hook dropped earlier are handed over now.
     q.clear_dropped(paths.iter().map(|p| &p.path).chain(drv.as_ref())).map_err(NotStored::queue)?;
     Ok(new)
+}
+
+/// Records `roots` that the queue holds (a [`Request::Roots`]) as an [`enqueue`] of them
+/// would: roots of the cache, their dropped builds cleared, the build log of `drv` queued.
+/// `Err` names those it does not hold (or failed), and nothing is recorded.
+pub(super) fn roots(q: &mut Queue, roots: &[StorePath], drv: Option<&StorePath>) -> Result<Result<usize, Vec<StorePath>>, NotStored> {
+    if let Some(d) = drv.filter(|d| !d.name().ends_with(".drv")) {
+        return Err(NotStored::Refused(format!("{d} is not a derivation")));
+    }
+    let unknown = q.not_queued(&roots.iter().collect::<Vec<_>>()).map_err(NotStored::queue)?;
+    if !unknown.is_empty() {
+        return Ok(Err(unknown));
+    }
+    let new = q.enqueue(&[], drv).map_err(NotStored::queue)?;
+    q.note_roots(roots).map_err(NotStored::queue)?;
+    q.clear_dropped(roots.iter().chain(drv)).map_err(NotStored::queue)?;
+    Ok(Ok(new))
 }
 
 /// [`enqueue`]s the closure `paths`, then marks `repair` (which must be among them) for

@@ -11,7 +11,7 @@ use tokio::net::{UnixListener, UnixStream};
 
 use tokio::sync::watch;
 
-use super::admission::{enqueue, record, repair, Admission, NotStored};
+use super::admission::{enqueue, record, repair, roots, Admission, NotStored};
 use super::lock::lock_state_dir;
 use super::systemd::systemd_listener;
 use super::workers::Snapshot;
@@ -237,10 +237,7 @@ async fn serve(server: Arc<Server>, mut stream: UnixStream) {
                 match stored {
                     Ok(new) => {
                         admission.wake.notify_one();
-                        if let Ok(mut a) = admission.asked.lock() {
-                            let now = std::time::Instant::now();
-                            a.extend(named.into_iter().map(|p| (now, p)));
-                        }
+                        admission.asked_now(named);
                         tracing::debug!(uid, paths = n, new, "enqueued");
                         Response::Queued { new }
                     }
@@ -255,6 +252,15 @@ async fn serve(server: Arc<Server>, mut stream: UnixStream) {
                     }
                 }
             }
+            Request::Roots { paths, drv } => match admission.queue.here(|q| roots(q, &paths, drv.as_ref())) {
+                Ok(Ok(new)) => {
+                    admission.wake.notify_one();
+                    admission.asked_now(paths);
+                    Response::Queued { new }
+                }
+                Ok(Err(missing)) => Response::Missing { paths: missing },
+                Err(e) => e.response(),
+            },
             Request::Repair { paths, repair: broken } => {
                 let stored = match admission.checked(paths, None, Vec::new()).await {
                     Ok(checked) => admission.queue.here(|q| repair(q, &admission.trusted_keys, checked, &broken)),

@@ -86,6 +86,29 @@ impl NixDb {
         Ok(NixDb { conn, path: path.to_path_buf() })
     }
 
+    /// How many paths the closure of `roots` holds, or `limit` once it may hold that many:
+    /// cheap for a closure of any size (a recursive query would first gather every reference
+    /// of a path that has thousands, so the direct references are counted first).
+    pub fn closure_len_up_to(&self, roots: &[StorePath], limit: usize) -> Result<usize, DbError> {
+        let err = |e| DbError::Sqlite(self.path.clone(), e);
+        let placeholders = vec!["?"; roots.len()].join(",");
+        let ids = format!("SELECT id FROM ValidPaths WHERE path IN ({placeholders})");
+        let direct = format!("SELECT count(*) FROM (SELECT 1 FROM Refs WHERE referrer IN ({ids}) LIMIT {limit})");
+        let closure = format!(
+            "WITH RECURSIVE c(id) AS ({ids} UNION SELECT r.reference FROM Refs r JOIN c ON r.referrer = c.id LIMIT {limit})
+             SELECT count(*) FROM c"
+        );
+        let names: Vec<String> = roots.iter().map(|r| r.to_string()).collect();
+        let count = |sql: &str| -> Result<usize, DbError> {
+            let n: i64 = self.conn.prepare_cached(sql).and_then(|mut st| st.query_row(rusqlite::params_from_iter(names.iter()), |r| r.get(0))).map_err(err)?;
+            Ok(n as usize)
+        };
+        if count(&direct)? + roots.len() >= limit {
+            return Ok(limit);
+        }
+        count(&closure)
+    }
+
     /// Path info for `roots` and, with `closure`, everything they reference transitively.
     /// Every root must be valid. The result is sorted by path.
     pub fn query(&self, roots: &[StorePath], closure: bool) -> Result<Vec<PathInfo>, DbError> {

@@ -55,24 +55,25 @@ impl<'a> Parser<'a> {
         self.expect("\"")?;
         let mut out = Vec::new();
         loop {
-            match self.s.get(self.pos) {
-                None => return Err(DrvError::Expected(self.pos, "closing '\"'")),
-                Some(b'"') => break,
-                Some(b'\\') => {
-                    let c = *self.s.get(self.pos + 1).ok_or(DrvError::Expected(self.pos + 1, "escaped character"))?;
-                    out.push(match c {
-                        b'n' => b'\n',
-                        b'r' => b'\r',
-                        b't' => b'\t',
-                        c => c,
-                    });
-                    self.pos += 2;
-                }
-                Some(&c) => {
-                    out.push(c);
-                    self.pos += 1;
-                }
+            // Runs without escapes are copied whole: a `.drv` may hold megabytes of strings.
+            let rest = &self.s[self.pos..];
+            let Some(i) = rest.iter().position(|&b| b == b'"' || b == b'\\') else {
+                self.pos = self.s.len();
+                return Err(DrvError::Expected(self.pos, "closing '\"'"));
+            };
+            out.extend_from_slice(&rest[..i]);
+            self.pos += i;
+            if rest[i] == b'"' {
+                break;
             }
+            let c = *self.s.get(self.pos + 1).ok_or(DrvError::Expected(self.pos + 1, "escaped character"))?;
+            out.push(match c {
+                b'n' => b'\n',
+                b'r' => b'\r',
+                b't' => b'\t',
+                c => c,
+            });
+            self.pos += 2;
         }
         self.pos += 1;
         String::from_utf8(out).map_err(|_| DrvError::Expected(self.pos, "UTF-8 string"))

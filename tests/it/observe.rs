@@ -181,6 +181,46 @@ fn the_exposition_parser_is_strict() {
     }
 }
 
+/// Issue 13, "the hook for a queued closure": a build over a closure the daemon holds
+/// names its outputs only (`roots`: one request, no path info read, signed or checked),
+/// while a new closure above the small-closure size asks what the daemon lacks and enqueues
+/// it; both record the outputs as roots of the cache.
+#[test]
+fn hook_over_a_queued_closure_sends_its_roots_only() {
+    let port = free_port();
+    let mut n = Narq::new("roots-only", &format!("metrics-listen = \"127.0.0.1:{port}\""));
+    n.start();
+    let u = unique();
+    let leaves: Vec<String> = (0..20).map(|i| format!("l{i} = {};", sh_drv(&format!("rootsonly-{i}-{u}"), &format!("echo {i} > $out")))).collect();
+    let refs: Vec<String> = (0..20).map(|i| format!("${{l{i}}}")).collect();
+    let expr = format!("let {} in {}", leaves.join(" "), sh_drv(&format!("rootsonly-top-{u}"), &format!("echo {} > $out", refs.join(" "))));
+    let (outs, stderr) = n.build(&expr);
+    assert!(!stderr.contains("narq-hook:"), "{stderr}");
+    n.wait(60);
+    let top = &outs[0];
+    assert_eq!(closure(&outs).len(), 21);
+    assert!(n.has(top));
+    let root = n.cache().join(format!("narq/roots/{}", &top[11..43]));
+    assert!(wait_for(Duration::from_secs(20), || root.exists()), "the top was not recorded as a root: {}", n.daemon_log());
+    let before = scrape(port);
+    // The top's hook asked `roots` first (answered: not held), then `missing`, then enqueued.
+    assert_eq!(sample(&before, "narq_requests_total", &[("op", "roots")]), 1.0);
+    assert!(sample(&before, "narq_requests_total", &[("op", "missing")]) >= 1.0);
+    assert_eq!(sample(&before, "narq_requests_total", &[("op", "enqueue")]), 21.0, "one enqueue per build");
+
+    // The hook again, as after a rebuild of the top: one `roots` request and nothing else.
+    let drv = run(Command::new("nix-store").args(["-q", "--deriver", top])).trim().to_string();
+    let hook = output(Command::new(bin("narq-hook")).env("OUT_PATHS", "").env("DRV_PATH", &drv).env("NARQ_CONFIG", &n.config));
+    assert!(hook.status.success() && hook.stderr.is_empty(), "{hook:?}");
+    let after = scrape(port);
+    for (op, more) in [("roots", 1.0), ("missing", 0.0), ("enqueue", 0.0)] {
+        let (b, a) = (sample(&before, "narq_requests_total", &[("op", op)]), sample(&after, "narq_requests_total", &[("op", op)]));
+        assert_eq!(a - b, more, "{op}: {b} then {a}");
+    }
+    let s = n.status();
+    assert_eq!((s["failed"].as_u64(), s["pending"].as_u64()), (Some(0), Some(0)), "{s}");
+}
+
 /// Item 3, and item 2's "`uploaded` counts paths": a 3-path closure built with the hook
 /// shows as 3 uploaded paths in `status --json` and in `/metrics` (strictly parsed), with
 /// bytes, the hook's requests, no failures, an empty queue and the duration and size
