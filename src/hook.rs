@@ -96,12 +96,14 @@ enum Source {
 }
 
 impl Source {
-    /// The size of the closure of `roots`, counted up to `limit`.
-    fn len_up_to(&self, roots: &[StorePath], limit: usize) -> anyhow::Result<usize> {
-        Ok(match self {
-            Source::Read(c) => c.len().min(limit),
-            Source::Db(db) => db.closure_len_up_to(roots, limit)?,
-        })
+    /// The closure of `roots` if it holds at most [`SIGN_ALL_BELOW`] paths.
+    fn small(&self, roots: &[StorePath]) -> anyhow::Result<Option<Vec<PathInfo>>> {
+        let mut c = match self {
+            Source::Read(c) => (c.len() <= SIGN_ALL_BELOW).then(|| c.clone()),
+            Source::Db(db) => db.closure_below(roots, SIGN_ALL_BELOW + 1)?,
+        };
+        c.iter_mut().for_each(|c| tidy(c));
+        Ok(c)
     }
 
     /// The whole closure of `roots`.
@@ -194,12 +196,12 @@ pub fn submit(config: &Config, h: Handover) -> anyhow::Result<Delivery> {
         Some(c) => Source::Read(c),
         None => Source::Db(NixDb::open_default()?),
     };
-    let small = source.len_up_to(roots, SIGN_ALL_BELOW + 1)? <= SIGN_ALL_BELOW;
+    let small = source.small(roots)?;
     let handed = || -> Result<Response, Stopped> {
         let mut client = Client::connect(&config.socket, Some(DAEMON_TIMEOUT))?;
         // A build over a closure the daemon holds (a rebuild, `narq push` of what was pushed):
         // only the roots are named again, their path info is neither read nor signed.
-        if !small && realisations.is_empty() {
+        if small.is_none() && realisations.is_empty() {
             match client.call(&Request::Roots { paths: roots.to_vec(), drv: drv.clone() })? {
                 Response::Missing { .. } => {}
                 // A daemon older than `roots` refuses it and hangs up: the whole hand-off.
@@ -207,9 +209,9 @@ pub fn submit(config: &Config, h: Handover) -> anyhow::Result<Delivery> {
                 answer => return Ok(answer),
             }
         }
-        let mut todo = match &source {
-            _ if small => source.whole(roots).map_err(Stopped::Local)?,
-            Source::Read(c) => {
+        let mut todo = match (&small, &source) {
+            (Some(all), _) => all.clone(),
+            (None, Source::Read(c)) => {
                 let all = c.iter().map(|p| p.path.clone()).collect();
                 match client.call(&Request::Missing { paths: all })? {
                     Response::Missing { paths: missing } => {
@@ -220,7 +222,7 @@ pub fn submit(config: &Config, h: Handover) -> anyhow::Result<Delivery> {
                     other => return Err(Stopped::Answer(Box::new(other))),
                 }
             }
-            Source::Db(db) => lacking(&mut client, db, roots)?,
+            (None, Source::Db(db)) => lacking(&mut client, db, roots)?,
         };
         tidy(&mut todo);
         PathInfo::sign_all(&mut todo, &keys);
@@ -235,7 +237,10 @@ pub fn submit(config: &Config, h: Handover) -> anyhow::Result<Delivery> {
         Err(Stopped::Daemon(e)) => format!("daemon at {} unreachable: {e}", config.socket.display()),
         Err(Stopped::Local(e)) => return Err(e),
     };
-    let mut paths = source.whole(roots)?;
+    let mut paths = match small {
+        Some(all) => all,
+        None => source.whole(roots)?,
+    };
     PathInfo::sign_all(&mut paths, &keys);
     deliver_or_spool(config, &Request::Enqueue { paths, drv, realisations }, why)
 }

@@ -86,32 +86,32 @@ impl NixDb {
         Ok(NixDb { conn, path: path.to_path_buf() })
     }
 
-    /// How many paths the closure of `roots` holds, or `limit` once it may hold that many:
-    /// cheap for a closure of any size (a recursive query would first gather every reference
-    /// of a path that has thousands, so the direct references are counted first).
-    pub fn closure_len_up_to(&self, roots: &[StorePath], limit: usize) -> Result<usize, DbError> {
+    /// The closure of `roots` if it holds fewer than `limit` paths, else `None`; cheap for a
+    /// closure of any size: the direct references are counted first (a recursive query would
+    /// gather every reference of a path that has thousands before its limit applies).
+    pub fn closure_below(&self, roots: &[StorePath], limit: usize) -> Result<Option<Vec<PathInfo>>, DbError> {
         let err = |e| DbError::Sqlite(self.path.clone(), e);
         let placeholders = vec!["?"; roots.len()].join(",");
-        let ids = format!("SELECT id FROM ValidPaths WHERE path IN ({placeholders})");
-        let direct = format!("SELECT count(*) FROM (SELECT 1 FROM Refs WHERE referrer IN ({ids}) LIMIT {limit})");
-        let closure = format!(
-            "WITH RECURSIVE c(id) AS ({ids} UNION SELECT r.reference FROM Refs r JOIN c ON r.referrer = c.id LIMIT {limit})
-             SELECT count(*) FROM c"
+        let direct = format!(
+            "SELECT count(*) FROM (SELECT 1 FROM Refs WHERE referrer IN (SELECT id FROM ValidPaths WHERE path IN ({placeholders})) LIMIT {limit})"
         );
         let names: Vec<String> = roots.iter().map(|r| r.to_string()).collect();
-        let count = |sql: &str| -> Result<usize, DbError> {
-            let n: i64 = self.conn.prepare_cached(sql).and_then(|mut st| st.query_row(rusqlite::params_from_iter(names.iter()), |r| r.get(0))).map_err(err)?;
-            Ok(n as usize)
-        };
-        if count(&direct)? + roots.len() >= limit {
-            return Ok(limit);
+        let n: i64 = self.conn.prepare_cached(&direct).and_then(|mut st| st.query_row(rusqlite::params_from_iter(names.iter()), |r| r.get(0))).map_err(err)?;
+        if n as usize + roots.len() > limit {
+            return Ok(None);
         }
-        count(&closure)
+        let c = self.select(roots, true, Some(limit))?;
+        Ok((c.len() < limit).then_some(c))
     }
 
     /// Path info for `roots` and, with `closure`, everything they reference transitively.
     /// Every root must be valid. The result is sorted by path.
     pub fn query(&self, roots: &[StorePath], closure: bool) -> Result<Vec<PathInfo>, DbError> {
+        self.select(roots, closure, None)
+    }
+
+    /// [`NixDb::query`], of at most `limit` paths of the closure when given.
+    fn select(&self, roots: &[StorePath], closure: bool, limit: Option<usize>) -> Result<Vec<PathInfo>, DbError> {
         if roots.is_empty() {
             return Ok(Vec::new());
         }
@@ -122,8 +122,9 @@ impl NixDb {
         } else {
             ""
         };
+        let limit = limit.map(|n| format!("LIMIT {n}")).unwrap_or_default();
         let sql = format!(
-            "WITH RECURSIVE c(id) AS (SELECT id FROM ValidPaths WHERE path IN ({placeholders}) {recurse})
+            "WITH RECURSIVE c(id) AS (SELECT id FROM ValidPaths WHERE path IN ({placeholders}) {recurse} {limit})
              SELECT v.path, v.hash, v.narSize, v.deriver, v.sigs, v.ca,
                     (SELECT group_concat(p.path, ' ') FROM Refs r CROSS JOIN ValidPaths p ON p.id = r.reference
                      WHERE r.referrer = v.id)
