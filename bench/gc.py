@@ -59,12 +59,11 @@ def main():
     try:
         t0 = time.time()
         if args.s3:
-            import socket, boto3
             from concurrent.futures import ThreadPoolExecutor
-            s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
-            moto = subprocess.Popen([f"{repo}/.venv/bin/moto_server", "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(3)
-            c = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1")
+            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            from local_s3 import Moto
+            moto = Moto()
+            port, c = moto.port, moto.s3
             c.create_bucket(Bucket="bench")
             with ThreadPoolExecutor(16) as ex:
                 list(ex.map(lambda kv: c.put_object(Bucket="bench", Key=kv[0], Body=kv[1]), objects(args.paths)))
@@ -92,7 +91,7 @@ def main():
                   f"{j['scan']['fetched']} narinfos fetched, scan {j['scan']['scan_ms']} ms; would remove {len(j['paths'])} paths, keep {j['kept_paths']}")
     finally:
         if moto:
-            moto.kill()
+            moto.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

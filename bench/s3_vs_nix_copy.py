@@ -28,7 +28,7 @@ Usage: bench/s3_vs_nix_copy.py [big small slow huge compress]
 moto and boto3 come from the repo's .venv/ (scripts/setup.sh), which runs this script; Nix's
 settings from a private NIX_CONF_DIR.
 """
-import asyncio, os, re, shutil, socket, statistics, subprocess, sys, tempfile, threading, time
+import asyncio, os, re, shutil, statistics, subprocess, sys, tempfile, threading, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target"), "release")
@@ -40,16 +40,11 @@ if not os.path.exists(os.path.join(VENV, "bin", "moto_server")):
 if os.path.realpath(sys.prefix) != os.path.realpath(VENV):
     os.execv(os.path.join(VENV, "bin", "python"), [os.path.join(VENV, "bin", "python")] + sys.argv)
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from local_s3 import Moto, free_port  # noqa: E402
+
 CASES = sys.argv[1:] or ["big", "small", "slow", "huge", "compress"]
 ZSTD_LEVEL = 3
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def sh(*args, **kw):
@@ -133,10 +128,9 @@ class SlowLink:
 
 def main():
     tmp = tempfile.mkdtemp(prefix="narq-s3bench-")
-    port = free_port()
     moto_log = os.path.join(tmp, "moto.log")
-    moto = subprocess.Popen([os.path.join(VENV, "bin", "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=open(moto_log, "w"), stderr=subprocess.STDOUT)
+    moto = Moto(moto_log)
+    port, s3 = moto.port, moto.s3
     state = {"daemon": None}
     big = None
     conf = os.path.join(tmp, "nix")
@@ -150,15 +144,6 @@ def main():
         print(line, flush=True)
 
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port)).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        import boto3
-        s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id="test",
-                          aws_secret_access_key="test", region_name="us-east-1")
         os.makedirs(conf)
         with open(os.path.join(conf, "nix.conf"), "w") as f:
             f.write("sandbox = false\nbuild-users-group =\nsubstituters =\nmax-jobs = 8\n")
@@ -205,6 +190,12 @@ def main():
             t = time.perf_counter()
             sh(NARQ, "push", "--wait", path, env=env)
             return time.perf_counter() - t
+
+        def daemon_cpu():
+            """CPU seconds the running daemon has used."""
+            with open(f"/proc/{state['daemon'].pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
         def daemon_peak():
             with open(f"/proc/{state['daemon'].pid}/status") as f:
@@ -293,12 +284,17 @@ def main():
             p = big_path()
             s3.create_bucket(Bucket="narq-slowbig")
             env = fresh_narq("narq-slowbig", f"s3://narq-slowbig?endpoint=127.0.0.1:{link.port}&scheme=http&compression=zstd")
+            # Where the CPU goes: the link (this process's proxy thread), the server, narq.
+            s0, proxy0 = requests_and_cpu(), time.process_time()
             narq_t = narq_push(env, p)
+            s1, proxy1 = requests_and_cpu(), time.process_time()
+            narq_cpu = daemon_cpu()
             stop_daemon()
             info = next(o for o in s3.list_objects_v2(Bucket="narq-slowbig")["Contents"] if o["Key"].startswith("nar/"))
             link_limit = info["Size"] / SlowLink.RATE
             row("1 GB path, slow link: link limit", "size / 50 MiB/s", link_limit, "narq", narq_t,
-                f"(narq / limit: {narq_t / link_limit:.2f}x; {info['Size'] / 2**20:.0f} MiB compressed)")
+                f"(narq / limit: {narq_t / link_limit:.2f}x; {info['Size'] / 2**20:.0f} MiB compressed; CPU s: "
+                f"narq {narq_cpu:.1f}, the link's proxy {proxy1 - proxy0:.1f}, {server_note(s0, s1)})")
             if os.environ.get("NARQ_BENCH_SLOW_NIX_BIG", "1") == "1":
                 nix_t, _ = nix_copy("nix-slowbig", p, via=link.port)
                 row("1 GB path, slow link: nix copy", "nix copy", nix_t, "narq", narq_t)
@@ -354,8 +350,7 @@ def main():
         if d:
             d.terminate()
             d.wait()
-        moto.terminate()
-        moto.wait()
+        moto.stop()
         if big and os.environ.get("NARQ_BENCH_KEEP_BIG") != "1":
             subprocess.run(["nix-store", "--delete", big], capture_output=True, env=nixenv)
         shutil.rmtree(tmp, ignore_errors=True)

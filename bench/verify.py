@@ -13,18 +13,18 @@ and to a directory. Then, one line per case with both numbers and the ratio:
 Usage: bench/verify.py [N]   (needs `cargo build --release`; the binary is taken from
 $CARGO_TARGET_DIR, else target/). NARQ_BENCH_DEEP_MIB sets the deep NAR's size (1024).
 """
-import base64, hashlib, json, os, random, socket, subprocess, sys, tempfile, time
+import base64, hashlib, json, os, random, subprocess, sys, tempfile, time
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target")
 NARQ = os.environ.get("NARQ_BENCH_NARQ") or os.path.join(TARGET, "release", "narq")
-VENV = os.path.join(ROOT, ".venv", "bin")
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 20000
 DEEP_MIB = int(os.environ.get("NARQ_BENCH_DEEP_MIB", "1024"))
 
 sys.path.insert(0, next(p for p in __import__("glob").glob(os.path.join(ROOT, ".venv/lib/python3*/site-packages"))))
-import boto3  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from local_s3 import Moto  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 
@@ -76,14 +76,6 @@ def narinfo(path, refs, nar, file_bytes, url, compression, key):
             f"NarHash: {nar_hash}\nNarSize: {nar_size}\nReferences: {refs_line}\nSig: {key.sign(fp)}\n")
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
 def timed(argv, env=None, ok=(0,)):
     t = time.perf_counter()
     r = subprocess.run(argv, env=env, capture_output=True, text=True)
@@ -103,18 +95,9 @@ def main():
     tmp = tempfile.mkdtemp(prefix="narq-bench-verify-")
     key = Key("bench-1")
     rng = random.Random(1)
-    port = free_port()
-    moto = subprocess.Popen([os.path.join(VENV, "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=open(os.path.join(tmp, "moto.log"), "w"), stderr=subprocess.STDOUT)
+    moto = Moto(os.path.join(tmp, "moto.log"))
+    port, s3 = moto.port, moto.s3
     try:
-        for _ in range(300):
-            try:
-                socket.create_connection(("127.0.0.1", port)).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id="test",
-                          aws_secret_access_key="test", region_name="us-east-1")
         s3.create_bucket(Bucket="bench")
         cache = os.path.join(tmp, "cache")
         os.makedirs(os.path.join(cache, "nar"))
@@ -210,7 +193,7 @@ def main():
         line(f"deep, one {DEEP_MIB} MiB NAR (zstd)", narq_deep, nix_deep)
         print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     finally:
-        moto.kill()
+        moto.stop()
         subprocess.run(["rm", "-rf", tmp])
 
 

@@ -206,13 +206,7 @@ mod tests {
     use super::*;
     use crate::storage::{file::FileTarget, Body};
 
-    const NARINFO: &str = "StorePath: /nix/store/6il1lpdfxrnnfp077s9yqgr5nl3k3cm6-top
-URL: nar/1w1fff338fvdw53sqcamqgqmxgrgjyb3j3bzkqmr0qfkvlsqb05w.nar.zst
-Compression: zstd
-NarHash: sha256:0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73
-NarSize: 160
-References: 
-";
+    use crate::nix::narinfo::SAMPLE as NARINFO;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn second_scan_fetches_only_what_changed() {

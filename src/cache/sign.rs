@@ -217,16 +217,7 @@ pub fn run(config: &crate::config::Config, args: Args, resolve: impl Fn(&Path) -
 mod tests {
     use super::*;
 
-    const NARINFO: &str = "StorePath: /nix/store/6il1lpdfxrnnfp077s9yqgr5nl3k3cm6-top
-URL: nar/1w1fff338fvdw53sqcamqgqmxgrgjyb3j3bzkqmr0qfkvlsqb05w.nar.zst
-Compression: zstd
-FileHash: sha256:1w1fff338fvdw53sqcamqgqmxgrgjyb3j3bzkqmr0qfkvlsqb05w
-FileSize: 112
-NarHash: sha256:0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73
-NarSize: 160
-References: z4asv3j07d89ywjf8fxkn7sg6mf5s9q5-dep
-Deriver: 3m5mqv6z9sjq13jva3mpxk9af68fb56x-top.drv
-";
+    use crate::nix::narinfo::SAMPLE as NARINFO;
 
     #[test]
     fn adds_sorted_sig_lines_where_nix_writes_them() {

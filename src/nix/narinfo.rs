@@ -121,11 +121,9 @@ impl fmt::Display for NarInfo {
     }
 }
 
+/// A narinfo as Nix writes it, unsigned: the tests' sample.
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const SAMPLE: &str = "StorePath: /nix/store/6il1lpdfxrnnfp077s9yqgr5nl3k3cm6-top
+pub(crate) const SAMPLE: &str = "StorePath: /nix/store/6il1lpdfxrnnfp077s9yqgr5nl3k3cm6-top
 URL: nar/1w1fff338fvdw53sqcamqgqmxgrgjyb3j3bzkqmr0qfkvlsqb05w.nar.zst
 Compression: zstd
 FileHash: sha256:1w1fff338fvdw53sqcamqgqmxgrgjyb3j3bzkqmr0qfkvlsqb05w
@@ -134,14 +132,21 @@ NarHash: sha256:0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73
 NarSize: 160
 References: z4asv3j07d89ywjf8fxkn7sg6mf5s9q5-dep
 Deriver: 3m5mqv6z9sjq13jva3mpxk9af68fb56x-top.drv
-Sig: a:x
-Sig: b:y
 ";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sample, signed twice.
+    fn sample() -> String {
+        format!("{SAMPLE}Sig: a:x\nSig: b:y\n")
+    }
 
     #[test]
     fn round_trips() {
-        let ni = NarInfo::parse(SAMPLE).unwrap();
-        assert_eq!(ni.to_string(), SAMPLE);
+        let ni = NarInfo::parse(&sample()).unwrap();
+        assert_eq!(ni.to_string(), sample());
         assert_eq!(ni.info.references.len(), 1);
         let mut empty = ni.clone();
         empty.info.references.clear();
@@ -153,11 +158,11 @@ Sig: b:y
     fn refuses_malformed() {
         assert_eq!(NarInfo::parse("garbage"), Err(NarInfoError::Syntax(1)));
         assert_eq!(NarInfo::parse("URL: x\n"), Err(NarInfoError::Missing("StorePath")));
-        let dup = SAMPLE.replace("NarSize: 160\n", "NarSize: 160\nNarSize: 1\n");
+        let dup = sample().replace("NarSize: 160\n", "NarSize: 160\nNarSize: 1\n");
         assert_eq!(NarInfo::parse(&dup), Err(NarInfoError::Duplicate(8, "NarSize".into())));
-        let e = NarInfo::parse(&SAMPLE.replace("NarSize: 160", "NarSize: -1")).unwrap_err();
+        let e = NarInfo::parse(&sample().replace("NarSize: 160", "NarSize: -1")).unwrap_err();
         assert!(matches!(e, NarInfoError::BadValue(7, ref k, _) if k == "NarSize"), "{e}");
-        let e = NarInfo::parse(&SAMPLE.replace("-dep", "-d/p")).unwrap_err();
+        let e = NarInfo::parse(&sample().replace("-dep", "-d/p")).unwrap_err();
         assert!(matches!(e, NarInfoError::BadValue(8, ref k, _) if k == "References"), "{e}");
     }
 }

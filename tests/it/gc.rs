@@ -1,104 +1,37 @@
 //! `narq rm`, `narq pin` and `narq gc` on real caches (`file://` and moto S3) filled by real
 //! Nix builds through a real daemon, read back by a fresh Nix client.
 
+use crate::cache_under_test::{boto, hash, TestCache};
 use crate::util::*;
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Where a test's cache lives.
-enum Store {
-    File,
-    S3(Moto, String),
-}
-
-struct Setup {
-    n: Narq,
-    store: Store,
-    _t: TempDir,
-}
-
-impl Setup {
-    fn new(tag: &str, s3: bool) -> Setup {
-        let t = TempDir::new(tag);
-        let (n, store) = if s3 {
-            let moto = Moto::start(t.path(), &[]);
-            let bucket = format!("narq-{tag}");
-            moto.bucket(&bucket);
-            let n = Narq::new(tag, &format!("store = \"s3://{bucket}?endpoint=127.0.0.1:{}&scheme=http\"", moto.port));
-            (n, Store::S3(moto, bucket))
-        } else {
-            (Narq::new(tag, ""), Store::File)
-        };
-        Setup { n, store, _t: t }
-    }
-
-    /// `narq ARGS` with this config and the test's S3 credentials.
-    fn narq(&self, args: &[&str]) -> Output {
-        output(
-            Command::new(bin("narq"))
-                .args(args)
-                .env("NARQ_CONFIG", &self.n.config)
-                .env("AWS_ACCESS_KEY_ID", "test")
-                .env("AWS_SECRET_ACCESS_KEY", "test")
-                .env("AWS_EC2_METADATA_DISABLED", "true"),
-        )
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.narq(args);
-        assert!(out.status.success(), "narq {args:?}: {}\n{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
-        String::from_utf8_lossy(&out.stdout).to_string()
-    }
-
-    /// The object at `key`, if any.
-    fn get(&self, key: &str) -> Option<Vec<u8>> {
-        match &self.store {
-            Store::File => std::fs::read(self.n.cache().join(key)).ok(),
-            Store::S3(moto, bucket) => {
-                let (head, body) = http(moto.port, "GET", &format!("/{bucket}/{key}"));
-                head.starts_with("http/1.1 200").then_some(body)
-            }
-        }
-    }
-
-    fn has(&self, path: &str) -> bool {
-        self.get(&format!("{}.narinfo", hash(path))).is_some()
-    }
-
+impl TestCache {
     /// The NAR key of `path`'s narinfo.
     fn nar_of(&self, path: &str) -> String {
         let ni = String::from_utf8(self.get(&format!("{}.narinfo", hash(path))).expect("narinfo")).unwrap();
         narq::nix::NarInfo::parse(&ni).unwrap().url
     }
 
-    fn url(&self) -> String {
-        match &self.store {
-            Store::File => format!("file://{}", self.n.cache().display()),
-            Store::S3(moto, bucket) => format!("http://127.0.0.1:{}/{bucket}", moto.port),
-        }
-    }
-
     /// Every key with its size and time (`file://`), or with its ETag (S3).
     fn listing(&self) -> BTreeMap<String, String> {
-        match &self.store {
-            Store::File => {
+        match &self.moto {
+            None => {
                 let mut out = BTreeMap::new();
                 walk(&self.n.cache(), "", &mut out);
                 out
             }
-            Store::S3(moto, bucket) => {
+            Some(moto) => {
+                let bucket = &self.bucket;
                 let script = format!(
-                    "import boto3\ns3 = boto3.client('s3', endpoint_url='http://127.0.0.1:{}', aws_access_key_id='test', \
-                     aws_secret_access_key='test', region_name='us-east-1')\n\
-                     for page in s3.get_paginator('list_objects_v2').paginate(Bucket='{bucket}'):\n    \
-                     for o in page.get('Contents', []): print(o['Key'], o['ETag'], o['LastModified'].isoformat())\n",
-                    moto.port
+                    "for page in s3.get_paginator('list_objects_v2').paginate(Bucket='{bucket}'):\n    \
+                     for o in page.get('Contents', []): print(o['Key'], o['ETag'], o['LastModified'].isoformat())"
                 );
-                run(Command::new(venv_bin("python")).args(["-c", &script]))
+                boto(moto, &script)
                     .lines()
                     .filter_map(|l| l.split_once(' ').map(|(k, v)| (k.to_string(), v.to_string())))
                     .collect()
@@ -125,10 +58,6 @@ fn walk(dir: &Path, prefix: &str, out: &mut BTreeMap<String, String>) {
     }
 }
 
-fn hash(path: &str) -> &str {
-    &path["/nix/store/".len().."/nix/store/".len() + 32]
-}
-
 /// A derivation `name` whose output references `deps` (names bound by `lets`).
 fn app(name: &str, deps: &[&str]) -> String {
     let refs: String = deps.iter().map(|d| format!("${{{d}}} ")).collect();
@@ -147,7 +76,7 @@ fn with_leaves(leaves: &[(&str, &str)], body: &str) -> String {
 /// shared dependency is refused while an app references it.
 fn pinned_app_and_shared_dep_survive(s3: bool) {
     let tag = if s3 { "gc-s3" } else { "gc-file" };
-    let mut s = Setup::new(tag, s3);
+    let mut s = TestCache::new(tag, s3);
     s.n.start();
     let u = unique();
     let (lib_name, own_name) = (format!("lib-{u}"), format!("own-{u}"));
@@ -180,13 +109,13 @@ fn pinned_app_and_shared_dep_survive(s3: bool) {
     assert!(s.has(&app1) && s.has(&lib), "{out}");
     assert!(s.get(&lib_nar).is_some());
     assert!(s.get(&app2_nar).is_none() && s.get(&own_nar).is_none(), "NARs no narinfo names are gone");
-    match &s.store {
-        Store::File => {
+    match &s.moto {
+        None => {
             assert_eq!(check_closed(&s.n.cache()), Ok(2));
             let v = output(Command::new("nix").args(["store", "verify", "--store", &s.url(), "--sigs-needed", "1", &app1]).args(["--option", "trusted-public-keys", &s.n.public_key]).env("NIX_CONF_DIR", &s.n.nix_conf));
             assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
         }
-        Store::S3(..) => assert!(s.listing().keys().filter(|k| k.ends_with(".narinfo")).count() == 2),
+        Some(_) => assert!(s.listing().keys().filter(|k| k.ends_with(".narinfo")).count() == 2),
     }
     let client = s.n.substitute_from(&app1, &s.url());
     assert!(client.join(&lib[1..]).exists());
@@ -206,7 +135,7 @@ fn gc_keeps_the_pinned_app_and_the_shared_dep_s3() {
 /// it through the same running daemon must upload it again, not complete a broken closure.
 #[test]
 fn after_gc_a_new_build_over_a_removed_dependency_uploads_it_again() {
-    let mut s = Setup::new("gc-again", false);
+    let mut s = TestCache::new("gc-again", false);
     s.n.start();
     let u = unique();
     let lib_name = format!("lib-{u}");
@@ -228,7 +157,7 @@ fn after_gc_a_new_build_over_a_removed_dependency_uploads_it_again() {
 /// `--dry-run` deletes nothing (the listing is identical); `--max-size` gives up the oldest
 /// roots first and never a pin.
 fn max_size_and_dry_run(s3: bool) {
-    let mut s = Setup::new(if s3 { "gc-max-s3" } else { "gc-max" }, s3);
+    let mut s = TestCache::new(if s3 { "gc-max-s3" } else { "gc-max" }, s3);
     s.n.start();
     let u = unique();
     let mut apps = Vec::new();
@@ -312,7 +241,7 @@ fn closed_now(cache: &Path) -> Result<usize, String> {
 #[test]
 fn gc_in_a_loop_while_builds_and_pushes_run_never_breaks_a_closure() {
     let secs: u64 = std::env::var("NARQ_TEST_GC_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
-    let mut s = Setup::new("gc-loop", false);
+    let mut s = TestCache::new("gc-loop", false);
     s.n.start();
     let cache = s.n.cache();
     let stop = Arc::new(AtomicBool::new(false));
@@ -401,7 +330,7 @@ fn gc_in_a_loop_while_builds_and_pushes_run_never_breaks_a_closure() {
 /// fails; usage errors exit 2.
 #[test]
 fn pin_checks_its_path_and_name_and_bad_options_are_usage_errors() {
-    let s = Setup::new("gc-pin", false);
+    let s = TestCache::new("gc-pin", false);
     let p = nix_build(&nix_conf(s.n.dir.path(), None), &sh_drv(&format!("pinme-{}", unique()), "echo > $out"), &[])[0].clone();
     let out = s.narq(&["pin", "x", &p]);
     assert_eq!(out.status.code(), Some(1));

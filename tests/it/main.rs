@@ -2,6 +2,7 @@
 //! and, where it needs one, a real S3 server on 127.0.0.1; `.ci/run` installs both.
 
 mod admission;
+mod cache_under_test;
 mod cli;
 mod daemon;
 mod doctor;

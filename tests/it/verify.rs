@@ -2,88 +2,19 @@
 //! hand, against both backends (`file://` and S3 on moto), with `nix store verify` and a
 //! fresh Nix client as the judges.
 
+use crate::cache_under_test::{hash, TestCache};
 use crate::util::*;
 use narq::nix::{NarInfo, SecretKey};
 use std::process::{Command, Output};
 
-/// One cache under test: a narq set-up writing to `file://` or to a bucket on moto, and how
-/// to reach the cache's objects directly and from Nix.
-struct Cache {
-    n: Narq,
-    moto: Option<Moto>,
-    bucket: String,
+/// A started cache under test; tags are `v<tag>f` (`file://`) and `v<tag>s3`.
+fn started(tag: &str, s3: bool) -> TestCache {
+    let mut c = TestCache::new(&format!("v{tag}{}", if s3 { "s3" } else { "f" }), s3);
+    c.n.start();
+    c
 }
 
-impl Cache {
-    /// A started narq writing to a `file://` cache, or (`s3`) to a fresh bucket on moto.
-    fn new(tag: &str, s3: bool) -> Cache {
-        let tag = format!("v{tag}{}", if s3 { "s3" } else { "f" });
-        let (moto, extra) = if s3 {
-            let t = TempDir::new(&format!("{tag}-moto"));
-            let moto = Moto::start(t.path(), &[]);
-            std::mem::forget(t); // the log must outlive the server; removed with the test's temp dirs
-            moto.bucket(&format!("narq-{tag}"));
-            // `nix store verify` asks with HEAD, which moto answers anonymously only for
-            // objects written after the bucket's ACL became public-read.
-            boto(&moto, &format!("s3.put_bucket_acl(Bucket='narq-{tag}', ACL='public-read')"));
-            let extra = format!("store = \"s3://narq-{tag}?endpoint=127.0.0.1:{}&scheme=http\"", moto.port);
-            (Some(moto), extra)
-        } else {
-            (None, String::new())
-        };
-        let mut n = Narq::new(&tag, &extra);
-        n.start();
-        Cache { n, moto, bucket: format!("narq-{tag}") }
-    }
-
-    /// The cache as Nix reads it.
-    fn nix_url(&self) -> String {
-        match &self.moto {
-            Some(m) => format!("http://127.0.0.1:{}/{}", m.port, self.bucket),
-            None => format!("file://{}", self.n.cache().display()),
-        }
-    }
-
-    /// `narq ARGS` with this config and S3 credentials.
-    fn narq(&self, args: &[&str]) -> Output {
-        output(
-            Command::new(bin("narq"))
-                .args(args)
-                .env("NARQ_CONFIG", &self.n.config)
-                .env("AWS_ACCESS_KEY_ID", "test")
-                .env("AWS_SECRET_ACCESS_KEY", "test")
-                .env("AWS_EC2_METADATA_DISABLED", "true"),
-        )
-    }
-
-    fn get(&self, key: &str) -> Option<Vec<u8>> {
-        match &self.moto {
-            Some(m) => {
-                let (head, body) = http(m.port, "GET", &format!("/{}/{key}", self.bucket));
-                head.starts_with("http/1.1 200").then_some(body)
-            }
-            None => std::fs::read(self.n.cache().join(key)).ok(),
-        }
-    }
-
-    fn put(&self, key: &str, body: &[u8]) {
-        match &self.moto {
-            Some(m) => {
-                let file = self.n.dir.join(format!("put-{}", unique()));
-                std::fs::write(&file, body).unwrap();
-                boto(m, &format!("s3.put_object(Bucket='{}', Key='{key}', Body=open('{}', 'rb').read())", self.bucket, file.display()));
-            }
-            None => std::fs::write(self.n.cache().join(key), body).unwrap(),
-        }
-    }
-
-    fn delete(&self, key: &str) {
-        match &self.moto {
-            Some(m) => boto(m, &format!("s3.delete_object(Bucket='{}', Key='{key}')", self.bucket)),
-            None => std::fs::remove_file(self.n.cache().join(key)).unwrap(),
-        }
-    }
-
+impl TestCache {
     fn narinfo(&self, path: &str) -> NarInfo {
         let text = self.get(&format!("{}.narinfo", hash(path))).unwrap_or_else(|| panic!("no narinfo for {path}"));
         NarInfo::parse(std::str::from_utf8(&text).unwrap()).unwrap()
@@ -104,7 +35,7 @@ impl Cache {
         let cache_home = self.n.dir.join(format!("xdg-{}", unique()));
         output(
             Command::new("nix")
-                .args(["store", "verify", "--store", &self.nix_url(), "--sigs-needed", &sigs.to_string()])
+                .args(["store", "verify", "--store", &self.url(), "--sigs-needed", &sigs.to_string()])
                 .args(["--option", "trusted-public-keys", keys])
                 .args(paths)
                 .env("NIX_CONF_DIR", &self.n.nix_conf)
@@ -113,25 +44,11 @@ impl Cache {
     }
 }
 
-/// Runs `call` (Python, with `s3` a boto3 client of `m`), which must succeed.
-fn boto(m: &Moto, call: &str) {
-    let script = format!(
-        "import boto3\ns3 = boto3.client('s3', endpoint_url='http://127.0.0.1:{}', aws_access_key_id='test', \
-         aws_secret_access_key='test', region_name='us-east-1')\n{call}\n",
-        m.port
-    );
-    run(Command::new(venv_bin("python")).args(["-c", &script]));
-}
-
-fn hash(path: &str) -> &str {
-    &path["/nix/store/".len().."/nix/store/".len() + 32]
-}
-
 /// Runs `scenario` against a `file://` cache and an S3 one, side by side.
-fn each_backend(tag: &str, scenario: impl Fn(&Cache) + Sync) {
+fn each_backend(tag: &str, scenario: impl Fn(&TestCache) + Sync) {
     std::thread::scope(|s| {
-        let file = s.spawn(|| scenario(&Cache::new(tag, false)));
-        let s3 = s.spawn(|| scenario(&Cache::new(tag, true)));
+        let file = s.spawn(|| scenario(&started(tag, false)));
+        let s3 = s.spawn(|| scenario(&started(tag, true)));
         let (file, s3) = (file.join(), s3.join());
         if let Err(e) = file {
             std::panic::resume_unwind(e);
@@ -144,7 +61,7 @@ fn each_backend(tag: &str, scenario: impl Fn(&Cache) + Sync) {
 
 /// A closure of seven paths, one for each damage: `top` references a, b, c, d and e; e
 /// references f. Returns the paths by name.
-fn build_closure(c: &Cache, tag: &str) -> std::collections::BTreeMap<String, String> {
+fn build_closure(c: &TestCache, tag: &str) -> std::collections::BTreeMap<String, String> {
     let u = unique();
     let d = |name: &str, script: &str| sh_drv(&format!("{tag}-{name}-{u}"), script);
     let expr = format!(
@@ -230,7 +147,7 @@ fn verify_finds_each_damage_as_nix_does_and_repair_heals_it() {
         for name in ["top", "a", "b", "c", "d", "f"] {
             let ours = c.narq(&["verify", "--deep", &p[name]]).status.success();
             let nix = c.nix_verify(&c.n.public_key, 1, &[&p[name]]);
-            assert_eq!(ours, nix.status.success(), "{name} in {}: narq says sound={ours}, nix store verify: {}", c.nix_url(), text(&nix));
+            assert_eq!(ours, nix.status.success(), "{name} in {}: narq says sound={ours}, nix store verify: {}", c.url(), text(&nix));
             assert_eq!(ours, name == "top", "{name}");
         }
 
@@ -244,13 +161,13 @@ fn verify_finds_each_damage_as_nix_does_and_repair_heals_it() {
         assert!(after.status.success(), "after repair: {}", text(&after));
         let all: Vec<&str> = p.values().map(String::as_str).collect();
         assert!(c.nix_verify(&c.n.public_key, 1, &all).status.success());
-        c.n.substitute_from(&p["top"], &c.nix_url());
+        c.n.substitute_from(&p["top"], &c.url());
     });
 }
 
 #[test]
 fn repair_lists_what_it_cannot_heal_and_deletes_nothing() {
-    let c = Cache::new("norep", false);
+    let c = started("norep", false);
     let p = build_closure(&c, "norep");
     // A narinfo for a path this machine does not have: signed and with its NAR, but it
     // references a path the cache lacks. Nothing local can heal it.
