@@ -691,12 +691,17 @@ impl Uploader {
         Ok(Outcome::Uploaded { bytes })
     }
 
-    /// Writes `nix-cache-info` unless the cache has one.
-    pub async fn ensure_cache_info(&self) -> Result<(), storage::TargetError> {
+    /// What comes before the first upload: writes `nix-cache-info` unless the cache has
+    /// one, and makes the first look for collections of the cache, so that the first uploads
+    /// begin in its epoch (begun before it, each would look again at what it references).
+    pub async fn prepare(&self) -> Result<(), storage::TargetError> {
         let r = async {
             if !self.target.exists("nix-cache-info").await? {
                 let info = self.url.cache_info().into_bytes();
                 self.target.put("nix-cache-info", Body::Bytes(info), storage::CACHE_INFO_TYPE).await?;
+            }
+            if let Some(gc) = &self.gc {
+                gc.gate().await?;
             }
             Ok(())
         }

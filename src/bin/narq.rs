@@ -377,6 +377,14 @@ fn keygen(name: &str, sk_file: &Path, pk_file: &Path) -> anyhow::Result<Exit> {
 }
 
 fn daemon(config: Config) -> anyhow::Result<Exit> {
+    // glibc gives each thread that allocates an arena of its own, and keeps what is freed in
+    // it: the runtime's workers, the blocking pool and the signature checks' threads would
+    // each hold the high-water mark of a large request. Two arenas bound that.
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets an allocator parameter; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
     narq::logging::init();
     if let Some(f) = &config.file {
         tracing::info!(config = %f.display(), "configuration loaded");

@@ -80,8 +80,8 @@ pub(super) struct Dispatcher {
     /// Whether the target works; while it does not, uploads pause. Failures reach it from
     /// the requests themselves (the uploader's target is [`super::breaker::Gated`]).
     breaker: Arc<Mutex<Breaker>>,
-    /// `nix-cache-info` is known to be in the cache.
-    cache_info: bool,
+    /// [`Uploader::prepare`] has succeeded: uploads may start.
+    prepared: bool,
     /// Cloned into each worker; kept here so that the channel never closes.
     report: mpsc::UnboundedSender<Finished>,
     /// The workers' reports.
@@ -96,7 +96,7 @@ impl Dispatcher {
     pub(super) fn new(uploader: Arc<Uploader>, breaker: Arc<Mutex<Breaker>>, queue: SharedQueue, jobs: usize, wake: Arc<Notify>) -> (Dispatcher, watch::Receiver<Snapshot>) {
         let (report, finished) = mpsc::unbounded_channel();
         let (publish, snapshot) = watch::channel(Snapshot::default());
-        let d = Dispatcher { uploader, queue, jobs, wake, in_flight: HashSet::new(), costs: HashMap::new(), memory: 0, streams: 0, breaker, cache_info: false, report, finished, publish };
+        let d = Dispatcher { uploader, queue, jobs, wake, in_flight: HashSet::new(), costs: HashMap::new(), memory: 0, streams: 0, breaker, prepared: false, report, finished, publish };
         (d, snapshot)
     }
 
@@ -106,9 +106,9 @@ impl Dispatcher {
             let paused = self.breaker().paused_for();
             if let Some(p) = paused {
                 wait = p;
-            } else if !self.cache_info {
+            } else if !self.prepared {
                 // A failure has paused uploads already.
-                self.cache_info = self.uploader.ensure_cache_info().await.is_ok();
+                self.prepared = self.uploader.prepare().await.is_ok();
                 self.publish();
                 continue;
             } else if let Some(next) = self.start_ready().await {
