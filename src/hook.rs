@@ -181,6 +181,20 @@ fn lacking(client: &mut Client, db: &NixDb, roots: &[StorePath]) -> Result<Vec<P
     Ok(out)
 }
 
+/// The paths of `closure` that the daemon lacks, and the `roots` whatever it has (see
+/// [`lacking`]).
+fn lacking_in(client: &mut Client, closure: &[PathInfo], roots: &[StorePath]) -> Result<Vec<PathInfo>, Stopped> {
+    let all = closure.iter().map(|p| p.path.clone()).collect();
+    match client.call(&Request::Missing { paths: all })? {
+        Response::Missing { paths: missing } => {
+            let mut wanted: HashSet<StorePath> = missing.into_iter().collect();
+            wanted.extend(roots.iter().cloned());
+            Ok(closure.iter().filter(|p| wanted.contains(&p.path)).cloned().collect())
+        }
+        other => Err(Stopped::Answer(Box::new(other))),
+    }
+}
+
 /// Hands `h` to the daemon: asks which paths it lacks, and signs and sends only those (a
 /// small closure is signed and sent whole: that costs less than a question). If the daemon
 /// is unreachable, too slow at any step, or cannot store the request now, the whole closure
@@ -201,9 +215,12 @@ pub fn submit(config: &Config, h: Handover) -> anyhow::Result<Delivery> {
         let mut client = Client::connect(&config.socket, Some(DAEMON_TIMEOUT))?;
         // A build over a closure the daemon holds (a rebuild, `narq push` of what was pushed):
         // only the roots are named again, their path info is neither read nor signed.
+        // Whether the daemon lacks something below the roots it holds (a path a collection
+        // made stale, whose reference then failed): then the whole closure is looked at.
+        let mut deep = false;
         if small.is_none() && realisations.is_empty() {
             match client.call(&Request::Roots { paths: roots.to_vec(), drv: drv.clone() })? {
-                Response::Missing { .. } => {}
+                Response::Missing { paths } => deep = paths.iter().any(|p| !roots.contains(p)),
                 // A daemon older than `roots` refuses it and hangs up: the whole hand-off.
                 Response::Error { retryable: false, .. } => client = Client::connect(&config.socket, Some(DAEMON_TIMEOUT))?,
                 answer => return Ok(answer),
@@ -211,17 +228,8 @@ pub fn submit(config: &Config, h: Handover) -> anyhow::Result<Delivery> {
         }
         let mut todo = match (&small, &source) {
             (Some(all), _) => all.clone(),
-            (None, Source::Read(c)) => {
-                let all = c.iter().map(|p| p.path.clone()).collect();
-                match client.call(&Request::Missing { paths: all })? {
-                    Response::Missing { paths: missing } => {
-                        let mut wanted: HashSet<StorePath> = missing.into_iter().collect();
-                        wanted.extend(roots.iter().cloned());
-                        c.iter().filter(|p| wanted.contains(&p.path)).cloned().collect()
-                    }
-                    other => return Err(Stopped::Answer(Box::new(other))),
-                }
-            }
+            (None, Source::Read(c)) => lacking_in(&mut client, c, roots)?,
+            (None, Source::Db(_)) if deep => lacking_in(&mut client, &source.whole(roots).map_err(Stopped::Local)?, roots)?,
             (None, Source::Db(db)) => lacking(&mut client, db, roots)?,
         };
         tidy(&mut todo);

@@ -555,6 +555,28 @@ impl Queue {
         Ok(out)
     }
 
+    /// Failed items that `roots` rely on below paths not `done` (at most `limit`): a path
+    /// made stale by a collection whose reference then failed is held, but cannot be
+    /// uploaded again until that reference is sent again. Stops at `done` paths (their
+    /// closure was uploaded), so a queue with no collection costs a lookup per root.
+    pub fn failed_below(&self, roots: &[&StorePath], limit: usize) -> Result<Vec<StorePath>> {
+        let keys: Vec<String> = roots.iter().map(|p| p.to_string()).collect();
+        let mut stmt = self.conn.prepare_cached(
+            "WITH RECURSIVE reach(k) AS (
+                 SELECT value FROM json_each(?1)
+                 UNION SELECT r.ref FROM refs r JOIN reach ON r.key = reach.k
+                       JOIN items i ON i.key = reach.k WHERE i.state NOT IN ('done', 'failed'))
+             SELECT i.key FROM reach JOIN items i ON i.key = reach.k WHERE i.state = 'failed' LIMIT ?2",
+        )?;
+        let json = serde_json::to_string(&keys).expect("strings serialise");
+        let rows = stmt.query_map(params![json, limit as i64], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for r in rows {
+            out.extend(StorePath::parse(&r?).ok());
+        }
+        Ok(out)
+    }
+
     /// The pending ones among `paths`, with their info (`None` if it no longer parses, as
     /// when an older narq stored what is now refused).
     pub fn pending_infos(&self, paths: &[&StorePath]) -> Result<HashMap<StorePath, Option<PathInfo>>> {
@@ -899,6 +921,29 @@ mod tests {
 
     /// After a collection, `done` is not trusted: what a pending path or a new request reaches
     /// is looked for again before it is relied on; the rest is not uploaded again for that alone.
+    #[test]
+    fn a_failure_below_a_stale_path_is_found_from_it() {
+        let dir = std::env::temp_dir().join(format!("narq-queue-failedbelow-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut q = Queue::open(&dir.join("q.db")).unwrap();
+        let (d, r) = (info("d", &[]), info("r", &["d"]));
+        q.enqueue(&[d.clone(), r.clone()], None).unwrap();
+        q.done(&d.path.to_string(), Outcome::Uploaded { bytes: 1 }).unwrap();
+        q.done(&r.path.to_string(), Outcome::Uploaded { bytes: 1 }).unwrap();
+        q.fail(&d.path.to_string(), "not while done").unwrap();
+        assert!(q.failed_below(&[&r.path], 10).unwrap().is_empty(), "below a done path nothing is looked at");
+        q.enqueue(&[d.clone()], None).unwrap();
+        q.done(&d.path.to_string(), Outcome::Uploaded { bytes: 1 }).unwrap();
+        // A collection makes both stale; d is sent again and fails for good: r, still held, relies on it.
+        q.note_generation("g1").unwrap();
+        q.enqueue(&[d.clone()], None).unwrap();
+        q.fail(&d.path.to_string(), "unreadable").unwrap();
+        assert_eq!(q.not_queued(&[&r.path]).unwrap(), Vec::<StorePath>::new());
+        assert_eq!(q.failed_below(&[&r.path], 10).unwrap(), [d.path.clone()]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn a_new_generation_makes_done_stale_and_repends_what_uploads_rely_on() {
         let dir = std::env::temp_dir().join(format!("narq-queue-gen-{}", std::process::id()));

@@ -294,14 +294,20 @@ pub(super) fn enqueue(q: &mut Queue, keys: &[PublicKey], (paths, drv, realisatio
 
 /// Records `roots` that the queue holds (a [`Request::Roots`]) as an [`enqueue`] of them
 /// would: roots of the cache, their dropped builds cleared, the build log of `drv` queued.
-/// `Err` names those it does not hold (or failed), and nothing is recorded.
+/// `Err` names those it does not hold (or failed), or failed paths they rely on (then the
+/// client sends the closure whole), and nothing is recorded.
 pub(super) fn roots(q: &mut Queue, roots: &[StorePath], drv: Option<&StorePath>) -> Result<Result<usize, Vec<StorePath>>, NotStored> {
     if let Some(d) = drv.filter(|d| !d.name().ends_with(".drv")) {
         return Err(NotStored::Refused(format!("{d} is not a derivation")));
     }
-    let unknown = q.not_queued(&roots.iter().collect::<Vec<_>>()).map_err(NotStored::queue)?;
+    let named: Vec<&StorePath> = roots.iter().collect();
+    let unknown = q.not_queued(&named).map_err(NotStored::queue)?;
     if !unknown.is_empty() {
         return Ok(Err(unknown));
+    }
+    let failed = q.failed_below(&named, 100).map_err(NotStored::queue)?;
+    if !failed.is_empty() {
+        return Ok(Err(failed));
     }
     let new = q.enqueue(&[], drv).map_err(NotStored::queue)?;
     q.note_roots(roots).map_err(NotStored::queue)?;

@@ -25,6 +25,9 @@ pub(super) struct Breaker {
     failures: u32,
     /// When the last failure was reported.
     failed_at: Option<Instant>,
+    /// A request begun after the last failure reached the store and succeeded: an upload
+    /// that sent none (a path excluded, a build without a log) proves nothing.
+    reached: bool,
     /// Uploads wait until then.
     paused_until: Option<Instant>,
     /// The last failure, for `status` while paused and for the "works again" line.
@@ -35,7 +38,7 @@ pub(super) struct Breaker {
 
 impl Default for Breaker {
     fn default() -> Self {
-        Breaker { failures: 0, failed_at: None, paused_until: None, error: None, gate: watch::channel(None).0 }
+        Breaker { failures: 0, failed_at: None, reached: false, paused_until: None, error: None, gate: watch::channel(None).0 }
     }
 }
 
@@ -47,7 +50,10 @@ impl Breaker {
         self.failures += 1;
         let now = Instant::now();
         self.failed_at = Some(now);
-        self.paused_until = Some(now + pause);
+        self.reached = false;
+        // A later failure never shortens a pause (a reset after a `Retry-After: 120`).
+        let until = self.paused_until.filter(|t| *t > now + pause).unwrap_or(now + pause);
+        self.paused_until = Some(until);
         self.gate.send_replace(self.paused_until);
         self.error = Some(e.msg.clone());
         if !already {
@@ -60,9 +66,17 @@ impl Breaker {
         }
     }
 
-    /// An upload begun at `started` succeeded.
+    /// A request begun at `began` succeeded.
+    fn reached(&mut self, began: Instant) {
+        if self.failed_at.is_none_or(|t| began > t) {
+            self.reached = true;
+        }
+    }
+
+    /// An upload begun at `started` succeeded: the breaker closes if it began after the
+    /// last failure and a request since reached the store.
     pub(super) fn ok(&mut self, started: Instant) {
-        if self.failed_at.is_some_and(|t| started <= t) {
+        if self.failed_at.is_some_and(|t| started <= t || !self.reached) {
             return;
         }
         if self.error.take().is_some() {
@@ -122,11 +136,15 @@ impl Gated {
     fn through<'a, T: Send + 'a>(&'a self, f: impl FnOnce() -> BoxFuture<'a, Result<T, TargetError>> + Send + 'a) -> BoxFuture<'a, Result<T, TargetError>> {
         Box::pin(async move {
             self.open().await;
+            let began = Instant::now();
             let r = f().await;
+            let mut breaker = self.breaker.lock().unwrap_or_else(|e| e.into_inner());
             match &r {
-                Err(e) if !e.permanent => self.breaker.lock().unwrap_or_else(|e| e.into_inner()).fail(e),
-                _ => {}
+                Ok(_) => breaker.reached(began),
+                Err(e) if !e.permanent => breaker.fail(e),
+                Err(_) => {}
             }
+            drop(breaker);
             r
         })
     }
@@ -202,6 +220,7 @@ mod tests {
         }
         let p = b.paused_for().expect("paused");
         assert!(p > Duration::from_secs(25) && p <= MAX_PAUSE, "doubling is capped at a minute: {p:?}");
+        b.reached(Instant::now());
         b.ok(Instant::now());
         assert!(b.paused_for().is_none() && b.pause().is_none());
         b.fail(&down(None));
@@ -224,10 +243,22 @@ mod tests {
         let mut b = Breaker::default();
         let before = Instant::now();
         b.fail(&down(None));
+        b.reached(before);
         b.ok(before);
         assert!(b.paused_for().is_some(), "an upload in flight when the store failed does not close the breaker");
         b.ok(Instant::now());
+        assert!(b.paused_for().is_some(), "an upload that sent no request since (an excluded path) proves nothing");
+        b.reached(Instant::now());
+        b.ok(Instant::now());
         assert!(b.paused_for().is_none());
+    }
+
+    #[test]
+    fn a_later_failure_never_shortens_a_retry_after() {
+        let mut b = Breaker::default();
+        b.fail(&down(Some(Duration::from_secs(120))));
+        b.fail(&down(None));
+        assert!(b.paused_for().unwrap() > Duration::from_secs(119));
     }
 
     /// A request through the gate waits out the pause, follows a pause ended early, and
@@ -249,6 +280,7 @@ mod tests {
         b.lock().unwrap().fail(&down(Some(Duration::from_secs(60))));
         let request = tokio::spawn(timed(t.clone()));
         tokio::time::sleep(Duration::from_millis(300)).await;
+        b.lock().unwrap().reached(Instant::now());
         b.lock().unwrap().ok(Instant::now());
         let waited = request.await.unwrap();
         assert!(waited < Duration::from_secs(1), "a pause ended early lets requests go: {waited:?}");

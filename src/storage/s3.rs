@@ -297,7 +297,7 @@ impl S3Target {
         let parts = match self.upload_parts(key, &upload_id, file, size).await {
             Ok(p) => p,
             Err(e) => {
-                self.abort_upload(key, &upload_id).await;
+                self.abort_upload(key, &upload_id, &e).await;
                 return Err(e);
             }
         };
@@ -319,9 +319,13 @@ impl S3Target {
         Ok(created.upload_id().unwrap_or_default().to_string())
     }
 
-    /// AbortMultipartUpload, after a failure: a failed abort is only logged (the failure
-    /// that led here is what the caller reports; `narq gc` aborts what is left).
-    async fn abort_upload(&self, key: &str, upload_id: &str) {
+    /// AbortMultipartUpload, after the failure `after`: a failed abort is only logged (the
+    /// failure that led here is what the caller reports; `narq gc` aborts what is left). Not
+    /// sent when the store asked us to wait (`Retry-After`): `narq gc` aborts it later.
+    async fn abort_upload(&self, key: &str, upload_id: &str, after: &TargetError) {
+        if after.retry_after.is_some() {
+            return tracing::debug!(key, "the store asked for a pause: the multipart upload is left for `narq gc` to abort");
+        }
         let abort = self.client.abort_multipart_upload().bucket(&self.bucket).key(key).upload_id(upload_id).send();
         match answered("aborting", 0, abort).await {
             Ok(Ok(_)) => {}
@@ -343,7 +347,7 @@ impl S3Target {
             .send();
         // The server assembles the parts before it answers: give it time for the whole size.
         if let Err(e) = answered(&what, size, complete).await?.map_err(|e| classify(&what, e)) {
-            self.abort_upload(key, upload_id).await;
+            self.abort_upload(key, upload_id, &e).await;
             return Err(e);
         }
         Ok(())
@@ -424,7 +428,7 @@ impl S3Target {
             match answered(&what, len, send).await.and_then(|r| r.map_err(|e| classify(&what, e))) {
                 Ok(out) => parts.push(CompletedPart::builder().part_number(n).set_e_tag(out.copy_part_result().and_then(|r| r.e_tag()).map(str::to_string)).build()),
                 Err(e) => {
-                    self.abort_upload(to, &upload_id).await;
+                    self.abort_upload(to, &upload_id, &e).await;
                     return Err(e);
                 }
             }
@@ -528,7 +532,7 @@ impl Target for S3Target {
             let (parts, size) = match self.stream_parts(key, &upload_id, &mut chunks).await {
                 Ok(p) => p,
                 Err(e) => {
-                    self.abort_upload(key, &upload_id).await;
+                    self.abort_upload(key, &upload_id, &e).await;
                     return Err(e);
                 }
             };
