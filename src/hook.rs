@@ -52,12 +52,17 @@ pub fn closure(roots: &[StorePath]) -> anyhow::Result<Vec<PathInfo>> {
 /// room for ours: the daemon refuses a request with a malformed signature or too many, and
 /// one odd path must not make every build above it unuploadable.
 fn tidy(paths: &mut [PathInfo]) {
-    const ROOM_FOR_OURS: usize = 8;
     for p in paths {
-        p.sigs.retain(|s| crate::nix::signing::check_signature_syntax(s).is_ok());
-        while p.sigs.len() > crate::nix::path_info::MAX_SIGS - ROOM_FOR_OURS {
-            p.sigs.pop_last();
-        }
+        tidy_sigs(&mut p.sigs, crate::nix::path_info::MAX_SIGS);
+    }
+}
+
+/// Keeps the well-formed signatures of `sigs`, at most `max` minus room for ours.
+fn tidy_sigs(sigs: &mut std::collections::BTreeSet<String>, max: usize) {
+    const ROOM_FOR_OURS: usize = 8;
+    sigs.retain(|s| crate::nix::signing::check_signature_syntax(s).is_ok());
+    while sigs.len() > max - ROOM_FOR_OURS {
+        sigs.pop_last();
     }
 }
 
@@ -68,10 +73,7 @@ fn tidy(paths: &mut [PathInfo]) {
 pub fn realisations(db: &NixDb, roots: &[StorePath], drv: Option<&StorePath>) -> anyhow::Result<Vec<Realisation>> {
     let mut found = db.realisations(roots, drv)?;
     for r in &mut found {
-        r.signatures.retain(|s| crate::nix::signing::check_signature_syntax(s).is_ok());
-        while r.signatures.len() > crate::nix::realisation::MAX_SIGS - 8 {
-            r.signatures.pop_last();
-        }
+        tidy_sigs(&mut r.signatures, crate::nix::realisation::MAX_SIGS);
     }
     Ok(found)
 }
@@ -141,8 +143,9 @@ const WALK_LEVELS: usize = 3;
 
 /// The paths of the closure of `roots` that the daemon lacks, and the roots whatever it has:
 /// it notes them as roots of the cache (pushed again, kept by `narq gc`), and looks again
-/// for what a request named once a collection has run.
-fn lacking(client: &mut Client, db: &NixDb, roots: &[StorePath]) -> Result<Vec<PathInfo>, Stopped> {
+/// for what a request named once a collection has run. `asked`: which roots the daemon
+/// lacks, when its answer to `roots` said so already.
+fn lacking(client: &mut Client, db: &NixDb, roots: &[StorePath], mut asked: Option<HashSet<StorePath>>) -> Result<Vec<PathInfo>, Stopped> {
     let local = |e: crate::nix::db::DbError| Stopped::Local(e.into());
     let mut ask = |paths: Vec<StorePath>| -> Result<HashSet<StorePath>, Stopped> {
         match client.call(&Request::Missing { paths })? {
@@ -157,7 +160,10 @@ fn lacking(client: &mut Client, db: &NixDb, roots: &[StorePath]) -> Result<Vec<P
         if frontier.is_empty() {
             break;
         }
-        let missing = ask(frontier.clone())?;
+        let missing = match asked.take() {
+            Some(m) => m,
+            None => ask(frontier.clone())?,
+        };
         if level >= WALK_LEVELS && !missing.is_empty() {
             // Deep and new: the rest of it at once, then one question for all of it.
             let missing: Vec<StorePath> = missing.into_iter().collect();
@@ -215,12 +221,17 @@ pub fn submit(config: &Config, h: Handover) -> anyhow::Result<Delivery> {
         let mut client = Client::connect(&config.socket, Some(DAEMON_TIMEOUT))?;
         // A build over a closure the daemon holds (a rebuild, `narq push` of what was pushed):
         // only the roots are named again, their path info is neither read nor signed.
-        // Whether the daemon lacks something below the roots it holds (a path a collection
-        // made stale, whose reference then failed): then the whole closure is looked at.
+        // Which roots the daemon lacks, if it answered `roots`; when it lacks something below
+        // the roots it holds (a path a collection made stale, whose reference then failed),
+        // the whole closure is looked at (`deep`).
+        let mut asked = None;
         let mut deep = false;
         if small.is_none() && realisations.is_empty() {
             match client.call(&Request::Roots { paths: roots.to_vec(), drv: drv.clone() })? {
-                Response::Missing { paths } => deep = paths.iter().any(|p| !roots.contains(p)),
+                Response::Missing { paths } => {
+                    deep = paths.iter().any(|p| !roots.contains(p));
+                    asked = Some(paths.into_iter().collect());
+                }
                 // A daemon older than `roots` refuses it and hangs up: the whole hand-off.
                 Response::Error { retryable: false, .. } => client = Client::connect(&config.socket, Some(DAEMON_TIMEOUT))?,
                 answer => return Ok(answer),
@@ -230,7 +241,7 @@ pub fn submit(config: &Config, h: Handover) -> anyhow::Result<Delivery> {
             (Some(all), _) => all.clone(),
             (None, Source::Read(c)) => lacking_in(&mut client, c, roots)?,
             (None, Source::Db(_)) if deep => lacking_in(&mut client, &source.whole(roots).map_err(Stopped::Local)?, roots)?,
-            (None, Source::Db(db)) => lacking(&mut client, db, roots)?,
+            (None, Source::Db(db)) => lacking(&mut client, db, roots, asked)?,
         };
         tidy(&mut todo);
         PathInfo::sign_all(&mut todo, &keys);

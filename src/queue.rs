@@ -843,6 +843,15 @@ mod tests {
     use super::*;
     use crate::nix::Sha256;
 
+    /// An empty queue in a temp dir of its own (`narq-queue-<tag>-<pid>`), and the dir.
+    fn fresh_queue(tag: &str) -> (std::path::PathBuf, Queue) {
+        let dir = std::env::temp_dir().join(format!("narq-queue-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let q = Queue::open(&dir.join("q.db")).unwrap();
+        (dir, q)
+    }
+
     fn info(name: &str, refs: &[&str]) -> PathInfo {
         let p = |n: &str| StorePath::parse(&format!("/nix/store/{}-{n}", "0".repeat(31) + &n[..1])).unwrap();
         PathInfo {
@@ -858,10 +867,7 @@ mod tests {
 
     #[test]
     fn an_excluded_path_marks_its_referrers_and_realisations_and_is_reported_not_failed() {
-        let dir = std::env::temp_dir().join(format!("narq-queue-excl-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut q = Queue::open(&dir.join("q.db")).unwrap();
+        let (dir, mut q) = fresh_queue("excl");
         let (a, b) = (info("a", &[]), info("b", &["a"]));
         q.enqueue(&[a.clone(), b.clone()], None).unwrap();
         let r = Realisation { id: format!("sha256:{}!out", "0".repeat(64)), out_path: a.path.clone(), signatures: Default::default(), dependent_realisations: Default::default() };
@@ -882,10 +888,7 @@ mod tests {
 
     #[test]
     fn references_first_failures_cascade_done_is_remembered() {
-        let dir = std::env::temp_dir().join(format!("narq-queue-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut q = Queue::open(&dir.join("q.db")).unwrap();
+        let (dir, mut q) = fresh_queue("main");
         let (a, b, c) = (info("a", &[]), info("b", &["a"]), info("c", &["b"]));
         assert_eq!(q.enqueue(&[c.clone(), b.clone(), a.clone()], None).unwrap(), 3);
         let keys = |v: Vec<Item>| v.into_iter().map(|i| i.key).collect::<Vec<_>>();
@@ -923,10 +926,7 @@ mod tests {
     /// is looked for again before it is relied on; the rest is not uploaded again for that alone.
     #[test]
     fn a_failure_below_a_stale_path_is_found_from_it() {
-        let dir = std::env::temp_dir().join(format!("narq-queue-failedbelow-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut q = Queue::open(&dir.join("q.db")).unwrap();
+        let (dir, mut q) = fresh_queue("failedbelow");
         let (d, r) = (info("d", &[]), info("r", &["d"]));
         q.enqueue(&[d.clone(), r.clone()], None).unwrap();
         q.done(&d.path.to_string(), Outcome::Uploaded { bytes: 1 }).unwrap();
@@ -946,10 +946,7 @@ mod tests {
 
     #[test]
     fn a_new_generation_makes_done_stale_and_repends_what_uploads_rely_on() {
-        let dir = std::env::temp_dir().join(format!("narq-queue-gen-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut q = Queue::open(&dir.join("q.db")).unwrap();
+        let (dir, mut q) = fresh_queue("gen");
         let keys = |v: Vec<Item>| v.into_iter().map(|i| i.key).collect::<Vec<_>>();
         let (a, b, x, y) = (info("a", &[]), info("b", &["a"]), info("x", &[]), info("y", &["x"]));
         q.enqueue(&[a.clone(), x.clone()], None).unwrap();
@@ -982,10 +979,7 @@ mod tests {
 
     #[test]
     fn repair_makes_done_paths_pending_and_marked_until_done_again() {
-        let dir = std::env::temp_dir().join(format!("narq-queue-repair-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut q = Queue::open(&dir.join("q.db")).unwrap();
+        let (dir, mut q) = fresh_queue("repair");
         let (a, b) = (info("a", &[]), info("b", &["a"]));
         q.enqueue(&[a.clone(), b.clone()], None).unwrap();
         for p in [&a, &b] {
@@ -1008,10 +1002,7 @@ mod tests {
 
     #[test]
     fn a_bad_row_fails_with_its_reason_and_stops_nothing_else() {
-        let dir = std::env::temp_dir().join(format!("narq-queue-rows-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut q = Queue::open(&dir.join("q.db")).unwrap();
+        let (dir, mut q) = fresh_queue("rows");
         let (a, b, c, d) = (info("a", &[]), info("b", &[]), info("c", &["b"]), info("d", &[]));
         q.enqueue(&[a.clone(), b.clone(), c.clone(), d.clone()], None).unwrap();
         let set = |sql: &str, key: &PathInfo| q.conn.execute(sql, [key.path.to_string()]).unwrap();

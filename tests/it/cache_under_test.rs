@@ -104,8 +104,3 @@ pub fn boto(m: &Moto, call: &str) -> String {
     );
     run(Command::new(venv_bin("python")).args(["-c", &script]))
 }
-
-/// A store path's hash part.
-pub fn hash(path: &str) -> &str {
-    &path["/nix/store/".len().."/nix/store/".len() + 32]
-}

@@ -1,7 +1,7 @@
 //! `narq rm`, `narq pin` and `narq gc` on real caches (`file://` and moto S3) filled by real
 //! Nix builds through a real daemon, read back by a fresh Nix client.
 
-use crate::cache_under_test::{boto, hash, TestCache};
+use crate::cache_under_test::{boto, TestCache};
 use crate::util::*;
 use std::collections::BTreeMap;
 use std::path::Path;

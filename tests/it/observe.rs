@@ -200,7 +200,7 @@ fn hook_over_a_queued_closure_sends_its_roots_only() {
     let top = &outs[0];
     assert_eq!(closure(&outs).len(), 21);
     assert!(n.has(top));
-    let root = n.cache().join(format!("narq/roots/{}", &top[11..43]));
+    let root = n.cache().join(format!("narq/roots/{}", hash(top)));
     assert!(wait_for(Duration::from_secs(20), || root.exists()), "the top was not recorded as a root: {}", n.daemon_log());
     let before = scrape(port);
     // The top's hook asked `roots` first (answered: not held), then `missing`, then enqueued.

@@ -6,10 +6,6 @@ use crate::util::*;
 use base64::Engine;
 use std::process::Command;
 
-fn hash(path: &str) -> &str {
-    &path["/nix/store/".len().."/nix/store/".len() + 32]
-}
-
 /// `app` over `lib`, built through the hook and uploaded; returns (app, lib).
 fn app_over_lib(n: &Narq) -> (String, String) {
     let u = unique();

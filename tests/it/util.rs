@@ -232,8 +232,7 @@ impl Narq {
 
     /// Checks that `path`'s narinfo is in the cache.
     pub fn has(&self, path: &str) -> bool {
-        let hash = &path["/nix/store/".len().."/nix/store/".len() + 32];
-        self.cache().join(format!("{hash}.narinfo")).exists()
+        self.cache().join(format!("{}.narinfo", hash(path))).exists()
     }
 
     /// A fresh Nix store that trusts only our key substitutes `path` from the cache.
@@ -267,6 +266,11 @@ impl Drop for Narq {
 }
 
 /// The closure of `paths` as `nix-store -qR` lists it.
+/// A store path's hash part.
+pub fn hash(path: &str) -> &str {
+    &path["/nix/store/".len().."/nix/store/".len() + 32]
+}
+
 pub fn closure(paths: &[String]) -> Vec<String> {
     run(Command::new("nix-store").arg("-qR").args(paths)).lines().map(str::to_string).collect()
 }

@@ -2,7 +2,7 @@
 //! hand, against both backends (`file://` and S3 on moto), with `nix store verify` and a
 //! fresh Nix client as the judges.
 
-use crate::cache_under_test::{hash, TestCache};
+use crate::cache_under_test::TestCache;
 use crate::util::*;
 use narq::nix::{NarInfo, SecretKey};
 use std::process::{Command, Output};
