@@ -11,7 +11,7 @@
     {
       packages = forAll (pkgs: rec {
         # The hook runs after every build: linked statically against musl and without the
-        # daemon's dependencies, it starts in a fraction of the time (README, Performance).
+        # daemon's dependencies, it starts in a fraction of the time (docs/performance.md, the hook).
         narq-hook = pkgs.pkgsStatic.rustPlatform.buildRustPackage {
           pname = "narq-hook";
           version = "0.1.0";

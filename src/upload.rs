@@ -156,7 +156,7 @@ fn compress<W: Write>(path: &Path, nar_size: u64, url: &StoreUrl, out: W, progre
     Ok((w, Compressed { nar, file_stats, listing }))
 }
 
-/// zstd's level when the store URL names none: from the compression table in the README
+/// zstd's level when the store URL names none: from the compression figures in docs/performance.md
 /// (time and ratio on a 1 GB path).
 const DEFAULT_ZSTD_LEVEL: i32 = 3;
 
