@@ -131,6 +131,15 @@ impl Dir {
         Ok(File::from(fd))
     }
 
+    /// The file `name`, opened read-write and made (`mode`) if missing, not through a symlink.
+    pub fn open_or_create(&self, name: &str, mode: u32) -> io::Result<File> {
+        let c = component(name)?;
+        let flags = libc::O_RDWR | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        // SAFETY: c is a valid C string; the mode argument is read because of O_CREAT.
+        let fd = fd_or_err(unsafe { libc::openat(self.fd.as_raw_fd(), c.as_ptr(), flags, mode as libc::c_uint) })?;
+        Ok(File::from(fd))
+    }
+
     /// Renames `from` to `to`, both in this directory. A symlink at `to` is replaced, not followed.
     pub fn rename(&self, from: &str, to: &str) -> io::Result<()> {
         let (f, t) = (component(from)?, component(to)?);

@@ -204,7 +204,7 @@ impl Metrics {
     }
 
     /// Counts how the upload of `item` ended, `took` after it started.
-    pub fn finished(&self, item: &Item, result: &Result<Outcome, UploadError>, took: Duration) {
+    pub fn finished(&self, item: &Item, result: Result<&Outcome, &UploadError>, took: Duration) {
         let path = matches!(item.kind, Kind::Nar(_));
         match result {
             Ok(Outcome::Uploaded { bytes }) => {

@@ -78,7 +78,8 @@ CREATE INDEX IF NOT EXISTS refs_ref ON refs(ref);
 -- bucket at most once a day each; NULL: to be recorded.
 CREATE TABLE IF NOT EXISTS roots (
     path        TEXT PRIMARY KEY,
-    recorded_at INTEGER
+    recorded_at INTEGER,
+    seq         INTEGER NOT NULL DEFAULT 0 -- the request that noted it, for `wait`
 );
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,             -- 'store': the cache 'done' refers to; 'waited': see wait_checkpoint
@@ -238,6 +239,11 @@ impl Queue {
         if has_repair == 0 {
             conn.execute_batch("ALTER TABLE items ADD COLUMN repair INTEGER NOT NULL DEFAULT 0")?;
         }
+        // Queues of narq 64d1f2c and before lack the roots' sequence numbers.
+        let has_root_seq: i64 = conn.query_row("SELECT COUNT(*) FROM pragma_table_info('roots') WHERE name = 'seq'", [], |r| r.get(0))?;
+        if has_root_seq == 0 {
+            conn.execute_batch("ALTER TABLE roots ADD COLUMN seq INTEGER NOT NULL DEFAULT 0")?;
+        }
         let last_seq = conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM items", [], |r| r.get(0))?;
         Ok(Queue { conn, last_seq })
     }
@@ -305,16 +311,12 @@ impl Queue {
         Ok(n)
     }
 
-    /// `paths`, named by a request before a collection was seen, and the stale paths they
-    /// reach, are pending again: that request relied on them.
-    pub fn repend_stale(&mut self, paths: &[StorePath]) -> Result<usize> {
+    /// `paths`, named by request `seq` before a collection was seen, and the stale paths they
+    /// reach, are pending again: that request relied on them. They keep that request's place,
+    /// so that a `narq wait` begun after it waits for them.
+    pub fn repend_stale(&mut self, paths: &[StorePath], seq: i64) -> Result<usize> {
         let keys: Vec<String> = paths.iter().map(|p| p.to_string()).collect();
-        let seq = self.last_seq + 1;
-        let n = self.conn.execute(&repend_reached("SELECT value FROM json_each(?2)"), params![seq, serde_json::to_string(&keys).expect("strings serialise")])?;
-        if n > 0 {
-            self.last_seq = seq;
-        }
-        Ok(n)
+        self.conn.execute(&repend_reached("SELECT value FROM json_each(?2)"), params![seq, serde_json::to_string(&keys).expect("strings serialise")])
     }
 
     /// Called with the cache's collection marker ([`crate::cache::roots`]): when it is not the
@@ -341,11 +343,11 @@ impl Queue {
     /// was not in the last day.
     pub fn note_roots(&mut self, roots: &[StorePath]) -> Result<()> {
         let mut stmt = self.conn.prepare_cached(
-            "INSERT INTO roots (path, recorded_at) VALUES (?1, NULL)
-             ON CONFLICT(path) DO UPDATE SET recorded_at = NULL WHERE recorded_at < ?2",
+            "INSERT INTO roots (path, recorded_at, seq) VALUES (?1, NULL, ?3)
+             ON CONFLICT(path) DO UPDATE SET recorded_at = NULL, seq = ?3 WHERE recorded_at < ?2",
         )?;
         for r in roots {
-            stmt.execute(params![r.to_string(), now_ms() - ROOT_REFRESH_MS])?;
+            stmt.execute(params![r.to_string(), now_ms() - ROOT_REFRESH_MS, self.last_seq])?;
         }
         Ok(())
     }
@@ -358,13 +360,48 @@ impl Queue {
         Ok(rows.filter_map(|r| r.ok().and_then(|p| StorePath::parse(&p).ok())).collect())
     }
 
-    /// `roots` are recorded in the cache now.
-    pub fn roots_recorded(&mut self, roots: &[StorePath]) -> Result<()> {
-        let mut stmt = self.conn.prepare_cached("UPDATE roots SET recorded_at = ?2 WHERE path = ?1")?;
-        for r in roots {
-            stmt.execute(params![r.to_string(), now_ms()])?;
+    /// `roots` are in the cache now, safe in the collection epoch of `marker` (see
+    /// `cache::collection`; `None`: no collections are watched). If the cache's marker has
+    /// moved on since, they stay due, to be recorded again. A root's path that a collection
+    /// made stale meanwhile (it may have deleted it before the root was there) is looked for
+    /// again, with the stale paths it reaches, in the place of the request that noted the
+    /// root. Returns how many paths that made pending.
+    pub fn roots_recorded(&mut self, roots: &[StorePath], marker: Option<&str>) -> Result<usize> {
+        let tx = self.conn.transaction()?;
+        if marker.is_some() && tx.query_row("SELECT value FROM meta WHERE key = 'gc-generation'", [], |r| r.get::<_, String>(0)).optional()?.as_deref() != marker {
+            return Ok(0);
         }
-        Ok(())
+        let mut repended = 0;
+        {
+            let mut record = tx.prepare_cached("UPDATE roots SET recorded_at = ?2 WHERE path = ?1 RETURNING seq")?;
+            let mut repend = tx.prepare_cached(&repend_reached("SELECT ?2"))?;
+            for r in roots {
+                let key = r.to_string();
+                let seq: Option<i64> = record.query_row(params![key, now_ms()], |row| row.get(0)).optional()?;
+                if let Some(seq) = seq {
+                    repended += repend.execute(params![seq, key])?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(repended)
+    }
+
+    /// Roots noted by requests up to `upto` (all with `None`), or of `paths`, that are not in
+    /// the cache yet: `narq wait` waits for them, so that a machine that goes away after it
+    /// leaves its paths rooted.
+    pub fn roots_pending(&self, upto: Option<i64>, paths: Option<&[StorePath]>) -> Result<u64> {
+        match paths {
+            Some(p) => {
+                let keys: Vec<String> = p.iter().map(|p| p.to_string()).collect();
+                self.conn.query_row(
+                    "SELECT COUNT(*) FROM roots WHERE recorded_at IS NULL AND path IN (SELECT value FROM json_each(?1))",
+                    [serde_json::to_string(&keys).expect("strings serialise")],
+                    |r| r.get(0),
+                )
+            }
+            None => self.conn.query_row("SELECT COUNT(*) FROM roots WHERE recorded_at IS NULL AND seq <= ?1", [upto.unwrap_or(i64::MAX)], |r| r.get(0)),
+        }
     }
 
     /// Records a build the hook could not hand over, failed with `reason`: one item per
@@ -680,7 +717,11 @@ impl Queue {
         Ok(t.map(|t| Duration::from_millis((t - now_ms()).max(0) as u64)))
     }
 
-    pub fn done(&self, key: &str, outcome: Outcome) -> Result<()> {
+    /// Records an item done. `marker` is the collection marker of the epoch a path is safe
+    /// in (see `cache::collection`): if the cache's marker has moved on since (a collection
+    /// was seen meanwhile), the path is recorded `stale` instead, to be looked for again
+    /// before anything relies on it.
+    pub fn done(&self, key: &str, outcome: Outcome, marker: Option<&str>) -> Result<()> {
         let (name, bytes, why) = match outcome {
             Outcome::Uploaded { bytes } => ("uploaded", bytes, None),
             Outcome::Present => ("present", 0, None),
@@ -689,8 +730,9 @@ impl Queue {
             Outcome::Excluded(why) => ("excluded", 0, Some(why)),
         };
         self.conn.execute(
-            "UPDATE items SET state = 'done', outcome = ?2, bytes = ?3, done_at = ?4, last_error = ?5, repair = 0 WHERE key = ?1",
-            params![key, name, bytes as i64, now_ms(), why],
+            "UPDATE items SET state = CASE WHEN ?6 IS NULL OR ?6 IS (SELECT value FROM meta WHERE key = 'gc-generation') THEN 'done' ELSE 'stale' END,
+                 outcome = ?2, bytes = ?3, done_at = ?4, last_error = ?5, repair = 0 WHERE key = ?1",
+            params![key, name, bytes as i64, now_ms(), why, marker],
         )?;
         Ok(())
     }
@@ -874,7 +916,7 @@ mod tests {
         q.enqueue_realisations(std::slice::from_ref(&r)).unwrap();
         let ready = q.ready(10, &HashSet::new()).unwrap();
         assert_eq!(ready.iter().map(|i| (i.key.as_str(), i.excluded_ref.as_deref())).collect::<Vec<_>>(), [(&*a.path.to_string(), None)]);
-        q.done(&a.path.to_string(), Outcome::Excluded("its name matches exclude pattern \"a*\"".into())).unwrap();
+        q.done(&a.path.to_string(), Outcome::Excluded("its name matches exclude pattern \"a*\"".into()), None).unwrap();
         // Both the referrer and the realisation come out marked with the excluded reference.
         let mut ready: Vec<(String, Option<String>)> = q.ready(10, &HashSet::new()).unwrap().into_iter().map(|i| (i.key, i.excluded_ref)).collect();
         ready.sort();
@@ -893,7 +935,7 @@ mod tests {
         assert_eq!(q.enqueue(&[c.clone(), b.clone(), a.clone()], None).unwrap(), 3);
         let keys = |v: Vec<Item>| v.into_iter().map(|i| i.key).collect::<Vec<_>>();
         assert_eq!(keys(q.ready(10, &HashSet::new()).unwrap()), [a.path.to_string()]);
-        q.done(&a.path.to_string(), Outcome::Uploaded { bytes: 5 }).unwrap();
+        q.done(&a.path.to_string(), Outcome::Uploaded { bytes: 5 }, None).unwrap();
         assert_eq!(keys(q.ready(10, &HashSet::new()).unwrap()), [b.path.to_string()]);
         // A transient failure keeps it pending but not ready until the backoff passes.
         q.retry_later(&b.path.to_string(), 0, "network").unwrap();
@@ -908,8 +950,8 @@ mod tests {
         q.enqueue(&[info("d", &[])], Some(&drv)).unwrap();
         let s = q.status().unwrap();
         assert_eq!((s.pending, s.pending_paths, s.pending_bytes), (2, 1, 8));
-        q.done(&format!("log:{drv}"), Outcome::Uploaded { bytes: 3 }).unwrap();
-        q.done(&info("d", &[]).path.to_string(), Outcome::Present).unwrap();
+        q.done(&format!("log:{drv}"), Outcome::Uploaded { bytes: 3 }, None).unwrap();
+        q.done(&info("d", &[]).path.to_string(), Outcome::Present, None).unwrap();
         let s = q.status().unwrap();
         assert_eq!((s.uploaded, s.logs_uploaded, s.skipped, s.bytes, s.pending), (1, 1, 1, 8, 0));
         // Re-enqueuing: done stays done, failed is retried.
@@ -929,12 +971,12 @@ mod tests {
         let (dir, mut q) = fresh_queue("failedbelow");
         let (d, r) = (info("d", &[]), info("r", &["d"]));
         q.enqueue(&[d.clone(), r.clone()], None).unwrap();
-        q.done(&d.path.to_string(), Outcome::Uploaded { bytes: 1 }).unwrap();
-        q.done(&r.path.to_string(), Outcome::Uploaded { bytes: 1 }).unwrap();
+        q.done(&d.path.to_string(), Outcome::Uploaded { bytes: 1 }, None).unwrap();
+        q.done(&r.path.to_string(), Outcome::Uploaded { bytes: 1 }, None).unwrap();
         q.fail(&d.path.to_string(), "not while done").unwrap();
         assert!(q.failed_below(&[&r.path], 10).unwrap().is_empty(), "below a done path nothing is looked at");
         q.enqueue(&[d.clone()], None).unwrap();
-        q.done(&d.path.to_string(), Outcome::Uploaded { bytes: 1 }).unwrap();
+        q.done(&d.path.to_string(), Outcome::Uploaded { bytes: 1 }, None).unwrap();
         // A collection makes both stale; d is sent again and fails for good: r, still held, relies on it.
         q.note_generation("g1").unwrap();
         q.enqueue(&[d.clone()], None).unwrap();
@@ -950,8 +992,8 @@ mod tests {
         let keys = |v: Vec<Item>| v.into_iter().map(|i| i.key).collect::<Vec<_>>();
         let (a, b, x, y) = (info("a", &[]), info("b", &["a"]), info("x", &[]), info("y", &["x"]));
         q.enqueue(&[a.clone(), x.clone()], None).unwrap();
-        q.done(&a.path.to_string(), Outcome::Uploaded { bytes: 1 }).unwrap();
-        q.done(&x.path.to_string(), Outcome::Uploaded { bytes: 1 }).unwrap();
+        q.done(&a.path.to_string(), Outcome::Uploaded { bytes: 1 }, None).unwrap();
+        q.done(&x.path.to_string(), Outcome::Uploaded { bytes: 1 }, None).unwrap();
         q.enqueue(&[b.clone()], None).unwrap();
         assert_eq!(q.note_generation("g1").unwrap(), 2);
         assert_eq!(q.note_generation("g1").unwrap(), 0, "the same generation changes nothing");
@@ -966,7 +1008,7 @@ mod tests {
         // Roots are recorded once a day, and again after a new generation.
         q.note_roots(&[b.path.clone()]).unwrap();
         assert_eq!(q.roots_due(10).unwrap(), [b.path.clone()]);
-        q.roots_recorded(&[b.path.clone()]).unwrap();
+        q.roots_recorded(&[b.path.clone()], Some("g1")).unwrap();
         q.note_roots(&[b.path.clone()]).unwrap();
         assert!(q.roots_due(10).unwrap().is_empty());
         q.note_roots(&[a.path.clone()]).unwrap();
@@ -977,13 +1019,43 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// What counts as uploaded is tied to the collection epoch it was settled in: a path (or a
+    /// root) settled in an epoch the queue has left behind is not trusted, and a root recorded
+    /// after a collection has its stale closure looked for again, for the `wait` of its request.
+    #[test]
+    fn results_settled_before_a_collection_are_not_trusted_after_it() {
+        let (dir, mut q) = fresh_queue("epoch");
+        let (a, b, c) = (info("a", &[]), info("b", &["a"]), info("c", &[]));
+        let state = |q: &Queue, p: &PathInfo| q.conn.query_row("SELECT state FROM items WHERE key = ?1", [p.path.to_string()], |r| r.get::<_, String>(0)).unwrap();
+        q.note_generation("g1").unwrap();
+        q.enqueue(&[a.clone(), b.clone(), c.clone()], None).unwrap();
+        q.note_roots(&[b.path.clone()]).unwrap();
+        let seq = q.current_seq();
+        q.done(&a.path.to_string(), Outcome::Uploaded { bytes: 1 }, Some("g1")).unwrap();
+        q.done(&b.path.to_string(), Outcome::Uploaded { bytes: 1 }, Some("g1")).unwrap();
+        q.note_generation("g2").unwrap();
+        // c settled in g1, but the queue saw g2 before recording it: stale, not done.
+        q.done(&c.path.to_string(), Outcome::Uploaded { bytes: 1 }, Some("g1")).unwrap();
+        assert_eq!([state(&q, &a), state(&q, &b), state(&q, &c)], ["stale", "stale", "stale"]);
+        assert_eq!(q.roots_pending(Some(seq), None).unwrap(), 1, "wait waits for the root");
+        // A root put under g1 does not count under g2: it stays due.
+        assert_eq!(q.roots_recorded(&[b.path.clone()], Some("g1")).unwrap(), 0);
+        assert_eq!(q.roots_due(10).unwrap(), [b.path.clone()]);
+        // Recorded under g2, its stale closure is pending again, in the request's place.
+        assert_eq!(q.roots_recorded(&[b.path.clone()], Some("g2")).unwrap(), 2);
+        assert_eq!(q.roots_pending(Some(seq), None).unwrap(), 0);
+        let (pending, _) = q.progress(seq, 0).unwrap();
+        assert_eq!(pending, 2, "a wait begun after the request waits for the closure looked for again");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn repair_makes_done_paths_pending_and_marked_until_done_again() {
         let (dir, mut q) = fresh_queue("repair");
         let (a, b) = (info("a", &[]), info("b", &["a"]));
         q.enqueue(&[a.clone(), b.clone()], None).unwrap();
         for p in [&a, &b] {
-            q.done(&p.path.to_string(), Outcome::Present).unwrap();
+            q.done(&p.path.to_string(), Outcome::Present, None).unwrap();
         }
         // Enqueuing again leaves done paths alone; repair does not.
         assert_eq!(q.enqueue(&[a.clone(), b.clone()], None).unwrap(), 0);
@@ -991,9 +1063,9 @@ mod tests {
         assert_eq!(q.repair(&[a.path.clone(), b.path.clone()]).unwrap(), 2);
         let ready = q.ready(10, &HashSet::new()).unwrap();
         assert_eq!(ready.iter().map(|i| (i.key.clone(), i.repair)).collect::<Vec<_>>(), [(a.path.to_string(), true)], "references first");
-        q.done(&a.path.to_string(), Outcome::Uploaded { bytes: 1 }).unwrap();
+        q.done(&a.path.to_string(), Outcome::Uploaded { bytes: 1 }, None).unwrap();
         assert!(q.ready(10, &HashSet::new()).unwrap()[0].repair);
-        q.done(&b.path.to_string(), Outcome::Uploaded { bytes: 1 }).unwrap();
+        q.done(&b.path.to_string(), Outcome::Uploaded { bytes: 1 }, None).unwrap();
         // Pending again for another reason (a recheck), it is no longer marked.
         assert_eq!(q.recheck(&[a.path.clone()]).unwrap(), 1);
         assert!(!q.ready(10, &HashSet::new()).unwrap()[0].repair);

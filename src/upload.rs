@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::cache::roots::{Gate, GcWatch, GC_WAIT};
+use crate::cache::collection::{Gate, GcWatch, Look, Settled, Timing};
 use crate::metrics::InFlight;
 use crate::nix::{db, nar, NarInfo, PathInfo, Realisation, StorePath};
 use crate::queue::{Item, Kind, Outcome};
@@ -44,6 +44,21 @@ impl From<storage::TargetError> for UploadError {
         } else {
             UploadError::Target(e)
         }
+    }
+}
+
+/// How an item ended well: its outcome, and for a path the marker of the collection epoch
+/// it is safe in (see `cache::collection`): the queue records it `done` only if that is still
+/// the cache's epoch, else `stale` (looked for again before anything relies on it).
+#[derive(Debug)]
+pub struct Done {
+    pub outcome: Outcome,
+    pub marker: Option<Arc<str>>,
+}
+
+impl Done {
+    fn plain(outcome: Outcome) -> Done {
+        Done { outcome, marker: None }
     }
 }
 
@@ -396,24 +411,24 @@ impl Uploader {
         nar_size <= self.target.stream_part_size(nar_size).unwrap_or(IN_MEMORY_MAX).min(IN_MEMORY_MAX)
     }
 
-    pub async fn run(&self, item: &Item) -> Result<Outcome, UploadError> {
+    pub async fn run(&self, item: &Item) -> Result<Done, UploadError> {
         self.run_in(item, self.gc.as_ref().map_or(0, |g| g.epoch())).await
     }
 
     /// [`Uploader::run`] for an item that the queue gave as ready in the watch's `epoch`:
     /// what it remembered then of the item's references is trusted only in that epoch.
-    pub async fn run_in(&self, item: &Item, epoch: u64) -> Result<Outcome, UploadError> {
+    pub async fn run_in(&self, item: &Item, epoch: u64) -> Result<Done, UploadError> {
         let start = Instant::now();
         let tracked = self.metrics.track(item);
         let result = match self.skip(item) {
-            Some(skipped) => Ok(skipped),
+            Some(skipped) => Ok(Done::plain(skipped)),
             None => match &item.kind {
-                Kind::Nar(info) => self.upload_path(info, item.repair, tracked.progress.clone(), epoch).await,
-                Kind::Log(drv) => self.upload_log(drv).await,
-                Kind::Realisation(r) => self.upload_realisation(r).await,
+                Kind::Nar(info) => self.upload_path(info, item, tracked.progress.clone(), epoch).await,
+                Kind::Log(drv) => self.upload_log(drv).await.map(Done::plain),
+                Kind::Realisation(r) => self.upload_realisation(r).await.map(Done::plain),
             },
         };
-        self.metrics.finished(item, &result, start.elapsed());
+        self.metrics.finished(item, result.as_ref().map(|d| &d.outcome), start.elapsed());
         result
     }
 
@@ -443,51 +458,138 @@ impl Uploader {
         Some(Outcome::Excluded(why))
     }
 
-    /// Puts the narinfo when no collection is in the way, and before the deadline that keeps
-    /// it visible to any collection's final listing (see `cache::roots`). If a collection
-    /// began or ended since the item was found ready, its references and NAR are looked for
-    /// in the cache first: one that is gone makes the item wait for it to be uploaded again.
-    async fn put_narinfo(&self, info: &PathInfo, nar_key: &str, key: &str, body: Vec<u8>, mut epoch: u64) -> Result<(), UploadError> {
-        let Some(gc) = &self.gc else {
-            return Ok(self.target.put(key, Body::Bytes(body), storage::NARINFO_TYPE).await?);
+    /// The gate open (no collection running), with what `info` relies on looked for again
+    /// if the epoch moved since `known` (the epoch its references were known in): its
+    /// references' narinfos, and `nar` when given. Looked for after the gate's look, so that
+    /// they hold in its epoch.
+    async fn open_gate(&self, gc: &GcWatch, info: &PathInfo, nar: Option<&str>, known: &mut u64) -> Result<Look, UploadError> {
+        let look = match gc.wait_open(Timing::get().gc_wait).await? {
+            Gate::Held(why) => return Err(UploadError::Transient(format!("{}: {why}", info.path))),
+            Gate::Open(look) => look,
         };
-        for _ in 0..3 {
-            let until = match gc.wait_open(GC_WAIT).await? {
-                Gate::Held(why) => return Err(UploadError::Transient(format!("{}: {why}", info.path))),
-                Gate::Open { epoch: now, until } if now == epoch => until,
-                Gate::Open { epoch: now, .. } => {
-                    for r in info.references.iter().filter(|r| **r != info.path) {
-                        if !self.target.exists(&format!("{}.narinfo", r.hash_part())).await? {
-                            return Err(UploadError::Transient(format!("{r}, which {} references, was removed from the cache; it is uploaded again first", info.path)));
-                        }
-                    }
-                    if !self.target.exists(nar_key).await? {
-                        return Err(UploadError::Transient(format!("the NAR of {} was removed from the cache before its narinfo; uploading it again", info.path)));
-                    }
-                    epoch = now;
-                    continue;
-                }
-            };
-            let left = until.saturating_duration_since(Instant::now());
-            return match tokio::time::timeout(left, self.target.put(key, Body::Bytes(body), storage::NARINFO_TYPE)).await {
-                Ok(r) => Ok(r?),
-                Err(_) => Err(UploadError::Transient(format!("the narinfo of {} took too long to put while a collection may start; will check again", info.path))),
-            };
+        if look.epoch != *known {
+            self.check_relied_on(info, nar).await?;
+            *known = look.epoch;
         }
-        Err(UploadError::Transient(format!("{}: collections keep starting and ending; will try again", info.path)))
+        Ok(look)
+    }
+
+    /// Looks in the cache for what `info`'s narinfo relies on: a reference or the NAR that is
+    /// gone (a collection removed it) fails the item for now; the queue has the reference
+    /// uploaded again first (it was made stale, and the item relies on it), and the item
+    /// then uploads its NAR and narinfo again.
+    async fn check_relied_on(&self, info: &PathInfo, nar: Option<&str>) -> Result<(), UploadError> {
+        for r in info.references.iter().filter(|r| **r != info.path) {
+            if !self.target.exists(&format!("{}.narinfo", r.hash_part())).await? {
+                return Err(UploadError::Transient(format!("{r}, which {} references, was removed from the cache; it is uploaded again first", info.path)));
+            }
+        }
+        if let Some(nar) = nar {
+            if !self.target.exists(nar).await? {
+                return Err(UploadError::Transient(format!("the NAR of {} ({nar}) was removed from the cache; uploading it again", info.path)));
+            }
+        }
+        Ok(())
+    }
+
+    /// What a write (or a finding) that returned at `landed`, under `open`, counts in (see
+    /// `cache::collection`): the marker of the epoch it is safe in, once what it relies on
+    /// was looked for again if a collection may have overlapped it.
+    async fn settle(&self, gc: &GcWatch, info: &PathInfo, nar: Option<&str>, open: &Look, landed: Instant) -> Result<Option<Arc<str>>, UploadError> {
+        match gc.settle(open, landed).await? {
+            Ok(Settled::Safe(look)) => Ok(Some(look.marker)),
+            Ok(Settled::Check(look)) => {
+                tracing::info!(path = %info.path, "a collection of the cache may have overlapped the upload of {}: looking for what it relies on", info.path);
+                self.check_relied_on(info, nar).await?;
+                Ok(Some(look.marker))
+            }
+            Err(why) => Err(UploadError::Transient(format!("{}: {why}", info.path))),
+        }
+    }
+
+    /// Puts the narinfo when no collection is in the way, then settles it (see
+    /// `cache::collection`): a put that returned late, or that a collection may have
+    /// overlapped, counts only once what it relies on is found in the cache again. A repair
+    /// keeps the signatures the cache's narinfo has over the same contents, read after the
+    /// gate opened and written back only if unchanged meanwhile where the store can tell.
+    async fn put_narinfo(&self, narinfo: &mut NarInfo, key: &str, repair: bool, known: &mut u64) -> Result<Option<Arc<str>>, UploadError> {
+        let info = narinfo.info.clone();
+        let Some(gc) = &self.gc else {
+            self.write_narinfo(narinfo, key, repair).await?;
+            return Ok(None);
+        };
+        let open = self.open_gate(gc, &info, Some(&narinfo.url), known).await?;
+        self.write_narinfo(narinfo, key, repair).await?;
+        self.settle(gc, &info, Some(&narinfo.url), &open, Instant::now()).await
+    }
+
+    /// Writes the narinfo; a repair merges the signatures the cache has over the same
+    /// contents (`narq sign` adds them there only), with a conditional put where the store
+    /// honours one, so that a signature added meanwhile is not lost.
+    async fn write_narinfo(&self, narinfo: &mut NarInfo, key: &str, repair: bool) -> Result<(), UploadError> {
+        if !repair {
+            return Ok(self.target.put(key, Body::Bytes(narinfo.to_string().into_bytes()), storage::NARINFO_TYPE).await?);
+        }
+        let conditional = self.target.conditional_puts().await?.is_ok();
+        for _ in 0..5 {
+            let Some((body, version)) = self.target.get_versioned(key).await? else { break };
+            if let Ok(old) = NarInfo::parse(&String::from_utf8_lossy(&body)) {
+                if old.info.fingerprint() == narinfo.info.fingerprint() {
+                    narinfo.info.sigs.extend(old.info.sigs);
+                }
+            }
+            if !conditional {
+                break;
+            }
+            if self.target.put_if_version(key, narinfo.to_string().into_bytes(), storage::NARINFO_TYPE, &version).await? {
+                return Ok(());
+            }
+        }
+        Ok(self.target.put(key, Body::Bytes(narinfo.to_string().into_bytes()), storage::NARINFO_TYPE).await?)
+    }
+
+    /// Whether the narinfo at `key` is whole: its NAR is there. Asked when a narinfo is found
+    /// that an earlier attempt of ours may have put without settling it, or after a
+    /// collection: a narinfo put after a collection's final listing may have lost its NAR.
+    async fn whole(&self, key: &str) -> Result<bool, UploadError> {
+        let Some(body) = self.target.get(key).await? else { return Ok(false) };
+        match NarInfo::parse(&String::from_utf8_lossy(&body)) {
+            Ok(ni) => Ok(self.target.exists(&ni.url).await?),
+            // Not ours to judge (Nix reads more than we parse): as found.
+            Err(_) => Ok(true),
+        }
     }
 
     /// Uploads the path unless the cache (or an upstream) has it; with `repair`, uploads it
     /// whatever the cache has (a broken entry there), overwriting: NAR first, narinfo last.
-    async fn upload_path(&self, info: &PathInfo, repair: bool, progress: Arc<InFlight>, epoch: u64) -> Result<Outcome, UploadError> {
+    /// The cache is looked at through the gate (a path a running collection is about to
+    /// delete is not found present), and what is found or put settles before it counts.
+    async fn upload_path(&self, info: &PathInfo, item: &Item, progress: Arc<InFlight>, ready: u64) -> Result<Done, UploadError> {
         let narinfo_key = format!("{}.narinfo", info.path.hash_part());
-        if !repair && self.target.exists(&narinfo_key).await? {
-            return Ok(Outcome::Present);
-        }
-        if let Some(up) = self.upstreams.as_ref().filter(|_| !repair) {
-            if let Some(url) = up.find(&info.path).await {
-                tracing::info!(path = %info.path, upstream = url, "in an upstream cache, not uploaded");
-                return Ok(Outcome::Upstream);
+        let mut known = ready;
+        if !item.repair {
+            let open = match &self.gc {
+                Some(gc) => Some(self.open_gate(gc, info, None, &mut known).await?),
+                None => None,
+            };
+            if self.target.exists(&narinfo_key).await? {
+                let landed = Instant::now();
+                // An earlier attempt of ours may have put it late, or a collection may have
+                // taken its NAR after a late put: then it is uploaded again.
+                let doubt = item.attempts > 0 || known != ready;
+                if !doubt || self.whole(&narinfo_key).await? {
+                    let marker = match (&self.gc, &open) {
+                        (Some(gc), Some(open)) => self.settle(gc, info, None, open, landed).await?,
+                        _ => None,
+                    };
+                    return Ok(Done { outcome: Outcome::Present, marker });
+                }
+                tracing::info!(path = %info.path, "the narinfo of {} is in the cache without its NAR: uploading it again", info.path);
+            } else if let Some(up) = &self.upstreams {
+                if let Some(url) = up.find(&info.path).await {
+                    tracing::info!(path = %info.path, upstream = url, "in an upstream cache, not uploaded");
+                    return Ok(Done::plain(Outcome::Upstream));
+                }
             }
         }
         let start = Instant::now();
@@ -500,16 +602,7 @@ impl Uploader {
             file_size: Some(c.file_stats.size),
         };
         self.put_listing(info, c.listing).await?;
-        if repair {
-            // The narinfo repaired may carry signatures the store does not (`narq sign` adds
-            // them in the cache only): those over the same fingerprint stay valid, and stay.
-            if let Some(old) = self.target.get(&narinfo_key).await?.and_then(|b| NarInfo::parse(&String::from_utf8_lossy(&b)).ok()) {
-                if old.info.fingerprint() == info.fingerprint() {
-                    narinfo.info.sigs.extend(old.info.sigs);
-                }
-            }
-        }
-        self.put_narinfo(info, &narinfo.url, &narinfo_key, narinfo.to_string().into_bytes(), epoch).await?;
+        let marker = self.put_narinfo(&mut narinfo, &narinfo_key, item.repair, &mut known).await?;
         // The message stands alone for `journalctl -u narq`; the fields are for queries.
         let ms = start.elapsed().as_millis() as u64;
         tracing::info!(
@@ -522,7 +615,7 @@ impl Uploader {
             c.nar.size,
             c.file_stats.size
         );
-        Ok(Outcome::Uploaded { bytes: c.file_stats.size })
+        Ok(Done { outcome: Outcome::Uploaded { bytes: c.file_stats.size }, marker })
     }
 
     /// Writes `<hashpart>.ls` (`write-nar-listing=true`), before the narinfo as Nix does, so

@@ -20,7 +20,8 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use super::roots::{self, Run, ROOTS};
+use super::collection::{protocol_of, Run, PROTOCOL};
+use super::roots::{self, ROOTS};
 use super::Scan;
 use crate::nix::{NarInfo, StorePath};
 use crate::storage::{Incomplete, Object, Target, TargetError, DELETE_BATCH, STREAM_TMP_PREFIX};
@@ -56,7 +57,8 @@ impl Entry {
     }
 }
 
-/// The `URL` and `References` of a narinfo that does not parse, as far as they can be read.
+/// The `URL`, `References` and `Deriver` of a narinfo that does not parse, as far as they
+/// can be read: what it names stays.
 #[derive(Debug, Clone, Default)]
 pub struct Held {
     /// The narinfo's key.
@@ -64,6 +66,8 @@ pub struct Held {
     pub url: Option<String>,
     /// Hash parts.
     pub refs: Vec<String>,
+    /// The base name of its deriver (`log/<deriver>` is its build log).
+    pub deriver: Option<String>,
 }
 
 impl Held {
@@ -75,6 +79,7 @@ impl Held {
             match k.trim() {
                 "URL" if !v.is_empty() => h.url = Some(v.to_string()),
                 "References" => h.refs.extend(v.split_whitespace().filter_map(|r| r.get(..32)).map(str::to_string)),
+                "Deriver" if !v.is_empty() && !v.contains('/') => h.deriver = Some(v.to_string()),
                 _ => {}
             }
         }
@@ -126,6 +131,33 @@ impl Model {
         m
     }
 
+    /// Why a collection now could break what a builder running an older narq (protocol 1)
+    /// uploads, if one seems active: it wrote a root within the last [`OLD_WRITER_WINDOW`]
+    /// (daemons write their roots at most once a day). An old daemon neither settles its
+    /// writes nor sees a collection that a lost answer hid from it (`docs/gc-safety.md`,
+    /// mixed versions). A root's protocol shows in its size; a root whose narinfo is
+    /// missing is read.
+    pub async fn old_writers(&self, target: &dyn Target, now: SystemTime) -> Result<Option<String>, TargetError> {
+        for o in self.objects.iter().filter(|o| !older(o.last_modified, OLD_WRITER_WINDOW, now)) {
+            let Some(hp) = o.key.strip_prefix(ROOTS) else { continue };
+            let old = match self.narinfos.get(hp) {
+                // `<path>\n`, or `<path>\nnarq-protocol N\n`.
+                Some(e) if o.size == e.path.to_string().len() as u64 + 1 => true,
+                Some(e) if o.size == root_size(&e.path) => false,
+                _ => target.get(&o.key).await?.is_some_and(|b| protocol_of(&b) < PROTOCOL),
+            };
+            if old {
+                let age = o.last_modified.and_then(|t| now.duration_since(t).ok()).map_or("recently".into(), |a| format!("{} min ago", a.as_secs() / 60));
+                return Ok(Some(format!(
+                    "{} was written {age} by a builder running an older narq (protocol 1), which a collection now could leave with a broken closure; upgrade narq on every builder, then run this again (roots in the old format stop counting {} days after they were written)",
+                    o.key,
+                    OLD_WRITER_WINDOW.as_secs() / 86400
+                )));
+            }
+        }
+        Ok(None)
+    }
+
     /// The hash part of `p` if the cache has its narinfo.
     fn has(&self, p: &StorePath) -> bool {
         self.narinfos.contains_key(p.hash_part())
@@ -152,6 +184,14 @@ impl Model {
         }
         (added, new_paths, new_nars)
     }
+}
+
+/// How long a root written by an older narq holds back `gc` and `rm` ([`Model::old_writers`]).
+pub const OLD_WRITER_WINDOW: Duration = Duration::from_secs(2 * 86400);
+
+/// The size of a root object this narq writes for `p` ([`roots::root_body`]).
+fn root_size(p: &StorePath) -> u64 {
+    roots::root_body(p).len() as u64
 }
 
 /// What `gc` keeps.
@@ -229,13 +269,16 @@ pub fn plan_gc(m: &Model, p: &Policy, also_alive: &HashSet<String>) -> Plan {
     let dead: HashSet<&str> = m.narinfos.keys().filter(|hp| !alive.contains(*hp)).map(String::as_str).collect();
     let mut plan = rounds(m, &dead);
     let dropped_set: HashSet<&String> = dropped.iter().collect();
-    let logs: HashSet<String> = alive.iter().filter_map(|hp| m.narinfos[hp].deriver.as_ref().map(|d| format!("log/{d}"))).collect();
+    let mut logs: HashSet<String> = alive.iter().filter_map(|hp| m.narinfos[hp].deriver.as_ref().map(|d| format!("log/{d}"))).collect();
+    // What a narinfo that does not parse names stays with it: its listing and build log.
+    logs.extend(m.held.iter().filter_map(|h| h.deriver.as_ref().map(|d| format!("log/{d}"))));
+    let held_listings: HashSet<&str> = m.held.iter().filter_map(|h| h.key.strip_suffix(".narinfo")).collect();
     for o in &m.objects {
         let k = o.key.as_str();
         let gone = if k.starts_with("nar/") {
             !nars.contains(k) && older(o.last_modified, p.grace, p.now)
         } else if let Some(hp) = k.strip_suffix(".ls").filter(|h| !h.contains('/')) {
-            !alive.contains(hp) && older(o.last_modified, p.grace, p.now)
+            !alive.contains(hp) && !held_listings.contains(hp) && older(o.last_modified, p.grace, p.now)
         } else if k.starts_with("log/") {
             !logs.contains(k) && older(o.last_modified, p.grace, p.now)
         } else if k.starts_with(STREAM_TMP_PREFIX) {
@@ -301,6 +344,8 @@ pub enum RmRefused {
     Referenced(Vec<(String, String)>),
     /// A path being removed is pinned: (pin, path).
     Pinned(Vec<(String, String)>),
+    /// A builder running an older narq is active ([`Model::old_writers`]).
+    OldWriters(String),
 }
 
 /// What `rm` deletes: the narinfos of `paths` (and, `with_referrers`, of every path whose
@@ -380,9 +425,10 @@ pub async fn execute(target: &dyn Target, run: &mut Run<'_>, plan: &Plan) -> Res
     Ok(())
 }
 
-/// After the lease (see [`super::roots`]): the narinfos, roots and pins written since the scan.
-/// New narinfos are read and added to `m`; their hash parts, and those of new or renewed
-/// roots and of pins, are returned: they stay whatever the policy says.
+/// After the lease (see [`super::collection`]): the narinfos, roots and pins written since
+/// the scan. New narinfos are read and added to `m`; their hash parts, and those of new or
+/// renewed roots and of pins, are returned: they stay whatever the policy says. A renewed
+/// root takes its new time in `m`, so that this collection does not delete it as expired.
 pub async fn since_scan(target: &dyn Target, m: &mut Model) -> Result<HashSet<String>, TargetError> {
     let mut new_narinfos = Vec::new();
     let mut roots_seen = Vec::new();
@@ -394,11 +440,23 @@ pub async fn since_scan(target: &dyn Target, m: &mut Model) -> Result<HashSet<St
                 }
             } else if let Some(hp) = o.key.strip_prefix(ROOTS) {
                 if o.last_modified.is_some_and(|t| m.roots.get(hp).is_none_or(|old| t > *old)) {
-                    roots_seen.push(hp.to_string());
+                    roots_seen.push(o);
                 }
             }
         })
         .await?;
+    let mut renewed = HashSet::new();
+    for o in roots_seen {
+        let hp = o.key[ROOTS.len()..].to_string();
+        if let Some(t) = o.last_modified {
+            m.roots.insert(hp.clone(), t);
+        }
+        match m.objects.iter_mut().find(|x| x.key == o.key) {
+            Some(x) => *x = o,
+            None => m.objects.push(o),
+        }
+        renewed.insert(hp);
+    }
     let mut also = HashSet::new();
     for o in new_narinfos {
         let Some(body) = target.get(&o.key).await? else { continue };
@@ -414,7 +472,7 @@ pub async fn since_scan(target: &dyn Target, m: &mut Model) -> Result<HashSet<St
         }
         also.insert(hp);
     }
-    also.extend(roots_seen);
+    also.extend(renewed);
     let pins = roots::pins(target).await?;
     also.extend(pins.values().map(|p| p.hash_part().to_string()));
     m.pins = pins;

@@ -10,8 +10,9 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Context;
 use serde::Serialize;
 
+use super::collection::{self, Run, Timing};
 use super::gc::{self, human, Model, Plan, Policy, RmRefused};
-use super::roots::{self, Run};
+use super::roots;
 use crate::config::Config;
 use crate::nix::StorePath;
 use crate::storage::{self, Body, Target};
@@ -25,9 +26,6 @@ pub struct GcOptions {
     pub dry_run: bool,
     pub json: bool,
 }
-
-/// How long `narq pin` waits for running collections to end before it checks its path.
-const PIN_WAIT: Duration = Duration::from_secs(600);
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
@@ -123,20 +121,33 @@ pub fn gc(config: &Config, o: &GcOptions) -> anyhow::Result<bool> {
             print("gc", &plan, &m, &stats, o.dry_run, o.json)?;
             return Ok(true);
         }
+        if let Some(why) = m.old_writers(&*target, policy.now).await? {
+            eprintln!("narq: gc: refused: {why}");
+            return Ok(false);
+        }
         let mut run = Run::begin(&*target, "gc").await?;
         let result = async {
             run.wait_lease().await?;
             let also = gc::since_scan(&*target, &mut m).await?;
-            let policy = Policy { now: SystemTime::now(), ..policy };
+            // Ages by the store's clock, not this machine's.
+            let policy = Policy { now: run.server_now(), ..policy };
+            if let Some(why) = m.old_writers(&*target, policy.now).await? {
+                return Ok(Err(why));
+            }
             let plan = gc::plan_gc(&m, &policy, &also);
             gc::execute(&*target, &mut run, &plan).await?;
-            anyhow::Ok(plan)
+            anyhow::Ok(Ok(plan))
         }
         .await;
         // Deleting may have begun: the generation moves whatever happened.
-        run.end(true).await.context("ending the collection (daemons wait for it until its heartbeat is 2 minutes old)")?;
-        let plan = result?;
-        print("gc", &plan, &m, &stats, false, o.json)?;
+        run.end().await.context("ending the collection (daemons wait for it until its heartbeat is 2 minutes old)")?;
+        match result? {
+            Ok(plan) => print("gc", &plan, &m, &stats, false, o.json)?,
+            Err(why) => {
+                eprintln!("narq: gc: refused: {why}");
+                return Ok(false);
+            }
+        }
         Ok(true)
     })
 }
@@ -159,6 +170,7 @@ pub fn rm(config: &Config, paths: &[StorePath], with_referrers: bool, dry_run: b
                         eprintln!("narq: rm: refused: {p} is pinned as {n}; `narq unpin {n}` first");
                     }
                 }
+                RmRefused::OldWriters(why) => eprintln!("narq: rm: refused: {why}"),
             }
             Ok(false)
         };
@@ -173,18 +185,26 @@ pub fn rm(config: &Config, paths: &[StorePath], with_referrers: bool, dry_run: b
             print("rm", &plan, &m, &stats, dry_run, false)?;
             return Ok(true);
         }
+        let now = SystemTime::now();
+        if let Some(why) = m.old_writers(&*target, now).await? {
+            eprintln!("narq: rm: refused: {why}");
+            return Ok(false);
+        }
         let mut run = Run::begin(&*target, "rm").await?;
         let result = async {
             run.wait_lease().await?;
             // A referrer uploaded meanwhile is seen here: refused, or removed too.
             gc::since_scan(&*target, &mut m).await?;
+            if let Some(why) = m.old_writers(&*target, run.server_now()).await? {
+                return Ok(Err(RmRefused::OldWriters(why)));
+            }
             match gc::plan_rm(&m, paths, with_referrers) {
                 Ok(plan) => gc::execute(&*target, &mut run, &plan).await.map(|()| Ok(plan)).map_err(anyhow::Error::from),
                 Err(e) => Ok(Err(e)),
             }
         }
         .await;
-        run.end(true).await.context("ending the removal")?;
+        run.end().await.context("ending the removal")?;
         match result? {
             Ok(plan) => {
                 print("rm", &plan, &m, &stats, false, false)?;
@@ -205,11 +225,12 @@ pub fn pin(config: &Config, name: &str, path: &StorePath) -> anyhow::Result<bool
             eprintln!("narq: pin: {path} is not in the cache ({}); push it first", target.describe());
             return Ok(false);
         }
-        target.put(&key, Body::Bytes(format!("{path}\n").into_bytes()), roots::TEXT).await?;
+        target.put(&key, Body::Bytes(format!("{path}\n").into_bytes()), collection::TEXT).await?;
         // A collection that began before the pin was written may not have seen it: once
         // those are over, the path must still be there.
-        if !roots::wait_quiet(&*target, PIN_WAIT).await? {
-            eprintln!("narq: pin: pinned {name}, but a collection still runs after {} s: check `narq pins` later", PIN_WAIT.as_secs());
+        let wait = Timing::get().pin_wait;
+        if !collection::wait_quiet(target.clone(), wait).await? {
+            eprintln!("narq: pin: pinned {name}, but a collection still runs after {} s: check `narq pins` later", wait.as_secs());
             return Ok(false);
         }
         target.forget_listing();

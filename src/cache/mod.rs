@@ -2,6 +2,7 @@
 //! only those the [`index`] does not already hold in the same version. `narq verify`,
 //! `narq sign` and the maintenance commands (`rm`, `gc`) build on it.
 
+pub mod collection;
 pub mod deep;
 pub mod gc;
 pub mod index;

@@ -1,24 +1,34 @@
 //! `narq sign`: adds a signature to narinfos already in the cache, keeping the ones there
 //! (`nix copy` never adds one to a path the cache has, so adding a key would otherwise mean
-//! uploading everything again). It signs only what it checked: the path is valid in the
-//! local store with the same NarHash, NarSize and references, or (`--deep`) the cache's NAR
-//! was downloaded and matches.
+//! uploading everything again).
+//!
+//! A signature says that a trusted key vouches for the contents, so `sign` adds one only
+//! where that is already so: the narinfo carries a valid signature by a trusted key
+//! (`public-keys`, or `--trusted-public-keys`), or the local store holds the same path,
+//! valid, with the same NarHash, NarSize and references. `--deep` checks the cache's NAR
+//! against the narinfo as well; on its own it proves nothing, since whoever wrote the
+//! narinfo wrote its NarHash too. Each narinfo is read and written back under the
+//! collection gate (`cache::collection`), with `If-Match` where the store honours it, so a
+//! signature another writer added meanwhile is never lost.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Instant;
 
-use super::roots::{Gate, GcWatch, GC_WAIT};
+use super::collection::{Gate, GcWatch, Settled, Timing};
 use super::{scan, try_concurrently, NarInfoEntry, ScanError};
 use crate::nix::db::NixDb;
-use crate::nix::{NarInfo, SecretKey, StorePath};
+use crate::nix::{NarInfo, PublicKey, SecretKey, StorePath};
 use crate::storage::{self, Body, Target, TargetError};
 
 pub struct Options {
     pub key: SecretKey,
     /// The paths to sign; empty: every narinfo of the cache (`--all`).
     pub paths: Vec<StorePath>,
-    /// Check the cache's NAR instead of the local store.
+    /// Keys whose valid signature on a narinfo is enough to sign it too.
+    pub trusted: Vec<PublicKey>,
+    /// Check the cache's NAR against its narinfo too.
     pub deep: bool,
     pub jobs: usize,
 }
@@ -56,12 +66,35 @@ pub fn add_sig(text: &str, sig: &str) -> String {
     out
 }
 
+/// Why the cache's narinfo `ni` may not be signed (see the module doc), or `None` if a
+/// trusted key already vouches for it or the local store (`db`) holds the same path.
+fn untrusted(ni: &NarInfo, trusted: &[PublicKey], db: Option<&NixDb>) -> Option<String> {
+    if ni.info.signed_by_any(trusted) {
+        return None;
+    }
+    let Some(db) = db else {
+        return Some("carries no valid signature by a trusted key, and the local Nix database cannot be read (sign as root, or pass --trusted-public-keys)".into());
+    };
+    let local = match db.query(std::slice::from_ref(&ni.info.path), false) {
+        Ok(l) => l,
+        Err(_) => return Some("carries no valid signature by a trusted key and is not valid in the local store (--trusted-public-keys names keys to trust)".into()),
+    };
+    let l = local.first()?;
+    if (l.nar_hash, l.nar_size) != (ni.info.nar_hash, ni.info.nar_size) {
+        return Some(format!(
+            "carries no valid signature by a trusted key, and the local store has NarHash {} ({} bytes), the cache {} ({} bytes)",
+            l.nar_hash, l.nar_size, ni.info.nar_hash, ni.info.nar_size
+        ));
+    }
+    if l.references != ni.info.references {
+        return Some("carries no valid signature by a trusted key, and the local store gives it other references than the cache".into());
+    }
+    None
+}
+
 /// Signs the narinfos of `opts.paths` (all without) in the cache at `target`.
 pub async fn sign(shared: &Arc<dyn Target>, index_path: &Path, opts: &Options) -> Result<Report, ScanError> {
     let target = &**shared;
-    // A narinfo is put back only while no `narq gc`/`narq rm` is deleting, as the daemon's
-    // uploads do: else one deleted between our read and our write would come back without
-    // its NAR or references.
     let watch = GcWatch::new(shared.clone(), Box::new(|_| Ok(())));
     let watch = &watch;
     let s = scan(target, index_path, opts.jobs, &|_| {}).await?;
@@ -80,8 +113,14 @@ pub async fn sign(shared: &Arc<dyn Target>, index_path: &Path, opts: &Options) -
         out
     };
     let public = opts.key.public();
-    // The local store's view first (its database is not shared between tasks).
-    let db = if opts.deep { None } else { Some(NixDb::open_default().map_err(|e| TargetError::transient(format!("the local Nix database: {e}")))?) };
+    // The local store vouches for what it holds; without it only trusted signatures do.
+    let db = match NixDb::open_default() {
+        Ok(db) => Some(db),
+        Err(e) => {
+            tracing::debug!("the local Nix database: {e}");
+            None
+        }
+    };
     let mut todo: Vec<&NarInfo> = Vec::new();
     for e in selected {
         let ni = match &e.info {
@@ -99,30 +138,17 @@ pub async fn sign(shared: &Arc<dyn Target>, index_path: &Path, opts: &Options) -
             report.already += 1;
             continue;
         }
-        if let Some(db) = &db {
-            let path = ni.info.path.to_string();
-            match db.query(std::slice::from_ref(&ni.info.path), false) {
-                Err(_) => {
-                    report.refused.push((path, "is not valid in the local store (--deep checks the cache's NAR instead)".into()));
-                    continue;
-                }
-                Ok(local) => {
-                    let Some(l) = local.first() else { continue };
-                    if (l.nar_hash, l.nar_size) != (ni.info.nar_hash, ni.info.nar_size) {
-                        let why = format!("the local store has NarHash {} ({} bytes), the cache {} ({} bytes)", l.nar_hash, l.nar_size, ni.info.nar_hash, ni.info.nar_size);
-                        report.refused.push((path, why));
-                        continue;
-                    }
-                    if l.references != ni.info.references {
-                        report.refused.push((path, "the local store gives it other references than the cache".into()));
-                        continue;
-                    }
-                }
-            }
+        match untrusted(ni, &opts.trusted, db.as_ref()) {
+            Some(why) => report.refused.push((ni.info.path.to_string(), why)),
+            None => todo.push(ni),
         }
-        todo.push(ni);
     }
     drop(db);
+    let conditional = target.conditional_puts().await?;
+    if let Err(why) = &conditional {
+        eprintln!("narq: sign: {}: {why}; narinfos are written back without If-Match, so a signature another writer adds at the same moment may be lost (run sign again to see)", target.describe());
+    }
+    let conditional = conditional.is_ok();
     let results = try_concurrently(todo, opts.jobs, |ni| async move {
         let path = ni.info.path.to_string();
         if opts.deep {
@@ -130,26 +156,44 @@ pub async fn sign(shared: &Arc<dyn Target>, index_path: &Path, opts: &Options) -
                 return Ok::<_, TargetError>(Err((path, why)));
             }
         }
-        let until = match watch.wait_open(GC_WAIT).await? {
-            Gate::Open { until, .. } => until,
-            Gate::Held(why) => return Ok(Err((path, format!("{why}; run sign again")))),
-        };
-        // Signed as read now: what was checked must be what gets the signature.
+        let sig = opts.key.sign(&ni.info.fingerprint());
         let key = format!("{}.narinfo", ni.info.path.hash_part());
-        let Some(body) = target.get(&key).await? else { return Ok(Err((path, "its narinfo was deleted meanwhile".into()))) };
-        let text = String::from_utf8_lossy(&body);
-        match NarInfo::parse(&text) {
-            Ok(now) if now.info.fingerprint() == ni.info.fingerprint() => {
-                let sig = opts.key.sign(&ni.info.fingerprint());
-                let put = target.put(&key, Body::Bytes(add_sig(&text, &sig).into_bytes()), storage::NARINFO_TYPE);
-                match tokio::time::timeout(until.saturating_duration_since(std::time::Instant::now()), put).await {
-                    Ok(r) => r?,
-                    Err(_) => return Ok(Err((path, "its narinfo took too long to put while a collection may start; run sign again".into()))),
-                }
-                Ok(Ok(path))
+        for _ in 0..5 {
+            let open = match watch.wait_open(Timing::get().gc_wait).await? {
+                Gate::Open(look) => look,
+                Gate::Held(why) => return Ok(Err((path, format!("{why}; run sign again")))),
+            };
+            // Signed as read now: what was checked must be what gets the signature.
+            let Some((body, version)) = target.get_versioned(&key).await? else { return Ok(Err((path, "its narinfo was deleted meanwhile".into()))) };
+            let text = String::from_utf8_lossy(&body);
+            match NarInfo::parse(&text) {
+                Ok(now) if now.info.fingerprint() == ni.info.fingerprint() => {}
+                _ => return Ok(Err((path, "its narinfo changed meanwhile; run sign again".into()))),
             }
-            _ => Ok(Err((path, "its narinfo changed meanwhile; run sign again".into()))),
+            let signed = add_sig(&text, &sig).into_bytes();
+            if conditional {
+                if !target.put_if_version(&key, signed, storage::NARINFO_TYPE, &version).await? {
+                    continue;
+                }
+            } else {
+                target.put(&key, Body::Bytes(signed), storage::NARINFO_TYPE).await?;
+            }
+            // A write that a collection may have overlapped must not leave a narinfo whose
+            // NAR or references it deleted (without If-Match the put may have brought back
+            // one it deleted): looked for, and undone if gone.
+            let settled = match watch.settle(&open, Instant::now()).await? {
+                Ok(s) => s,
+                Err(why) => return Ok(Err((path, format!("{why}; run sign again")))),
+            };
+            if let Settled::Check(_) = settled {
+                if let Some(gone) = missing(target, ni).await? {
+                    target.delete(std::slice::from_ref(&key)).await?;
+                    return Ok(Err((path, format!("a collection removed {gone} meanwhile; its narinfo was removed again"))));
+                }
+            }
+            return Ok(Ok(path));
         }
+        Ok(Err((path, "its narinfo kept changing while it was being signed; run sign again".into())))
     })
     .await?;
     for r in results {
@@ -163,10 +207,23 @@ pub async fn sign(shared: &Arc<dyn Target>, index_path: &Path, opts: &Options) -
     Ok(report)
 }
 
+/// What `ni` names that the cache no longer has: its NAR or a reference's narinfo.
+async fn missing(target: &dyn Target, ni: &NarInfo) -> Result<Option<String>, TargetError> {
+    if !target.exists(&ni.url).await? {
+        return Ok(Some(ni.url.clone()));
+    }
+    for r in ni.info.references.iter().filter(|r| **r != ni.info.path) {
+        if !target.exists(&format!("{}.narinfo", r.hash_part())).await? {
+            return Ok(Some(r.to_string()));
+        }
+    }
+    Ok(None)
+}
+
 /// `narq sign`'s command line.
 #[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("what").required(true).args(["path", "all"])))]
-#[command(after_help = "Exit codes: 0 every path is signed; 1 some path was refused (not checked); 2 usage error.")]
+#[command(after_help = "A path is signed only if a trusted key already signed its narinfo, or the local store holds it with the same contents.\nExit codes: 0 every path is signed; 1 some path was refused (not vouched for); 2 usage error.")]
 pub struct Args {
     /// The secret key to sign with (NAME:BASE64, as nix-store --generate-binary-cache-key writes it)
     #[arg(long, value_name = "FILE")]
@@ -179,9 +236,12 @@ pub struct Args {
     /// The cache: file:///DIR or s3://BUCKET?... [default: the configured store]
     #[arg(long, value_name = "URL", value_parser = crate::store_url::StoreUrl::parse)]
     pub store: Option<crate::store_url::StoreUrl>,
-    /// Check each path by downloading its NAR from the cache, instead of against the local store
+    /// Also download each NAR and check it against its narinfo (this alone is no reason to sign)
     #[arg(long)]
     pub deep: bool,
+    /// Keys whose valid signature on a narinfo vouches for it [default: public-keys and the secret-key-files' public halves]
+    #[arg(long, value_name = "KEYS", value_parser = super::verify::parse_keys)]
+    pub trusted_public_keys: Option<super::verify::Keys>,
     /// Concurrent reads and writes
     #[arg(long, value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub jobs: u16,
@@ -196,7 +256,11 @@ pub fn run(config: &crate::config::Config, args: Args, resolve: impl Fn(&Path) -
     use anyhow::Context;
     let key = SecretKey::read(&args.key_file)?;
     let paths = args.path.iter().map(|p| resolve(p)).collect::<anyhow::Result<Vec<_>>>()?;
-    let opts = Options { key, paths, deep: args.deep, jobs: args.jobs.into() };
+    let trusted = match args.trusted_public_keys {
+        Some(super::verify::Keys(k)) => k,
+        None => config.trusted_keys(),
+    };
+    let opts = Options { key, paths, trusted, deep: args.deep, jobs: args.jobs.into() };
     let (rt, target, index) = super::verify::open(config, args.store.as_ref())?;
     let report = rt.block_on(sign(&target, &index, &opts)).context("signing")?;
     if args.json {

@@ -29,7 +29,7 @@ pub(super) struct Admission {
     spool: tokio::sync::Mutex<()>,
     /// Paths that requests named, and when: once the cache's collections were looked at after
     /// that, a collection seen then makes them pending again (`daemon::recheck_asked`).
-    pub(super) asked: std::sync::Mutex<Vec<(std::time::Instant, StorePath)>>,
+    pub(super) asked: std::sync::Mutex<Vec<Asked>>,
 }
 
 /// The checks of an `enqueue` request that need no queue state, made before the queue lock
@@ -194,11 +194,11 @@ impl Admission {
             .map_err(NotStored::Refused)
     }
 
-    /// Notes that a request named `paths` now (see [`Admission::asked`]).
-    pub(super) fn asked_now(&self, paths: Vec<StorePath>) {
+    /// Notes that a request named `paths` now (see [`Admission::asked`]), in the queue's
+    /// place `seq`.
+    pub(super) fn asked_now(&self, paths: Vec<StorePath>, seq: i64) {
         if let Ok(mut a) = self.asked.lock() {
-            let now = std::time::Instant::now();
-            a.extend(paths.into_iter().map(|p| (now, p)));
+            a.push(Asked { at: std::time::Instant::now(), seq, paths });
         }
     }
 
@@ -246,6 +246,17 @@ impl NotStored {
             NotStored::Transient(m) => Response::unavailable(m),
         }
     }
+}
+
+/// A request answered while the daemon may not have seen a collection yet (see
+/// `daemon::Keeper::recheck_asked`).
+pub(super) struct Asked {
+    /// When it was answered.
+    pub(super) at: std::time::Instant,
+    /// Its place in the queue: what it makes pending again keeps it, for `wait`.
+    pub(super) seq: i64,
+    /// The paths it named.
+    pub(super) paths: Vec<StorePath>,
 }
 
 /// Validates (the queue-dependent part, after [`check`]) and stores an `enqueue` request in
@@ -466,7 +477,7 @@ mod tests {
         // The realisation waits for its out path's narinfo.
         let ready: Vec<String> = q.ready(10, &HashSet::new()).unwrap().into_iter().map(|i| i.key).collect();
         assert_eq!(ready, [out.path.to_string()]);
-        q.done(&out.path.to_string(), crate::queue::Outcome::Present).unwrap();
+        q.done(&out.path.to_string(), crate::queue::Outcome::Present, None).unwrap();
         let ready: Vec<String> = q.ready(10, &HashSet::new()).unwrap().into_iter().map(|i| i.key).collect();
         assert_eq!(ready, [format!("realisation:{}", r.id)]);
         std::fs::remove_dir_all(&dir).unwrap();

@@ -196,6 +196,21 @@ impl Target for Gated {
     fn put_encoded<'a>(&'a self, key: &'a str, body: Body, content_type: &'static str, encoding: &'static str) -> BoxFuture<'a, Result<(), TargetError>> {
         self.through(move || self.inner.put_encoded(key, body, content_type, encoding))
     }
+    fn fence<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<storage::Fence>, TargetError>> {
+        self.through(move || self.inner.fence(key))
+    }
+    fn fenced<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<bool>, TargetError>> {
+        self.through(move || self.inner.fenced(key))
+    }
+    fn get_versioned<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<(Vec<u8>, String)>, TargetError>> {
+        self.through(move || self.inner.get_versioned(key))
+    }
+    fn put_if_version<'a>(&'a self, key: &'a str, body: Vec<u8>, content_type: &'static str, version: &'a str) -> BoxFuture<'a, Result<bool, TargetError>> {
+        self.through(move || self.inner.put_if_version(key, body, content_type, version))
+    }
+    fn conditional_puts<'a>(&'a self) -> BoxFuture<'a, Result<Result<(), String>, TargetError>> {
+        self.through(move || self.inner.conditional_puts())
+    }
 }
 
 #[cfg(test)]

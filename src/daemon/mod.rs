@@ -22,7 +22,7 @@ use anyhow::Context;
 use tokio::net::UnixListener;
 use tokio::sync::Notify;
 
-use crate::cache::roots::GcWatch;
+use crate::cache::collection::{Gate, GcWatch, Settled, Timing};
 use crate::config::Config;
 use crate::metrics::{Levels, Metrics};
 use crate::queue::Queue;
@@ -171,8 +171,10 @@ pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Futur
             }
         }
     });
-    let roots = tokio::spawn(record_roots(queue.clone(), uploader_target.clone()));
-    let asked = tokio::spawn(recheck_asked(admission.clone(), gc.clone()));
+    let keeper = Arc::new(Keeper { admission: admission.clone(), target: uploader_target.clone(), gc: gc.clone() });
+    let roots = tokio::spawn(keeper.clone().record_roots());
+    let (settle, settle_asks) = tokio::sync::mpsc::channel(64);
+    let asked = tokio::spawn(keeper.clone().recheck_asked(settle_asks));
     // The socket is served on a thread of its own with a single-threaded runtime: a hook's
     // request is read, stored (one fsync) and answered without waking any other thread (on
     // an idle machine each such wake-up costs ~0.1 ms), and busy upload workers share only
@@ -184,7 +186,7 @@ pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Futur
         UnixListener::from_std(listener)?
     };
     let target = uploader_target;
-    let server = Arc::new(Server { admission, workers, store, target, metrics });
+    let server = Arc::new(Server { admission, workers, store, target, metrics, settle });
     let server = std::thread::Builder::new()
         .name("narq-socket".into())
         .spawn(move || rt.block_on(accept(server, listener, stopped)))
@@ -227,68 +229,101 @@ fn levels(queue: SharedQueue, workers: tokio::sync::watch::Receiver<workers::Sna
 /// How often the roots noted by requests are looked at, to be recorded in the cache.
 const ROOTS_POLL: Duration = Duration::from_secs(1);
 
-/// Records in the cache the roots that requests noted (`cache::roots`), in the background:
-/// a failure is logged and tried again at the next round.
-async fn record_roots(queue: SharedQueue, target: Arc<dyn storage::Target>) {
-    loop {
-        tokio::time::sleep(ROOTS_POLL).await;
-        let due = match queue.run(|q| q.roots_due(100)).await {
-            Ok(Ok(d)) if !d.is_empty() => d,
-            Ok(Ok(_)) => continue,
-            Ok(Err(e)) => {
-                tracing::warn!("reading the roots to record: {e}");
-                continue;
-            }
-            Err(e) => {
-                tracing::warn!("reading the roots to record: {e}");
-                continue;
-            }
-        };
-        match crate::cache::roots::record_roots(&*target, &due).await {
-            Ok(done) => match queue.run(move |q| q.roots_recorded(&done)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!("remembering recorded roots: {e}"),
-                Err(e) => tracing::warn!("remembering recorded roots: {e}"),
-            },
-            Err(e) => tracing::warn!("recording roots in the cache (will retry): {e}"),
-        }
-    }
+/// Keeps what the daemon tells clients true while collections run elsewhere (see
+/// `cache::collection`): records the roots that requests noted, and looks again for what
+/// requests answered from memory relied on.
+struct Keeper {
+    admission: Arc<Admission>,
+    target: Arc<dyn storage::Target>,
+    gc: Arc<GcWatch>,
 }
 
-/// A request answered from what the daemon remembers (paths `done`) may come before the daemon
-/// saw that a `gc` or `rm` removed them, and then nothing would upload them again. So the
-/// collections are looked at after each request (one listing of `narq/gc/` at most every
-/// [`WATCH_TTL`]); once a look is surely later than a request, its paths that a collection
-/// made `stale` are pending again, with the stale paths they reach.
-async fn recheck_asked(admission: Arc<Admission>, gc: Arc<GcWatch>) {
-    let settled = crate::cache::roots::WATCH_TTL + Duration::from_secs(1);
-    loop {
-        tokio::time::sleep(ROOTS_POLL).await;
-        if admission.asked.lock().map_or(true, |a| a.is_empty()) {
-            continue;
-        }
-        // A look older than WATCH_TTL is made again here, so after it every request older
-        // than `settled` was followed by a look.
-        if let Err(e) = gc.gate().await {
-            tracing::warn!("looking for collections of the cache (will retry): {e}");
-            continue;
-        }
-        let due: Vec<crate::nix::StorePath> = match admission.asked.lock() {
-            Ok(mut a) => {
-                let (old, new): (Vec<_>, Vec<_>) = a.drain(..).partition(|(t, _)| t.elapsed() >= settled);
-                *a = new;
-                old.into_iter().map(|(_, p)| p).collect()
+/// A caller (`narq wait`) asking the keeper to look for collections now and settle every
+/// request answered so far; told when that is done.
+pub(super) type SettleAsk = tokio::sync::oneshot::Sender<()>;
+
+impl Keeper {
+    /// Records roots in the cache in the background, under the collection gate: a root that a
+    /// collection may have missed is settled (its path, if stale, looked for again) before it
+    /// counts as recorded. A failure is logged and tried again at the next round.
+    async fn record_roots(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(ROOTS_POLL).await;
+            if let Err(e) = self.record_due().await {
+                tracing::warn!("recording roots in the cache (will retry): {e}");
             }
-            Err(_) => continue,
+        }
+    }
+
+    async fn record_due(&self) -> anyhow::Result<()> {
+        let queue = &self.admission.queue;
+        let due = queue.run(|q| q.roots_due(100)).await.map_err(anyhow::Error::msg)??;
+        if due.is_empty() {
+            return Ok(());
+        }
+        let open = match self.gc.wait_open(Timing::get().gc_wait).await? {
+            Gate::Open(look) => look,
+            Gate::Held(why) => anyhow::bail!("{why}"),
+        };
+        crate::cache::try_concurrently(due.iter().collect(), 16, |r| crate::cache::roots::put_root(&*self.target, r)).await?;
+        let marker = match self.gc.settle(&open, std::time::Instant::now()).await? {
+            Ok(Settled::Safe(look) | Settled::Check(look)) => look.marker,
+            Err(why) => anyhow::bail!("{why}"),
+        };
+        let n = queue.run(move |q| q.roots_recorded(&due, Some(&marker))).await.map_err(anyhow::Error::msg)??;
+        if n > 0 {
+            tracing::info!(paths = n, "roots recorded after a collection of the cache: {n} paths they rely on are looked for again");
+            self.admission.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// A request answered from what the daemon remembers (paths `done`) may come before the
+    /// daemon saw that a `gc` or `rm` removed them, and then nothing would upload them again.
+    /// So once a look at the collections was sent after a request, its paths that a
+    /// collection made `stale` are pending again (with the stale paths they reach), in the
+    /// request's place in the queue. Looks every second while requests wait for one, and at
+    /// once when `narq wait` asks (`asks`).
+    async fn recheck_asked(self: Arc<Self>, mut asks: tokio::sync::mpsc::Receiver<SettleAsk>) {
+        loop {
+            let waiting = tokio::select! {
+                ask = asks.recv() => ask,
+                _ = tokio::time::sleep(ROOTS_POLL) => None,
+            };
+            let idle = self.admission.asked.lock().map_or(true, |a| a.is_empty());
+            if idle && waiting.is_none() {
+                continue;
+            }
+            // `narq wait` needs a look sent after every request it waits for.
+            let after = waiting.as_ref().map(|_| std::time::Instant::now());
+            match self.gc.look(after).await {
+                Ok(look) => self.repend_asked(look.sent).await,
+                Err(e) => tracing::warn!("looking for collections of the cache (will retry): {e}"),
+            }
+            if let Some(w) = waiting {
+                let _ = w.send(());
+            }
+        }
+    }
+
+    /// Makes pending again the stale paths of requests answered before `seen` (a look).
+    async fn repend_asked(&self, seen: std::time::Instant) {
+        let due: Vec<admission::Asked> = match self.admission.asked.lock() {
+            Ok(mut a) => {
+                let (old, new): (Vec<_>, Vec<_>) = a.drain(..).partition(|r| r.at <= seen);
+                *a = new;
+                old
+            }
+            Err(_) => return,
         };
         if due.is_empty() {
-            continue;
+            return;
         }
-        match admission.queue.run(move |q| q.repend_stale(&due)).await {
+        match self.admission.queue.run(move |q| due.iter().map(|r| q.repend_stale(&r.paths, r.seq)).sum::<Result<usize, _>>()).await {
             Ok(Ok(0)) => {}
             Ok(Ok(n)) => {
                 tracing::info!(paths = n, "requested paths a collection of the cache may have removed are looked for again");
-                admission.wake.notify_one();
+                self.admission.wake.notify_one();
             }
             Ok(Err(e)) => tracing::warn!("rechecking requested paths after a collection: {e}"),
             Err(e) => tracing::warn!("rechecking requested paths after a collection: {e}"),

@@ -36,6 +36,8 @@ pub(super) struct Server {
     pub(super) store: String,
     /// The store itself: a `recheck` makes it forget what it remembers of the cache.
     pub(super) target: Arc<dyn crate::storage::Target>,
+    /// Asks the daemon's keeper to settle the requests answered so far (`wait`).
+    pub(super) settle: tokio::sync::mpsc::Sender<super::SettleAsk>,
     /// Counts requests; the uploads in flight and their progress, for `status`.
     pub(super) metrics: Arc<crate::metrics::Metrics>,
 }
@@ -231,13 +233,13 @@ async fn serve(server: Arc<Server>, mut stream: UnixStream) {
                 let n = paths.len();
                 let named: Vec<StorePath> = paths.iter().map(|p| p.path.clone()).collect();
                 let stored = match admission.checked(paths, drv, realisations).await {
-                    Ok(req) => admission.queue.here(|q| enqueue(q, &admission.trusted_keys, req)),
+                    Ok(req) => admission.queue.here(|q| enqueue(q, &admission.trusted_keys, req).map(|n| (n, q.current_seq()))),
                     Err(e) => Err(e),
                 };
                 match stored {
-                    Ok(new) => {
+                    Ok((new, seq)) => {
                         admission.wake.notify_one();
-                        admission.asked_now(named);
+                        admission.asked_now(named, seq);
                         tracing::debug!(uid, paths = n, new, "enqueued");
                         Response::Queued { new }
                     }
@@ -252,10 +254,10 @@ async fn serve(server: Arc<Server>, mut stream: UnixStream) {
                     }
                 }
             }
-            Request::Roots { paths, drv } => match admission.queue.here(|q| roots(q, &paths, drv.as_ref())) {
-                Ok(Ok(new)) => {
+            Request::Roots { paths, drv } => match admission.queue.here(|q| roots(q, &paths, drv.as_ref()).map(|r| r.map(|n| (n, q.current_seq())))) {
+                Ok(Ok((new, seq))) => {
                     admission.wake.notify_one();
-                    admission.asked_now(paths);
+                    admission.asked_now(paths, seq);
                     Response::Queued { new }
                 }
                 Ok(Err(missing)) => Response::Missing { paths: missing },
@@ -285,7 +287,7 @@ async fn serve(server: Arc<Server>, mut stream: UnixStream) {
             Request::Wait { timeout_ms, paths } => {
                 // A reader's wait must not take the failures it reports away from others.
                 let acknowledges = admission.may_change(uid);
-                wait(admission, Duration::from_millis(timeout_ms), paths, acknowledges).await
+                wait(&server, Duration::from_millis(timeout_ms), paths, acknowledges).await
             }
             req @ (Request::Report { .. } | Request::Recheck { .. }) => {
                 let recheck = matches!(req, Request::Recheck { .. });
@@ -341,18 +343,30 @@ const READER_MAX_FRAME: usize = 1 << 20;
 /// empty, or `timeout`. Without `paths`, reports the failures since the last wait that saw
 /// everything done (the checkpoint); a caller who may change the queue (`acknowledges`)
 /// moves the checkpoint once everything is done.
-async fn wait(admission: &Admission, timeout: Duration, paths: Option<Vec<StorePath>>, acknowledges: bool) -> Response {
+async fn wait(server: &Server, timeout: Duration, paths: Option<Vec<StorePath>>, acknowledges: bool) -> Response {
+    let admission = &server.admission;
     let start = Instant::now();
     admission.ingest_spool().await;
     let mut ingested = Instant::now();
+    // What requests answered from memory relied on, a collection may have removed since: the
+    // daemon looks at the collections first (one request), and what they took is pending again.
+    let (ask, settled) = tokio::sync::oneshot::channel();
+    if server.settle.send(ask).await.is_ok() {
+        let _ = tokio::time::timeout(timeout.min(Duration::from_secs(30)), settled).await;
+    }
     let (upto, since) = match admission.queue.here(|q| q.wait_checkpoint().map(|c| (q.current_seq(), c))) {
         Ok(s) => s,
         Err(e) => return Response::unavailable(format!("queue: {e}")),
     };
     loop {
-        let progress = admission.queue.here(|q| match &paths {
-            Some(p) => q.progress_of(p),
-            None => q.progress(upto, since),
+        // Uploads, and the roots of what they uploaded: a machine that goes away after `wait`
+        // leaves its paths rooted in the cache.
+        let progress = admission.queue.here(|q| {
+            let (pending, failed) = match &paths {
+                Some(p) => q.progress_of(p)?,
+                None => q.progress(upto, since)?,
+            };
+            Ok::<_, rusqlite::Error>((pending + q.roots_pending(Some(upto), paths.as_deref())?, failed))
         });
         // A request still in the spool (the queue could not take it yet) is not uploaded.
         let spooled = spool::list(&admission.spool_dir).map_or(0, |v| v.len() as u64);

@@ -19,8 +19,8 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use super::breaker::Breaker;
 use super::shared_queue::SharedQueue;
-use crate::queue::{Item, Outcome, Queue};
-use crate::upload::{Cost, UploadError, Uploader};
+use crate::queue::{Item, Queue};
+use crate::upload::{Cost, Done, UploadError, Uploader};
 
 /// Bytes that small items in flight may hold in memory (NARs made in memory, encoders); one
 /// item always may, whatever its size.
@@ -55,7 +55,7 @@ struct Finished {
     item: Item,
     /// When its upload began.
     started: Instant,
-    result: Result<Outcome, UploadError>,
+    result: Result<Done, UploadError>,
 }
 
 /// Starts ready items on free workers; sleeps until woken, a worker finishes, a retry is
@@ -231,7 +231,7 @@ impl Dispatcher {
 /// (one fsync for a batch of small paths instead of one each), the permanent failures (which
 /// fail their dependents too) each in its own. Returns the keys whose result could not be
 /// recorded, and why.
-fn record_all(q: &mut Queue, records: Vec<(String, u32, Result<Outcome, UploadError>)>) -> Vec<(String, rusqlite::Error)> {
+fn record_all(q: &mut Queue, records: Vec<(String, u32, Result<Done, UploadError>)>) -> Vec<(String, rusqlite::Error)> {
     let (permanent, simple): (Vec<_>, Vec<_>) = records.into_iter().partition(|(_, _, r)| matches!(r, Err(UploadError::Permanent(_))));
     let mut errors = Vec::new();
     let keys: Vec<String> = simple.iter().map(|(k, _, _)| k.clone()).collect();
@@ -259,9 +259,9 @@ fn clone_error(e: &rusqlite::Error) -> rusqlite::Error {
 }
 
 /// Records an upload that ended without failing for good: done, or retried later.
-fn record_simple(q: &Queue, key: &str, attempts: u32, result: Result<Outcome, UploadError>) -> Result<(), rusqlite::Error> {
+fn record_simple(q: &Queue, key: &str, attempts: u32, result: Result<Done, UploadError>) -> Result<(), rusqlite::Error> {
     match result {
-        Ok(outcome) => q.done(key, outcome),
+        Ok(Done { outcome, marker }) => q.done(key, outcome, marker.as_deref()),
         Err(UploadError::Target(e)) => q.retry_later(key, attempts, &e.msg).map(drop),
         Err(UploadError::Transient(e)) => {
             let delay = q.retry_later(key, attempts, &e)?;
@@ -274,7 +274,7 @@ fn record_simple(q: &Queue, key: &str, attempts: u32, result: Result<Outcome, Up
 }
 
 /// Records how an upload ended.
-fn record(q: &mut Queue, key: &str, attempts: u32, result: Result<Outcome, UploadError>) -> Result<(), rusqlite::Error> {
+fn record(q: &mut Queue, key: &str, attempts: u32, result: Result<Done, UploadError>) -> Result<(), rusqlite::Error> {
     match result {
         Err(UploadError::Permanent(e)) => {
             let dependents = q.fail(key, &e)?;
@@ -286,7 +286,7 @@ fn record(q: &mut Queue, key: &str, attempts: u32, result: Result<Outcome, Uploa
 }
 
 /// One worker's upload.
-async fn upload(uploader: &Uploader, item: &Item, epoch: u64) -> Result<Outcome, UploadError> {
+async fn upload(uploader: &Uploader, item: &Item, epoch: u64) -> Result<Done, UploadError> {
     #[cfg(debug_assertions)]
     panic_if_asked(item);
     uploader.run_in(item, epoch).await

@@ -208,6 +208,43 @@ fn version(meta: &fs::Metadata) -> String {
     format!("file:{}:{}.{}", meta.ino(), meta.ctime(), meta.ctime_nsec())
 }
 
+/// `flock` on `f`; `Ok(false)` if `nonblocking` and another holds a conflicting lock.
+fn flock(f: &File, op: libc::c_int, nonblocking: bool) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let op = if nonblocking { op | libc::LOCK_NB } else { op };
+    loop {
+        // SAFETY: a plain syscall on a descriptor we own.
+        if unsafe { libc::flock(f.as_raw_fd(), op) } == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EWOULDBLOCK) if nonblocking => return Ok(false),
+            _ => return Err(e),
+        }
+    }
+}
+
+/// A collector's lock ([`Target::fence`]): the open, locked file; removed and released when
+/// dropped (the kernel releases it too when the process dies).
+struct FileFence {
+    file: Option<File>,
+    root: PathBuf,
+    key: String,
+}
+
+impl Drop for FileFence {
+    fn drop(&mut self) {
+        let _ = remove(&self.root, &self.key);
+        drop(self.file.take());
+    }
+}
+
+/// Serialises [`Target::put_if_version`]: its check and its write happen under an
+/// exclusive lock that every conditional writer of this cache takes.
+const WRITE_LOCK: &str = "narq/locks/write";
+
 impl Target for FileTarget {
     fn list<'a>(&'a self, prefix: &'a str, each: &'a mut (dyn FnMut(Object) + Send)) -> BoxFuture<'a, Result<u64, TargetError>> {
         Box::pin(async move {
@@ -334,6 +371,71 @@ impl Target for FileTarget {
 
     fn describe(&self) -> String {
         format!("file://{}", self.dir.display())
+    }
+
+    fn fence<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<super::Fence>, TargetError>> {
+        let key = key.to_string();
+        Box::pin(self.blocking(move |root| {
+            let path = root.join(&key);
+            let (dir, name) = open_parent(&root, &key, true).map_err(|e| io_err("opening the directory of", &path, e))?;
+            let file = dir.open_or_create(name, 0o644).map_err(|e| io_err("creating", &path, e))?;
+            if !flock(&file, libc::LOCK_EX, true).map_err(|e| io_err("locking", &path, e))? {
+                return Err(TargetError::transient(format!("{} is locked by another process", path.display())));
+            }
+            dir.sync().map_err(|e| io_err("syncing the directory of", &path, e))?;
+            Ok(Some(Box::new(FileFence { file: Some(file), root, key }) as super::Fence))
+        }))
+    }
+
+    fn fenced<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<bool>, TargetError>> {
+        let key = key.to_string();
+        Box::pin(self.blocking(move |root| {
+            let path = root.join(&key);
+            let file = match open_object(&root, &key) {
+                Ok(Some(f)) => f,
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(io_err("opening", &path, e)),
+            };
+            // A shared lock taken at once means nobody holds the exclusive one.
+            Ok(Some(!flock(&file, libc::LOCK_SH, true).map_err(|e| io_err("locking", &path, e))?))
+        }))
+    }
+
+    fn get_versioned<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<(Vec<u8>, String)>, TargetError>> {
+        let key = key.to_string();
+        Box::pin(self.blocking(move |root| {
+            let path = root.join(&key);
+            let Some(f) = open_object(&root, &key).map_err(|e| io_err("opening", &path, e))? else { return Ok(None) };
+            let meta = f.metadata().map_err(|e| io_err("reading", &path, e))?;
+            let mut buf = Vec::with_capacity(meta.len().min(MAX_GET) as usize);
+            io::Read::read_to_end(&mut io::Read::take(f, MAX_GET), &mut buf).map_err(|e| io_err("reading", &path, e))?;
+            Ok(Some((buf, version(&meta))))
+        }))
+    }
+
+    fn put_if_version<'a>(&'a self, key: &'a str, body: Vec<u8>, _content_type: &'static str, expected: &'a str) -> BoxFuture<'a, Result<bool, TargetError>> {
+        let (key, expected) = (key.to_string(), expected.to_string());
+        Box::pin(self.blocking(move |root| {
+            let lock_path = root.join(WRITE_LOCK);
+            let (dir, name) = open_parent(&root, WRITE_LOCK, true).map_err(|e| io_err("opening the directory of", &lock_path, e))?;
+            let lock = dir.open_or_create(name, 0o644).map_err(|e| io_err("creating", &lock_path, e))?;
+            flock(&lock, libc::LOCK_EX, false).map_err(|e| io_err("locking", &lock_path, e))?;
+            let path = root.join(&key);
+            let now = match open_object(&root, &key).map_err(|e| io_err("opening", &path, e))? {
+                Some(f) => Some(version(&f.metadata().map_err(|e| io_err("reading", &path, e))?)),
+                None => None,
+            };
+            if now.as_deref() != Some(expected.as_str()) {
+                return Ok(false);
+            }
+            put_sync(&root, &key, Body::Bytes(body))?;
+            drop(lock);
+            Ok(true)
+        }))
+    }
+
+    fn conditional_puts<'a>(&'a self) -> BoxFuture<'a, Result<Result<(), String>, TargetError>> {
+        Box::pin(async { Ok(Ok(())) })
     }
 }
 

@@ -136,6 +136,9 @@ pub enum Chunk {
 /// to its place with [`Target::rename`]. Nix ignores keys it does not know.
 pub const STREAM_TMP_PREFIX: &str = "narq/tmp/";
 
+/// Where narq writes short-lived probes (`narq doctor`, the check for conditional puts).
+pub const PROBE_PREFIX: &str = "narq/probe/";
+
 /// S3's limit of keys per DeleteObjects request.
 pub const DELETE_BATCH: usize = 1000;
 
@@ -190,7 +193,33 @@ pub trait Target: Send + Sync {
     fn put_encoded<'a>(&'a self, key: &'a str, body: Body, content_type: &'static str, _encoding: &'static str) -> BoxFuture<'a, Result<(), TargetError>> {
         self.put(key, body, content_type)
     }
+    /// Takes the lock that tells others a collector lives, named by `key` (under
+    /// [`LOCKS_PREFIX`]), for as long as the returned [`Fence`] lives: held by a stopped
+    /// process too, released when the process dies. `None` where the store has no locks
+    /// (S3): there a collector is judged by its heartbeats alone.
+    fn fence<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Fence>, TargetError>>;
+    /// Whether the lock at `key` is held: `Some(true)` its collector lives (running or
+    /// stopped), `Some(false)` its process is gone, `None` this cannot be told (no lock
+    /// there, or a store without locks).
+    fn fenced<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<bool>, TargetError>>;
+    /// The object at `key` (at most [`MAX_GET`] bytes) and its version, which
+    /// [`Target::put_if_version`] names; `None` if there is none.
+    fn get_versioned<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<(Vec<u8>, String)>, TargetError>>;
+    /// Stores `body` at `key` only if the object there is still `version` (S3's `If-Match`);
+    /// `Ok(false)` if it changed or went meanwhile. Only where [`Target::conditional_puts`]
+    /// says it is honoured; elsewhere it is a plain put.
+    fn put_if_version<'a>(&'a self, key: &'a str, body: Vec<u8>, content_type: &'static str, version: &'a str) -> BoxFuture<'a, Result<bool, TargetError>>;
+    /// Whether [`Target::put_if_version`] is honoured (S3: probed once, since some servers
+    /// ignore `If-Match`); `Err` says why not, for the one line a command prints.
+    fn conditional_puts<'a>(&'a self) -> BoxFuture<'a, Result<Result<(), String>, TargetError>>;
 }
+
+/// Where collectors' locks live ([`Target::fence`]); Nix ignores these keys.
+pub const LOCKS_PREFIX: &str = "narq/locks/";
+
+/// A held lock ([`Target::fence`]): released when dropped.
+#[cfg(feature = "daemon")]
+pub type Fence = Box<dyn std::any::Any + Send + Sync>;
 
 /// The target for a store URL.
 #[cfg(feature = "daemon")]

@@ -55,6 +55,8 @@ pub struct S3Target {
     multipart: bool,
     /// For messages.
     describe: String,
+    /// Whether the server honours `If-Match` ([`Target::conditional_puts`]), once probed.
+    conditional: tokio::sync::OnceCell<Result<(), String>>,
 }
 
 /// S3 error codes that refuse one object for what it is (its size, its key): sending it
@@ -272,6 +274,7 @@ impl S3Target {
             part_size: o.part_size,
             multipart: o.multipart,
             describe,
+            conditional: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -702,6 +705,70 @@ impl Target for S3Target {
 
     fn log_encoding(&self) -> Option<&'static str> {
         Some("xz")
+    }
+
+    /// S3 has no locks: collectors are judged by their heartbeats.
+    fn fence<'a>(&'a self, _key: &'a str) -> BoxFuture<'a, Result<Option<super::Fence>, TargetError>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    fn fenced<'a>(&'a self, _key: &'a str) -> BoxFuture<'a, Result<Option<bool>, TargetError>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    fn get_versioned<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<(Vec<u8>, String)>, TargetError>> {
+        Box::pin(async move {
+            let Some(out) = self.get_object(key).await? else { return Ok(None) };
+            let etag = out.e_tag().unwrap_or_default().to_string();
+            let size = out.content_length().unwrap_or(0).max(0) as u64;
+            if size > MAX_GET {
+                return Err(TargetError::transient(format!("{key}: {size} bytes, more than get reads ({MAX_GET})")));
+            }
+            let what = format!("reading {key}");
+            let body = answered(&what, size, out.body.collect()).await?.map_err(|e| TargetError::transient(format!("{what}: {}", one_line(&e))))?;
+            Ok(Some((body.to_vec(), etag)))
+        })
+    }
+
+    /// PutObject with `If-Match`: 412 (or 404, 409 for a concurrent write) is a changed object.
+    fn put_if_version<'a>(&'a self, key: &'a str, body: Vec<u8>, content_type: &'static str, version: &'a str) -> BoxFuture<'a, Result<bool, TargetError>> {
+        Box::pin(async move {
+            let what = format!("uploading {key} if unchanged");
+            let len = body.len() as i64;
+            let send = self.client.put_object().bucket(&self.bucket).key(key).content_type(content_type).content_length(len).if_match(version).body(ByteStream::from(body)).send();
+            match answered(&what, len as u64, send).await? {
+                Ok(_) => Ok(true),
+                Err(e) if e.raw_response().is_some_and(|r| matches!(r.status().as_u16(), 404 | 409 | 412)) => Ok(false),
+                Err(e) => Err(classify(&what, e)),
+            }
+        })
+    }
+
+    /// Probed once: a put with a wrong `If-Match` must be refused (some servers ignore it).
+    fn conditional_puts<'a>(&'a self) -> BoxFuture<'a, Result<Result<(), String>, TargetError>> {
+        Box::pin(async move {
+            self.conditional
+                .get_or_try_init(|| async {
+                    let key = format!("{}if-match-{}", super::PROBE_PREFIX, std::process::id());
+                    self.put_with(&key, Body::Bytes(b"probe".to_vec()), super::JSON_TYPE, None).await?;
+                    let what = format!("uploading {key} if unchanged");
+                    let send = self.client.put_object().bucket(&self.bucket).key(&key).if_match("\"narq-no-such-version\"").body(ByteStream::from_static(b"probe 2")).send();
+                    let verdict = match answered(&what, 7, send).await? {
+                        Ok(_) => Err("the server ignores If-Match".to_string()),
+                        Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 412) => Ok(()),
+                        Err(e) if e.raw_response().is_some_and(|r| matches!(r.status().as_u16(), 400 | 405 | 501)) => {
+                            Err(format!("the server does not take If-Match ({})", classify(&what, e)))
+                        }
+                        Err(e) => return Err(classify(&what, e)),
+                    };
+                    if let Err(e) = self.delete(std::slice::from_ref(&key)).await {
+                        tracing::warn!("deleting the probe {key}: {e}");
+                    }
+                    Ok(verdict)
+                })
+                .await
+                .cloned()
+        })
     }
 
     fn put_encoded<'a>(&'a self, key: &'a str, body: Body, content_type: &'static str, encoding: &'static str) -> BoxFuture<'a, Result<(), TargetError>> {
