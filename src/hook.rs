@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::config::Config;
-use crate::nix::{db::NixDb, drv, PathInfo, Realisation, StorePath};
+use crate::nix::{db::NixDb, drv, PathInfo, Realisation, Sha256, StorePath};
 use crate::protocol::{self, Client, Request, Response};
 use crate::spool;
 
@@ -106,6 +106,15 @@ impl Source {
         };
         c.iter_mut().for_each(|c| tidy(c));
         Ok(c)
+    }
+
+    /// The NarHash of each of `roots`, in order.
+    fn nar_hashes(&self, roots: &[StorePath]) -> anyhow::Result<Vec<Sha256>> {
+        let infos = match self {
+            Source::Read(c) => c.iter().filter(|p| roots.contains(&p.path)).cloned().collect(),
+            Source::Db(db) => db.query(roots, false)?,
+        };
+        roots.iter().map(|r| infos.iter().find(|p| &p.path == r).map(|p| p.nar_hash).ok_or_else(|| anyhow::anyhow!("{r} is not valid in the local store"))).collect()
     }
 
     /// The whole closure of `roots`.
@@ -227,7 +236,9 @@ pub fn submit(config: &Config, h: Handover) -> anyhow::Result<Delivery> {
         let mut asked = None;
         let mut deep = false;
         if small.is_none() && realisations.is_empty() {
-            match client.call(&Request::Roots { paths: roots.to_vec(), drv: drv.clone() })? {
+            // With their NarHashes: a root rebuilt with other contents is sent in full.
+            let nar_hashes = source.nar_hashes(roots).map_err(Stopped::Local)?;
+            match client.call(&Request::Roots { paths: roots.to_vec(), drv: drv.clone(), nar_hashes })? {
                 Response::Missing { paths } => {
                     deep = paths.iter().any(|p| !roots.contains(p));
                     asked = Some(paths.into_iter().collect());

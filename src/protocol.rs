@@ -74,6 +74,11 @@ pub enum Request {
         paths: Vec<StorePath>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         drv: Option<StorePath>,
+        /// The NarHash of each of `paths` in the local store (in order; may be empty): a path
+        /// the daemon holds with another one was rebuilt with other contents since, and is
+        /// answered `missing` (the client then sends its path info).
+        #[serde(default, rename = "narHashes", skip_serializing_if = "Vec::is_empty")]
+        nar_hashes: Vec<crate::nix::Sha256>,
     },
     /// Which of `paths` the daemon does not hold, queued or uploaded (so the client signs
     /// and sends only those).
@@ -491,7 +496,7 @@ mod tests {
         let all = [
             Request::Enqueue { paths: vec![], drv: None, realisations: vec![] },
             Request::Missing { paths: vec![p.clone()] },
-            Request::Roots { paths: vec![p.clone()], drv: None },
+            Request::Roots { paths: vec![p.clone()], drv: None, nar_hashes: vec![] },
             Request::Status,
             Request::Wait { timeout_ms: 1, paths: None },
             Request::Report { roots: vec![p.clone()], drv: None, reason: "r".into() },

@@ -477,14 +477,14 @@ impl Queue {
     /// Adds paths (and a build log) in one durable transaction; returns how many were new.
     /// A pending path's info is replaced by the new one, which the daemon admitted only with
     /// a signature by a trusted key and the references it was queued with (so what an older
-    /// narq queued unsigned gives way to a signed request); `done` paths are left alone;
-    /// `failed` ones are retried.
+    /// narq queued unsigned gives way to a signed request); `done` paths stay done, with the
+    /// new info if it differs; `stale` and `failed` ones are pending again.
     pub fn enqueue(&mut self, paths: &[PathInfo], log: Option<&StorePath>) -> Result<usize> {
         let tx = self.conn.transaction()?;
         let seq = self.last_seq + 1;
         let mut new = 0;
         {
-            let mut get = tx.prepare_cached("SELECT state FROM items WHERE key = ?1")?;
+            let mut get = tx.prepare_cached("SELECT state, info FROM items WHERE key = ?1")?;
             let mut insert = tx.prepare_cached(
                 "INSERT INTO items (key, kind, info, state, seq) VALUES (?1, ?2, ?3, 'pending', ?4)
                  ON CONFLICT(key) DO UPDATE SET info = ?3, state = 'pending', seq = ?4, attempts = 0,
@@ -496,11 +496,13 @@ impl Queue {
             let mut replace = tx.prepare_cached("UPDATE items SET info = ?2 WHERE key = ?1")?;
             for p in paths {
                 let key = p.path.to_string();
-                let old: Option<String> = get.query_row([&key], |r| r.get(0)).optional()?;
+                let old: Option<(String, String)> = get.query_row([&key], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
                 let json = serde_json::to_string(p).expect("PathInfo serialises");
-                match old.as_deref() {
-                    Some("done") => continue,
-                    Some("pending") => {
+                match old.as_ref().map(|(state, info)| (state.as_str(), info == &json)) {
+                    Some(("done", true)) => continue,
+                    // Rebuilt with other contents (not every build is reproducible): what the
+                    // cache has stays trusted, but if it must be uploaded again it is this.
+                    Some(("done", false)) | Some(("pending", _)) => {
                         replace.execute(params![key, json])?;
                     }
                     // A failed one is retried.
@@ -577,11 +579,22 @@ impl Queue {
     /// Those of `paths` that the queue does not hold, pending or done: unknown ones, and
     /// failed ones (which a new request retries).
     pub fn not_queued(&self, paths: &[&StorePath]) -> Result<Vec<StorePath>> {
+        self.not_in(paths, "'failed'")
+    }
+
+    /// Those of `paths` a client should send in full (`missing`, `roots`): [`Queue::not_queued`]
+    /// and the stale ones, which a collection may have removed and the local store may hold
+    /// with other contents since.
+    pub fn lacking(&self, paths: &[&StorePath]) -> Result<Vec<StorePath>> {
+        self.not_in(paths, "'failed', 'stale'")
+    }
+
+    fn not_in(&self, paths: &[&StorePath], states: &'static str) -> Result<Vec<StorePath>> {
         let keys: Vec<String> = paths.iter().map(|p| p.to_string()).collect();
-        let mut stmt = self.conn.prepare_cached(
+        let mut stmt = self.conn.prepare_cached(&format!(
             "SELECT j.value FROM json_each(?1) j
-             WHERE NOT EXISTS (SELECT 1 FROM items i WHERE i.key = j.value AND i.state != 'failed')",
-        )?;
+             WHERE NOT EXISTS (SELECT 1 FROM items i WHERE i.key = j.value AND i.state NOT IN ({states}))"
+        ))?;
         let json = serde_json::to_string(&keys).expect("strings serialise");
         let rows = stmt.query_map([json], |r| r.get::<_, String>(0))?;
         let mut out = Vec::new();
@@ -617,13 +630,23 @@ impl Queue {
     /// The pending ones among `paths`, with their info (`None` if it no longer parses, as
     /// when an older narq stored what is now refused).
     pub fn pending_infos(&self, paths: &[&StorePath]) -> Result<HashMap<StorePath, Option<PathInfo>>> {
+        self.infos_in(paths, "'pending'")
+    }
+
+    /// The same for every path the queue holds (pending, done or stale): one rebuilt with
+    /// other contents since (not every build is reproducible) takes the new request's info.
+    pub fn queued_infos(&self, paths: &[&StorePath]) -> Result<HashMap<StorePath, Option<PathInfo>>> {
+        self.infos_in(paths, "'pending', 'done', 'stale'")
+    }
+
+    fn infos_in(&self, paths: &[&StorePath], states: &'static str) -> Result<HashMap<StorePath, Option<PathInfo>>> {
         let keys: Vec<String> = paths.iter().map(|p| p.to_string()).collect();
-        let mut stmt = self.conn.prepare_cached(
+        let mut stmt = self.conn.prepare_cached(&format!(
             "SELECT i.key, i.info FROM json_each(?1) j JOIN items i ON i.key = j.value
-             WHERE i.kind = 'nar' AND i.state = 'pending'",
-        )?;
+             WHERE i.kind = 'nar' AND i.state IN ({states})"
+        ))?;
         let json = serde_json::to_string(&keys).expect("strings serialise");
-        let rows = stmt.query_map([json], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let rows = stmt.query_map(params![json], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
         let mut out = HashMap::new();
         for r in rows {
             let (key, info) = r?;

@@ -24,6 +24,26 @@ pub fn stamp(o: &Object) -> Option<String> {
     Some(format!("stat:{}:{}", o.size, t.as_nanos()))
 }
 
+/// Puts the database in WAL mode. SQLite answers `journal_mode=wal` on a database that
+/// another process is creating at the same moment with "database is locked" at once, without
+/// the busy handler (two `narq` commands on one state dir, the first time): so the mode is
+/// read first, and the switch retried for up to 10 s.
+fn wal(conn: &Connection) -> rusqlite::Result<()> {
+    let start = std::time::Instant::now();
+    loop {
+        let r = conn.pragma_query_value(None, "journal_mode", |r| r.get::<_, String>(0)).and_then(|mode| match mode.eq_ignore_ascii_case("wal") {
+            true => Ok(()),
+            false => conn.pragma_update(None, "journal_mode", "wal"),
+        });
+        match r {
+            Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::DatabaseBusy && start.elapsed() < Duration::from_secs(10) => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            r => return r,
+        }
+    }
+}
+
 pub struct Index {
     conn: Connection,
 }
@@ -37,8 +57,8 @@ impl Index {
         }
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(10))?;
+        wal(&conn)?;
         // A lost write costs a refetch, not correctness: no fsync per transaction.
-        conn.pragma_update(None, "journal_mode", "wal")?;
         conn.pragma_update(None, "synchronous", "normal")?;
         conn.execute_batch(SCHEMA)?;
         Ok(Index { conn })

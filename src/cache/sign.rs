@@ -82,12 +82,12 @@ fn untrusted(ni: &NarInfo, trusted: &[PublicKey], db: Option<&NixDb>) -> Option<
     let l = local.first()?;
     if (l.nar_hash, l.nar_size) != (ni.info.nar_hash, ni.info.nar_size) {
         return Some(format!(
-            "carries no valid signature by a trusted key, and the local store has NarHash {} ({} bytes), the cache {} ({} bytes)",
+            "the local store has NarHash {} ({} bytes), the cache {} ({} bytes), and no trusted key signed the cache's",
             l.nar_hash, l.nar_size, ni.info.nar_hash, ni.info.nar_size
         ));
     }
     if l.references != ni.info.references {
-        return Some("carries no valid signature by a trusted key, and the local store gives it other references than the cache".into());
+        return Some("the local store gives it other references than the cache, and no trusted key signed the cache's".into());
     }
     None
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 
 use super::shared_queue::SharedQueue;
-use crate::nix::{PathInfo, PublicKey, Realisation, StorePath};
+use crate::nix::{PathInfo, PublicKey, Realisation, Sha256, StorePath};
 use crate::protocol::{self, FrameError, Request, Response};
 use crate::queue::Queue;
 use crate::spool;
@@ -267,7 +267,9 @@ pub(super) fn enqueue(q: &mut Queue, keys: &[PublicKey], (paths, drv, realisatio
     own.sort_unstable();
     own.dedup();
     let mut unknown: HashSet<StorePath> = q.not_queued(&own).map_err(NotStored::queue)?.into_iter().collect();
-    let pending = q.pending_infos(&requested.iter().copied().collect::<Vec<_>>()).map_err(NotStored::queue)?;
+    let named: Vec<&StorePath> = requested.iter().copied().collect();
+    let pending = q.pending_infos(&named).map_err(NotStored::queue)?;
+    let held = q.queued_infos(&named).map_err(NotStored::queue)?;
     // References matter only for the paths this request adds or may replace (pending ones):
     // a path uploaded already came with its closure. A build over a queued closure re-sends
     // its outputs (as roots), whose references are then not looked up one by one.
@@ -288,12 +290,10 @@ pub(super) fn enqueue(q: &mut Queue, keys: &[PublicKey], (paths, drv, realisatio
     if let Some(r) = realisations.iter().find(|r| !requested.contains(&r.out_path) && !queued.contains(&r.out_path)) {
         return Err(NotStored::Refused(format!("realisation {}: its out path {} is neither in the request nor queued", r.id, r.out_path)));
     }
-    // New paths, and pending ones whose info this request changes (it replaces theirs).
-    let todo: Vec<PathInfo> = paths
-        .iter()
-        .filter(|p| !queued.contains(&p.path) || pending.get(&p.path).is_some_and(|old| old.as_ref() != Some(*p)))
-        .cloned()
-        .collect();
+    // New paths, and held ones whose info this request changes (it replaces theirs: a path
+    // may have been rebuilt with other contents since).
+    let changes = |p: &PathInfo| held.get(&p.path).is_some_and(|old| old.as_ref() != Some(p));
+    let todo: Vec<PathInfo> = paths.iter().filter(|p| !queued.contains(&p.path) || changes(p)).cloned().collect();
     let new = q.enqueue(&todo, drv.as_ref()).map_err(NotStored::queue)?;
     q.enqueue_realisations(&realisations).map_err(NotStored::queue)?;
     // Its top-level paths are roots of the cache: in use, whether uploaded now or before.
@@ -307,12 +307,21 @@ pub(super) fn enqueue(q: &mut Queue, keys: &[PublicKey], (paths, drv, realisatio
 /// would: roots of the cache, their dropped builds cleared, the build log of `drv` queued.
 /// `Err` names those it does not hold (or failed), or failed paths they rely on (then the
 /// client sends the closure whole), and nothing is recorded.
-pub(super) fn roots(q: &mut Queue, roots: &[StorePath], drv: Option<&StorePath>) -> Result<Result<usize, Vec<StorePath>>, NotStored> {
+pub(super) fn roots(q: &mut Queue, roots: &[StorePath], nar_hashes: &[Sha256], drv: Option<&StorePath>) -> Result<Result<usize, Vec<StorePath>>, NotStored> {
     if let Some(d) = drv.filter(|d| !d.name().ends_with(".drv")) {
         return Err(NotStored::Refused(format!("{d} is not a derivation")));
     }
+    if !nar_hashes.is_empty() && nar_hashes.len() != roots.len() {
+        return Err(NotStored::Refused(format!("{} NarHashes for {} roots", nar_hashes.len(), roots.len())));
+    }
     let named: Vec<&StorePath> = roots.iter().collect();
-    let unknown = q.not_queued(&named).map_err(NotStored::queue)?;
+    // A stale root, or one held with another NarHash, may have been rebuilt with other
+    // contents: the client sends it in full.
+    let mut unknown = q.lacking(&named).map_err(NotStored::queue)?;
+    if !nar_hashes.is_empty() {
+        let held = q.queued_infos(&named).map_err(NotStored::queue)?;
+        unknown.extend(roots.iter().zip(nar_hashes).filter(|(r, h)| held.get(*r).and_then(|i| i.as_ref()).is_some_and(|i| i.nar_hash != **h)).map(|(r, _)| r.clone()));
+    }
     if !unknown.is_empty() {
         return Ok(Err(unknown));
     }

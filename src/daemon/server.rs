@@ -254,7 +254,7 @@ async fn serve(server: Arc<Server>, mut stream: UnixStream) {
                     }
                 }
             }
-            Request::Roots { paths, drv } => match admission.queue.here(|q| roots(q, &paths, drv.as_ref()).map(|r| r.map(|n| (n, q.current_seq())))) {
+            Request::Roots { paths, drv, nar_hashes } => match admission.queue.here(|q| roots(q, &paths, &nar_hashes, drv.as_ref()).map(|r| r.map(|n| (n, q.current_seq())))) {
                 Ok(Ok((new, seq))) => {
                     admission.wake.notify_one();
                     admission.asked_now(paths, seq);
@@ -278,7 +278,7 @@ async fn serve(server: Arc<Server>, mut stream: UnixStream) {
                 }
             }
             Request::Missing { paths } => {
-                match admission.queue.here(|q| q.not_queued(&paths.iter().collect::<Vec<_>>())) {
+                match admission.queue.here(|q| q.lacking(&paths.iter().collect::<Vec<_>>())) {
                     Ok(paths) => Response::Missing { paths },
                     Err(e) => Response::unavailable(format!("queue: {e}")),
                 }

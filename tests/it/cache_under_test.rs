@@ -44,7 +44,7 @@ impl TestCache {
     /// `narq ARGS` with this config and the test's S3 credentials.
     pub fn narq(&self, args: &[&str]) -> Output {
         output(
-            Command::new(bin("narq"))
+            scaled(&mut Command::new(bin("narq")))
                 .args(args)
                 .env("NARQ_CONFIG", &self.n.config)
                 .env("AWS_ACCESS_KEY_ID", "test")
@@ -87,6 +87,12 @@ impl TestCache {
             Some(m) => drop(boto(m, &format!("s3.delete_object(Bucket='{}', Key='{key}')", self.bucket))),
             None => std::fs::remove_file(self.n.cache().join(key)).unwrap(),
         }
+    }
+
+    /// `path`'s narinfo, parsed.
+    pub fn narinfo(&self, path: &str) -> narq::nix::NarInfo {
+        let text = self.get(&format!("{}.narinfo", hash(path))).unwrap_or_else(|| panic!("no narinfo for {path}"));
+        narq::nix::NarInfo::parse(std::str::from_utf8(&text).unwrap()).unwrap()
     }
 
     /// Whether the cache has `path`'s narinfo.

@@ -4,6 +4,7 @@
 mod admission;
 mod cache_under_test;
 mod cli;
+mod collection;
 mod daemon;
 mod doctor;
 mod faults;

@@ -59,12 +59,30 @@ pub fn output(cmd: &mut Command) -> Output {
     cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
 }
 
+/// The binary under test; `NARQ_TEST_BIN_DIR` runs the tests against others (e.g. an older
+/// narq's, to show that a test fails there).
 pub fn bin(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("NARQ_TEST_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
     match name {
         "narq" => PathBuf::from(env!("CARGO_BIN_EXE_narq")),
         "narq-hook" => PathBuf::from(env!("CARGO_BIN_EXE_narq-hook")),
         _ => panic!("unknown binary {name}"),
     }
+}
+
+/// The collection protocol's durations for the narq processes the tests start (debug builds
+/// honour it): shrunk together, so that a gc takes 3 s of lease, not 12. Every process of one
+/// test must use the same: a test that wants another sets it on its commands itself.
+pub const TIME_SCALE: &str = "0.25";
+
+/// Gives `cmd` the tests' [`TIME_SCALE`] unless it has one.
+pub fn scaled(cmd: &mut Command) -> &mut Command {
+    if !cmd.get_envs().any(|(k, _)| k == "NARQ_TEST_TIME_SCALE") {
+        cmd.env("NARQ_TEST_TIME_SCALE", TIME_SCALE);
+    }
+    cmd
 }
 
 /// A nix.conf directory for tests: no sandbox, root builds directly, and an optional hook.
@@ -175,7 +193,7 @@ impl Narq {
     pub fn spawn_daemon(&mut self, cmd: &mut Command) {
         assert!(self.daemon.is_none());
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("daemon.log")).unwrap();
-        let child = cmd
+        let child = scaled(cmd)
             .env("NARQ_CONFIG", &self.config)
             .env("AWS_ACCESS_KEY_ID", "test")
             .env("AWS_SECRET_ACCESS_KEY", "test")
@@ -196,7 +214,7 @@ impl Narq {
     }
 
     pub fn narq(&self, args: &[&str]) -> Output {
-        output(Command::new(bin("narq")).args(args).env("NARQ_CONFIG", &self.config))
+        output(scaled(Command::new(bin("narq")).args(args).env("NARQ_CONFIG", &self.config)))
     }
 
     /// `narq wait`, which must succeed.

@@ -15,11 +15,6 @@ fn started(tag: &str, s3: bool) -> TestCache {
 }
 
 impl TestCache {
-    fn narinfo(&self, path: &str) -> NarInfo {
-        let text = self.get(&format!("{}.narinfo", hash(path))).unwrap_or_else(|| panic!("no narinfo for {path}"));
-        NarInfo::parse(std::str::from_utf8(&text).unwrap()).unwrap()
-    }
-
     fn put_narinfo(&self, ni: &NarInfo) {
         self.put(&format!("{}.narinfo", ni.info.path.hash_part()), ni.to_string().as_bytes());
     }
