@@ -479,9 +479,22 @@ impl Uploader {
     /// uploaded again first (it was made stale, and the item relies on it), and the item
     /// then uploads its NAR and narinfo again.
     async fn check_relied_on(&self, info: &PathInfo, nar: Option<&str>) -> Result<(), UploadError> {
-        for r in info.references.iter().filter(|r| **r != info.path) {
+        self.check_refs(info.references.iter().filter(|r| **r != info.path), info, nar).await
+    }
+
+    /// [`Uploader::check_relied_on`] of a narinfo that a collection may have overlapped: the
+    /// narinfo itself too (one that was found, or put, may be what it deleted).
+    async fn check_overlapped(&self, info: &PathInfo, nar: Option<&str>) -> Result<(), UploadError> {
+        self.check_refs(info.references.iter().filter(|r| **r != info.path).chain([&info.path]), info, nar).await
+    }
+
+    async fn check_refs(&self, refs: impl Iterator<Item = &StorePath>, info: &PathInfo, nar: Option<&str>) -> Result<(), UploadError> {
+        for r in refs {
             if !self.target.exists(&format!("{}.narinfo", r.hash_part())).await? {
-                return Err(UploadError::Transient(format!("{r}, which {} references, was removed from the cache; it is uploaded again first", info.path)));
+                return Err(UploadError::Transient(match *r == info.path {
+                    true => format!("{r} was removed from the cache by a collection meanwhile; uploading it again"),
+                    false => format!("{r}, which {} references, was removed from the cache; it is uploaded again first", info.path),
+                }));
             }
         }
         if let Some(nar) = nar {
@@ -500,7 +513,7 @@ impl Uploader {
             Ok(Settled::Safe(look)) => Ok(Some(look.marker)),
             Ok(Settled::Check(look)) => {
                 tracing::info!(path = %info.path, "a collection of the cache may have overlapped the upload of {}: looking for what it relies on", info.path);
-                self.check_relied_on(info, nar).await?;
+                self.check_overlapped(info, nar).await?;
                 Ok(Some(look.marker))
             }
             Err(why) => Err(UploadError::Transient(format!("{}: {why}", info.path))),

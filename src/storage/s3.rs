@@ -638,7 +638,10 @@ impl Target for S3Target {
                     .map_err(|e| TargetError::transient(format!("deleting: {e}")))?;
                 let delete = Delete::builder().set_objects(Some(ids)).quiet(true).build().map_err(|e| TargetError::transient(format!("deleting: {e}")))?;
                 let what = format!("deleting {} objects", batch.len());
-                let send = self.client.delete_objects().bucket(&self.bucket).delete(delete).send();
+                // Sent once: a collector checks its heartbeat before each delete request
+                // (`cache::collection`), and a retry would go out unchecked.
+                let once = aws_sdk_s3::config::Builder::new().retry_config(aws_sdk_s3::config::retry::RetryConfig::standard().with_max_attempts(1));
+                let send = self.client.delete_objects().bucket(&self.bucket).delete(delete).customize().config_override(once).send();
                 let out = answered(&what, 0, send).await?.map_err(|e| classify(&what, e))?;
                 // Deleted narinfos must not be reported present by the listing.
                 if let Some(Some(l)) = &mut *self.listing.lock().await {
