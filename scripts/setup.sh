@@ -74,6 +74,8 @@ fi
 
 if $demo_only; then exit 0; fi
 
+bash scripts/setup-sid.sh   # Nix 2.34 in a Debian sid chroot (/var/cache/narq-test/sid), beside 2.8
+
 # A real S3 server for the S3 tests and benchmarks, in a virtual environment under the repo.
 # Pinned: moto 5.2 answers CompleteMultipartUpload with a <CompleteMultipartUploadResponse>
 # root, which real S3 (and the AWS SDK for Rust) do not accept; 5.1.22 answers as S3 does.
