@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use crate::storage::params::{refused, Params};
 use crate::storage::s3_options::S3Options;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,11 +51,15 @@ pub struct StoreUrl {
     pub compression: Compression,
     /// zstd: 1–19 (default 3, multi-threaded); xz: 0–9 (default 6).
     pub compression_level: Option<i32>,
+    /// `parallel-compression=`: compress a NAR on every core. `None`: narq's default, on for
+    /// NARs of at least 4 MiB (Nix 2.35: on for zstd; before: off).
+    pub parallel_compression: Option<bool>,
     /// `Priority:` in `nix-cache-info`, when set.
     pub priority: Option<u32>,
     /// `WantMassQuery:` in `nix-cache-info`, when set.
     pub want_mass_query: Option<bool>,
-    /// Extra secret key files given in the URL (`secret-key=`), as `nix copy` accepts them.
+    /// Extra secret key files given in the URL (`secret-key=`, and `secret-keys=` as a comma
+    /// separated list), as `nix copy` accepts them.
     pub secret_keys: Vec<PathBuf>,
     /// `write-nar-listing=true`: a `<hashpart>.ls` listing with each narinfo.
     pub write_nar_listing: bool,
@@ -62,36 +67,23 @@ pub struct StoreUrl {
     pub original: String,
 }
 
-/// Parameters of every Nix binary-cache store that narq reads or can safely ignore; each
-/// backend's options parser knows its own.
+/// Parameters of every Nix binary-cache store, read here; each backend's options parser
+/// knows its own.
 const COMMON_PARAMS: &[&str] = &[
-    "compression", "compression-level", "write-nar-listing", "priority", "want-mass-query", "secret-key",
-    "parallel-compression", "log-compression", "ls-compression", "narinfo-compression", "index-debug-info", "trusted",
+    "compression",
+    "compression-level",
+    "parallel-compression",
+    "write-nar-listing",
+    "priority",
+    "want-mass-query",
+    "secret-key",
+    "secret-keys",
+    "index-debug-info",
+    "local-nar-cache",
+    "path-info-cache-size",
+    "system-features",
+    "trusted",
 ];
-
-/// Store parameters not yet read: a parser takes the ones it knows, and what remains when
-/// all have had theirs is an unknown parameter.
-pub struct Params(BTreeMap<String, String>);
-
-impl Params {
-    /// Removes and returns the value of `key`.
-    pub fn take(&mut self, key: &str) -> Option<String> {
-        self.0.remove(key)
-    }
-
-    /// Removes `key` and reads it as a boolean (`true`/`false`/`1`/`0`).
-    pub fn take_bool(&mut self, key: &str) -> Result<Option<bool>, String> {
-        self.take(key).map(|v| parse_bool(key, &v)).transpose()
-    }
-}
-
-pub fn parse_bool(k: &str, v: &str) -> Result<bool, String> {
-    match v {
-        "true" | "1" => Ok(true),
-        "false" | "0" => Ok(false),
-        _ => Err(format!("parameter {k}={v:?}: expected true or false")),
-    }
-}
 
 fn percent_decode(s: &str) -> Result<String, String> {
     let b = s.as_bytes();
@@ -118,7 +110,7 @@ impl StoreUrl {
             let (k, v) = kv.split_once('=').ok_or_else(|| format!("parameter {kv:?} has no '='"))?;
             params.insert(k.to_string(), percent_decode(v)?);
         }
-        let mut params = Params(params);
+        let mut params = Params::new(params);
         let (location, backend_params): (Location, &[&str]) = if let Some(p) = base.strip_prefix("file://") {
             if !p.starts_with('/') {
                 return Err(format!("{url:?}: a file:// store needs an absolute path (file:///dir)"));
@@ -140,30 +132,44 @@ impl StoreUrl {
             .map(|l| {
                 let n: i32 = l.parse().map_err(|_| format!("compression-level={l:?} is not a number"))?;
                 let range = if compression == Compression::Xz { 0..=9 } else { 1..=19 };
-                if compression != Compression::None && !range.contains(&n) {
+                // -1 is Nix's "the default level".
+                if n != -1 && compression != Compression::None && !range.contains(&n) {
                     return Err(format!("compression-level={n} is out of range {range:?} for {}", compression.name()));
                 }
                 Ok(n)
             })
-            .transpose()?;
+            .transpose()?
+            .filter(|&n| n != -1);
+        let parallel_compression = params.take_bool("parallel-compression")?;
         let write_nar_listing = params.take_bool("write-nar-listing")?.unwrap_or(false);
-        let priority = params.take("priority").map(|v| v.parse().map_err(|_| format!("priority={v:?} is not a number"))).transpose()?;
+        let priority = params.take_num("priority", "a priority")?;
         let want_mass_query = params.take_bool("want-mass-query")?;
-        let secret_keys = params.take("secret-key").map(PathBuf::from).into_iter().collect();
-        // Accepted as Nix does, and ignored: narq compresses NARs its own way, writes
-        // listings uncompressed, and writes no debug-info index.
-        for k in ["parallel-compression", "index-debug-info", "trusted"] {
-            params.take_bool(k)?;
+        let mut secret_keys: Vec<PathBuf> = params.take("secret-key").map(PathBuf::from).into_iter().collect();
+        if let Some(list) = params.take("secret-keys") {
+            secret_keys.extend(list.split(',').map(str::trim).filter(|k| !k.is_empty()).map(PathBuf::from));
         }
-        for k in ["log-compression", "ls-compression", "narinfo-compression"] {
-            params.take(k);
+        // Nix's settings for a store it reads or indexes, which an uploader has no use for:
+        // refused with the reason rather than taken and ignored. Their defaults are what
+        // narq does, and accepted.
+        if params.take_bool("index-debug-info")? == Some(true) {
+            return Err(refused("index-debug-info=true", "narq writes no debuginfo/ index of DWARF build ids (dwarffs)"));
         }
-        if let Some(k) = params.0.keys().next() {
+        for (k, why) in [
+            ("local-nar-cache", "it caches NARs a Nix fetched from the cache, for reading; narq only writes"),
+            ("path-info-cache-size", "it sizes a Nix's in-memory cache of path infos read from the store; narq remembers what it uploaded in its queue"),
+            ("system-features", "it says what a store can build; a binary cache builds nothing"),
+            ("trusted", "it tells a Nix reading the cache to accept unsigned paths from it; set it in that Nix's substituters, narq signs what it writes"),
+        ] {
+            if params.take(k).is_some() {
+                return Err(refused(k, why));
+            }
+        }
+        if let Some(k) = params.first_left() {
             let scheme = base.split("://").next().unwrap_or("");
             let known: Vec<&str> = COMMON_PARAMS.iter().chain(backend_params).copied().collect();
             return Err(format!("unknown store parameter {k:?} for a {scheme}:// store (known: {})", known.join(", ")));
         }
-        Ok(StoreUrl { location, compression, compression_level, priority, want_mass_query, secret_keys, write_nar_listing, original: url.to_string() })
+        Ok(StoreUrl { location, compression, compression_level, parallel_compression, priority, want_mass_query, secret_keys, write_nar_listing, original: url.to_string() })
     }
 
     /// Which cache this is, whatever the upload settings: what the queue's "uploaded" is
@@ -172,7 +178,7 @@ impl StoreUrl {
         match &self.location {
             Location::File(dir) => format!("file://{}", dir.display()),
             Location::S3(o) => {
-                let endpoint = o.endpoint.as_deref().map(|e| e.trim_end_matches('/')).unwrap_or("aws");
+                let endpoint = o.endpoint.as_ref().map(|e| e.given.trim_end_matches('/')).unwrap_or("aws");
                 format!("s3://{}@{endpoint}", o.bucket)
             }
         }
@@ -203,6 +209,9 @@ mod tests {
         assert_eq!(u.compression, Compression::Xz);
         assert_eq!(u.compression_level, Some(9));
         assert_eq!(u.cache_info(), "StoreDir: /nix/store\nPriority: 40\n");
+        let u = StoreUrl::parse("s3://my-cache?parallel-compression=false&compression-level=-1&secret-keys=/a,/b&secret-key=/c&index-debug-info=false").unwrap();
+        assert_eq!((u.parallel_compression, u.compression_level), (Some(false), None));
+        assert_eq!(u.secret_keys, [PathBuf::from("/c"), "/a".into(), "/b".into()]);
         let f = StoreUrl::parse("file:///var/lib/narq/cache%20x").unwrap();
         assert_eq!(f.location, Location::File("/var/lib/narq/cache x".into()));
         assert_eq!(f.compression, Compression::Zstd);
@@ -218,7 +227,12 @@ mod tests {
             ("s3://bucket?compresion=xz", "unknown store parameter \"compresion\" for a s3:// store"),
             ("s3://bucket?compression=xz&compression-level=12", "out of range"),
             ("s3://bucket?write-nar-listing=maybe", "true or false"),
-            ("s3://bucket?trusted=maybe", "true or false"),
+            ("s3://bucket?trusted=1", "set it in that Nix's substituters"),
+            ("file:///x?index-debug-info=true", "no debuginfo/ index"),
+            ("file:///x?local-nar-cache=/x", "narq only writes"),
+            ("s3://bucket?parallel-compression=2", "true or false"),
+            // S3's own and the HTTP store's parameters are not a file:// store's.
+            ("file:///x?log-compression=gzip", "unknown store parameter \"log-compression\" for a file:// store"),
             // The backend's own parameters: typed, and only for that backend.
             ("file:///x?region=eu-west-1", "unknown store parameter \"region\" for a file:// store"),
             ("s3://bucket?checksum=x", "checksum=\"x\": expected when-required or when-supported"),

@@ -150,11 +150,8 @@ fn compress<W: Write>(path: &Path, nar_size: u64, url: &StoreUrl, out: W, progre
         }
         Compression::Zstd => {
             let mut enc = zstd::Encoder::new(out, url.compression_level.unwrap_or(DEFAULT_ZSTD_LEVEL))?;
-            // Worker threads pay off only for large NARs; small ones would just take CPU
-            // from the builds.
-            let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
-            if threads > 1 && nar_size >= MULTITHREAD_ABOVE {
-                enc.multithread(threads)?;
+            if parallel(url, nar_size) {
+                enc.multithread(cores())?;
                 // Bounds what the workers buffer (by default jobs grow with the window).
                 enc.set_parameter(zstd::stream::raw::CParameter::JobSize(ZSTD_JOB_SIZE))?;
             }
@@ -162,13 +159,32 @@ fn compress<W: Write>(path: &Path, nar_size: u64, url: &StoreUrl, out: W, progre
             (enc.finish()?, s)
         }
         Compression::Xz => {
-            let mut enc = xz2::write::XzEncoder::new(out, url.compression_level.unwrap_or(6) as u32);
+            let level = url.compression_level.unwrap_or(6) as u32;
+            let mut enc = match parallel(url, nar_size) {
+                true => {
+                    let stream = xz2::stream::MtStreamBuilder::new().threads(cores()).preset(level).encoder().map_err(io::Error::other)?;
+                    xz2::write::XzEncoder::new_stream(out, stream)
+                }
+                false => xz2::write::XzEncoder::new(out, level),
+            };
             let s = dump(&mut enc)?;
             (enc.finish()?, s)
         }
     };
     let (w, file_stats) = out.finish();
     Ok((w, Compressed { nar, file_stats, listing }))
+}
+
+/// The cores compression may use.
+fn cores() -> u32 {
+    std::thread::available_parallelism().map_or(1, |n| n.get()) as u32
+}
+
+/// Whether a NAR of `nar_size` bytes is compressed on every core: as `parallel-compression`
+/// says, else (narq's default) for NARs of at least [`MULTITHREAD_ABOVE`], where worker
+/// threads pay off (for small ones they would just take CPU from the builds).
+fn parallel(url: &StoreUrl, nar_size: u64) -> bool {
+    cores() > 1 && url.parallel_compression.unwrap_or(nar_size >= MULTITHREAD_ABOVE)
 }
 
 /// zstd's level when the store URL names none: from the compression figures in docs/performance.md
@@ -206,8 +222,9 @@ fn compress_in_memory(path: &Path, info: &PathInfo, url: &StoreUrl, progress: &I
     let out = match url.compression {
         Compression::None => raw,
         // One shot: zstd sizes its tables to the input, a few KiB for a small path.
-        Compression::Zstd => zstd::bulk::compress(&raw, url.compression_level.unwrap_or(DEFAULT_ZSTD_LEVEL))?,
-        Compression::Xz => {
+        Compression::Zstd if !parallel(url, info.nar_size) => zstd::bulk::compress(&raw, url.compression_level.unwrap_or(DEFAULT_ZSTD_LEVEL))?,
+        // Streamed through the encoder (xz, and zstd on every core).
+        Compression::Zstd | Compression::Xz => {
             drop(raw);
             let (out, c) = compress(path, info.nar_size, url, Vec::new(), progress)?;
             check_nar(info, &c.nar)?;
@@ -330,13 +347,11 @@ fn random_name() -> String {
 /// one log costs, whoever ran the build.
 pub const MAX_LOG: u64 = 64 << 20;
 
-/// xz preset for build logs: logs compress well at any level, and a low one keeps the
-/// encoder's memory at a few MiB.
-const LOG_XZ_PRESET: u32 = 1;
-
 /// Streams the build log at `src` (plain or `.bz2`) into `tmp`, at most [`MAX_LOG`] bytes of
-/// text, xz-compressed if `xz`; returns the bytes of text written and whether it was cut.
-fn copy_log(src: &Path, tmp: &Path, xz: bool) -> io::Result<(u64, bool)> {
+/// text, compressed as the Content-Encoding `encoding` (`gzip` or `zstd`, at their default
+/// levels: a few MiB of encoder memory) says; returns the bytes of text written and whether
+/// it was cut.
+fn copy_log(src: &Path, tmp: &Path, encoding: Option<&str>) -> io::Result<(u64, bool)> {
     let file = io::BufReader::new(File::open(src)?);
     let mut text: Box<dyn Read> = match src.extension().is_some_and(|e| e == "bz2") {
         true => Box::new(bzip2::read::BzDecoder::new(file)),
@@ -344,9 +359,11 @@ fn copy_log(src: &Path, tmp: &Path, xz: bool) -> io::Result<(u64, bool)> {
     };
     // Not NotFound or PermissionDenied: those say the log is gone or unreadable.
     let out = BufWriter::new(File::create(tmp).map_err(|e| io::Error::other(format!("{}: {e}", tmp.display())))?);
-    let mut out: Box<dyn WriteFinish> = match xz {
-        true => Box::new(xz2::write::XzEncoder::new(out, LOG_XZ_PRESET)),
-        false => Box::new(out),
+    let mut out: Box<dyn WriteFinish> = match encoding {
+        None => Box::new(out),
+        Some("gzip") => Box::new(flate2::write::GzEncoder::new(out, flate2::Compression::default())),
+        Some("zstd") => Box::new(zstd::Encoder::new(out, DEFAULT_ZSTD_LEVEL)?),
+        Some(e) => return Err(io::Error::other(format!("no encoder for Content-Encoding {e:?}"))),
     };
     let mut n = io::copy(&mut (&mut text).take(MAX_LOG), &mut out)?;
     let truncated = n == MAX_LOG && text.read(&mut [0u8; 1])? > 0;
@@ -370,7 +387,13 @@ impl WriteFinish for BufWriter<File> {
     }
 }
 
-impl WriteFinish for xz2::write::XzEncoder<BufWriter<File>> {
+impl WriteFinish for flate2::write::GzEncoder<BufWriter<File>> {
+    fn finish(self: Box<Self>) -> io::Result<File> {
+        (*self).finish()?.into_inner().map_err(|e| e.into_error())
+    }
+}
+
+impl WriteFinish for zstd::Encoder<'static, BufWriter<File>> {
     fn finish(self: Box<Self>) -> io::Result<File> {
         (*self).finish()?.into_inner().map_err(|e| e.into_error())
     }
@@ -385,7 +408,7 @@ pub enum Cost {
     Stream,
 }
 
-/// What a build log upload holds: the xz encoder's buffers (streamed from and to files).
+/// What a build log upload holds: the encoder's buffers (streamed from and to files).
 const LOG_COST: u64 = 1 << 20;
 
 impl Uploader {
@@ -396,7 +419,7 @@ impl Uploader {
                 // Small NARs: the NAR and its compressed copy, plus the encoder's tables.
                 Cost::Memory(2 * info.nar_size + (64 << 10))
             }
-            Kind::Nar(_) if self.target.stream_part_size(0).is_some() => Cost::Stream,
+            Kind::Nar(info) if self.target.stream_part_size(info.nar_size).is_some() => Cost::Stream,
             // A temp file in the state dir: only the encoder's memory.
             Kind::Nar(_) => Cost::Memory(16 << 20),
             Kind::Log(_) => Cost::Memory(LOG_COST),
@@ -767,7 +790,7 @@ impl Uploader {
         let encoding = self.target.log_encoding();
         let copied = {
             let tmp = tmp.path().to_path_buf();
-            tokio::task::spawn_blocking(move || copy_log(&file, &tmp, encoding.is_some()))
+            tokio::task::spawn_blocking(move || copy_log(&file, &tmp, encoding))
                 .await
                 .map_err(|e| UploadError::Transient(format!("worker: {e}")))?
         };
@@ -817,5 +840,44 @@ impl Uploader {
             self.metrics.store_failed(e);
         }
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    #[test]
+    fn logs_are_encoded_as_their_content_encoding_says() {
+        let dir = std::env::temp_dir().join(format!("narq-log-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let src = dir.join("log");
+        let text = "building '/nix/store/abc-x.drv'...\nhello\n".repeat(1000);
+        std::fs::write(&src, &text).unwrap();
+        for enc in [None, Some("gzip"), Some("zstd")] {
+            let tmp = dir.join("out");
+            assert_eq!(copy_log(&src, &tmp, enc).unwrap(), (text.len() as u64, false));
+            let raw = std::fs::read(&tmp).unwrap();
+            let mut back = String::new();
+            match enc {
+                None => back = String::from_utf8(raw).unwrap(),
+                Some("gzip") => drop(flate2::read::GzDecoder::new(&raw[..]).read_to_string(&mut back).unwrap()),
+                _ => drop(zstd::stream::read::Decoder::new(&raw[..]).unwrap().read_to_string(&mut back).unwrap()),
+            }
+            assert_eq!(back, text, "{enc:?}");
+        }
+        assert!(copy_log(&src, &dir.join("out"), Some("xz")).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn parallel_compression_follows_the_url() {
+        let url = |q: &str| StoreUrl::parse(&format!("file:///x{q}")).unwrap();
+        let multi = cores() > 1;
+        assert_eq!(parallel(&url(""), MULTITHREAD_ABOVE), multi);
+        assert!(!parallel(&url(""), MULTITHREAD_ABOVE - 1));
+        assert_eq!(parallel(&url("?parallel-compression=true"), 1), multi);
+        assert!(!parallel(&url("?parallel-compression=false"), 1 << 30));
     }
 }

@@ -6,6 +6,7 @@
 pub mod file;
 #[cfg(feature = "daemon")]
 pub mod s3;
+pub mod params;
 pub mod s3_options;
 
 use std::future::Future;
@@ -182,8 +183,8 @@ pub trait Target: Send + Sync {
     /// next [`Target::exists`] asks the cache itself: paths are being checked again because
     /// something outside narq may have deleted them.
     fn forget_listing(&self) {}
-    /// The `Content-Encoding` its readers undo for build logs, if any. Nix's HTTP client
-    /// decompresses by `Content-Encoding` (`xz` is its own), while a `file://` cache is
+    /// The `Content-Encoding` its readers undo for build logs, if any (`gzip` or `zstd`).
+    /// Nix's HTTP client decompresses by `Content-Encoding`, while a `file://` cache is
     /// read as is, so there logs stay plain.
     fn log_encoding(&self) -> Option<&'static str> {
         None

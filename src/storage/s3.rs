@@ -3,17 +3,25 @@
 //!
 //! - Credentials: the standard AWS chain (environment, `~/.aws/credentials` and
 //!   `~/.aws/config` with `profile=`, SSO, credential processes, IMDS).
-//! - `endpoint=` (with `scheme=http|https`) selects a custom endpoint, addressed path-style.
+//! - `endpoint=` (a URL, or a host and port with `scheme=http|https`) selects a custom
+//!   endpoint; `addressing-style` says whether the bucket goes in the host or the path (as
+//!   Nix 2.34: virtual-hosted for AWS, path-style for a custom endpoint or a dotted bucket).
+//! - Every object written carries `storage-class` when one is set; narinfos, listings and
+//!   build logs carry the `Content-Encoding` of `narinfo-compression`, `ls-compression` and
+//!   `log-compression` (gzip by default for logs), which [`Target::get`] undoes.
+//! - The proxy of the standard environment variables (`https_proxy`, `no_proxy`, …), as curl
+//!   and so Nix honour them.
 //! - Checksums: recent SDKs add CRC trailers to every upload, which several S3-compatible
 //!   servers reject. `checksum=when-required` (the default with a custom endpoint) sends
 //!   them only where S3 requires one; `checksum=when-supported` (the default for AWS) always.
-//! - NARs at most one part large go in one PUT, larger ones stream: a multipart upload to
-//!   a temporary key whose parts (`buffer-size`, at most 8 MiB, at least 5 MiB; larger when
-//!   the NAR would need more than S3's 10,000 parts; 3 in flight) go up while the rest is
-//!   being compressed, then a server-side copy to the NAR's key (UploadPartCopy above
-//!   5 GiB) and a delete of the temporary one. Other large files (build logs) go up as
-//!   multipart uploads of `buffer-size` parts, 6 in flight, each read from its range of the
-//!   file. A failed multipart upload is aborted. `multipart-upload=false` forces single PUTs.
+//! - NARs at most one part large (or up to `multipart-threshold`) go in one PUT, larger ones
+//!   stream: a multipart upload to a temporary key whose parts (`multipart-chunk-size`,
+//!   8 MiB by default; larger when the NAR would need more than S3's 10,000 parts; 3 in
+//!   flight) go up while the rest is being compressed, then a server-side copy to the NAR's
+//!   key (UploadPartCopy above 5 GiB) and a delete of the temporary one. Other large files
+//!   (build logs) go up as multipart uploads of `multipart-chunk-size` parts (16 MiB by
+//!   default), 6 in flight, each read from its range of the file. A failed multipart upload
+//!   is aborted. `multipart-upload=false` forces single PUTs.
 //! - A request not answered within 20 s plus its size at 16 KiB/s is given up (and retried
 //!   after a pause): a stalled server must not hold a worker forever.
 
@@ -24,7 +32,7 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use std::path::Path;
 use std::sync::Arc;
 
-use super::s3_options::{Checksum, S3Options};
+use super::s3_options::{Checksum, Encoding, S3Options, MIN_PART};
 use super::{Body, BoxFuture, Chunk, Incomplete, Object, Reader, Target, TargetError, DELETE_BATCH, MAX_GET};
 
 const PARTS_IN_FLIGHT: usize = 6;
@@ -49,10 +57,19 @@ pub struct S3Target {
     /// Set by [`Target::forget_listing`]: the next check lists the bucket again.
     listing_stale: std::sync::atomic::AtomicBool,
     bucket: String,
-    /// Part size of multipart uploads (`buffer-size`).
-    part_size: u64,
+    /// Part size of multipart uploads (`multipart-chunk-size`); `None`: [`STREAM_PART`] for
+    /// streamed NARs, [`FILE_PART`] for files.
+    part_size: Option<u64>,
     /// `multipart-upload` (default true): large NARs as multipart uploads.
     multipart: bool,
+    /// `multipart-threshold`: objects up to this size go in one PUT.
+    threshold: Option<u64>,
+    /// `storage-class`, sent with every object written.
+    storage_class: Option<aws_sdk_s3::types::StorageClass>,
+    /// `narinfo-compression`, `ls-compression`, `log-compression`.
+    narinfo_encoding: Option<Encoding>,
+    ls_encoding: Option<Encoding>,
+    log_encoding: Option<Encoding>,
     /// For messages.
     describe: String,
     /// Whether the server honours `If-Match` ([`Target::conditional_puts`]), once probed.
@@ -201,8 +218,10 @@ async fn upload_part(client: &aws_sdk_s3::Client, bucket: &str, key: &str, uploa
     Ok(CompletedPart::builder().part_number(n).set_e_tag(out.e_tag().map(str::to_string)).build())
 }
 
-/// Streamed NARs go up in parts of at most this size (`buffer-size` if smaller).
+/// Streamed NARs go up in parts of this size unless `multipart-chunk-size` says otherwise.
 const STREAM_PART: u64 = 8 << 20;
+/// Files (build logs) go up in parts of this size unless `multipart-chunk-size` says otherwise.
+const FILE_PART: u64 = 16 << 20;
 /// Parts of a streamed NAR uploading at once: enough to keep a 50 ms, 50 MiB/s link busy.
 const STREAM_IN_FLIGHT: usize = 3;
 
@@ -213,7 +232,7 @@ fn copy_limit() -> u64 {
     const MAX_COPY: u64 = 5 << 30;
     #[cfg(debug_assertions)]
     if let Some(n) = std::env::var("NARQ_TEST_COPY_LIMIT").ok().and_then(|v| v.parse::<u64>().ok()) {
-        return n.max(super::s3_options::MIN_PART);
+        return n.max(MIN_PART);
     }
     MAX_COPY
 }
@@ -233,7 +252,16 @@ impl S3Target {
     pub async fn new(o: &S3Options) -> Self {
         use aws_config::BehaviorVersion;
         use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
-        let http = aws_smithy_http_client::Builder::new().tls_provider(tls::Provider::Rustls(CryptoMode::Ring)).build_https();
+        // As the default client, plus the proxy from the environment (curl's, and so Nix's,
+        // `https_proxy`, `http_proxy`, `no_proxy`).
+        let http = aws_smithy_http_client::Builder::new().build_with_connector_fn(|settings, components| {
+            let mut b = aws_smithy_http_client::Connector::builder().proxy_config(aws_smithy_http_client::proxy::ProxyConfig::from_env());
+            b.set_connector_settings(settings.cloned());
+            if let Some(c) = components {
+                b.set_sleep_impl(c.sleep_impl());
+            }
+            b.tls_provider(tls::Provider::Rustls(CryptoMode::Ring)).build()
+        });
         let mut loader = aws_config::defaults(BehaviorVersion::latest()).http_client(http);
         if let Some(region) = &o.region {
             loader = loader.region(aws_sdk_s3::config::Region::new(region.clone()));
@@ -259,12 +287,12 @@ impl S3Target {
         }
         b = b.request_checksum_calculation(checksum);
         if let Some(e) = &endpoint {
-            b = b.endpoint_url(e).force_path_style(true);
+            b = b.endpoint_url(e);
         }
-        // The queue retries with its own backoff; one quick retry here covers a dropped
-        // keep-alive connection, but not an answer that says when to come back: that one
-        // reaches the daemon's breaker, which holds every request for as long.
-        b = b.retry_config(aws_sdk_s3::config::retry::RetryConfig::standard().with_max_attempts(2)).retry_classifier(RetryAfterIsOurs);
+        b = b.force_path_style(o.path_style());
+        // An answer that says when to come back is not retried here: it reaches the daemon's
+        // breaker, which holds every request for as long.
+        b = b.retry_config(retry_config(o)).retry_classifier(RetryAfterIsOurs);
         let describe = format!("s3://{}{}", o.bucket, endpoint.map(|e| format!(" at {e}")).unwrap_or_default());
         S3Target {
             client: aws_sdk_s3::Client::from_conf(b.build()),
@@ -273,6 +301,11 @@ impl S3Target {
             bucket: o.bucket.clone(),
             part_size: o.part_size,
             multipart: o.multipart,
+            threshold: o.multipart_threshold,
+            storage_class: o.storage_class.as_deref().map(aws_sdk_s3::types::StorageClass::from),
+            narinfo_encoding: o.narinfo_encoding,
+            ls_encoding: o.ls_encoding,
+            log_encoding: o.log_encoding,
             describe,
             conditional: tokio::sync::OnceCell::new(),
         }
@@ -317,6 +350,7 @@ impl S3Target {
             .key(key)
             .content_type(content_type)
             .set_content_encoding(encoding.map(str::to_string))
+            .set_storage_class(self.storage_class.clone())
             .send();
         let created = answered(&what, 0, create).await?.map_err(|e| classify(&what, e))?;
         Ok(created.upload_id().unwrap_or_default().to_string())
@@ -441,7 +475,7 @@ impl S3Target {
 
     /// Uploads the parts, `PARTS_IN_FLIGHT` at a time, each streamed from its range of the file.
     async fn upload_parts(&self, key: &str, upload_id: &str, file: &Path, size: u64) -> Result<Vec<CompletedPart>, TargetError> {
-        let part_size = part_size_for(self.part_size, size);
+        let part_size = part_size_for(self.part_size.unwrap_or(FILE_PART), size);
         let count = size.div_ceil(part_size);
         let sem = Arc::new(tokio::sync::Semaphore::new(PARTS_IN_FLIGHT));
         let mut tasks = tokio::task::JoinSet::new();
@@ -513,7 +547,20 @@ impl Target for S3Target {
 
     fn put<'a>(&'a self, key: &'a str, body: Body, content_type: &'static str) -> BoxFuture<'a, Result<(), TargetError>> {
         Box::pin(async move {
-            self.put_with(key, body, content_type, None).await?;
+            let encoding = if key.ends_with(".narinfo") {
+                self.narinfo_encoding
+            } else if key.ends_with(".ls") {
+                self.ls_encoding
+            } else {
+                None
+            };
+            match (encoding, body) {
+                (Some(e), Body::Bytes(b)) => {
+                    let encoded = encode(e, &b).map_err(|err| TargetError::transient(format!("compressing {key} ({}): {err}", e.name())))?;
+                    self.put_with(key, Body::Bytes(encoded), content_type, Some(e.name())).await?
+                }
+                (_, body) => self.put_with(key, body, content_type, None).await?,
+            }
             // What we wrote is there: the listing must not send us to upload it again.
             if let Some(Some(l)) = &mut *self.listing.lock().await {
                 l.keys.insert(key.to_string());
@@ -522,9 +569,11 @@ impl Target for S3Target {
         })
     }
 
-    /// Multipart uploads stream; without them (`multipart-upload=false`) objects go whole.
+    /// Multipart uploads stream, for objects above `multipart-threshold` when one is set;
+    /// without them (`multipart-upload=false`) objects go whole.
     fn stream_part_size(&self, size_hint: u64) -> Option<u64> {
-        self.multipart.then(|| part_size_for(self.part_size.min(STREAM_PART), size_hint))
+        let above = self.threshold.is_none_or(|t| size_hint > t);
+        (self.multipart && above).then(|| part_size_for(self.part_size.unwrap_or(STREAM_PART), size_hint))
     }
 
     /// A multipart upload whose parts go up as the chunks arrive; aborted on every failure,
@@ -561,6 +610,7 @@ impl Target for S3Target {
                     .copy_source(format!("{}/{from}", self.bucket))
                     .content_type(content_type)
                     .metadata_directive(aws_sdk_s3::types::MetadataDirective::Replace)
+                    .set_storage_class(self.storage_class.clone())
                     .send();
                 answered(&what, size, copy).await?.map_err(|e| classify(&what, e))?;
             }
@@ -616,8 +666,9 @@ impl Target for S3Target {
                 return Err(TargetError::transient(format!("{key}: {size} bytes, more than get reads ({MAX_GET})")));
             }
             let what = format!("reading {key}");
+            let encoding = out.content_encoding().map(str::to_string);
             let body = answered(&what, size, out.body.collect()).await?.map_err(|e| TargetError::transient(format!("{what}: {}", one_line(&e))))?;
-            Ok(Some(body.to_vec()))
+            decode(encoding.as_deref(), body.to_vec()).map(Some).map_err(|e| TargetError::transient(format!("{what}: {e}")))
         })
     }
 
@@ -707,7 +758,7 @@ impl Target for S3Target {
     }
 
     fn log_encoding(&self) -> Option<&'static str> {
-        Some("xz")
+        self.log_encoding.map(Encoding::name)
     }
 
     /// S3 has no locks: collectors are judged by their heartbeats.
@@ -800,7 +851,7 @@ impl S3Target {
             Body::File(tmp) => {
                 let f = tmp.path();
                 let size = std::fs::metadata(f).map_err(|e| TargetError::transient(format!("{}: {e}", f.display())))?.len();
-                return if self.multipart && size > self.part_size {
+                return if self.multipart && size > self.threshold.unwrap_or(self.part_size.unwrap_or(FILE_PART)) {
                     self.put_multipart(key, f, size, content_type, encoding).await
                 } else {
                     match ByteStream::from_path(f).await {
@@ -822,6 +873,7 @@ impl S3Target {
             .key(key)
             .content_type(content_type)
             .set_content_encoding(encoding.map(str::to_string))
+            .set_storage_class(self.storage_class.clone())
             .content_length(len)
             .body(body)
             .send();
@@ -830,9 +882,66 @@ impl S3Target {
     }
 }
 
+/// The S3 client's retries of one request (`retry-attempts`, `retry-delay`,
+/// `retry-max-delay`): exponential backoff with jitter, as Nix's.
+fn retry_config(o: &S3Options) -> aws_sdk_s3::config::retry::RetryConfig {
+    use std::time::Duration;
+    aws_sdk_s3::config::retry::RetryConfig::standard()
+        .with_max_attempts(o.retry.attempts)
+        .with_initial_backoff(Duration::from_millis(o.retry.delay_ms.into()))
+        .with_max_backoff(Duration::from_millis(o.retry.max_delay_ms.into()))
+}
+
+/// `data` with Content-Encoding `e`.
+pub fn encode(e: Encoding, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    use std::io::Write;
+    match e {
+        Encoding::Gzip => {
+            let mut w = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            w.write_all(data)?;
+            w.finish()
+        }
+        Encoding::Zstd => zstd::bulk::compress(data, 3),
+    }
+}
+
+/// Undoes the `Content-Encoding` an object was stored with (what an HTTP client does by
+/// itself; the SDK does not). At most [`MAX_GET`] bytes come out.
+fn decode(encoding: Option<&str>, body: Vec<u8>) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    let read = match encoding.map(str::trim) {
+        None | Some("" | "identity") => return Ok(body),
+        Some("gzip" | "x-gzip") => flate2::read::GzDecoder::new(&body[..]).take(MAX_GET + 1).read_to_end(&mut out),
+        Some("zstd") => zstd::stream::read::Decoder::new(&body[..]).and_then(|d| d.take(MAX_GET + 1).read_to_end(&mut out)),
+        Some(e) => return Err(format!("stored with Content-Encoding {e:?}, which narq does not decode (gzip, zstd)")),
+    };
+    read.map_err(|e| format!("decoding its Content-Encoding: {e}"))?;
+    if out.len() as u64 > MAX_GET {
+        return Err(format!("more than {MAX_GET} bytes once decoded"));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn encodings_round_trip_and_retries_follow_the_url() {
+        for e in [Encoding::Gzip, Encoding::Zstd] {
+            let text = b"building '/nix/store/x.drv'...\n".repeat(100);
+            let enc = encode(e, &text).unwrap();
+            assert!(enc.len() < text.len() / 5, "{e:?}");
+            assert_eq!(decode(Some(e.name()), enc).unwrap(), text);
+        }
+        assert_eq!(decode(None, b"plain".to_vec()).unwrap(), b"plain");
+        assert!(decode(Some("xz"), vec![1]).unwrap_err().contains("does not decode"));
+        let url = crate::store_url::StoreUrl::parse("s3://b-1?retry-attempts=7&retry-delay=50&retry-max-delay=900").unwrap();
+        let crate::store_url::Location::S3(o) = url.location else { panic!() };
+        let r = retry_config(&o);
+        assert_eq!((r.max_attempts(), r.initial_backoff().as_millis(), r.max_backoff().as_millis()), (7, 50, 900));
+    }
 
     #[test]
     fn part_size_keeps_within_10000_parts() {
