@@ -13,6 +13,7 @@ mod formats;
 mod gc;
 mod guarantees;
 mod hook;
+mod nix234;
 mod nixos;
 mod observe;
 mod parsers;

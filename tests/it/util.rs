@@ -492,3 +492,66 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
+
+/// Debian sid's Nix (2.34) in the chroot `scripts/setup-sid.sh` makes once, beside the
+/// machine's Nix 2.8. Commands run in it in a private mount namespace (`proc`, `/dev`, the
+/// temp dir and the test binaries' dir bound in at their own paths, so that paths mean the
+/// same inside and out); the chroot's store is its own `/nix`.
+pub struct Sid {
+    pub root: PathBuf,
+}
+
+/// Run by `sh -c` in the new mount namespace: ROOT BIN_DIR TMP_DIR PROGRAM ARGS...
+const SID_ENTER: &str = r#"set -e
+r=$1 b=$2 t=$3; shift 3
+mount -t proc proc "$r/proc"
+mount --rbind /dev "$r/dev"
+mkdir -p "$r$t" "$r$b"
+mount --bind "$t" "$r$t"
+mount --bind "$b" "$r$b"
+exec chroot "$r" "$@""#;
+
+impl Sid {
+    /// The chroot, or `None` with a line saying the test is skipped (on CI, where
+    /// scripts/setup.sh has made it, a missing chroot fails the test instead).
+    pub fn get() -> Option<Sid> {
+        let root = PathBuf::from(std::env::var_os("NARQ_SID_DIR").unwrap_or_else(|| "/var/cache/narq-test/sid".into()));
+        if !root.join(".narq-ready").exists() {
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "no Nix 2.34 chroot at {}: scripts/setup.sh makes it", root.display());
+            eprintln!("SKIPPED: no Nix 2.34 chroot at {} (scripts/setup.sh makes it)", root.display());
+            return None;
+        }
+        let sid = Sid { root };
+        // Its Nix database, once (Nix makes it on first use, but not safely from parallel tests).
+        static INIT: std::sync::Once = std::sync::Once::new();
+        INIT.call_once(|| {
+            let conf = TempDir::new("sid-init");
+            std::fs::write(conf.join("nix.conf"), "build-users-group =\n").unwrap();
+            run(sid.cmd("nix-store").arg("--init").env("NIX_CONF_DIR", conf.path()));
+        });
+        Some(sid)
+    }
+
+    /// `prog` (then the caller's arguments) inside the chroot.
+    pub fn cmd(&self, prog: impl AsRef<std::ffi::OsStr>) -> Command {
+        let bin_dir = bin("narq").parent().unwrap().to_path_buf();
+        let mut c = Command::new("unshare");
+        c.args(["-m", "--propagation", "private", "sh", "-c", SID_ENTER, "sh"])
+            .arg(&self.root)
+            .arg(bin_dir)
+            .arg(std::env::temp_dir())
+            .arg(prog)
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+        c
+    }
+
+    /// `nix ARGS` (2.34) with the nix.conf directory `conf`.
+    pub fn nix(&self, conf: &Path, args: &[&str]) -> Output {
+        output(self.cmd("nix").args(["--extra-experimental-features", "nix-command"]).args(args).env("NIX_CONF_DIR", conf))
+    }
+
+    /// The Nix version in the chroot, e.g. "nix (Nix) 2.34.8".
+    pub fn version(&self) -> String {
+        std::fs::read_to_string(self.root.join(".narq-ready")).unwrap_or_default().trim().to_string()
+    }
+}
