@@ -23,6 +23,7 @@ mod perf;
 mod robust;
 mod rooms;
 mod s3;
+mod s3_params;
 mod setup;
 mod storage;
 mod util;
