@@ -21,7 +21,13 @@ Cases (pick some with arguments; default all):
   huge     a closure of 10,000 generated paths (builtins.toFile, one build): the daemon's
            peak RSS, and the hook's median time once the closure is queued (20 runs);
   compress zstd levels 1, 3 and 9 and xz (level 6, Nix's default) on the 1 GB path, each
-           through narq to a file:// cache: time and ratio.
+           through narq to a file:// cache: time and ratio;
+  n234     today's Nix: Nix 2.34 (Debian sid, in the chroot scripts/setup-sid.sh makes) with
+           its own `nix copy --to s3://` (multipart, parallel zstd), beside 2.8's (HTTP PUTs)
+           and narq (its daemon in the chroot too, where the store is), on the same moto: 300
+           small paths and a ~290 MiB path (the first files of /usr/lib/x86_64-linux-gnu,
+           added to both stores: the same store path), on loopback and through the slow link;
+           and the local limit for the big path.
 Usage: bench/s3_vs_nix_copy.py [big small slow huge compress]
        (run scripts/setup.sh and cargo build --release first; binaries from
        $CARGO_TARGET_DIR/release, else target/release)
@@ -43,7 +49,23 @@ if os.path.realpath(sys.prefix) != os.path.realpath(VENV):
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from local_s3 import Moto, free_port  # noqa: E402
 
-CASES = sys.argv[1:] or ["big", "small", "slow", "huge", "compress"]
+CASES = sys.argv[1:] or ["big", "small", "slow", "huge", "compress", "n234"]
+SID = os.environ.get("NARQ_SID_DIR", "/var/cache/narq-test/sid")
+# Enters the sid chroot in a private mount namespace: ROOT BIN_DIR TMP_DIR PROGRAM ARGS...
+# (as tests/it/util.rs's Sid does).
+SID_ENTER = """set -e
+r=$1 b=$2 t=$3; shift 3
+mount -t proc proc "$r/proc"
+mount --rbind /dev "$r/dev"
+mkdir -p "$r$t" "$r$b"
+mount --bind "$t" "$r$t"
+mount --bind "$b" "$r$b"
+exec chroot "$r" "$@"""
+
+
+def in_sid(*args):
+    """A command line that runs ARGS inside the sid chroot."""
+    return ["unshare", "-m", "--propagation", "private", "sh", "-c", SID_ENTER, "sh", SID, BIN, tempfile.gettempdir()] + list(args)
 ZSTD_LEVEL = 3
 
 
@@ -151,14 +173,15 @@ def main():
         sh(NARQ, "keygen", "bench-1", "--secret-key-file", key, "--public-key-file", key + ".pub")
         stamp = str(time.time_ns())
 
-        def closure_of(n, tag):
-            """A top path referring to n - 1 leaves, each built by its own derivation."""
+        def closure_of(n, tag, sid=False):
+            """A top path referring to n - 1 leaves, each built by its own derivation (by Nix
+            2.34 in the chroot's store if `sid`)."""
             leaf = ('derivation { name = "s3bench-%s-${toString i}-%s"; system = builtins.currentSystem; '
                     'builder = "/bin/sh"; args = ["-c" "echo ${toString i} > $out"]; }' % (tag, stamp))
-            return sh("nix-build", "--no-out-link", "-E",
+            return sh(*(in_sid if sid else lambda *a: list(a))("nix-build", "--no-out-link", "-E",
                       'let leaf = i: %s; in derivation { name = "s3bench-%s-top-%s"; system = builtins.currentSystem; '
                       'builder = "/bin/sh"; args = ["-c" "echo ${toString (builtins.genList leaf %d)} > $out"]; }'
-                      % (leaf, tag, stamp, n - 1), env=nixenv).strip()
+                      % (leaf, tag, stamp, n - 1)), env=nixenv).strip()
 
         def stop_daemon():
             d = state["daemon"]
@@ -167,7 +190,7 @@ def main():
                 d.wait()
                 state["daemon"] = None
 
-        def fresh_narq(bucket, store=None):
+        def fresh_narq(bucket, store=None, sid=False):
             stop_daemon()
             if store is None:
                 s3.create_bucket(Bucket=bucket)
@@ -179,16 +202,17 @@ def main():
                         + os.environ.get('NARQ_BENCH_EXTRA', '') + f'\nstore = "{store}"\n')
             env = dict(os.environ, NARQ_CONFIG=cfg, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test",
                        AWS_EC2_METADATA_DISABLED="true", NIX_CONF_DIR=conf)
-            state["daemon"] = subprocess.Popen([NARQ, "daemon"], env=env, stderr=open(st + ".log", "w"))
+            cmd = in_sid(NARQ, "daemon") if sid else [NARQ, "daemon"]
+            state["daemon"] = subprocess.Popen(cmd, env=env, stderr=open(st + ".log", "w"))
             for _ in range(200):
                 if subprocess.run([NARQ, "status"], env=env, capture_output=True).returncode == 0:
                     break
                 time.sleep(0.05)
             return env
 
-        def narq_push(env, path):
+        def narq_push(env, path, sid=False):
             t = time.perf_counter()
-            sh(NARQ, "push", "--wait", path, env=env)
+            sh(*(in_sid(NARQ, "push", "--wait", path) if sid else [NARQ, "push", "--wait", path]), env=env)
             return time.perf_counter() - t
 
         def daemon_cpu():
@@ -343,6 +367,87 @@ def main():
                 rows.append(line)
                 print(line, flush=True)
                 shutil.rmtree(cache, ignore_errors=True)
+
+        if "n234" in CASES:
+            if not os.path.exists(os.path.join(SID, ".narq-ready")):
+                sys.exit(f"no Nix 2.34 chroot at {SID}: run scripts/setup.sh")
+            version = open(os.path.join(SID, ".narq-ready")).read().strip()
+            print(f"Nix in the chroot: {version}", flush=True)
+
+            def nix234_copy(bucket, path, via=None):
+                s3.create_bucket(Bucket=bucket)
+                url = (f"s3://{bucket}?endpoint=http://127.0.0.1:{via or port}&region=us-east-1&compression=zstd"
+                       f"&compression-level={ZSTD_LEVEL}&parallel-compression=true&multipart-upload=true")
+                return timed(in_sid("nix", "--extra-experimental-features", "nix-command", "copy", "--to", url, path), env=nixenv)
+
+            # The same closure in both stores (same derivations, same paths).
+            top = closure_of(300, "n234", sid=True)
+            assert closure_of(300, "n234") == top
+            # ~290 MiB of real files, added to both stores.
+            src = os.path.join(tmp, "lib290")
+            os.makedirs(src)
+            total, libdir = 0, "/usr/lib/x86_64-linux-gnu"
+            for name in sorted(os.listdir(libdir)):
+                f = os.path.join(libdir, name)
+                if os.path.isfile(f) and not os.path.islink(f) and total < 290 << 20:
+                    shutil.copyfile(f, os.path.join(src, name))
+                    total += os.path.getsize(f)
+            big290 = sh(*in_sid("nix-store", "--add-fixed", "--recursive", "sha256", src), env=nixenv).strip()
+            assert sh("nix-store", "--add-fixed", "--recursive", "sha256", src, env=nixenv).strip() == big290
+            nar_mib = int(sh("nix-store", "-q", "--size", big290, env=nixenv)) / 2**20
+            print(f"~290 MiB path: {big290} (NAR {nar_mib:.0f} MiB)", flush=True)
+            subprocess.run(f"nix-store --dump {big290} > /dev/null", shell=True, check=True, env=nixenv)
+
+            n234_rows = []
+
+            def three(name, n28, n234, nq, note=""):
+                line = (f"{name:<34} nix 2.8 {n28:>7.2f} s   nix 2.34 {n234:>7.2f} s   narq {nq:>7.2f} s   "
+                        f"2.34/narq {n234 / nq:>5.2f}x  2.8/narq {n28 / nq:>5.2f}x  {note}")
+                n234_rows.append(line)
+                rows.append(line)
+                print(line, flush=True)
+
+            # Loopback.
+            n28_t, _ = nix_copy("n28-small", top)
+            n234_t, _ = nix234_copy("n234-small", top)
+            env = fresh_narq("narq-n234-small", sid=True)
+            narq_t = narq_push(env, top, sid=True)
+            three("300 small paths (moto)", n28_t, n234_t, narq_t)
+            t = time.perf_counter()
+            subprocess.run(f"nix-store --dump {big290} | zstd -T0 -{ZSTD_LEVEL} | sha256sum", shell=True, check=True,
+                           capture_output=True, env=nixenv)
+            limit = time.perf_counter() - t
+            n28_t, _ = nix_copy("n28-big", big290)
+            n234_t, n234_rss = nix234_copy("n234-big", big290)
+            env = fresh_narq("narq-n234-big", sid=True)
+            narq_t = narq_push(env, big290, sid=True)
+            peak = daemon_peak()
+            three("~290 MiB path (moto)", n28_t, n234_t, narq_t,
+                  f"limit {limit:.2f} s (narq/limit {narq_t / limit:.2f}x); peak RSS nix 2.34 {n234_rss / 1024:.0f} MiB, narq {peak:.0f} MiB")
+            stop_daemon()
+            # The slow link (50 ms round trips, 50 MiB/s).
+            link = SlowLink(port)
+            n234_t, _ = nix234_copy("n234-slow", top, via=link.port)
+            s3.create_bucket(Bucket="narq-n234-slow")
+            env = fresh_narq("narq-n234-slow", f"s3://narq-n234-slow?endpoint=127.0.0.1:{link.port}&scheme=http&compression=zstd", sid=True)
+            narq_t = narq_push(env, top, sid=True)
+            line = f"{'300 small paths, slow link':<34} nix 2.34 {n234_t:>7.2f} s   narq {narq_t:>7.2f} s   2.34/narq {n234_t / narq_t:>5.2f}x"
+            rows.append(line)
+            print(line, flush=True)
+            n234_t, _ = nix234_copy("n234-slowbig", big290, via=link.port)
+            s3.create_bucket(Bucket="narq-n234-slowbig")
+            env = fresh_narq("narq-n234-slowbig", f"s3://narq-n234-slowbig?endpoint=127.0.0.1:{link.port}&scheme=http&compression=zstd", sid=True)
+            narq_t = narq_push(env, big290, sid=True)
+            stop_daemon()
+            info = next(o for o in s3.list_objects_v2(Bucket="narq-n234-slowbig")["Contents"] if o["Key"].startswith("nar/"))
+            line = (f"{'~290 MiB path, slow link':<34} nix 2.34 {n234_t:>7.2f} s   narq {narq_t:>7.2f} s   2.34/narq {n234_t / narq_t:>5.2f}x  "
+                    f"(link limit {info['Size'] / SlowLink.RATE:.2f} s)")
+            rows.append(line)
+            print(line, flush=True)
+            link.stop()
+            for p in (big290,):
+                subprocess.run(["nix-store", "--delete", p], capture_output=True, env=nixenv)
+                subprocess.run(in_sid("nix-store", "--delete", p), capture_output=True, env=nixenv)
 
         print("\n".join(["", "summary:"] + rows))
     finally:
