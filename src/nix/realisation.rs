@@ -9,7 +9,12 @@
 //! {"dependentRealisations":{ID:OUTPATH,...},"id":"sha256:<base16>!<output>","outPath":"<hash>-<name>","signatures":[SIG,...]}
 //! ```
 //! where the id's hash is the derivation's "hash modulo" (`DrvOutput`). What is signed (the
-//! fingerprint, `Realisation::fingerprint`) is the same JSON without `signatures`.
+//! fingerprint, `Realisation::fingerprint`) is the same JSON without `signatures`. Nix 2.34
+//! writes the same (with `dependentRealisations` always `{}`).
+//!
+//! Nix 2.35 moved them ("build traces", [`BuildTrace`]): keyed by the derivation's store path
+//! and output name instead of its hash modulo, at `build-trace-v2/<drv>/<output>.doi`, with
+//! structured signatures over a new fingerprint. Neither Nix reads the other's layout.
 
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -127,9 +132,132 @@ impl Realisation {
     }
 }
 
+/// A realisation as Nix 2.35 keeps it in a binary cache: which store path output `output` of
+/// the (resolved) derivation `drv_path` produced. From Nix's `realisation.cc` and its test
+/// data (`src/libstore-tests/data/realisation/`):
+///
+/// ```text
+/// build-trace-v2/<drv base name>/<output>.doi: {"outPath":"<hash>-<name>","signatures":[{"keyName":NAME,"sig":BASE64},...]}
+/// fingerprint: {"key":{"drvPath":"<drv base name>","outputName":OUTPUT},"value":{"outPath":"<hash>-<name>"}}
+/// ```
+/// (nlohmann's `dump()`: keys sorted, no whitespace). 2.35 reads signatures in either form,
+/// structured or `NAME:BASE64`, and writes them structured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildTrace {
+    pub drv_path: StorePath,
+    pub output: String,
+    pub out_path: StorePath,
+    /// `NAME:BASE64` signatures of [`BuildTrace::fingerprint`].
+    pub signatures: BTreeSet<String>,
+}
+
+/// Where Nix 2.35 keeps build traces in a binary cache.
+pub const BUILD_TRACE_PREFIX: &str = "build-trace-v2/";
+
+impl BuildTrace {
+    /// The key under which a binary cache keeps it.
+    pub fn key(&self) -> String {
+        format!("{BUILD_TRACE_PREFIX}{}/{}.doi", self.drv_path.base_name(), self.output)
+    }
+
+    /// What a signature signs.
+    pub fn fingerprint(&self) -> String {
+        serde_json::json!({
+            "key": { "drvPath": self.drv_path.base_name(), "outputName": self.output },
+            "value": { "outPath": self.out_path.base_name() },
+        })
+        .to_string()
+    }
+
+    /// The object, as Nix 2.35 writes it.
+    pub fn to_json(&self) -> String {
+        let sigs: Vec<serde_json::Value> = self
+            .signatures
+            .iter()
+            .filter_map(|s| s.split_once(':'))
+            .map(|(name, sig)| serde_json::json!({ "keyName": name, "sig": sig }))
+            .collect();
+        serde_json::json!({ "outPath": self.out_path.base_name(), "signatures": sigs }).to_string()
+    }
+
+    /// Parses the object at [`BuildTrace::key`] of `drv_path`'s `output`.
+    pub fn parse_nix(drv_path: StorePath, output: &str, text: &str) -> Result<BuildTrace, String> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Sig {
+            Structured {
+                #[serde(rename = "keyName")]
+                key_name: String,
+                sig: String,
+            },
+            Plain(String),
+        }
+        #[derive(Deserialize)]
+        struct Doi {
+            #[serde(rename = "outPath")]
+            out_path: String,
+            #[serde(default)]
+            signatures: Vec<Sig>,
+        }
+        let d: Doi = serde_json::from_str(text).map_err(|e| format!("build trace: {e}"))?;
+        let signatures = d
+            .signatures
+            .into_iter()
+            .map(|s| match s {
+                Sig::Structured { key_name, sig } => format!("{key_name}:{sig}"),
+                Sig::Plain(s) => s,
+            })
+            .collect();
+        let out_path = StorePath::from_base_name(&d.out_path).map_err(|e| format!("build trace {drv_path}^{output}: {e}"))?;
+        Ok(BuildTrace { drv_path, output: output.to_string(), out_path, signatures })
+    }
+
+    pub fn sign(&mut self, key: &SecretKey) {
+        self.signatures.insert(key.sign(&self.fingerprint()));
+    }
+
+    pub fn check_sigs(&self, keys: &[PublicKey]) -> Result<(), String> {
+        super::signing::check_sigs(&self.fingerprint(), &self.signatures, keys, &format!("build trace {}^{}", self.drv_path, self.output))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Nix 2.35's test data: `src/libstore-tests/data/realisation/` and the key in
+    /// `src/libstore-tests/realisation.cc`.
+    #[test]
+    fn build_traces_are_what_nix_2_35_writes_and_signs() {
+        let key = SecretKey::parse("test-key:tU7tTvLcScf8pmz/eTV0BEtLmRsPpZfKaRcd0nCN+pysBZPHSeg61/u2oc7mIOewfuAY1V1BiX32homTaDJ2Jw==").unwrap();
+        let drv = StorePath::from_base_name("g1w7hy3qg1w7hy3qg1w7hy3qg1w7hy3q-bar.drv").unwrap();
+        let mut t = BuildTrace {
+            drv_path: drv.clone(),
+            output: "foo".into(),
+            out_path: StorePath::from_base_name("g1w7hy3qg1w7hy3qg1w7hy3qg1w7hy3q-foo").unwrap(),
+            signatures: BTreeSet::new(),
+        };
+        // simple-fingerprint.txt
+        assert_eq!(t.fingerprint(), r#"{"key":{"drvPath":"g1w7hy3qg1w7hy3qg1w7hy3qg1w7hy3q-bar.drv","outputName":"foo"},"value":{"outPath":"g1w7hy3qg1w7hy3qg1w7hy3qg1w7hy3q-foo"}}"#);
+        assert_eq!(t.key(), "build-trace-v2/g1w7hy3qg1w7hy3qg1w7hy3qg1w7hy3q-bar.drv/foo.doi");
+        // unkeyed-simple.json, compacted
+        assert_eq!(t.to_json(), r#"{"outPath":"g1w7hy3qg1w7hy3qg1w7hy3qg1w7hy3q-foo","signatures":[]}"#);
+        // simple-sig.json: ed25519 is deterministic, so narq's signature is Nix's.
+        t.sign(&key);
+        assert_eq!(t.signatures.iter().next().unwrap(), "test-key:WsjxK4/EI74COtzMDI+VCjQU9O4FydK0+YeY1CE5hUevogd+T+CPvNXza7oog3GTMS+ZlBwsC2S3ppwusKnJDg==");
+        t.check_sigs(&[key.public()]).unwrap();
+        assert_eq!(
+            t.to_json(),
+            r#"{"outPath":"g1w7hy3qg1w7hy3qg1w7hy3qg1w7hy3q-foo","signatures":[{"keyName":"test-key","sig":"WsjxK4/EI74COtzMDI+VCjQU9O4FydK0+YeY1CE5hUevogd+T+CPvNXza7oog3GTMS+ZlBwsC2S3ppwusKnJDg=="}]}"#
+        );
+        assert_eq!(BuildTrace::parse_nix(drv.clone(), "foo", &t.to_json()).unwrap(), t);
+        // with-signature-unstructured.json's value: the old string form reads too.
+        let plain = r#"{"outPath":"g1w7hy3qg1w7hy3qg1w7hy3qg1w7hy3q-foo.drv","signatures":["asdf:AAAA"]}"#;
+        assert_eq!(BuildTrace::parse_nix(drv, "foo", plain).unwrap().signatures.into_iter().collect::<Vec<_>>(), ["asdf:AAAA"]);
+        // A moved out path no longer verifies.
+        t.out_path = StorePath::from_base_name("g1w7hy3qg1w7hy3qg1w7hy3qg1w7hy3q-bar").unwrap();
+        assert!(t.check_sigs(&[key.public()]).is_err());
+    }
 
     const ID: &str = "sha256:6b537076607a71f2baaca4a3828abfadf9f09b0739d51ad712582e6d4a9b23b6!out";
 
