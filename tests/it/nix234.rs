@@ -139,7 +139,7 @@ fn nix234_over_s3_hook_substitute_verify_log_copy_doctor_gc_damage() {
     let keys = n.public_keys();
     let client = n.client();
     let c = client.display().to_string();
-    ok(&output(n.sid.cmd("nix-store").args(["--store", &c, "-r", &outs[0], "--option", "substituters", &s3, "--option", "trusted-public-keys", &keys]).env("NIX_CONF_DIR", &n.n.nix_conf)), "substitution by 2.34 over s3://");
+    ok(&output(n.sid.cmd("nix-store").args(["--store", &c, "-r", &outs[0], "--option", "substituters", &s3, "--option", "trusted-public-keys", &keys]).env("NIX_CONF_DIR", &n.n.nix_conf).env("XDG_CACHE_HOME", n.n.nix_conf.join("xdg-cache"))), "substitution by 2.34 over s3://");
     assert!(client.join(&outs[0][1..]).join("bin/hello").exists());
 
     // Both signatures verify; the closure's contents match.
@@ -193,7 +193,7 @@ fn nix234_over_file_hook_substitute_log() {
     let outs = n.build(&program_expr("n234f"));
     n.n.wait(60);
     let client = n.client().display().to_string();
-    ok(&output(n.sid.cmd("nix-store").args(["--store", &client, "-r", &outs[0], "--option", "substituters", &file]).env("NIX_CONF_DIR", &n.n.nix_conf)), "substitution by 2.34 over file://");
+    ok(&output(n.sid.cmd("nix-store").args(["--store", &client, "-r", &outs[0], "--option", "substituters", &file]).env("NIX_CONF_DIR", &n.n.nix_conf).env("XDG_CACHE_HOME", n.n.nix_conf.join("xdg-cache"))), "substitution by 2.34 over file://");
     let log = ok(&n.nix(&["log", "--store", &file, &outs[0]]), "nix log --store file:// (2.34)");
     assert!(log.contains("building the program"), "{log:?}");
 }

@@ -545,9 +545,16 @@ impl Sid {
         c
     }
 
-    /// `nix ARGS` (2.34) with the nix.conf directory `conf`.
+    /// `nix ARGS` (2.34) with the nix.conf directory `conf`, and its own cache of what binary
+    /// caches hold (Nix's is keyed by URL, and a port reused by a later test would find it).
     pub fn nix(&self, conf: &Path, args: &[&str]) -> Output {
-        output(self.cmd("nix").args(["--extra-experimental-features", "nix-command"]).args(args).env("NIX_CONF_DIR", conf))
+        output(
+            self.cmd("nix")
+                .args(["--extra-experimental-features", "nix-command"])
+                .args(args)
+                .env("NIX_CONF_DIR", conf)
+                .env("XDG_CACHE_HOME", conf.join("xdg-cache")),
+        )
     }
 
     /// The Nix version in the chroot, e.g. "nix (Nix) 2.34.8".
