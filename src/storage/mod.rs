@@ -5,6 +5,8 @@
 #[cfg(feature = "daemon")]
 pub mod file;
 #[cfg(feature = "daemon")]
+mod mtls;
+#[cfg(feature = "daemon")]
 pub mod s3;
 pub mod params;
 pub mod s3_options;
@@ -229,6 +231,6 @@ pub async fn open(url: &crate::store_url::StoreUrl) -> Result<std::sync::Arc<dyn
     use std::sync::Arc;
     Ok(match &url.location {
         Location::File(dir) => Arc::new(file::FileTarget::open(dir.clone())),
-        Location::S3(options) => Arc::new(s3::S3Target::new(options).await),
+        Location::S3(options) => Arc::new(s3::S3Target::new(options).await?),
     })
 }

@@ -9,6 +9,7 @@
 //! - Every object written carries `storage-class` when one is set; narinfos, listings and
 //!   build logs carry the `Content-Encoding` of `narinfo-compression`, `ls-compression` and
 //!   `log-compression` (gzip by default for logs), which [`Target::get`] undoes.
+//! - `tls-certificate`/`tls-private-key`: a client certificate, through [`super::mtls`].
 //! - The proxy of the standard environment variables (`https_proxy`, `no_proxy`, …), as curl
 //!   and so Nix honour them.
 //! - Checksums: recent SDKs add CRC trailers to every upload, which several S3-compatible
@@ -248,8 +249,9 @@ fn part_size_for(configured: u64, size: u64) -> u64 {
 }
 
 impl S3Target {
-    /// The target for `o`, whose values were checked when the config was read.
-    pub async fn new(o: &S3Options) -> Self {
+    /// The target for `o`, whose values were checked when the config was read; an error only
+    /// if its client certificate (`tls-certificate`) cannot be read.
+    pub async fn new(o: &S3Options) -> Result<Self, String> {
         use aws_config::BehaviorVersion;
         use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
         // As the default client, plus the proxy from the environment (curl's, and so Nix's,
@@ -262,7 +264,10 @@ impl S3Target {
             }
             b.tls_provider(tls::Provider::Rustls(CryptoMode::Ring)).build()
         });
-        let mut loader = aws_config::defaults(BehaviorVersion::latest()).http_client(http);
+        let mut loader = match &o.tls_client {
+            Some((cert, key)) => aws_config::defaults(BehaviorVersion::latest()).http_client(super::mtls::MtlsClient::new(cert, key)?),
+            None => aws_config::defaults(BehaviorVersion::latest()).http_client(http),
+        };
         if let Some(region) = &o.region {
             loader = loader.region(aws_sdk_s3::config::Region::new(region.clone()));
         }
@@ -294,7 +299,7 @@ impl S3Target {
         // breaker, which holds every request for as long.
         b = b.retry_config(retry_config(o)).retry_classifier(RetryAfterIsOurs);
         let describe = format!("s3://{}{}", o.bucket, endpoint.map(|e| format!(" at {e}")).unwrap_or_default());
-        S3Target {
+        Ok(S3Target {
             client: aws_sdk_s3::Client::from_conf(b.build()),
             listing: tokio::sync::Mutex::new(None),
             listing_stale: std::sync::atomic::AtomicBool::new(false),
@@ -308,7 +313,7 @@ impl S3Target {
             log_encoding: o.log_encoding,
             describe,
             conditional: tokio::sync::OnceCell::new(),
-        }
+        })
     }
 
     /// Lists the `.narinfo` keys at the root (up to [`LIST_PAGES`] pages); `None` if there

@@ -7,6 +7,8 @@
 //! the reason; none is accepted and ignored. Where narq's default differs from Nix's it says
 //! so; the table is in docs/configuration.md.
 
+use std::path::PathBuf;
+
 use super::params::{refused, Params};
 
 /// Parts of a multipart upload are at least this large (S3's minimum but for the last).
@@ -134,6 +136,9 @@ pub struct S3Options {
     pub storage_class: Option<String>,
     /// `retry-attempts=`, `retry-delay=`, `retry-max-delay=`.
     pub retry: Retry,
+    /// `tls-certificate=` and `tls-private-key=`: a client certificate (mTLS), PEM; the key
+    /// may be in the certificate's file (then `tls-private-key` can be left out).
+    pub tls_client: Option<(PathBuf, PathBuf)>,
     /// `log-compression=` (narq: gzip, Nix: none): build logs' Content-Encoding.
     pub log_encoding: Option<Encoding>,
     /// `narinfo-compression=` (default none).
@@ -203,9 +208,19 @@ impl S3Options {
         let multipart_threshold = params.take_num::<u64>("multipart-threshold", "bytes")?;
         let storage_class = params.take("storage-class").map(|c| storage_class(&c)).transpose()?;
         let retry = retry(params)?;
-        if let Some(k) = ["tls-certificate", "tls-private-key"].into_iter().find(|k| params.take(k).is_some()) {
-            return Err(refused(k, "narq's S3 client cannot present a TLS client certificate (mTLS) yet"));
-        }
+        let tls_client = match (params.take("tls-certificate"), params.take("tls-private-key")) {
+            (None, None) => None,
+            (None, Some(_)) => return Err("tls-private-key without tls-certificate: give the client certificate too".into()),
+            (Some(cert), key) => {
+                let key = key.unwrap_or_else(|| cert.clone());
+                for (k, v) in [("tls-certificate", &cert), ("tls-private-key", &key)] {
+                    if !v.starts_with('/') {
+                        return Err(format!("parameter {k}={v:?}: expected an absolute path"));
+                    }
+                }
+                Some((PathBuf::from(cert), PathBuf::from(key)))
+            }
+        };
         let mut enc = |key: &str, default: Option<Encoding>| params.take(key).map_or(Ok(default), |v| encoding(key, &v));
         let log_encoding = enc("log-compression", Some(Encoding::Gzip))?;
         let narinfo_encoding = enc("narinfo-compression", None)?;
@@ -225,6 +240,7 @@ impl S3Options {
             multipart_threshold,
             storage_class,
             retry,
+            tls_client,
             log_encoding,
             narinfo_encoding,
             ls_encoding,
@@ -356,11 +372,12 @@ mod tests {
         assert_eq!(s3("s3://b-1?endpoint=https://x/&checksum=when-supported").checksum, Checksum::WhenSupported);
         let o = s3("s3://b-1?endpoint=http://s3.test:9000&addressing-style=virtual&multipart-chunk-size=6291456&multipart-threshold=0\
                     &storage-class=STANDARD_IA&retry-attempts=4&retry-delay=10&retry-max-delay=0&log-compression=zstd&narinfo-compression=gzip\
-                    &ls-compression=none");
+                    &ls-compression=none&tls-certificate=/k/c.pem");
         assert_eq!((o.endpoint.as_ref().unwrap().host.as_str(), o.path_style()), ("s3.test", false));
         assert_eq!((o.part_size, o.multipart_threshold, o.storage_class.as_deref()), (Some(6 << 20), Some(0), Some("STANDARD_IA")));
         assert_eq!(o.retry, Retry { attempts: 4, delay_ms: 10, max_delay_ms: Retry::default().max_delay_ms });
         assert_eq!((o.log_encoding, o.narinfo_encoding, o.ls_encoding), (Some(Encoding::Zstd), Some(Encoding::Gzip), None));
+        assert_eq!(o.tls_client, Some(("/k/c.pem".into(), "/k/c.pem".into())));
         // Auto: path-style for a dotted bucket even on AWS.
         assert!(s3("s3://a.b.c").path_style());
         assert!(s3("s3://abc?addressing-style=path").path_style());
@@ -383,8 +400,8 @@ mod tests {
             ("s3://ab1?log-compression=xz", "Nix 2.34 and later cannot read it"),
             ("s3://ab1?narinfo-compression=br", "no brotli encoder"),
             ("s3://ab1?ls-compression=lz4", "expected none, gzip or zstd"),
-            ("s3://ab1?tls-private-key=/k", "cannot present a TLS client certificate"),
-            ("s3://ab1?tls-certificate=/k.pem", "cannot present a TLS client certificate"),
+            ("s3://ab1?tls-private-key=/k", "without tls-certificate"),
+            ("s3://ab1?tls-certificate=k.pem", "absolute path"),
             ("s3://ab1?versionId=3", "names one version of one object"),
             ("s3://ab1?endpoint=ftp://h", "not http or https"),
         ] {

@@ -169,3 +169,50 @@ fn s3_retry_attempts_count_the_tries_of_a_request() {
     let (one, four) = (tries(1), tries(4));
     assert!(one >= 1 && four == 4 * one, "retry-attempts=1: {one} requests, retry-attempts=4: {four}");
 }
+
+/// `tls-certificate` and `tls-private-key`: narq presents the client certificate a store
+/// requires (mTLS, behind tests/tools/mtls_proxy.py); without one the store refuses it, and
+/// an unreadable one is an error naming the parameter.
+#[test]
+fn s3_client_certificate_is_presented() {
+    let t = TempDir::new("s3mtls");
+    let moto = Moto::start(t.path(), &[]);
+    moto.bucket("narq-mtls");
+    run(Command::new(venv_bin("python")).args(["-c", &format!(
+        "import boto3\nboto3.client('s3', endpoint_url='http://127.0.0.1:{}', aws_access_key_id='t', aws_secret_access_key='t', \
+         region_name='us-east-1').put_object(Bucket='narq-mtls', Key='nix-cache-info', Body=b'StoreDir: /nix/store\\n')",
+        moto.port
+    )]));
+    let port = free_port();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tools/mtls_proxy.py");
+    let mut proxy = Command::new(venv_bin("python"))
+        .arg(script)
+        .arg(t.path())
+        .args([moto.port.to_string(), port.to_string()])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(wait_for(Duration::from_secs(20), || t.join("ready").exists()), "mtls proxy did not start");
+    let n = Narq::new("s3mtls", "");
+    let verify = |extra: &str| {
+        let url = format!("s3://narq-mtls?endpoint=https://127.0.0.1:{port}{extra}");
+        output(
+            Command::new(bin("narq"))
+                .args(["verify", "--store", &url])
+                .env("NARQ_CONFIG", &n.config)
+                .env("SSL_CERT_FILE", t.join("ca.pem"))
+                .env("AWS_ACCESS_KEY_ID", "test")
+                .env("AWS_SECRET_ACCESS_KEY", "test")
+                .env("AWS_EC2_METADATA_DISABLED", "true"),
+        )
+    };
+    let with = verify(&format!("&tls-certificate={}&tls-private-key={}", t.join("client.pem").display(), t.join("client.key").display()));
+    let without = verify("");
+    let unreadable = verify("&tls-certificate=/nonexistent/c.pem");
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+    assert!(with.status.success(), "with the client certificate: {}{}", String::from_utf8_lossy(&with.stdout), String::from_utf8_lossy(&with.stderr));
+    assert!(!without.status.success(), "the store took a request without a client certificate");
+    let e = String::from_utf8_lossy(&unreadable.stderr);
+    assert!(!unreadable.status.success() && e.contains("tls-certificate /nonexistent/c.pem"), "{e}");
+}

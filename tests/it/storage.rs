@@ -190,7 +190,7 @@ fn s3_backend_lists_gets_deletes_and_aborts_multipart_uploads() {
     let url = StoreUrl::parse(&format!("s3://narq-maint?endpoint=127.0.0.1:{}&scheme=http", moto.port)).unwrap();
     let Location::S3(options) = &url.location else { panic!() };
     let rt = rt();
-    let target = rt.block_on(S3Target::new(options));
+    let target = rt.block_on(S3Target::new(options)).unwrap();
     // 1,001 keys: two pages to list, two DeleteObjects batches.
     maintenance_ops(&target, 1001);
     let log = std::fs::read_to_string(&moto.log).unwrap();
