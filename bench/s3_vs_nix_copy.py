@@ -53,14 +53,16 @@ CASES = sys.argv[1:] or ["big", "small", "slow", "huge", "compress", "n234"]
 SID = os.environ.get("NARQ_SID_DIR", "/var/cache/narq-test/sid")
 # Enters the sid chroot in a private mount namespace: ROOT BIN_DIR TMP_DIR PROGRAM ARGS...
 # (as tests/it/util.rs's Sid does).
-SID_ENTER = """set -e
-r=$1 b=$2 t=$3; shift 3
-mount -t proc proc "$r/proc"
-mount --rbind /dev "$r/dev"
-mkdir -p "$r$t" "$r$b"
-mount --bind "$t" "$r$t"
-mount --bind "$b" "$r$b"
-exec chroot "$r" "$@"""
+SID_ENTER = "\n".join([
+    "set -e",
+    "r=$1 b=$2 t=$3; shift 3",
+    'mount -t proc proc "$r/proc"',
+    'mount --rbind /dev "$r/dev"',
+    'mkdir -p "$r$t" "$r$b"',
+    'mount --bind "$t" "$r$t"',
+    'mount --bind "$b" "$r$b"',
+    'exec chroot "$r" "$@"',
+])
 
 
 def in_sid(*args):
