@@ -103,6 +103,7 @@ impl Timing {
         })
     }
 
+    #[cfg(any(debug_assertions, test))]
     fn scaled(&self, f: f64) -> Timing {
         let s = |d: Duration| d.mul_f64(f);
         Timing {
