@@ -24,6 +24,8 @@ mod robust;
 mod rooms;
 mod s3;
 mod s3_params;
+mod s3proxy;
+mod services;
 mod setup;
 mod storage;
 mod util;
