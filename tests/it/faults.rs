@@ -465,3 +465,34 @@ fn nar_temp_files_keep_the_state_dir_free_space() {
     n.kill9();
     let _ = Command::new("nix-store").args(["--delete", &p]).output();
 }
+
+/// Answers lost or late after the store acted (the proxy forwards, then drops or holds the
+/// answer): the completion of a streamed NAR's upload and a narinfo's PUT are sent again,
+/// and the cache ends whole and closed, each path there once.
+#[test]
+fn s3_lost_and_late_answers_are_sent_again_without_harm() {
+    let t = TempDir::new("lostanswer");
+    let moto = Moto::start(t.path(), &[]);
+    moto.bucket("narq-lostanswer");
+    let proxy = S3Proxy::start(moto.port);
+    let mut n = s3_narq("lostanswer", proxy.port, "&buffer-size=5242880", "jobs = 1");
+    n.start();
+    proxy.add("POST", "uploadId=", Fault::LostAnswer, 1);
+    proxy.add("PUT", ".narinfo", Fault::LostAnswer, 1);
+    proxy.add("PUT", ".narinfo", Fault::LateAnswer(Duration::from_secs(2)), 1);
+    let u = unique();
+    let expr = format!(
+        "let big = {}; in {}",
+        sh_drv(&format!("lostanswer-big-{u}"), "head -c 12000000 /dev/urandom > $out"),
+        sh_drv(&format!("lostanswer-top-{u}"), "echo ${big} > $out"),
+    );
+    let (outs, _) = n.build(&expr);
+    n.wait(120);
+    let seen = proxy.seen();
+    for f in [Fault::LostAnswer, Fault::LateAnswer(Duration::from_secs(2))] {
+        assert!(seen.iter().any(|r| r.fault == f), "{f:?} never happened: {seen:#?}");
+    }
+    check_bucket_closed(moto.port, "narq-lostanswer").unwrap();
+    n.substitute_from(&outs[0], &format!("http://127.0.0.1:{}/narq-lostanswer", moto.port));
+    let _ = Command::new("nix-store").arg("--delete").args(closure(&outs)).output();
+}

@@ -4,12 +4,14 @@
 mod admission;
 mod cache_under_test;
 mod cli;
+mod cluster;
 mod collection;
 mod daemon;
 mod doctor;
 mod faults;
 mod filters;
 mod formats;
+mod garage;
 mod gc;
 mod guarantees;
 mod hook;
