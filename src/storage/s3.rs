@@ -726,10 +726,7 @@ impl Target for S3Target {
                 Ok(_) => Ok(true),
                 Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => Ok(false),
                 // The answer to a HEAD has no body to say why it refuses: a GET's has.
-                Err(e) if e.raw_response().is_some_and(|r| r.status().is_client_error()) => match self.get_object(key).await {
-                    Ok(found) => Ok(found.is_some()),
-                    Err(why) => Err(why),
-                },
+                Err(e) if e.raw_response().is_some_and(|r| r.status().is_client_error()) => self.get_object(key).await.map(|o| o.is_some()),
                 Err(e) => Err(classify(&what, e)),
             }
         })
