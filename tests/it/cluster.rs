@@ -87,7 +87,9 @@ fn garage_node_loss_pauses_uploads_and_loses_nothing() {
     let reason = last["target_error"].as_str().unwrap().to_string();
     eprintln!("paused: {reason}");
     assert!(reason.to_lowercase().contains("quorum"), "Garage's reason is not shown: {reason}");
-    assert_eq!((last["failed"].as_u64(), last["pending"].as_u64()), (Some(0), Some(1)), "{last}");
+    // Nothing failed, nothing is taken for done: what waits for the store's answer (the top,
+    // and what the daemon must confirm again) stays pending.
+    assert!(last["failed"] == 0 && last["pending"].as_u64() >= Some(1), "{last}");
     // Nodes back: everything lands.
     c.revive(1);
     c.revive(2);
@@ -193,14 +195,18 @@ fn garage_two_daemons_and_gc_through_three_nodes() {
         assert!(pin.status.success(), "{}", text(&pin));
     }
     // Three collections, while each daemon pushes a new app before each.
-    let mut latest = Vec::new();
+    let (mut latest, mut removed) = (Vec::new(), 0);
     for round in 1..=3 {
         let (xa, ya) = (nix_build(&conf, &app("x", round), &[]).remove(0), nix_build(&conf, &app("y", round), &[]).remove(0));
         assert!(x.narq(&["push", &xa]).status.success() && y.narq(&["push", &ya]).status.success());
         let gc = garage::narq(&gcn, &["gc", "--keep-days", "0", "--grace", "0s"]);
         assert!(gc.status.success(), "gc round {round}: {}", text(&gc));
+        let said = String::from_utf8_lossy(&gc.stdout).lines().last().unwrap_or("").to_string();
+        eprintln!("gc round {round}: {said}");
+        removed += said.split_whitespace().nth(2).and_then(|n| n.parse::<u32>().ok()).unwrap_or(0);
         latest = vec![(xa, &x), (ya, &y)];
     }
+    assert!(removed > 0, "the collections removed nothing: the test proves nothing");
     for n in [&x, &y] {
         n.wait(HEAL.as_secs() as u32);
     }
