@@ -255,7 +255,8 @@ def main():
             return moto.requests_and_cpu()
 
         def server_note(before, after):
-            return f"server: {after[0] - before[0]} requests, {after[1] - before[1]:.1f} CPU s"
+            requests = f"{after[0] - before[0]} requests, " if after[0] is not None else ""
+            return f"server: {requests}{after[1] - before[1]:.1f} CPU s"
 
         def uploads():
             """Requests in moto's log that upload (PUT, POST); None on Garage."""
