@@ -254,17 +254,27 @@ fn ok(out: Output) -> Output {
 
 /// `narq ARGS` with config `n` and the cluster's credentials.
 pub fn narq(n: &Narq, args: &[&str]) -> Output {
+    narq_env(n, &[], args)
+}
+
+/// The same, with `env` added (e.g. `http_proxy`).
+pub fn narq_env(n: &Narq, env: &[(&str, &str)], args: &[&str]) -> Output {
     output(
-        Command::new(bin("narq"))
-            .args(args)
+        scaled(Command::new(bin("narq")).args(args))
             .env("NARQ_CONFIG", &n.config)
             .env("AWS_ACCESS_KEY_ID", KEY_ID)
             .env("AWS_SECRET_ACCESS_KEY", SECRET)
-            .env("AWS_EC2_METADATA_DISABLED", "true"),
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .envs(env.iter().copied()),
     )
+}
+
+/// Starts `n`'s daemon with the cluster's credentials and `env`.
+pub fn start_env(n: &mut Narq, env: &[(&str, &str)]) {
+    n.start_env(&[&[("AWS_ACCESS_KEY_ID", KEY_ID), ("AWS_SECRET_ACCESS_KEY", SECRET)], env].concat());
 }
 
 /// Starts `n`'s daemon with the cluster's credentials.
 pub fn start(n: &mut Narq) {
-    n.start_env(&[("AWS_ACCESS_KEY_ID", KEY_ID), ("AWS_SECRET_ACCESS_KEY", SECRET)]);
+    start_env(n, &[]);
 }

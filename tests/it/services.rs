@@ -32,8 +32,7 @@ impl Behind {
     /// `narq ARGS` with the test's S3 credentials.
     fn narq(&self, args: &[&str]) -> Output {
         output(
-            Command::new(bin("narq"))
-                .args(args)
+            scaled(Command::new(bin("narq")).args(args))
                 .env("NARQ_CONFIG", &self.n.config)
                 .env("AWS_ACCESS_KEY_ID", "test")
                 .env("AWS_SECRET_ACCESS_KEY", "test")
@@ -197,7 +196,8 @@ fn b2_and_old_ceph_rules_are_kept() {
 }
 
 /// Issue 20 item 3: a service that takes virtual-hosted requests only: narq's path-style
-/// requests are refused, and the error names `addressing-style=virtual`.
+/// requests are refused, and the error names `addressing-style=virtual`, with which the
+/// upload lands.
 #[test]
 fn virtual_hosted_only_service_names_the_setting() {
     let mut b = Behind::new("vhost", "", "");
@@ -208,6 +208,15 @@ fn virtual_hosted_only_service_names_the_setting() {
     assert!(wait_for(Duration::from_secs(20), || b.n.status()["target_error"].is_string()), "{}", b.n.daemon_log());
     let err = b.n.status()["target_error"].as_str().unwrap().to_string();
     assert!(err.contains("SecondLevelDomainForbidden") && err.contains("set addressing-style=virtual in the store URL"), "{err}");
+
+    // With the setting it names, the path lands (the client reaches the virtual host
+    // through `http_proxy`, which narq honours).
+    let store = format!("s3://{}?endpoint=http://s3.example.test:{}&addressing-style=virtual", b.bucket, b.moto.port);
+    let mut v = Narq::new("vhost-ok", &format!("store = \"{store}\""));
+    v.start_env(&[("http_proxy", &format!("http://127.0.0.1:{}", b.proxy.port))]);
+    let push = v.narq(&["push", "--wait", &p]);
+    assert!(push.status.success(), "{}\n{}", text(&push), v.daemon_log());
+    assert!(http(b.moto.port, "GET", &format!("/{}/{}.narinfo", b.bucket, hash(&p))).0.starts_with("http/1.1 200"));
 }
 
 /// Issue 20 item 5: the errors users meet on real services are one line each, naming the fix.
@@ -244,7 +253,7 @@ fn service_errors_name_the_fix() {
 
     // A bucket that does not exist.
     let missing = Narq::new("errors-nobucket", &format!("store = \"s3://narq-nosuchbucket?endpoint=127.0.0.1:{}&scheme=http\"", b.moto.port));
-    let out = output(Command::new(bin("narq")).args(["verify"]).env("NARQ_CONFIG", &missing.config).env("AWS_ACCESS_KEY_ID", "test").env("AWS_SECRET_ACCESS_KEY", "test"));
+    let out = output(scaled(Command::new(bin("narq")).args(["verify"])).env("NARQ_CONFIG", &missing.config).env("AWS_ACCESS_KEY_ID", "test").env("AWS_SECRET_ACCESS_KEY", "test"));
     let err = String::from_utf8_lossy(&out.stderr);
     eprint!("{err}");
     assert!(err.contains("NoSuchBucket") && err.contains("create it, or correct the bucket name or endpoint= in the store URL"), "{err}");
@@ -252,7 +261,7 @@ fn service_errors_name_the_fix() {
 
     // TLS to an endpoint that speaks plain HTTP.
     let tls = Narq::new("errors-tls", &format!("store = \"s3://{}?endpoint=127.0.0.1:{}&scheme=https\"", b.bucket, b.moto.port));
-    let out = output(Command::new(bin("narq")).args(["verify"]).env("NARQ_CONFIG", &tls.config).env("AWS_ACCESS_KEY_ID", "test").env("AWS_SECRET_ACCESS_KEY", "test"));
+    let out = output(scaled(Command::new(bin("narq")).args(["verify"])).env("NARQ_CONFIG", &tls.config).env("AWS_ACCESS_KEY_ID", "test").env("AWS_SECRET_ACCESS_KEY", "test"));
     let err = String::from_utf8_lossy(&out.stderr);
     eprint!("{err}");
     assert!(err.contains("TLS with the endpoint failed") && err.contains("add scheme=http"), "{err}");
