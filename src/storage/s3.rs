@@ -150,7 +150,7 @@ fn classify<E: Call + ProvideErrorMetadata + std::error::Error + 'static>(what: 
     match code.as_str() {
         "PermanentRedirect" | "AuthorizationHeaderMalformed" | "IllegalLocationConstraintException" => {
             // S3 names the bucket's region in a header; clones (Garage) in the message.
-            let region = header("x-amz-bucket-region").or_else(|| quoted_after(&text, "expecting"));
+            let region = header("x-amz-bucket-region").or_else(|| named_region(&text));
             return fix(match region {
                 Some(r) => format!("the bucket is in region {r:?}: set region={r} in the store URL"),
                 None => "the bucket is in another region: set region= in the store URL".into(),
@@ -194,13 +194,18 @@ fn classify<E: Call + ProvideErrorMetadata + std::error::Error + 'static>(what: 
     TargetError { retry_after, ..TargetError::transient(msg) }
 }
 
-/// The first `'…'` after `word` in `text`: the region in "the region 'us-east-1' is wrong;
-/// expecting 'eu-west-1'".
-fn quoted_after(text: &str, word: &str) -> Option<String> {
-    let rest = &text[text.find(word)? + word.len()..];
-    let start = rest.find('\'')? + 1;
-    let len = rest[start..].find('\'')?;
-    Some(rest[start..start + len].to_string()).filter(|r| !r.is_empty())
+/// The region a refusal's message names: S3's "the region 'us-east-1' is wrong; expecting
+/// 'eu-west-1'", Garage's "unexpected scope: '…', expected: '20261206/garage/s3/aws4_request'"
+/// (the scope's second part).
+fn named_region(text: &str) -> Option<String> {
+    let after = |word: &str| {
+        let rest = &text[text.find(word)? + word.len()..];
+        let start = rest.find('\'')? + 1;
+        Some(rest[start..start + rest[start..].find('\'')?].to_string())
+    };
+    let named = after(" expecting").or_else(|| after(" expected"))?;
+    let region = if named.contains('/') { named.split('/').nth(1)?.to_string() } else { named };
+    Some(region).filter(|r| !r.is_empty())
 }
 
 /// A TLS failure with the endpoint in one line, with the two usual causes' fixes.
@@ -1131,6 +1136,15 @@ mod tests {
         let crate::store_url::Location::S3(o) = url.location else { panic!() };
         let r = retry_config(&o);
         assert_eq!((r.max_attempts(), r.initial_backoff().as_millis(), r.max_backoff().as_millis()), (7, 50, 900));
+    }
+
+    #[test]
+    fn the_region_a_refusal_names() {
+        let s3 = "The authorization header is malformed; the region 'us-east-1' is wrong; expecting 'eu-west-1'";
+        assert_eq!(named_region(s3).as_deref(), Some("eu-west-1"));
+        let garage = "Authorization header malformed, unexpected scope: '20261206/us-east-1/s3/aws4_request', expected: '20261206/garage/s3/aws4_request'";
+        assert_eq!(named_region(garage).as_deref(), Some("garage"));
+        assert_eq!(named_region("Authorization header malformed"), None);
     }
 
     #[test]

@@ -222,7 +222,8 @@ fn garage_two_daemons_and_gc_through_three_nodes() {
     deep_clean(&gcn);
 }
 
-/// Issue 20 item 4: `addressing-style=virtual` against Garage's `root_domain`. narq reaches
+/// Issue 20 items 4 and 5: without `region=garage` the refusal names the region; with it and
+/// `addressing-style=virtual`, against Garage's `root_domain`: narq reaches
 /// `<bucket>.s3.garage.localhost` through `http_proxy` (a proxy that takes virtual-hosted
 /// requests only, so a path-style one would be refused): a closure with a streamed NAR lands,
 /// `verify --deep` is clean, and a fresh client substitutes it.
@@ -232,6 +233,11 @@ fn garage_virtual_hosted_addressing_through_root_domain() {
     let Some((_turn, c)) = Cluster::get("garage_virtual_hosted_addressing_through_root_domain") else { return };
     let b = bucket("vhost");
     c.bucket(&b);
+    // Without its region, the refusal names it.
+    let bare = Narq::new("gvhost-region", "");
+    let out = garage::narq(&bare, &["verify", "--store", &format!("s3://{b}?endpoint=127.0.0.1:{}&scheme=http", c.nodes[0].s3)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("AuthorizationHeaderMalformed") && err.contains("set region=garage in the store URL"), "{err}");
     let proxy = S3Proxy::start(c.nodes[0].s3);
     proxy.service(Service::VirtualHostedOnly { domain: "s3.garage.localhost" });
     let store = format!("s3://{b}?endpoint=http://s3.garage.localhost:{}&region=garage&addressing-style=virtual", c.nodes[0].s3);
