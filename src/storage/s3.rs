@@ -14,7 +14,8 @@
 //!   and so Nix honour them.
 //! - Checksums: recent SDKs add CRC trailers to every upload, which several S3-compatible
 //!   servers reject. `checksum=when-required` (the default with a custom endpoint) sends
-//!   them only where S3 requires one; `checksum=when-supported` (the default for AWS) always.
+//!   them only where S3 requires one, and there (DeleteObjects) `Content-MD5` instead, which
+//!   older servers require; `checksum=when-supported` (the default for AWS) always.
 //! - NARs at most one part large (or up to `multipart-threshold`) go in one PUT, larger ones
 //!   stream: a multipart upload to a temporary key whose parts (`multipart-chunk-size`,
 //!   8 MiB by default; larger when the NAR would need more than S3's 10,000 parts; 3 in
@@ -25,6 +26,11 @@
 //!   is aborted. `multipart-upload=false` forces single PUTs.
 //! - A request not answered within 20 s plus its size at 16 KiB/s is given up (and retried
 //!   after a pause): a stalled server must not hold a worker forever.
+//! - Errors are one line, ending with what to change where the answer tells (a region, the
+//!   clock, the IAM action refused, a missing bucket, TLS, checksums, addressing). A call the
+//!   store does not implement (501, 405) is marked `unsupported`: callers skip optional ones
+//!   (listing incomplete uploads) and say so; a store without CopyObject gets a streamed
+//!   NAR read back and uploaded again under its key.
 
 use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
