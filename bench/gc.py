@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """`narq gc --dry-run` on a synthetic cache: cold (no index) and warm (index in the state dir).
 
-    python3 bench/gc.py [--paths 20000] [--s3]   # narq from target/release or target/debug
+    python3 bench/gc.py [--paths 20000] [--s3 | --garage]   # narq from target/release or target/debug
 
 Writes a cache of N narinfos (each referencing up to 3 earlier paths, so closures overlap),
 one small NAR each, and a root object for every 10th path, then times `narq gc --dry-run
 --json` twice and prints what it reports of its requests. With --s3 the cache goes into a
-moto bucket (.venv/bin/moto_server) instead of a directory.
+moto bucket (.venv/bin/moto_server) instead of a directory, with --garage into a bucket of a
+3-node Garage cluster (scripts/setup-garage.sh builds Garage).
 """
 import argparse, hashlib, json, os, random, shutil, subprocess, sys, tempfile, time
 
@@ -50,24 +51,26 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--paths", type=int, default=20000)
     ap.add_argument("--s3", action="store_true")
+    ap.add_argument("--garage", action="store_true")
     args = ap.parse_args()
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     narq = next(p for p in (f"{repo}/target/release/narq", f"{repo}/target/debug/narq") if os.path.exists(p))
     tmp = tempfile.mkdtemp(prefix="narq-bench-gc-")
-    env = dict(os.environ, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_EC2_METADATA_DISABLED="true")
     moto = None
     try:
         t0 = time.time()
-        if args.s3:
+        env = dict(os.environ)
+        if args.s3 or args.garage:
             from concurrent.futures import ThreadPoolExecutor
             sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-            from local_s3 import Moto
-            moto = Moto()
-            port, c = moto.port, moto.s3
-            c.create_bucket(Bucket="bench")
+            from local_s3 import server
+            moto = server("garage" if args.garage else "moto")
+            c = moto.s3
+            moto.create_bucket("bench")
             with ThreadPoolExecutor(16) as ex:
                 list(ex.map(lambda kv: c.put_object(Bucket="bench", Key=kv[0], Body=kv[1]), objects(args.paths)))
-            store = f"s3://bench?endpoint=127.0.0.1:{port}&scheme=http"
+            store = moto.store("bench")
+            env.update(moto.env())
         else:
             for key, body in objects(args.paths):
                 p = os.path.join(tmp, "cache", key)
@@ -75,7 +78,7 @@ def main():
                 with open(p, "wb") as f:
                     f.write(body)
             store = f"file://{tmp}/cache"
-        print(f"wrote {args.paths} paths in {time.time() - t0:.1f} s ({'moto S3' if args.s3 else 'file://'})")
+        print(f"wrote {args.paths} paths in {time.time() - t0:.1f} s ({moto.name + ' S3' if moto else 'file://'})")
         cfg = f"{tmp}/config.toml"
         with open(cfg, "w") as f:
             f.write(f'store = "{store}"\nstate-dir = "{tmp}/state"\nsocket = "{tmp}/narq.sock"\n')

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """narq vs `nix copy` and vs the machine's limits, uploading to one S3 server (moto on
-127.0.0.1), every comparison in one run; one line per case with both numbers and the ratio.
+127.0.0.1, or with --garage a 3-node Garage cluster), every comparison in one run; one line
+per case with both numbers and the ratio.
 
 Fairness: Nix 2.8 from Debian has no s3:// support, so Nix uploads with HTTP PUTs to
 http://127.0.0.1:PORT/BUCKET on the same moto server (moto accepts them) and narq uses the
@@ -28,7 +29,9 @@ Cases (pick some with arguments; default all):
            small paths and a ~290 MiB path (the first files of /usr/lib/x86_64-linux-gnu,
            added to both stores: the same store path), on loopback and through the slow link;
            and the local limit for the big path.
-Usage: bench/s3_vs_nix_copy.py [big small slow huge compress]
+On Garage, `nix copy` cannot take part: Nix 2.8 writes with unsigned HTTP PUTs, which
+Garage refuses; its rows show narq alone, beside the limits.
+Usage: bench/s3_vs_nix_copy.py [--garage] [big small slow huge compress n234]
        (run scripts/setup.sh and cargo build --release first; binaries from
        $CARGO_TARGET_DIR/release, else target/release)
 moto and boto3 come from the repo's .venv/ (scripts/setup.sh), which runs this script; Nix's
@@ -47,9 +50,13 @@ if os.path.realpath(sys.prefix) != os.path.realpath(VENV):
     os.execv(os.path.join(VENV, "bin", "python"), [os.path.join(VENV, "bin", "python")] + sys.argv)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from local_s3 import Moto, free_port  # noqa: E402
+from local_s3 import free_port, server  # noqa: E402
 
-CASES = sys.argv[1:] or ["big", "small", "slow", "huge", "compress", "n234"]
+SERVER = "garage" if "--garage" in sys.argv[1:] else "moto"
+CASES = [a for a in sys.argv[1:] if not a.startswith("--")] or ["big", "small", "slow", "huge", "compress", "n234"]
+if SERVER == "garage" and "n234" in CASES:
+    # Nix 2.34 in the chroot writes s3:// anonymously (Debian builds it without credentials).
+    CASES.remove("n234")
 SID = os.environ.get("NARQ_SID_DIR", "/var/cache/narq-test/sid")
 # Enters the sid chroot in a private mount namespace: ROOT BIN_DIR TMP_DIR PROGRAM ARGS...
 # (as tests/it/util.rs's Sid does).
@@ -153,8 +160,10 @@ class SlowLink:
 def main():
     tmp = tempfile.mkdtemp(prefix="narq-s3bench-")
     moto_log = os.path.join(tmp, "moto.log")
-    moto = Moto(moto_log)
+    moto = server(SERVER, moto_log)
     port, s3 = moto.port, moto.s3
+    if SERVER == "garage":
+        print(f"garage: a 3-node cluster up in {moto.setup_seconds:.1f} s", flush=True)
     state = {"daemon": None}
     big = None
     conf = os.path.join(tmp, "nix")
@@ -162,8 +171,13 @@ def main():
     rows = []
 
     def row(name, a_name, a, b_name, b, note=""):
-        """One line: both numbers and how many times faster the second is (a / b)."""
-        line = f"{name:<34} {a_name} {a:>7.2f} s   {b_name} {b:>7.2f} s   ratio {a / b:>5.2f}x  {note}"
+        """One line: both numbers and how many times faster the second is (a / b); the
+        second alone where there is no first (`nix copy` on Garage)."""
+        name = f"[{SERVER}] {name}"
+        if a is None:
+            line = f"{name:<43} {b_name} {b:>7.2f} s   {note}"
+        else:
+            line = f"{name:<43} {a_name} {a:>7.2f} s   {b_name} {b:>7.2f} s   ratio {a / b:>5.2f}x  {note}"
         rows.append(line)
         print(line, flush=True)
 
@@ -195,15 +209,14 @@ def main():
         def fresh_narq(bucket, store=None, sid=False):
             stop_daemon()
             if store is None:
-                s3.create_bucket(Bucket=bucket)
-                store = f"s3://{bucket}?endpoint=127.0.0.1:{port}&scheme=http&compression=zstd"
+                moto.create_bucket(bucket)
+                store = moto.store(bucket) + "&compression=zstd"
             st = os.path.join(tmp, bucket)
             cfg = os.path.join(tmp, bucket + ".toml")
             with open(cfg, "w") as f:
                 f.write(f'state-dir = "{st}"\nsocket = "{st}.sock"\nsecret-key-files = ["{key}"]\n'
                         + os.environ.get('NARQ_BENCH_EXTRA', '') + f'\nstore = "{store}"\n')
-            env = dict(os.environ, NARQ_CONFIG=cfg, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test",
-                       AWS_EC2_METADATA_DISABLED="true", NIX_CONF_DIR=conf)
+            env = dict(os.environ, NARQ_CONFIG=cfg, NIX_CONF_DIR=conf, **moto.env())
             cmd = in_sid(NARQ, "daemon") if sid else [NARQ, "daemon"]
             state["daemon"] = subprocess.Popen(cmd, env=env, stderr=open(st + ".log", "w"))
             for _ in range(200):
@@ -228,25 +241,27 @@ def main():
                 return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
 
         def nix_copy(bucket, path, via=None):
+            """`nix copy` over HTTP: seconds and peak RSS; (None, None) on Garage."""
+            if SERVER == "garage":
+                return None, None
             s3.create_bucket(Bucket=bucket)
             return timed(["nix", "--extra-experimental-features", "nix-command", "copy", "--to",
                           f"http://127.0.0.1:{via or port}/{bucket}?compression=zstd&compression-level={ZSTD_LEVEL}", path],
                          env=nixenv)
 
         def requests_and_cpu():
-            """Requests in the server's log, and CPU seconds the server has used: where the time
-            goes when the server is the bottleneck."""
-            with open(moto_log) as f:
-                n = sum(1 for l in f if "HTTP/1.1" in l)
-            with open(f"/proc/{moto.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            return n, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            """Requests the server served, and CPU seconds it has used: where the time goes
+            when the server is the bottleneck."""
+            return moto.requests_and_cpu()
 
         def server_note(before, after):
-            return f"server: {after[0] - before[0]} requests, {after[1] - before[1]:.1f} CPU s"
+            requests = f"{after[0] - before[0]} requests, " if after[0] is not None else ""
+            return f"server: {requests}{after[1] - before[1]:.1f} CPU s"
 
         def uploads():
-            """Requests in the server's log that upload (PUT, POST)."""
+            """Requests in moto's log that upload (PUT, POST); None on Garage."""
+            if SERVER == "garage":
+                return None
             with open(moto_log) as f:
                 return sum(1 for l in f if re.search(r'"(\x1b\[[0-9;]*m)*(PUT|POST) ', l))
 
@@ -276,7 +291,7 @@ def main():
             row("1 GB path: the compression limit", "zstd -T0 -3 | sha256sum", limit, "narq", narq_t,
                 f"(narq / limit: {narq_t / limit:.2f}x; narq's {server_note(s0, s1)})")
             row("1 GB path: nix copy", "nix copy", nix_t, "narq", narq_t,
-                f"peak RSS: nix copy {nix_rss / 1024:.0f} MiB, narq daemon {peak:.0f} MiB")
+                f"peak RSS: nix copy {nix_rss / 1024:.0f} MiB, narq daemon {peak:.0f} MiB" if nix_rss else f"narq daemon peak RSS {peak:.0f} MiB")
 
         if "small" in CASES:
             top = closure_of(500, "small")
@@ -288,28 +303,33 @@ def main():
             narq_t = narq_push(env, top)
             s3_ = requests_and_cpu()
             row("500 small paths", "nix copy", nix_t, "narq", narq_t,
-                f"nix copy's {server_note(s0, s1)}; narq's {server_note(s2, s3_)}")
-            before = uploads()
-            nix_t2, _ = timed(["nix", "--extra-experimental-features", "nix-command", "copy", "--to",
-                               f"http://127.0.0.1:{port}/nix-small?compression=zstd", top], env=nixenv)
-            nix_uploads = uploads() - before
-            before = uploads()
-            narq_t2 = narq_push(env, top)
-            row("500 paths again", "nix copy", nix_t2, "narq", narq_t2,
-                f"uploading requests: nix copy {nix_uploads}, narq {uploads() - before}")
+                (f"nix copy's {server_note(s0, s1)}; " if nix_t else "") + f"narq's {server_note(s2, s3_)}")
+            if SERVER == "garage":
+                s0 = requests_and_cpu()
+                narq_t2 = narq_push(env, top)
+                row("500 paths again", None, None, "narq", narq_t2, f"narq's {server_note(s0, requests_and_cpu())}")
+            else:
+                before = uploads()
+                nix_t2, _ = timed(["nix", "--extra-experimental-features", "nix-command", "copy", "--to",
+                                   f"http://127.0.0.1:{port}/nix-small?compression=zstd", top], env=nixenv)
+                nix_uploads = uploads() - before
+                before = uploads()
+                narq_t2 = narq_push(env, top)
+                row("500 paths again", "nix copy", nix_t2, "narq", narq_t2,
+                    f"uploading requests: nix copy {nix_uploads}, narq {uploads() - before}")
             stop_daemon()
 
         if "slow" in CASES:
             link = SlowLink(port)
             top = closure_of(300, "slow")
             nix_t, _ = nix_copy("nix-slow", top, via=link.port)
-            s3.create_bucket(Bucket="narq-slow")
-            env = fresh_narq("narq-slow", f"s3://narq-slow?endpoint=127.0.0.1:{link.port}&scheme=http&compression=zstd")
+            moto.create_bucket("narq-slow")
+            env = fresh_narq("narq-slow", moto.store("narq-slow", link.port) + "&compression=zstd")
             narq_t = narq_push(env, top)
             row("300 small paths, slow link", "nix copy", nix_t, "narq", narq_t)
             p = big_path()
-            s3.create_bucket(Bucket="narq-slowbig")
-            env = fresh_narq("narq-slowbig", f"s3://narq-slowbig?endpoint=127.0.0.1:{link.port}&scheme=http&compression=zstd")
+            moto.create_bucket("narq-slowbig")
+            env = fresh_narq("narq-slowbig", moto.store("narq-slowbig", link.port) + "&compression=zstd")
             # Where the CPU goes: the link (this process's proxy thread), the server, narq.
             s0, proxy0 = requests_and_cpu(), time.process_time()
             narq_t = narq_push(env, p)
@@ -321,7 +341,7 @@ def main():
             row("1 GB path, slow link: link limit", "size / 50 MiB/s", link_limit, "narq", narq_t,
                 f"(narq / limit: {narq_t / link_limit:.2f}x; {info['Size'] / 2**20:.0f} MiB compressed; CPU s: "
                 f"narq {narq_cpu:.1f}, the link's proxy {proxy1 - proxy0:.1f}, {server_note(s0, s1)})")
-            if os.environ.get("NARQ_BENCH_SLOW_NIX_BIG", "1") == "1":
+            if os.environ.get("NARQ_BENCH_SLOW_NIX_BIG", "1") == "1" and SERVER == "moto":
                 nix_t, _ = nix_copy("nix-slowbig", p, via=link.port)
                 row("1 GB path, slow link: nix copy", "nix copy", nix_t, "narq", narq_t)
             link.stop()

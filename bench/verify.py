@@ -3,14 +3,14 @@
 
 Generates a cache of N paths (default 20,000): narinfos with real ed25519 signatures and
 small NARs (compression none), each path referencing up to two earlier ones, written
-directly (not through narq) both to a bucket on a local S3 server (moto_server from .venv)
-and to a directory. Then, one line per case with both numbers and the ratio:
+directly (not through narq) both to a bucket on a local S3 server (moto_server from .venv,
+or with --garage a 3-node Garage cluster) and to a directory. Then, one line per case with both numbers and the ratio:
   - shallow, cold (empty index) and warm (second run): `narq verify` of the bucket and of the
     directory, against `nix store verify --store file://DIR --all --no-contents`;
   - the S3 server's own rate of narinfo GETs (boto3, 32 threads), which bounds a cold run;
   - deep: a ~1 GiB NAR (zstd, half random) in a directory cache: `narq verify --deep`
     against `nix store verify` of the same path (which downloads and hashes it).
-Usage: bench/verify.py [N]   (needs `cargo build --release`; the binary is taken from
+Usage: bench/verify.py [--garage] [N]   (needs `cargo build --release`; the binary is taken from
 $CARGO_TARGET_DIR, else target/). NARQ_BENCH_DEEP_MIB sets the deep NAR's size (1024).
 """
 import base64, hashlib, json, os, random, subprocess, sys, tempfile, time
@@ -19,12 +19,14 @@ from concurrent.futures import ThreadPoolExecutor
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target")
 NARQ = os.environ.get("NARQ_BENCH_NARQ") or os.path.join(TARGET, "release", "narq")
-N = int(sys.argv[1]) if len(sys.argv) > 1 else 20000
+SERVER = "garage" if "--garage" in sys.argv[1:] else "moto"
+ARGS = [a for a in sys.argv[1:] if not a.startswith("--")]
+N = int(ARGS[0]) if ARGS else 20000
 DEEP_MIB = int(os.environ.get("NARQ_BENCH_DEEP_MIB", "1024"))
 
 sys.path.insert(0, next(p for p in __import__("glob").glob(os.path.join(ROOT, ".venv/lib/python3*/site-packages"))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from local_s3 import Moto  # noqa: E402
+from local_s3 import server  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 
@@ -95,10 +97,10 @@ def main():
     tmp = tempfile.mkdtemp(prefix="narq-bench-verify-")
     key = Key("bench-1")
     rng = random.Random(1)
-    moto = Moto(os.path.join(tmp, "moto.log"))
+    moto = server(SERVER, os.path.join(tmp, "server.log"))
     port, s3 = moto.port, moto.s3
     try:
-        s3.create_bucket(Bucket="bench")
+        moto.create_bucket("bench")
         cache = os.path.join(tmp, "cache")
         os.makedirs(os.path.join(cache, "nar"))
         objects = [("nix-cache-info", b"StoreDir: /nix/store\n")]
@@ -136,13 +138,11 @@ def main():
             with open(cfg, "w") as f:
                 f.write(f'state-dir = "{os.path.join(tmp, state)}"\nsocket = "{os.path.join(tmp, state, "sock")}"\n'
                         f'public-keys = ["{key.public}"]\n')
-            return dict(os.environ, NARQ_CONFIG=cfg, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test",
-                        AWS_EC2_METADATA_DISABLED="true")
+            return dict(os.environ, NARQ_CONFIG=cfg, **moto.env())
         nix_env = dict(os.environ, NIX_CONF_DIR=nix_conf, XDG_CACHE_HOME=os.path.join(tmp, "xdg"))
         nix_s, r = timed(["nix", "store", "verify", "--store", f"file://{cache}", "--all", "--no-contents",
                           "--sigs-needed", "1", "--option", "trusted-public-keys", key.public], nix_env)
-        s3_url = f"s3://bench?endpoint=127.0.0.1:{port}&scheme=http"
-        for what, store in [("S3 (moto)", s3_url), ("directory", f"file://{cache}")]:
+        for what, store in [(f"S3 ({SERVER})", moto.store("bench")), ("directory", f"file://{cache}")]:
             env = narq_env("state-" + what[:2].lower().strip())
             cold, r = timed([NARQ, "verify", "--store", store, "--json"], env)
             report = json.loads(r.stdout)

@@ -92,3 +92,5 @@ if ! "$venv/bin/python" -c "import boto3, moto, sys; sys.exit(moto.__version__ !
     # No pip cache: nothing written to ~/.cache.
     "$venv/bin/python" -m pip install -q --no-cache-dir --disable-pip-version-check "moto[server]==$MOTO_VERSION" >/dev/null
 fi
+
+scripts/setup-garage.sh   # Garage, for the cluster tests (a one-time build, cached outside the clone)

@@ -49,6 +49,9 @@ pub struct Scan {
     pub incomplete: Vec<Incomplete>,
     /// How many narinfos were read from the cache (the rest came from the index).
     pub fetched: u64,
+    /// What the scan could not look at, and why, one line each (a store that does not list
+    /// incomplete uploads): the commands say so and do the rest.
+    pub skipped: Vec<String>,
 }
 
 /// How far a scan is, for a progress line.
@@ -64,7 +67,7 @@ pub struct Progress {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScanError {
-    #[error("{0}")]
+    #[error(transparent)]
     Target(#[from] TargetError),
     #[error("the cache index {0}: {1}")]
     Index(PathBuf, rusqlite::Error),
@@ -106,7 +109,17 @@ pub async fn scan(target: &dyn Target, index_path: &Path, jobs: usize, progress:
             }
         })
         .await?;
-    scan.incomplete = target.list_incomplete("").await?;
+    scan.incomplete = match target.list_incomplete("").await {
+        Ok(found) => found,
+        // An optional call: without it, incomplete uploads are neither reported nor aborted.
+        Err(e) if e.unsupported => {
+            let skipped = format!("skipped incomplete uploads (neither checked nor aborted): {e}");
+            eprintln!("narq: {skipped}");
+            scan.skipped.push(skipped);
+            Vec::new()
+        }
+        Err(e) => return Err(e.into()),
+    };
 
     // What the index holds in the listed version is parsed from there; the rest is fetched.
     let mut to_fetch = Vec::new();

@@ -90,6 +90,8 @@ pub struct Report {
     pub orphan_nars: u64,
     pub orphan_bytes: u64,
     pub seconds: f64,
+    /// Checks not made, and why (a store that does not list incomplete uploads).
+    pub skipped: Vec<String>,
 }
 
 impl Report {
@@ -237,7 +239,7 @@ pub async fn verify(target: &dyn Target, index_path: &Path, opts: &Options, prog
         n => progress(format!("reading narinfos: {}", rate(p.fetched, n))),
     };
     let s = scan(target, index_path, opts.jobs, &on_scan).await?;
-    let mut report = Report { fetched: s.fetched, ..Report::default() };
+    let mut report = Report { fetched: s.fetched, skipped: s.skipped.clone(), ..Report::default() };
     let by_hash: HashMap<&str, &NarInfoEntry> = s.narinfos.iter().map(|e| (e.hash_part(), e)).collect();
     let present: HashSet<&str> = by_hash.keys().copied().collect();
     let objects = super::objects_by_key(&s);
@@ -487,6 +489,7 @@ pub fn run(config: &crate::config::Config, args: Args, resolve: impl Fn(&Path) -
             "orphan_nars": report.orphan_nars,
             "orphan_bytes": report.orphan_bytes,
             "seconds": report.seconds,
+            "skipped": report.skipped,
             "repaired": repaired.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "unrepairable": unrepairable.iter().map(|(p, why)| serde_json::json!({"subject": p, "why": why})).collect::<Vec<_>>(),
         });

@@ -72,17 +72,24 @@ pub struct TargetError {
     pub permanent: bool,
     /// The store asked us to wait at least this long (`Retry-After`).
     pub retry_after: Option<Duration>,
+    /// The store does not implement this call (HTTP 501 or 405, `NotImplemented`): where
+    /// the call is optional (listing incomplete uploads, say), callers skip it and say so.
+    pub unsupported: bool,
 }
 
 impl TargetError {
     pub fn transient(msg: impl Into<String>) -> Self {
-        TargetError { msg: msg.into(), config: false, permanent: false, retry_after: None }
+        TargetError { msg: msg.into(), config: false, permanent: false, retry_after: None, unsupported: false }
     }
     pub fn target(msg: impl Into<String>) -> Self {
         TargetError { config: true, ..Self::transient(msg) }
     }
     pub fn permanent(msg: impl Into<String>) -> Self {
         TargetError { permanent: true, ..Self::transient(msg) }
+    }
+    /// A call the store does not implement: needs a person where the call is required.
+    pub fn unsupported(msg: impl Into<String>) -> Self {
+        TargetError { unsupported: true, ..Self::target(msg) }
     }
 }
 

@@ -14,7 +14,8 @@
 //!   and so Nix honour them.
 //! - Checksums: recent SDKs add CRC trailers to every upload, which several S3-compatible
 //!   servers reject. `checksum=when-required` (the default with a custom endpoint) sends
-//!   them only where S3 requires one; `checksum=when-supported` (the default for AWS) always.
+//!   them only where S3 requires one, and there (DeleteObjects) `Content-MD5` instead, which
+//!   older servers require; `checksum=when-supported` (the default for AWS) always.
 //! - NARs at most one part large (or up to `multipart-threshold`) go in one PUT, larger ones
 //!   stream: a multipart upload to a temporary key whose parts (`multipart-chunk-size`,
 //!   8 MiB by default; larger when the NAR would need more than S3's 10,000 parts; 3 in
@@ -25,6 +26,11 @@
 //!   is aborted. `multipart-upload=false` forces single PUTs.
 //! - A request not answered within 20 s plus its size at 16 KiB/s is given up (and retried
 //!   after a pause): a stalled server must not hold a worker forever.
+//! - Errors are one line, ending with what to change where the answer tells (a region, the
+//!   clock, the IAM action refused, a missing bucket, TLS, checksums, addressing). A call the
+//!   store does not implement (501, 405) is marked `unsupported`: callers skip optional ones
+//!   (listing incomplete uploads) and say so; a store without CopyObject gets a streamed
+//!   NAR read back and uploaded again under its key.
 
 use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
@@ -71,6 +77,11 @@ pub struct S3Target {
     narinfo_encoding: Option<Encoding>,
     ls_encoding: Option<Encoding>,
     log_encoding: Option<Encoding>,
+    /// `checksum=when-required`: DeleteObjects carries Content-MD5 instead of the SDK's CRC32.
+    md5_deletes: bool,
+    /// False once the store answered that it does not implement CopyObject: renames then
+    /// copy through this machine.
+    copies_on_server: std::sync::atomic::AtomicBool,
     /// For messages.
     describe: String,
     /// Whether the server honours `If-Match` ([`Target::conditional_puts`]), once probed.
@@ -87,38 +98,143 @@ const MAX_MSG: usize = 300;
 /// The profile credentials are read from, for the "no credentials" message.
 static PROFILE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
+/// The permission (IAM action) an S3 call needs, and which commands make the call: an
+/// "access denied" names both. Every call narq makes has one, or `classify` does not take its errors.
+trait Call {
+    const ACTION: &'static str;
+    const NEEDED_BY: &'static str;
+}
+
+macro_rules! calls {
+    ($($module:ident::$error:ident => $action:literal, $needed_by:literal;)*) => {
+        $(impl Call for aws_sdk_s3::operation::$module::$error {
+            const ACTION: &'static str = $action;
+            const NEEDED_BY: &'static str = $needed_by;
+        })*
+    };
+}
+
+calls! {
+    list_objects_v2::ListObjectsV2Error => "s3:ListBucket", "verify, gc, rm, sign and the daemon";
+    get_object::GetObjectError => "s3:GetObject", "every command";
+    head_object::HeadObjectError => "s3:GetObject", "the daemon";
+    put_object::PutObjectError => "s3:PutObject", "uploads";
+    create_multipart_upload::CreateMultipartUploadError => "s3:PutObject", "uploads";
+    upload_part::UploadPartError => "s3:PutObject", "uploads";
+    complete_multipart_upload::CompleteMultipartUploadError => "s3:PutObject", "uploads";
+    copy_object::CopyObjectError => "s3:GetObject and s3:PutObject", "uploads";
+    upload_part_copy::UploadPartCopyError => "s3:GetObject and s3:PutObject", "uploads";
+    delete_objects::DeleteObjectsError => "s3:DeleteObject", "gc and rm, and by uploads (their temporary keys)";
+    delete_object::DeleteObjectError => "s3:DeleteObject", "uploads (their temporary keys)";
+    list_multipart_uploads::ListMultipartUploadsError => "s3:ListBucketMultipartUploads", "verify and gc (unfinished uploads)";
+    abort_multipart_upload::AbortMultipartUploadError => "s3:AbortMultipartUpload", "gc (unfinished uploads)";
+}
+
 /// Sorts an SDK error: wrong or missing credentials and a missing bucket concern the whole
 /// target, a refused object only its item, throttling, 5xx, timeouts and dropped connections
-/// may pass. The message is one line.
-fn classify<E: ProvideErrorMetadata + std::error::Error + 'static>(what: &str, e: SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> TargetError {
+/// may pass, a call the store does not implement is marked so. The message is one line and,
+/// where the answer tells, ends with what to change.
+fn classify<E: Call + ProvideErrorMetadata + std::error::Error + 'static>(what: &str, e: SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> TargetError {
     let status = e.raw_response().map(|r| r.status().as_u16());
     let code = e.as_service_error().and_then(|s| s.code()).unwrap_or("").to_string();
+    let header = |name: &str| e.raw_response().and_then(|r| r.headers().get(name)).map(str::to_string);
     // Seconds only: S3 and its clones do not send HTTP dates here.
-    let retry_after = e
-        .raw_response()
-        .and_then(|r| r.headers().get("retry-after"))
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(std::time::Duration::from_secs);
+    let retry_after = header("retry-after").and_then(|v| v.trim().parse::<u64>().ok()).map(std::time::Duration::from_secs);
     if let Some(c) = credentials_error(&e) {
         return TargetError::target(format!("{what}: {c}"));
     }
+    if let Some(t) = tls_error(&e) {
+        return TargetError::target(format!("{what}: {t}"));
+    }
+    let text = e.as_service_error().and_then(|s| s.message()).unwrap_or("").to_string();
     let msg = match (&e, status) {
-        (SdkError::ServiceError(se), Some(st)) => {
-            let m = se.err().message().unwrap_or("");
-            format!("{what}: HTTP {st} {code} {m}").trim_end().to_string()
-        }
+        (SdkError::ServiceError(_), Some(st)) => format!("{what}: HTTP {st} {code} {text}").trim_end().to_string(),
         _ => format!("{what}: {}", one_line(&e)),
     };
-    let auth = matches!(status, Some(401 | 403))
-        || matches!(code.as_str(), "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "AccessDenied" | "ExpiredToken" | "NoSuchBucket")
-        || matches!(e, SdkError::ConstructionFailure(_));
-    if auth {
-        return TargetError::target(format!("{msg} (check the credentials, the bucket and its policy)"));
+    let fix = |hint: String| TargetError::target(format!("{msg} ({hint})"));
+    let lower = text.to_ascii_lowercase();
+    match code.as_str() {
+        "PermanentRedirect" | "AuthorizationHeaderMalformed" | "IllegalLocationConstraintException" => {
+            // S3 names the bucket's region in a header; clones (Garage) in the message.
+            let region = header("x-amz-bucket-region").or_else(|| named_region(&text));
+            return fix(match region {
+                Some(r) => format!("the bucket is in region {r:?}: set region={r} in the store URL"),
+                None => "the bucket is in another region: set region= in the store URL".into(),
+            });
+        }
+        "RequestTimeTooSkewed" => {
+            let theirs = header("date").map(|d| format!(" (the store's time: {d})")).unwrap_or_default();
+            return fix(format!("this machine's clock is more than 15 minutes off the store's{theirs}: set the clock, e.g. with NTP"));
+        }
+        "AccessDenied" | "AllAccessDisabled" => {
+            return fix(format!("these credentials lack {} on this bucket, needed by {}: grant it in the key's or the bucket's policy", E::ACTION, E::NEEDED_BY));
+        }
+        "InvalidAccessKeyId" => return fix("the store does not know this access key: check AWS_ACCESS_KEY_ID, the profile, or the credentials file".into()),
+        "SignatureDoesNotMatch" => return fix("the secret key does not match the access key: check AWS_SECRET_ACCESS_KEY or the profile".into()),
+        "ExpiredToken" | "TokenRefreshRequired" => return fix("the session token has expired: renew the credentials".into()),
+        "NoSuchBucket" => return fix("no such bucket at this endpoint: create it, or correct the bucket name or endpoint= in the store URL".into()),
+        "SecondLevelDomainForbidden" => return fix("this store takes virtual-hosted requests only: set addressing-style=virtual in the store URL".into()),
+        _ => {}
     }
-    if status == Some(413) || OBJECT_REFUSED.contains(&code.as_str()) {
+    // A store that refuses the checksum headers recent SDKs add (R2 and B2 did, older Ceph does).
+    let about_checksums = ["checksum", "content-md5", "trailer"].iter().any(|h| lower.contains(h));
+    let refusal = matches!(code.as_str(), "InvalidArgument" | "InvalidRequest" | "NotImplemented" | "MissingContentMD5" | "");
+    if (about_checksums && refusal && matches!(status, Some(400 | 501))) || code == "MissingContentMD5" {
+        return TargetError { unsupported: status == Some(501), ..fix("this store does not take the checksum headers the AWS SDK adds: set checksum=when-required in the store URL".into()) };
+    }
+    if matches!(status, Some(501 | 405)) || code == "NotImplemented" {
+        return TargetError::unsupported(format!("{msg} (the store does not implement this call)"));
+    }
+    let auth = matches!(status, Some(401 | 403)) || matches!(e, SdkError::ConstructionFailure(_));
+    if auth {
+        return fix("check the credentials, the bucket and its policy".into());
+    }
+    if status == Some(413) {
+        return TargetError::permanent(format!(
+            "{msg} (the store, or a proxy in front of it, refuses a request this large: keep multipart-upload=true, and buffer-size below its limit)"
+        ));
+    }
+    if OBJECT_REFUSED.contains(&code.as_str()) {
         return TargetError::permanent(msg);
     }
     TargetError { retry_after, ..TargetError::transient(msg) }
+}
+
+/// The region a refusal's message names: S3's "the region 'us-east-1' is wrong; expecting
+/// 'eu-west-1'", Garage's "unexpected scope: '…', expected: '20261206/garage/s3/aws4_request'"
+/// (the scope's second part).
+fn named_region(text: &str) -> Option<String> {
+    let after = |word: &str| {
+        let rest = &text[text.find(word)? + word.len()..];
+        let start = rest.find('\'')? + 1;
+        Some(rest[start..start + rest[start..].find('\'')?].to_string())
+    };
+    let named = after(" expecting").or_else(|| after(" expected"))?;
+    let region = if named.contains('/') { named.split('/').nth(1)?.to_string() } else { named };
+    Some(region).filter(|r| !r.is_empty())
+}
+
+/// A TLS failure with the endpoint in one line, with the two usual causes' fixes.
+fn tls_error(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let t = causes(e).find_map(|c| c.downcast_ref::<rustls::Error>())?;
+    Some(format!(
+        "TLS with the endpoint failed: {t} (an endpoint that speaks plain HTTP: add scheme=http, or write endpoint=http://…; \
+         a certificate from a CA of your own: point SSL_CERT_FILE at that CA's certificate)"
+    ))
+}
+
+/// `e` and its causes, including what each `io::Error` wraps (which its `source()` skips:
+/// the TLS client nests its errors two `io::Error`s deep).
+fn causes<'a>(e: &'a (dyn std::error::Error + 'static)) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    let mut next = Some(e);
+    std::iter::from_fn(move || {
+        let cur = next?;
+        next = match cur.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => cur.source(),
+        };
+        Some(cur)
+    })
 }
 
 /// Forbids the SDK's own quick retry of an answer with `Retry-After`: the SDK would send it
@@ -248,6 +364,22 @@ fn part_size_for(configured: u64, size: u64) -> u64 {
     configured.max(needed)
 }
 
+/// Gives a DeleteObjects request Content-MD5 instead of the CRC32 the SDK adds: S3 clones
+/// that predate the SDK's checksums require Content-MD5 there (as S3 itself did), and some
+/// refuse a request carrying both.
+fn content_md5_instead(req: &mut aws_sdk_s3::config::http::HttpRequest) {
+    use base64::Engine;
+    use md5::Digest;
+    let Some(body) = req.body().bytes() else { return };
+    let md5 = base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(body));
+    let headers = req.headers_mut();
+    let sums: Vec<String> = headers.iter().map(|(k, _)| k.to_ascii_lowercase()).filter(|k| k.starts_with("x-amz-checksum-") || k == "x-amz-sdk-checksum-algorithm").collect();
+    for k in sums {
+        headers.remove(k.as_str());
+    }
+    headers.insert("content-md5", md5);
+}
+
 impl S3Target {
     /// The target for `o`, whose values were checked when the config was read; an error only
     /// if its client certificate (`tls-certificate`) cannot be read.
@@ -311,6 +443,8 @@ impl S3Target {
             narinfo_encoding: o.narinfo_encoding,
             ls_encoding: o.ls_encoding,
             log_encoding: o.log_encoding,
+            md5_deletes: o.checksum == Checksum::WhenRequired,
+            copies_on_server: std::sync::atomic::AtomicBool::new(true),
             describe,
             conditional: tokio::sync::OnceCell::new(),
         })
@@ -447,6 +581,63 @@ impl S3Target {
         Ok((parts, size))
     }
 
+    /// The server-side copy of the `size`-byte object at `from` to `to`.
+    async fn server_copy(&self, from: &str, to: &str, size: u64, content_type: &str) -> Result<(), TargetError> {
+        if size > copy_limit() {
+            return self.copy_multipart(from, to, size, content_type).await;
+        }
+        let what = format!("copying {from} to {to}");
+        let copy = self
+            .client
+            .copy_object()
+            .bucket(&self.bucket)
+            .key(to)
+            .copy_source(format!("{}/{from}", self.bucket))
+            .content_type(content_type)
+            .metadata_directive(aws_sdk_s3::types::MetadataDirective::Replace)
+            .set_storage_class(self.storage_class.clone())
+            .send();
+        answered(&what, size, copy).await?.map_err(|e| classify(&what, e))?;
+        Ok(())
+    }
+
+    /// The copy of the `size`-byte object at `from` to `to` through this machine, for a store
+    /// without server-side copies: read back a part at a time and streamed up again.
+    async fn copy_through(&self, from: &str, to: &str, size: u64, content_type: &'static str) -> Result<(), TargetError> {
+        use tokio::io::AsyncReadExt;
+        let what = format!("reading {from} back to copy it to {to}");
+        let Some(out) = self.get_object(from).await? else {
+            return Err(TargetError::transient(format!("{what}: it is gone")));
+        };
+        let part = part_size_for(self.part_size.unwrap_or(STREAM_PART), size);
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let read = async move {
+            let mut body = out.body.into_async_read();
+            let mut read = 0u64;
+            loop {
+                let mut buf = Vec::with_capacity(part as usize);
+                let n = answered(&what, part, (&mut body).take(part).read_to_end(&mut buf)).await?;
+                let n = n.map_err(|e| TargetError::transient(format!("{what}: {e}")))?;
+                if n == 0 {
+                    break;
+                }
+                read += n as u64;
+                if tx.send(Chunk::Data(Body::Bytes(buf))).await.is_err() {
+                    return Ok(());
+                }
+            }
+            if read != size {
+                return Err(TargetError::transient(format!("{what}: {read} bytes, not {size}")));
+            }
+            let _ = tx.send(Chunk::End).await;
+            Ok(())
+        };
+        // A failed read drops the sender without `End`: the upload is aborted.
+        let (read, put) = tokio::join!(read, self.put_streamed(to, rx, content_type));
+        read?;
+        put.map(|_| ())
+    }
+
     /// The copy of a `size`-byte object beyond CopyObject's limit: a multipart upload of
     /// ranges of `from` (UploadPartCopy), aborted on failure.
     async fn copy_multipart(&self, from: &str, to: &str, size: u64, content_type: &str) -> Result<(), TargetError> {
@@ -545,6 +736,8 @@ impl Target for S3Target {
             match answered(&what, 0, self.client.head_object().bucket(&self.bucket).key(key).send()).await? {
                 Ok(_) => Ok(true),
                 Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => Ok(false),
+                // The answer to a HEAD has no body to say why it refuses: a GET's has.
+                Err(e) if e.raw_response().is_some_and(|r| r.status().is_client_error()) => self.get_object(key).await.map(|o| o.is_some()),
                 Err(e) => Err(classify(&what, e)),
             }
         })
@@ -598,26 +791,23 @@ impl Target for S3Target {
         })
     }
 
-    /// CopyObject (in ranges above [`copy_limit`]), then DeleteObject of `from`. A delete
-    /// that fails is only logged: `to` is whole, and the leftover is a copy under narq's
-    /// own prefix.
+    /// CopyObject (in ranges above [`copy_limit`]), then DeleteObject of `from`. A store
+    /// that does not implement the copy gets the object read back and uploaded again (said
+    /// once in the log). A delete that fails is only logged: `to` is whole, and the leftover
+    /// is a copy under narq's own prefix.
     fn rename<'a>(&'a self, from: &'a str, to: &'a str, size: u64, content_type: &'static str) -> BoxFuture<'a, Result<(), TargetError>> {
+        use std::sync::atomic::Ordering::Relaxed;
         Box::pin(async move {
-            if size > copy_limit() {
-                self.copy_multipart(from, to, size, content_type).await?;
-            } else {
-                let what = format!("copying {from} to {to}");
-                let copy = self
-                    .client
-                    .copy_object()
-                    .bucket(&self.bucket)
-                    .key(to)
-                    .copy_source(format!("{}/{from}", self.bucket))
-                    .content_type(content_type)
-                    .metadata_directive(aws_sdk_s3::types::MetadataDirective::Replace)
-                    .set_storage_class(self.storage_class.clone())
-                    .send();
-                answered(&what, size, copy).await?.map_err(|e| classify(&what, e))?;
+            if !self.copies_on_server.load(Relaxed) {
+                self.copy_through(from, to, size, content_type).await?;
+            } else if let Err(e) = self.server_copy(from, to, size, content_type).await {
+                if !e.unsupported {
+                    return Err(e);
+                }
+                if self.copies_on_server.swap(false, Relaxed) {
+                    tracing::warn!("{e}: NARs are copied to their keys through this machine instead (read back and uploaded again)");
+                }
+                self.copy_through(from, to, size, content_type).await?;
             }
             let what = format!("deleting {from}");
             match answered(&what, 0, self.client.delete_object().bucket(&self.bucket).key(from).send()).await {
@@ -697,8 +887,9 @@ impl Target for S3Target {
                 // Sent once: a collector checks its heartbeat before each delete request
                 // (`cache::collection`), and a retry would go out unchecked.
                 let once = aws_sdk_s3::config::Builder::new().retry_config(aws_sdk_s3::config::retry::RetryConfig::standard().with_max_attempts(1));
-                let send = self.client.delete_objects().bucket(&self.bucket).delete(delete).customize().config_override(once).send();
-                let out = answered(&what, 0, send).await?.map_err(|e| classify(&what, e))?;
+                let send = self.client.delete_objects().bucket(&self.bucket).delete(delete).customize().config_override(once);
+                let send = if self.md5_deletes { send.mutate_request(content_md5_instead) } else { send };
+                let out = answered(&what, 0, send.send()).await?.map_err(|e| classify(&what, e))?;
                 // Deleted narinfos must not be reported present by the listing.
                 if let Some(Some(l)) = &mut *self.listing.lock().await {
                     for k in batch {
@@ -733,7 +924,12 @@ impl Target for S3Target {
                     .set_key_marker(markers.0.take())
                     .set_upload_id_marker(markers.1.take())
                     .send();
-                let out = answered(&what, 0, list).await?.map_err(|e| classify(&what, e))?;
+                let out = answered(&what, 0, list).await?.map_err(|e| {
+                    // Keys that may not list uploads skip them, as stores that cannot.
+                    let denied = e.as_service_error().and_then(|s| s.code()) == Some("AccessDenied");
+                    let e = classify(&what, e);
+                    TargetError { unsupported: e.unsupported || denied, ..e }
+                })?;
                 for u in out.uploads() {
                     let (Some(key), Some(id)) = (u.key(), u.upload_id()) else { continue };
                     let started = u.initiated().and_then(|t| std::time::SystemTime::try_from(*t).ok());
@@ -841,7 +1037,7 @@ impl S3Target {
         let what = format!("reading {key}");
         match answered(&what, 0, self.client.get_object().bucket(&self.bucket).key(key).send()).await? {
             Ok(out) => Ok(Some(out)),
-            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => Ok(None),
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) && e.as_service_error().and_then(|s| s.code()) != Some("NoSuchBucket") => Ok(None),
             Err(e) => Err(classify(&what, e)),
         }
     }
@@ -946,6 +1142,15 @@ mod tests {
         let crate::store_url::Location::S3(o) = url.location else { panic!() };
         let r = retry_config(&o);
         assert_eq!((r.max_attempts(), r.initial_backoff().as_millis(), r.max_backoff().as_millis()), (7, 50, 900));
+    }
+
+    #[test]
+    fn the_region_a_refusal_names() {
+        let s3 = "The authorization header is malformed; the region 'us-east-1' is wrong; expecting 'eu-west-1'";
+        assert_eq!(named_region(s3).as_deref(), Some("eu-west-1"));
+        let garage = "Authorization header malformed, unexpected scope: '20261206/us-east-1/s3/aws4_request', expected: '20261206/garage/s3/aws4_request'";
+        assert_eq!(named_region(garage).as_deref(), Some("garage"));
+        assert_eq!(named_region("Authorization header malformed"), None);
     }
 
     #[test]

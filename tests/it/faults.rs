@@ -1,5 +1,6 @@
 //! S3 faults: a proxy that drops, throttles, fails and stalls; upload-side limits (logs, multipart, upstreams, credentials).
 
+use crate::s3proxy::{read_head, Fault, S3Proxy};
 use crate::util::*;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -52,202 +53,7 @@ fn s3_missing_credentials_are_one_line() {
     assert_eq!(n.status()["failed"], 0);
 }
 
-/// What the fault proxy does to a request.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Fault {
-    /// Forwarded to the server.
-    Pass,
-    /// Half the body is read, then the connection is cut.
-    Drop,
-    /// `503 SlowDown` with `Retry-After: secs`.
-    SlowDown(u64),
-    /// `500 InternalError`.
-    Error500,
-    /// `400 EntityTooLarge`: S3's answer to an object over its size limit.
-    TooLarge,
-    /// Held this long, then forwarded.
-    Stall(Duration),
-    /// Read, and never answered (until the client gives up, 60 s at most).
-    Hang,
-}
-
-/// Applies `fault` to the next `times` requests whose method is `method` and whose target
-/// contains `needle`.
-struct Rule {
-    method: &'static str,
-    needle: &'static str,
-    fault: Fault,
-    times: usize,
-}
-
-/// One request the proxy saw.
-#[derive(Clone, Debug)]
-struct Seen {
-    at: std::time::Instant,
-    method: String,
-    target: String,
-    fault: Fault,
-    /// The status the client got (`None`: the connection was cut).
-    status: Option<u16>,
-}
-
 type Shared<T> = std::sync::Arc<std::sync::Mutex<T>>;
-
-/// An HTTP-aware proxy on 127.0.0.1 in front of `moto_server`: each request is matched
-/// against the rules (first match with times left wins) and passed, cut, answered with an
-/// error, or held. Every request goes to the server on a connection of its own.
-struct FaultProxy {
-    port: u16,
-    rules: Shared<Vec<Rule>>,
-    seen: Shared<Vec<Seen>>,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl FaultProxy {
-    fn start(upstream: u16) -> FaultProxy {
-        use std::sync::atomic::Ordering::Relaxed;
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        l.set_nonblocking(true).unwrap();
-        let p = FaultProxy { port, rules: Default::default(), seen: Default::default(), stop: Default::default() };
-        let (rules, seen, stop) = (p.rules.clone(), p.seen.clone(), p.stop.clone());
-        std::thread::spawn(move || {
-            // Bounded: at most 5 minutes of 5 ms steps.
-            for _ in 0..60_000 {
-                if stop.load(Relaxed) {
-                    break;
-                }
-                while let Ok((client, _)) = l.accept() {
-                    let (rules, seen) = (rules.clone(), seen.clone());
-                    std::thread::spawn(move || serve_faulty(client, upstream, &rules, &seen));
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        });
-        p
-    }
-
-    fn add(&self, method: &'static str, needle: &'static str, fault: Fault, times: usize) {
-        self.rules.lock().unwrap().push(Rule { method, needle, fault, times });
-    }
-
-    fn seen(&self) -> Vec<Seen> {
-        self.seen.lock().unwrap().clone()
-    }
-}
-
-impl Drop for FaultProxy {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-/// Reads up to the end of an HTTP head; `None` at a clean end of stream.
-fn read_head(s: &mut std::net::TcpStream) -> Option<Vec<u8>> {
-    use std::io::Read;
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if head.len() > 64 << 10 || s.read(&mut b).ok()? == 0 {
-            return None;
-        }
-        head.push(b[0]);
-    }
-    Some(head)
-}
-
-fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
-    head.lines().find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.trim()))
-}
-
-fn s3_error(client: &mut std::net::TcpStream, status: &str, code: &str, extra: &str) {
-    use std::io::Write;
-    let body = format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Message>injected by the test proxy</Message></Error>");
-    let _ = write!(
-        client,
-        "HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{body}",
-        body.len()
-    );
-}
-
-fn serve_faulty(mut client: std::net::TcpStream, upstream: u16, rules: &Shared<Vec<Rule>>, seen: &Shared<Vec<Seen>>) {
-    use std::io::{Read, Write};
-    client.set_nonblocking(false).unwrap();
-    client.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    // One request per connection: the answer says `Connection: close`.
-    let Some(head) = read_head(&mut client) else { return };
-    let text = String::from_utf8_lossy(&head).to_string();
-    let mut first = text.lines().next().unwrap_or("").split(' ');
-    let (method, target) = (first.next().unwrap_or("").to_string(), first.next().unwrap_or("").to_string());
-    assert!(header(&text, "transfer-encoding").is_none(), "chunked request bodies are not handled: {text}");
-    let len: usize = header(&text, "content-length").map_or(0, |v| v.parse().unwrap());
-    let fault = {
-        let mut rules = rules.lock().unwrap();
-        match rules.iter_mut().find(|r| r.times > 0 && r.method == method && target.contains(r.needle)) {
-            Some(r) => {
-                r.times -= 1;
-                r.fault
-            }
-            None => Fault::Pass,
-        }
-    };
-    let at = std::time::Instant::now();
-    if header(&text, "expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue")) {
-        let _ = client.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
-    }
-    let mut body = vec![0u8; len];
-    if fault == Fault::Drop {
-        let _ = client.read_exact(&mut body[..len / 2]);
-        let _ = client.shutdown(std::net::Shutdown::Both);
-        seen.lock().unwrap().push(Seen { at, method, target, fault, status: None });
-        return;
-    }
-    if client.read_exact(&mut body).is_err() {
-        return;
-    }
-    let status = match fault {
-        Fault::Hang => {
-            client.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-            let _ = client.read(&mut [0u8; 1]);
-            None
-        }
-        Fault::SlowDown(secs) => {
-            s3_error(&mut client, "503 Slow Down", "SlowDown", &format!("Retry-After: {secs}\r\n"));
-            Some(503)
-        }
-        Fault::Error500 => {
-            s3_error(&mut client, "500 Internal Server Error", "InternalError", "");
-            Some(500)
-        }
-        Fault::TooLarge => {
-            s3_error(&mut client, "400 Bad Request", "EntityTooLarge", "");
-            Some(400)
-        }
-        Fault::Pass | Fault::Stall(_) | Fault::Drop => {
-            if let Fault::Stall(d) = fault {
-                std::thread::sleep(d);
-            }
-            // The request as it came, but for its own connection to the server.
-            let head: String = text
-                .split("\r\n")
-                .filter(|l| !l.is_empty())
-                .filter(|l| !l.to_ascii_lowercase().starts_with("connection:") && !l.to_ascii_lowercase().starts_with("expect:"))
-                .map(|l| format!("{l}\r\n"))
-                .collect();
-            let mut server = std::net::TcpStream::connect(("127.0.0.1", upstream)).unwrap();
-            server.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-            let _ = server.write_all(format!("{head}Connection: close\r\n\r\n").as_bytes());
-            let _ = server.write_all(&body);
-            let mut resp = Vec::new();
-            let _ = server.read_to_end(&mut resp);
-            let status = String::from_utf8_lossy(&resp[..resp.len().min(12)]).split(' ').nth(1).and_then(|s| s.parse().ok());
-            let _ = client.write_all(&resp);
-            status
-        }
-    };
-    let _ = client.shutdown(std::net::Shutdown::Both);
-    seen.lock().unwrap().push(Seen { at, method, target, fault, status });
-}
 
 /// Issue 9 item 17: S3 refusing one object (`EntityTooLarge`) fails that item and leaves
 /// the other uploads going; it does not pause every upload and retry forever.
@@ -256,7 +62,7 @@ fn s3_refused_object_fails_its_item_only() {
     let t = TempDir::new("toolarge");
     let moto = Moto::start(t.path(), &[]);
     moto.bucket("narq-toolarge");
-    let proxy = FaultProxy::start(moto.port);
+    let proxy = S3Proxy::start(moto.port);
     let mut n = s3_narq("toolarge", proxy.port, "", "jobs = 1");
     n.start();
     let u = unique();
@@ -264,7 +70,7 @@ fn s3_refused_object_fails_its_item_only() {
     let a = nix_build(&conf, &sh_drv(&format!("toolarge-a-{u}"), "echo a > $out"), &[]).remove(0);
     let b = nix_build(&conf, &sh_drv(&format!("toolarge-b-{u}"), "echo b > $out"), &[]).remove(0);
     // The first NAR sent is refused for good; the second would pass.
-    proxy.add("PUT", "/nar/", Fault::TooLarge, 1);
+    proxy.add("PUT", "/nar/", Fault::Answer(400, "EntityTooLarge"), 1);
     assert!(n.narq(&["push", &a, &b]).status.success());
     let wait = n.narq(&["wait", "--timeout", "20"]);
     let s = n.status();
@@ -319,7 +125,7 @@ fn s3_faults_every_path_once_and_closed() {
     let t = TempDir::new("faults");
     let moto = Moto::start(t.path(), &[]);
     moto.bucket("narq-faults");
-    let proxy = FaultProxy::start(moto.port);
+    let proxy = S3Proxy::start(moto.port);
     // One worker, so that the faults meet the uploads in a known order (many at once:
     // `s3_retry_after_holds_uploads_already_in_flight`); 5 MiB parts, so that the big path
     // goes up in 3 parts.
@@ -330,7 +136,7 @@ fn s3_faults_every_path_once_and_closed() {
     // (the 3 parts go up at once: 6 cuts).
     proxy.add("PUT", "partNumber=", Fault::Drop, 6);
     proxy.add("PUT", ".narinfo", Fault::SlowDown(RETRY_AFTER), 2);
-    proxy.add("PUT", ".narinfo", Fault::Error500, 2);
+    proxy.add("PUT", ".narinfo", Fault::Answer(500, "InternalError"), 2);
     proxy.add("PUT", "/log/", Fault::Hang, 1);
     proxy.add("PUT", "/log/", Fault::Stall(Duration::from_secs(3)), 1);
 
@@ -394,7 +200,7 @@ fn s3_faults_every_path_once_and_closed() {
     let seen = proxy.seen();
 
     // Every fault happened.
-    for f in [Fault::Drop, Fault::SlowDown(RETRY_AFTER), Fault::Error500, Fault::Hang, Fault::Stall(Duration::from_secs(3))] {
+    for f in [Fault::Drop, Fault::SlowDown(RETRY_AFTER), Fault::Answer(500, "InternalError"), Fault::Hang, Fault::Stall(Duration::from_secs(3))] {
         assert!(seen.iter().any(|r| r.fault == f), "{f:?} never happened: {seen:#?}");
     }
     // Every path arrives, its narinfo exactly once.
@@ -430,7 +236,7 @@ fn s3_retry_after_holds_uploads_already_in_flight() {
     let t = TempDir::new("retryafter");
     let moto = Moto::start(t.path(), &[]);
     moto.bucket("narq-retryafter");
-    let proxy = FaultProxy::start(moto.port);
+    let proxy = S3Proxy::start(moto.port);
     let mut n = s3_narq("retryafter", proxy.port, "", "");
     n.start();
     let u = unique();
@@ -658,4 +464,35 @@ fn nar_temp_files_keep_the_state_dir_free_space() {
     assert!(n.has(&p));
     n.kill9();
     let _ = Command::new("nix-store").args(["--delete", &p]).output();
+}
+
+/// Answers lost or late after the store acted (the proxy forwards, then drops or holds the
+/// answer): the completion of a streamed NAR's upload and a narinfo's PUT are sent again,
+/// and the cache ends whole and closed, each path there once.
+#[test]
+fn s3_lost_and_late_answers_are_sent_again_without_harm() {
+    let t = TempDir::new("lostanswer");
+    let moto = Moto::start(t.path(), &[]);
+    moto.bucket("narq-lostanswer");
+    let proxy = S3Proxy::start(moto.port);
+    let mut n = s3_narq("lostanswer", proxy.port, "&buffer-size=5242880", "jobs = 1");
+    n.start();
+    proxy.add("POST", "uploadId=", Fault::LostAnswer, 1);
+    proxy.add("PUT", ".narinfo", Fault::LostAnswer, 1);
+    proxy.add("PUT", ".narinfo", Fault::LateAnswer(Duration::from_secs(2)), 1);
+    let u = unique();
+    let expr = format!(
+        "let big = {}; in {}",
+        sh_drv(&format!("lostanswer-big-{u}"), "head -c 12000000 /dev/urandom > $out"),
+        sh_drv(&format!("lostanswer-top-{u}"), "echo ${big} > $out"),
+    );
+    let (outs, _) = n.build(&expr);
+    n.wait(120);
+    let seen = proxy.seen();
+    for f in [Fault::LostAnswer, Fault::LateAnswer(Duration::from_secs(2))] {
+        assert!(seen.iter().any(|r| r.fault == f), "{f:?} never happened: {seen:#?}");
+    }
+    check_bucket_closed(moto.port, "narq-lostanswer").unwrap();
+    n.substitute_from(&outs[0], &format!("http://127.0.0.1:{}/narq-lostanswer", moto.port));
+    let _ = Command::new("nix-store").arg("--delete").args(closure(&outs)).output();
 }

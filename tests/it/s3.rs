@@ -141,7 +141,7 @@ fn s3_wrong_credentials_give_one_clear_error() {
     assert!(push.status.success());
     assert!(wait_for(Duration::from_secs(20), || n.status()["target_error"].is_string()));
     let err = n.status()["target_error"].as_str().unwrap().to_string();
-    assert!(err.contains("403") && err.contains("check the credentials"), "{err}");
+    assert!(err.contains("403 InvalidAccessKeyId") && err.contains("the store does not know this access key: check AWS_ACCESS_KEY_ID"), "{err}");
     let wait = n.narq(&["wait", "--timeout", "1"]);
     assert_eq!(wait.status.code(), Some(3));
     let status = String::from_utf8_lossy(&n.narq(&["status"]).stdout).to_string();

@@ -180,7 +180,12 @@ impl Narq {
 
     /// Starts `narq daemon` and waits until it answers `status`.
     pub fn start(&mut self) {
-        self.spawn_daemon(Command::new(bin("narq")).arg("daemon").env_remove("JOURNAL_STREAM"));
+        self.start_env(&[]);
+    }
+
+    /// The same with `env` added to the daemon's environment (e.g. other S3 credentials).
+    pub fn start_env(&mut self, env: &[(&str, &str)]) {
+        self.spawn_daemon(Command::new(bin("narq")).arg("daemon").env_remove("JOURNAL_STREAM").envs(env.iter().copied()));
         assert!(
             wait_for(Duration::from_secs(10), || self.narq(&["status"]).status.success()),
             "daemon did not come up: {}",
@@ -189,14 +194,16 @@ impl Narq {
     }
 
     /// Spawns `cmd` (which runs the daemon) with this config, test credentials for S3
-    /// targets, no waiting for an EC2 metadata service, and its output in `daemon.log`.
+    /// targets (unless `cmd` has its own), no waiting for an EC2 metadata service, and its
+    /// output in `daemon.log`.
     pub fn spawn_daemon(&mut self, cmd: &mut Command) {
         assert!(self.daemon.is_none());
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("daemon.log")).unwrap();
+        if !cmd.get_envs().any(|(k, _)| k == "AWS_ACCESS_KEY_ID") {
+            cmd.env("AWS_ACCESS_KEY_ID", "test").env("AWS_SECRET_ACCESS_KEY", "test");
+        }
         let child = scaled(cmd)
             .env("NARQ_CONFIG", &self.config)
-            .env("AWS_ACCESS_KEY_ID", "test")
-            .env("AWS_SECRET_ACCESS_KEY", "test")
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
