@@ -140,8 +140,8 @@ pub fn gc(config: &Config, o: &GcOptions) -> anyhow::Result<bool> {
         }
         .await;
         // Deleting may have begun: the generation moves whatever happened.
-        run.end().await.context("ending the collection (daemons wait for it until its heartbeat is 2 minutes old)")?;
-        match result? {
+        let result = ended(result, run.end().await, "gc", "ending the collection (daemons wait for it until its heartbeat is 2 minutes old)")?;
+        match result {
             Ok(plan) => print("gc", &plan, &m, &stats, false, o.json)?,
             Err(why) => {
                 eprintln!("narq: gc: refused: {why}");
@@ -150,6 +150,21 @@ pub fn gc(config: &Config, o: &GcOptions) -> anyhow::Result<bool> {
         }
         Ok(true)
     })
+}
+
+/// The outcome of a collection once its run has ended: its own error first (a failure to end
+/// it, often the same cause, is said too), else the failure to end it.
+fn ended<T>(result: anyhow::Result<T>, end: Result<(), crate::storage::TargetError>, what: &str, ending: &str) -> anyhow::Result<T> {
+    match (result, end) {
+        (Err(e), Err(end)) => {
+            eprintln!("narq: {what}: also {ending}: {end}");
+            Err(e)
+        }
+        (r, end) => {
+            end.context(ending.to_string())?;
+            r
+        }
+    }
 }
 
 /// `narq rm`.
@@ -204,8 +219,8 @@ pub fn rm(config: &Config, paths: &[StorePath], with_referrers: bool, dry_run: b
             }
         }
         .await;
-        run.end().await.context("ending the removal")?;
-        match result? {
+        let result = ended(result, run.end().await, "rm", "ending the removal")?;
+        match result {
             Ok(plan) => {
                 print("rm", &plan, &m, &stats, false, false)?;
                 Ok(true)
