@@ -153,11 +153,15 @@ pub fn gc(config: &Config, o: &GcOptions) -> anyhow::Result<bool> {
 }
 
 /// The outcome of a collection once its run has ended: its own error first (a failure to end
-/// it, often the same cause, is said too), else the failure to end it.
+/// it is said beside it unless it is the same error), else the failure to end it.
 fn ended<T>(result: anyhow::Result<T>, end: Result<(), crate::storage::TargetError>, what: &str, ending: &str) -> anyhow::Result<T> {
     match (result, end) {
         (Err(e), Err(end)) => {
-            eprintln!("narq: {what}: also {ending}: {end}");
+            // Often the same cause (DeleteObject refused): said once.
+            let end = end.to_string();
+            if !e.chain().any(|c| c.to_string() == end) {
+                eprintln!("narq: {what}: also {ending}: {end}");
+            }
             Err(e)
         }
         (r, end) => {
