@@ -2,6 +2,7 @@
 //! and, where it needs one, a real S3 server on 127.0.0.1; `.ci/run` installs both.
 
 mod admission;
+mod adversary;
 mod cache_under_test;
 mod cli;
 mod cluster;
@@ -14,6 +15,7 @@ mod formats;
 mod garage;
 mod gc;
 mod guarantees;
+mod hazards;
 mod hook;
 mod nix234;
 mod nixos;
