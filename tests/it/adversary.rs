@@ -281,6 +281,8 @@ impl Drop for Bg {
 pub struct Node {
     pub n: Narq,
     pub bins: Bins,
+    /// `NARQ_TEST_TIME_SCALE` of its processes ([`scale`] unless set).
+    pub scale: f64,
 }
 
 impl Node {
@@ -288,7 +290,7 @@ impl Node {
     pub fn new(tag: &str, store: Option<&str>, bins: Bins) -> Node {
         let n = Narq::new(tag, store.unwrap_or(""));
         nix_conf(n.dir.path(), Some(&bins.hook));
-        Node { n, bins }
+        Node { n, bins, scale: scale() }
     }
 
     /// Another node with the same keys and cache (`store` line), its own state dir and socket.
@@ -305,7 +307,7 @@ impl Node {
         std::fs::write(&n.config, config).unwrap();
         n.public_key = self.n.public_key.clone();
         nix_conf(n.dir.path(), Some(&bins.hook));
-        Node { n, bins }
+        Node { n, bins, scale: self.scale }
     }
 
     /// `narq ARGS` with this config, the test S3 credentials and the time scale.
@@ -313,7 +315,7 @@ impl Node {
         let mut c = Command::new(&self.bins.narq);
         c.args(args)
             .env("NARQ_CONFIG", &self.n.config)
-            .env("NARQ_TEST_TIME_SCALE", scale().to_string())
+            .env("NARQ_TEST_TIME_SCALE", self.scale.to_string())
             .env("AWS_ACCESS_KEY_ID", "test")
             .env("AWS_SECRET_ACCESS_KEY", "test")
             .env("AWS_EC2_METADATA_DISABLED", "true")
@@ -360,6 +362,11 @@ impl Node {
         }
     }
 
+    /// `narq status --json` of this node's binary.
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["status", "--json"])).unwrap()
+    }
+
     pub fn daemon_pid(&self) -> u32 {
         self.n.daemon_pid()
     }
@@ -371,7 +378,7 @@ impl Node {
                 .args(["--no-out-link", "-E", expr])
                 .env("NIX_CONF_DIR", &self.n.nix_conf)
                 .env("NARQ_CONFIG", &self.n.config)
-                .env("NARQ_TEST_TIME_SCALE", scale().to_string()),
+                .env("NARQ_TEST_TIME_SCALE", self.scale.to_string()),
         );
         assert!(out.status.success(), "nix-build failed: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap().lines().map(str::to_string).collect()

@@ -82,14 +82,6 @@ impl World {
         }
     }
 
-    /// How many run objects (collections announced) the cache holds.
-    fn runs(&self) -> usize {
-        match &self.s3 {
-            None => std::fs::read_dir(self.node.n.cache().join("narq/gc")).map_or(0, |rd| rd.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("run-")).count()),
-            Some(s) => crate::s3proxy::bucket_keys(s.moto.port, &s.bucket).iter().filter(|k| k.starts_with("narq/gc/run-")).count(),
-        }
-    }
-
     fn has(&self, path: &str) -> bool {
         self.get(&format!("{}.narinfo", hash(path))).is_some()
     }
