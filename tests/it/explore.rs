@@ -1,13 +1,15 @@
 //! Issue 18 item 8: the schedule explorer. Three daemons share one cache (`file://`, or a moto
 //! bucket behind the fault proxy) and push overlapping closures (real Nix builds of small
 //! `/bin/sh` derivations sharing dependencies, built once); `narq gc --keep-days 0 --grace 0s`
-//! runs again and again (two at once at times); a seeded nemesis stops and continues daemons
-//! and collectors (SIGSTOP/SIGCONT, at random times or at a chosen narinfo rename or unlink
-//! through the shim), kills collectors (SIGKILL), and on S3 delays requests and answers,
-//! drops answers, and refuses conditional writes (501). The promise checked: whenever `narq wait` returned 0 on all three daemons
+//! runs again and again (two at once at times). A seeded nemesis stops and continues daemons
+//! and collectors (SIGSTOP/SIGCONT, at random times, or through the shim at a chosen narinfo
+//! rename or unlink, at times until a whole collection has run), kills collectors (SIGKILL),
+//! makes a daemon's clock jump (hours or seconds), and on S3 delays requests and answers,
+//! holds a narinfo PUT until a collection has ended, drops answers, and refuses conditional
+//! writes (501). The promise checked: whenever `narq wait` returned 0 on all three daemons
 //! (a checkpoint, and at the end of each schedule), every narinfo in the cache has its NAR
-//! and its references' narinfos; at the end every daemon's `wait` returns 0 (what a stop or
-//! a collection removed was uploaded again), and now and then a fresh Nix client substitutes
+//! and its references' narinfos; at the end every daemon's `wait` returns 0 (what a stop or a
+//! collection removed was uploaded again), and now and then a fresh Nix client substitutes
 //! a top path. (A single daemon's `wait` says nothing about another daemon's narinfo that
 //! landed late and is being healed: only a checkpoint of all three is checked.)
 //!
@@ -21,14 +23,15 @@
 //! - `NARQ_EXPLORE_MAX_SECS` (default 900): the whole run's bound; cut short, it fails.
 //! - `NARQ_EXPLORE_VERBOSE=1`: prints every schedule's actions.
 //! - `NARQ_EXPLORE_BEYOND_BOUND=1`: also delay gc's delete requests past the bound the S3
-//!   protocol names (dead-after minus a heartbeat between gc's last liveness check and a
-//!   delete reaching the server); expected to find violations on S3. Without it such delays
-//!   stay below 80% of that bound; answers to deletes are delayed and dropped regardless.
+//!   protocol names (half of dead-after between gc's check of its heartbeat and a delete
+//!   reaching the server, `docs/gc-safety.md`); expected to find violations on S3. Without it
+//!   such delays stay below 80% of that bound; answers to deletes are delayed and dropped
+//!   regardless, and whole-process stops of gc come at random times, of any length.
 //!
 //! `bench/explore.sh` runs 1,000 schedules.
 
 use crate::adversary::*;
-use crate::s3proxy::{check_bucket_closed, public_bucket, Fault, FaultProxy, Rule};
+use crate::s3proxy::{check_bucket_closed, public_bucket, Fault, FaultProxy, Latch, Rule};
 use crate::util::*;
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -136,13 +139,12 @@ fn paths() -> &'static Paths {
 struct Times {
     lease: Duration,
     dead: Duration,
-    heartbeat: Duration,
 }
 
 impl Times {
     fn at(scale: f64) -> Times {
         let s = |secs: f64| Duration::from_secs_f64(secs * scale);
-        Times { lease: s(LEASE), dead: s(DEAD_AFTER), heartbeat: s(30.0) }
+        Times { lease: s(LEASE), dead: s(DEAD_AFTER) }
     }
 }
 
@@ -158,7 +160,16 @@ struct S3 {
 struct Paused {
     pid: u32,
     until: Instant,
+    /// Not before collection `after` has ended: a stop across a whole collection.
+    after: Option<usize>,
     /// "daemon 1", "gc 0".
+    what: String,
+}
+
+/// A request or answer the proxy holds until a collection has ended.
+struct Held {
+    latch: Latch,
+    after: usize,
     what: String,
 }
 
@@ -193,6 +204,9 @@ struct Schedule<'a> {
     gcs: Vec<Gc>,
     pushes: Vec<Bg>,
     paused: Vec<Paused>,
+    held: Vec<Held>,
+    /// Each daemon's clock offset (the shim reads it at every look at the clock).
+    clocks: Vec<ClockFile>,
     start: Instant,
     found: Found,
     beyond_bound: bool,
@@ -233,19 +247,21 @@ impl<'a> Schedule<'a> {
             gcs: Vec::new(),
             pushes: Vec::new(),
             paused: Vec::new(),
+            held: Vec::new(),
+            clocks: Vec::new(),
             start: Instant::now(),
             found: Found::default(),
             beyond_bound,
         };
         for i in 0..3 {
-            let env = match s.markers[i].clone() {
-                Some((m, _)) => {
-                    let k = 1 + s.rng.below(6) as u32;
-                    s.note(format!("daemon {i} stops at its narinfo rename {k}"));
-                    stop_env(RENAMES, ".narinfo", k, false, &m)
-                }
-                None => Vec::new(),
-            };
+            let clock = ClockFile::new(s.nodes[i].n.dir.join("clock"), 0.0);
+            let mut env = clock.env();
+            s.clocks.push(clock);
+            if let Some((m, _)) = s.markers[i].clone() {
+                let k = 1 + s.rng.below(6) as u32;
+                s.note(format!("daemon {i} stops at its narinfo rename {k}"));
+                env.extend(stop_env(RENAMES, ".narinfo", k, false, &m));
+            }
             s.nodes[i].start(&env);
         }
         s
@@ -271,18 +287,26 @@ impl<'a> Schedule<'a> {
     /// Continues what is due, and takes note of the stops the shim made.
     fn tick(&mut self) {
         let now = Instant::now();
-        let due: Vec<Paused> = self.paused.extract_if(.., |p| p.until <= now).collect();
+        let ended: Vec<bool> = (0..self.gcs.len()).map(|j| !self.gcs[j].bg.running()).collect();
+        let due: Vec<Paused> = self.paused.extract_if(.., |p| p.until <= now && p.after.is_none_or(|j| ended[j])).collect();
         for p in due {
             signal(p.pid, libc::SIGCONT);
             self.note(format!("{} continued", p.what));
+        }
+        let due: Vec<Held> = self.held.extract_if(.., |h| ended[h.after]).collect();
+        for h in due {
+            h.latch.open();
+            self.note(format!("proxy: let go of {}", h.what));
         }
         for i in 0..3 {
             if let Some((m, false)) = self.markers[i].clone() {
                 if let Some((pid, at)) = stopped_at(&m, Duration::ZERO) {
                     self.markers[i] = Some((m, true));
                     let d = self.pause(0.15);
-                    self.paused.push(Paused { pid, until: now + d, what: format!("daemon {i}") });
-                    self.note(format!("daemon {i} stopped by the shim ({at}) for {d:?}"));
+                    // Half the time across a whole collection, started now if none runs.
+                    let after = if self.rng.chance(0.5) { self.running_gcs().last().copied().or_else(|| self.start_gc()) } else { None };
+                    self.paused.push(Paused { pid, until: now + d, after, what: format!("daemon {i}") });
+                    self.note(format!("daemon {i} stopped by the shim ({at}) for {d:?}{}", after.map_or(String::new(), |j| format!(" and until gc {j} ended"))));
                 }
             }
         }
@@ -295,7 +319,7 @@ impl<'a> Schedule<'a> {
                     self.note(format!("gc {j} stopped by the shim ({at}), killed"));
                 } else {
                     let d = self.pause(0.3);
-                    self.paused.push(Paused { pid, until: now + d, what: format!("gc {j}") });
+                    self.paused.push(Paused { pid, until: now + d, after: None, what: format!("gc {j}") });
                     self.note(format!("gc {j} stopped by the shim ({at}) for {d:?}"));
                 }
             }
@@ -304,6 +328,30 @@ impl<'a> Schedule<'a> {
 
     fn running_gcs(&mut self) -> Vec<usize> {
         (0..self.gcs.len()).filter(|&j| self.gcs[j].bg.running()).collect()
+    }
+
+    /// Starts `narq gc --keep-days 0 --grace 0s` unless two run; its index.
+    fn start_gc(&mut self) -> Option<usize> {
+        if self.running_gcs().len() >= 2 {
+            return None;
+        }
+        let j = self.gcs.len();
+        let mut env = Vec::new();
+        let mut marker = None;
+        if self.s3.is_none() && self.rng.chance(0.4) {
+            let (k, after) = (1 + self.rng.below(4) as u32, self.rng.chance(0.5));
+            let m = self.nodes[0].n.dir.join(format!("gc-{j}-stopped"));
+            env = stop_env(UNLINKS, ".narinfo", k, after, &m);
+            marker = Some(m);
+            self.note(format!("gc {j} starts, to stop {} its narinfo unlink {k}", if after { "after" } else { "before" }));
+        } else {
+            self.note(format!("gc {j} starts"));
+        }
+        let mut c = self.nodes[0].cmd(&["gc", "--keep-days", "0", "--grace", "0s"]);
+        c.env("NARQ_CONFIG", &self.gc_config).envs(env.iter().map(|(k, v)| (k, v)));
+        let bg = Bg::spawn(&mut c, self.nodes[0].n.dir.path());
+        self.gcs.push(Gc { bg, marker, stop_taken: false });
+        Some(j)
     }
 
     fn step(&mut self) {
@@ -316,34 +364,14 @@ impl<'a> Schedule<'a> {
                 let bg = self.nodes[d].bg(&["push", &top], &[]);
                 self.pushes.push(bg);
             }
-            30..=43 => {
-                if self.running_gcs().len() >= 2 {
-                    return;
-                }
-                let j = self.gcs.len();
-                let mut env = Vec::new();
-                let mut marker = None;
-                if self.s3.is_none() && self.rng.chance(0.4) {
-                    let (k, after) = (1 + self.rng.below(4) as u32, self.rng.chance(0.5));
-                    let m = self.nodes[0].n.dir.join(format!("gc-{j}-stopped"));
-                    env = stop_env(UNLINKS, ".narinfo", k, after, &m);
-                    marker = Some(m);
-                    self.note(format!("gc {j} starts, to stop {} its narinfo unlink {k}", if after { "after" } else { "before" }));
-                } else {
-                    self.note(format!("gc {j} starts"));
-                }
-                let mut c = self.nodes[0].cmd(&["gc", "--keep-days", "0", "--grace", "0s"]);
-                c.env("NARQ_CONFIG", &self.gc_config).envs(env.iter().map(|(k, v)| (k, v)));
-                let bg = Bg::spawn(&mut c, self.nodes[0].n.dir.path());
-                self.gcs.push(Gc { bg, marker, stop_taken: false });
-            }
+            30..=43 => drop(self.start_gc()),
             44..=55 => {
                 let d = self.rng.below(3);
                 let pid = self.nodes[d].daemon_pid();
                 if !self.is_paused(pid) && !is_stopped(pid) {
                     let dur = self.pause(0.1);
                     signal(pid, libc::SIGSTOP);
-                    self.paused.push(Paused { pid, until: Instant::now() + dur, what: format!("daemon {d}") });
+                    self.paused.push(Paused { pid, until: Instant::now() + dur, after: None, what: format!("daemon {d}") });
                     self.note(format!("daemon {d} stopped for {dur:?}"));
                 }
             }
@@ -357,7 +385,7 @@ impl<'a> Schedule<'a> {
                 if !self.is_paused(pid) && !is_stopped(pid) {
                     let dur = self.pause(0.3);
                     signal(pid, libc::SIGSTOP);
-                    self.paused.push(Paused { pid, until: Instant::now() + dur, what: format!("gc {j}") });
+                    self.paused.push(Paused { pid, until: Instant::now() + dur, after: None, what: format!("gc {j}") });
                     self.note(format!("gc {j} stopped for {dur:?}"));
                 }
             }
@@ -371,7 +399,13 @@ impl<'a> Schedule<'a> {
                 }
             }
             71..=79 => self.fault(),
-            _ => self.checkpoint(),
+            80..=93 => self.checkpoint(),
+            _ => {
+                // Clock skew: a daemon's clock jumps (an NFS client, a VM resumed, NTP).
+                let (d, offset) = (self.rng.below(3), [7200.0, -7200.0, 30.0, 0.0][self.rng.below(4)]);
+                self.clocks[d].set(offset);
+                self.note(format!("daemon {d}'s clock set {offset} s off"));
+            }
         }
     }
 
@@ -382,8 +416,8 @@ impl<'a> Schedule<'a> {
         let times = 1 + self.rng.below(3);
         // The bound the S3 protocol names: a delete reaching the server this long after gc's
         // last look at its liveness can break a closure.
-        let bound = t.dead.saturating_sub(t.heartbeat);
-        let (method, needle, entrance, fault): (&'static str, &str, &'static str, Fault) = match self.rng.below(10) {
+        let bound = t.dead / 2;
+        let (method, needle, entrance, fault): (&'static str, &str, &'static str, Fault) = match self.rng.below(12) {
             0 => ("GET", "prefix=narq%2Fgc%2F", "main", Fault::DelayAnswer(self.rng.between(Duration::ZERO, t.lease.mul_f64(1.5)))),
             1 => ("GET", "prefix=narq%2Fgc%2F", "main", Fault::Stall(self.rng.between(Duration::ZERO, t.lease))),
             2 => ("PUT", ".narinfo", "main", Fault::Stall(self.rng.between(Duration::ZERO, t.lease.mul_f64(1.5)))),
@@ -396,6 +430,14 @@ impl<'a> Schedule<'a> {
                 ("POST", "delete", "gc", Fault::Stall(self.rng.between(Duration::ZERO, max)))
             }
             8 => ("GET", "list-type=2", "gc", Fault::DelayAnswer(self.rng.between(Duration::ZERO, t.lease / 2))),
+            9 | 10 => {
+                // A narinfo PUT held by the network across a whole collection (the client gives
+                // up on it, the server completes it late).
+                let Some(after) = self.running_gcs().last().copied().or_else(|| self.start_gc()) else { return };
+                let latch = Latch::new();
+                self.held.push(Held { latch: latch.clone(), after, what: format!("the narinfo PUT held until gc {after} ended") });
+                ("PUT", ".narinfo", "main", Fault::HoldRequest(latch))
+            }
             // A server without conditional writes (Garage 2.x has no If-None-Match on PUT).
             _ => ("PUT", "if-none-match", "main", Fault::NotImplemented),
         };
@@ -451,6 +493,9 @@ impl<'a> Schedule<'a> {
         let continue_all = |s: &mut Schedule| {
             for p in s.paused.drain(..) {
                 signal(p.pid, libc::SIGCONT);
+            }
+            for h in s.held.drain(..) {
+                h.latch.open();
             }
         };
         // A shim's stop may still come: continued at once from now on.
