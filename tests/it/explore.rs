@@ -185,6 +185,8 @@ struct Gc {
 #[derive(Default)]
 struct Found {
     violations: Vec<String>,
+    /// On S3, the requests the proxy saw (kept for a schedule that failed).
+    trace: String,
     /// Why the schedule did not settle (a final `wait` that did not return 0).
     unsettled: Option<String>,
     checkpoints: usize,
@@ -210,6 +212,8 @@ struct Schedule<'a> {
     start: Instant,
     found: Found,
     beyond_bound: bool,
+    /// Where this schedule's requests begin in the proxy's trace.
+    trace_from: usize,
 }
 
 impl<'a> Schedule<'a> {
@@ -252,6 +256,7 @@ impl<'a> Schedule<'a> {
             start: Instant::now(),
             found: Found::default(),
             beyond_bound,
+            trace_from: s3.map_or(0, |s| s.proxy.mark()),
         };
         for i in 0..3 {
             let clock = ClockFile::new(s.nodes[i].n.dir.join("clock"), 0.0);
@@ -577,6 +582,9 @@ impl<'a> Schedule<'a> {
             std::thread::sleep(Duration::from_millis(20));
         }
         self.finish();
+        if let Some(s3) = self.s3.filter(|_| !self.found.violations.is_empty() || self.found.unsettled.is_some()) {
+            self.found.trace = s3.proxy.trace_from(self.trace_from);
+        }
         std::mem::take(&mut self.found)
     }
 }
@@ -625,6 +633,9 @@ fn schedules_never_break_a_closure() {
         if !bad.is_empty() {
             let report = format!("schedule seed {seed:#x} ({backend}):\n  {}\n  actions:\n    {}", bad.join("\n  "), found.actions.join("\n    "));
             eprintln!("{report}");
+            if !found.trace.is_empty() {
+                eprintln!("  requests (s since the schedule's first; arrived, done, entrance, request, fault, status):\n{}", found.trace);
+            }
             failures.push(report);
         }
         if let Some(s3) = &s3 {

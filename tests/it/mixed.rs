@@ -65,6 +65,8 @@ fn old_and_new_side_by_side(s3: bool) {
     let (g_old, g_new) = (gc_old.finish(bound), gc_new.finish(bound));
     eprintln!("old gc: {:?} {}{}\nnew gc: {:?} {}{}", g_old.code(), g_old.stdout, g_old.stderr, g_new.code(), g_new.stdout, g_new.stderr);
     assert!(!g_old.timed_out && !g_new.timed_out, "a collection did not end within {bound:?}");
+    assert_eq!(g_old.code(), Some(0), "the old gc: {g_old:?}");
+    assert!(g_new.code() == Some(0) || (g_new.code() == Some(1) && g_new.stderr.contains("refused")), "the new gc neither collected nor refused: {g_new:?}");
     for (name, n) in [("old", &oldn), ("new", &new)] {
         let w = n.wait(2 * DEAD_AFTER as u64 + 60);
         assert_eq!(w.code(), Some(0), "the {name} daemon's narq wait: {w:?}\n{}", n.log());
