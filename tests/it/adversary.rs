@@ -6,10 +6,11 @@
 //!
 //! # Time scale
 //! Every narq process a test here starts gets `NARQ_TEST_TIME_SCALE` (debug builds scale
-//! the protocol's durations by it: lease, watch TTL, margin, gc wait, heartbeat, dead-after).
-//! The tests' own waits are scaled the same way ([`scaled`]). It is 0.1 unless the
-//! environment sets it: to run these tests against binaries that do not honour it (the
-//! baseline, with `NARQ_TEST_BIN_DIR`), set `NARQ_TEST_TIME_SCALE=1`.
+//! the protocol's durations by it: lease, watch TTL, margin, gc wait, heartbeat, dead-after),
+//! and the tests' own waits are scaled the same way ([`at_scale`]): 0.1 (a lease of 1.2 s, less
+//! than `util::TIME_SCALE` for speed) unless the environment sets it. To run these tests
+//! against binaries that do not honour it (`NARQ_TEST_BIN_DIR`, e.g. the 64d1f2c ones), set
+//! `NARQ_TEST_TIME_SCALE=1`, so that the tests' waits match those binaries' durations.
 
 use crate::util::*;
 use std::path::{Path, PathBuf};
@@ -24,7 +25,7 @@ pub fn scale() -> f64 {
 }
 
 /// `secs` of the protocol's unscaled time, at the tests' scale.
-pub fn scaled(secs: f64) -> Duration {
+pub fn at_scale(secs: f64) -> Duration {
     Duration::from_secs_f64(secs * scale())
 }
 
@@ -66,6 +67,14 @@ pub fn stop_env(calls: &str, needle: &str, nth: u32, after: bool, marker: &Path)
         ("NARQ_SHIM_STOP_WHEN".into(), if after { "after" } else { "before" }.into()),
         ("NARQ_SHIM_STOP_MARKER".into(), marker.display().to_string()),
     ]
+}
+
+/// [`stop_env`] whose calls count only once `arm` exists (the test creates it when it wants
+/// the next such call to stop the process).
+pub fn armed_stop_env(calls: &str, needle: &str, marker: &Path, arm: &Path) -> Vec<(String, String)> {
+    let mut env = stop_env(calls, needle, 1, false, marker);
+    env.push(("NARQ_SHIM_STOP_ARM".into(), arm.display().to_string()));
+    env
 }
 
 /// Environment that makes every call among `calls` whose path contains `needle` take
@@ -171,16 +180,10 @@ pub struct Bins {
 pub const BASELINE_DIR: &str = "/var/cache/narq-test/narq-64d1f2c";
 
 impl Bins {
-    /// The binaries under test: cargo's, or those in `NARQ_TEST_BIN_DIR` (to run these tests
-    /// against another build, e.g. the baseline).
+    /// The binaries under test: cargo's, or those in `NARQ_TEST_BIN_DIR` ([`bin`]).
     pub fn under_test() -> Bins {
-        match std::env::var_os("NARQ_TEST_BIN_DIR") {
-            Some(d) => {
-                let d = PathBuf::from(d);
-                Bins { narq: d.join("narq"), hook: d.join("narq-hook"), name: d.display().to_string() }
-            }
-            None => Bins { narq: bin("narq"), hook: bin("narq-hook"), name: "under test".into() },
-        }
+        let name = std::env::var("NARQ_TEST_BIN_DIR").unwrap_or_else(|_| "under test".into());
+        Bins { narq: bin("narq"), hook: bin("narq-hook"), name }
     }
 
     /// The 64d1f2c binaries, if `scripts/setup-baseline.sh` built them.

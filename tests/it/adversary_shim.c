@@ -6,7 +6,8 @@
  * SIGSTOP (sent to the calling thread), before the call (NARQ_SHIM_STOP_WHEN=before, the default) or after it (=after).
  * First it creates NARQ_SHIM_STOP_MARKER exclusively and writes "PID CALL PATH" into it;
  * only the process that created the marker stops, so a shim inherited by children stops
- * one process once.
+ * one process once. With NARQ_SHIM_STOP_ARM, calls count only while that file exists (the
+ * test arms the stop at a moment of its choosing).
  *
  * Delay: with NARQ_SHIM_DELAY_CALLS and NARQ_SHIM_DELAY_MATCH, every such call whose path
  * contains the match sleeps NARQ_SHIM_DELAY_MS first (that thread only: the rest of the
@@ -66,6 +67,8 @@ static int chosen(const char *call, const char *a, const char *b) {
         errno = saved;
     }
     if (!listed("NARQ_SHIM_STOP_CALLS", call) || !matches("NARQ_SHIM_STOP_MATCH", a, b)) return 0;
+    const char *arm = getenv("NARQ_SHIM_STOP_ARM");
+    if (arm && access(arm, F_OK) != 0) return 0;
     const char *nth = getenv("NARQ_SHIM_STOP_NTH");
     long want = nth ? atol(nth) : 1;
     return __atomic_add_fetch(&stop_count, 1, __ATOMIC_SEQ_CST) == want;

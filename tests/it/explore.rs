@@ -37,6 +37,10 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+/// How long a schedule's nemesis goes on at most (and two leases), after its steps, while
+/// collections run.
+const EXTEND: Duration = Duration::from_secs(20);
+
 /// splitmix64: small, seedable, good enough to pick actions.
 struct Rng(u64);
 
@@ -162,8 +166,19 @@ struct Paused {
     until: Instant,
     /// Not before collection `after` has ended: a stop across a whole collection.
     after: Option<usize>,
+    /// A checkpoint follows soon after it continues (a stop in the middle of something).
+    look: bool,
     /// "daemon 1", "gc 0".
     what: String,
+}
+
+/// A daemon's stop at its next narinfo rename once armed (see `adversary::armed_stop_env`).
+#[derive(Clone)]
+struct ShimStop {
+    marker: PathBuf,
+    arm: PathBuf,
+    /// Armed, taken.
+    state: (bool, bool),
 }
 
 /// A request or answer the proxy holds until a collection has ended.
@@ -201,8 +216,9 @@ struct Schedule<'a> {
     nodes: Vec<Node>,
     /// The config `narq gc` runs with (S3: the proxy's `gc` entrance).
     gc_config: PathBuf,
-    /// Where each daemon's shim announces its stop (if it was given one), and whether taken.
-    markers: Vec<Option<(PathBuf, bool)>>,
+    /// On `file://`, each daemon's shim stop: armed by the nemesis, it stops the daemon at its
+    /// next narinfo rename.
+    stops: Vec<Option<ShimStop>>,
     gcs: Vec<Gc>,
     pushes: Vec<Bg>,
     paused: Vec<Paused>,
@@ -214,11 +230,15 @@ struct Schedule<'a> {
     beyond_bound: bool,
     /// Where this schedule's requests begin in the proxy's trace.
     trace_from: usize,
+    /// Whether the nemesis may still start collections (not once the steps are over).
+    may_start_gcs: bool,
+    /// The next step is a checkpoint: a stop or a hold across a collection just ended.
+    look_soon: bool,
 }
 
 impl<'a> Schedule<'a> {
     fn new(seed: u64, s3: Option<&'a S3>, scale: f64, beyond_bound: bool) -> Schedule<'a> {
-        let mut rng = Rng(seed);
+        let rng = Rng(seed);
         let bucket = format!("explore-{seed:x}");
         let store = s3.map(|s| {
             public_bucket(s.moto.port, &bucket);
@@ -238,8 +258,7 @@ impl<'a> Schedule<'a> {
             None => text,
         };
         std::fs::write(&gc_config, text).unwrap();
-        // On file://, half the daemons stop at their k-th narinfo rename.
-        let markers: Vec<Option<(PathBuf, bool)>> = (0..3).map(|i| (s3.is_none() && rng.chance(0.5)).then(|| (nodes[i].n.dir.join("stopped"), false))).collect();
+        let stops = (0..3).map(|i| s3.is_none().then(|| ShimStop { marker: nodes[i].n.dir.join("stopped"), arm: nodes[i].n.dir.join("stop-armed"), state: (false, false) })).collect();
         let mut s = Schedule {
             rng,
             t: Times::at(scale),
@@ -247,7 +266,7 @@ impl<'a> Schedule<'a> {
             bucket,
             nodes,
             gc_config,
-            markers,
+            stops,
             gcs: Vec::new(),
             pushes: Vec::new(),
             paused: Vec::new(),
@@ -257,15 +276,20 @@ impl<'a> Schedule<'a> {
             found: Found::default(),
             beyond_bound,
             trace_from: s3.map_or(0, |s| s.proxy.mark()),
+            may_start_gcs: true,
+            look_soon: false,
         };
         for i in 0..3 {
-            let clock = ClockFile::new(s.nodes[i].n.dir.join("clock"), 0.0);
+            // Some daemons start with their clock off (an NFS client, a lenient S3 server).
+            let offset = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 7200.0, 7200.0, -7200.0, 30.0][s.rng.below(10)];
+            if offset != 0.0 {
+                s.note(format!("daemon {i}'s clock is {offset} s off"));
+            }
+            let clock = ClockFile::new(s.nodes[i].n.dir.join("clock"), offset);
             let mut env = clock.env();
             s.clocks.push(clock);
-            if let Some((m, _)) = s.markers[i].clone() {
-                let k = 1 + s.rng.below(6) as u32;
-                s.note(format!("daemon {i} stops at its narinfo rename {k}"));
-                env.extend(stop_env(RENAMES, ".narinfo", k, false, &m));
+            if let Some(stop) = &s.stops[i] {
+                env.extend(armed_stop_env(RENAMES, ".narinfo", &stop.marker, &stop.arm));
             }
             s.nodes[i].start(&env);
         }
@@ -297,22 +321,24 @@ impl<'a> Schedule<'a> {
         for p in due {
             signal(p.pid, libc::SIGCONT);
             self.note(format!("{} continued", p.what));
+            // What it did while stopped is looked at soon, before other pushes heal it.
+            self.look_soon |= p.look;
         }
         let due: Vec<Held> = self.held.extract_if(.., |h| ended[h.after]).collect();
         for h in due {
             h.latch.open();
             self.note(format!("proxy: let go of {}", h.what));
+            self.look_soon = true;
         }
         for i in 0..3 {
-            if let Some((m, false)) = self.markers[i].clone() {
-                if let Some((pid, at)) = stopped_at(&m, Duration::ZERO) {
-                    self.markers[i] = Some((m, true));
-                    let d = self.pause(0.15);
-                    // Half the time across a whole collection, started now if none runs.
-                    let after = if self.rng.chance(0.5) { self.running_gcs().last().copied().or_else(|| self.start_gc()) } else { None };
-                    self.paused.push(Paused { pid, until: now + d, after, what: format!("daemon {i}") });
-                    self.note(format!("daemon {i} stopped by the shim ({at}) for {d:?}{}", after.map_or(String::new(), |j| format!(" and until gc {j} ended"))));
-                }
+            let Some(stop) = self.stops[i].clone().filter(|s| s.state == (true, false)) else { continue };
+            if let Some((pid, at)) = stopped_at(&stop.marker, Duration::ZERO) {
+                self.stops[i].as_mut().unwrap().state.1 = true;
+                let d = self.pause(0.15);
+                // Half the time across a whole collection, started now if none runs.
+                let after = if self.rng.chance(0.5) { self.running_gcs().last().copied().or_else(|| self.start_gc()) } else { None };
+                self.paused.push(Paused { pid, until: now + d, after, look: true, what: format!("daemon {i}") });
+                self.note(format!("daemon {i} stopped by the shim ({at}) for {d:?}{}", after.map_or(String::new(), |j| format!(" and until gc {j} ended"))));
             }
         }
         for j in 0..self.gcs.len() {
@@ -324,7 +350,7 @@ impl<'a> Schedule<'a> {
                     self.note(format!("gc {j} stopped by the shim ({at}), killed"));
                 } else {
                     let d = self.pause(0.3);
-                    self.paused.push(Paused { pid, until: now + d, after: None, what: format!("gc {j}") });
+                    self.paused.push(Paused { pid, until: now + d, after: None, look: true, what: format!("gc {j}") });
                     self.note(format!("gc {j} stopped by the shim ({at}) for {d:?}"));
                 }
             }
@@ -361,6 +387,9 @@ impl<'a> Schedule<'a> {
 
     fn step(&mut self) {
         let paths = paths();
+        if std::mem::take(&mut self.look_soon) {
+            return self.checkpoint();
+        }
         let roll = self.rng.below(100);
         match roll {
             0..=29 => {
@@ -369,14 +398,15 @@ impl<'a> Schedule<'a> {
                 let bg = self.nodes[d].bg(&["push", &top], &[]);
                 self.pushes.push(bg);
             }
-            30..=43 => drop(self.start_gc()),
+            30..=43 if self.may_start_gcs => drop(self.start_gc()),
+            30..=43 => {}
             44..=55 => {
                 let d = self.rng.below(3);
                 let pid = self.nodes[d].daemon_pid();
                 if !self.is_paused(pid) && !is_stopped(pid) {
                     let dur = self.pause(0.1);
                     signal(pid, libc::SIGSTOP);
-                    self.paused.push(Paused { pid, until: Instant::now() + dur, after: None, what: format!("daemon {d}") });
+                    self.paused.push(Paused { pid, until: Instant::now() + dur, after: None, look: false, what: format!("daemon {d}") });
                     self.note(format!("daemon {d} stopped for {dur:?}"));
                 }
             }
@@ -390,7 +420,7 @@ impl<'a> Schedule<'a> {
                 if !self.is_paused(pid) && !is_stopped(pid) {
                     let dur = self.pause(0.3);
                     signal(pid, libc::SIGSTOP);
-                    self.paused.push(Paused { pid, until: Instant::now() + dur, after: None, what: format!("gc {j}") });
+                    self.paused.push(Paused { pid, until: Instant::now() + dur, after: None, look: false, what: format!("gc {j}") });
                     self.note(format!("gc {j} stopped for {dur:?}"));
                 }
             }
@@ -404,7 +434,16 @@ impl<'a> Schedule<'a> {
                 }
             }
             71..=79 => self.fault(),
-            80..=93 => self.checkpoint(),
+            80..=89 => self.checkpoint(),
+            90..=94 => {
+                // The next narinfo rename of a daemon stops it (`file://`).
+                let d = self.rng.below(3);
+                if let Some(stop) = self.stops[d].as_mut().filter(|s| !s.state.0) {
+                    std::fs::write(&stop.arm, "").unwrap();
+                    stop.state.0 = true;
+                    self.note(format!("daemon {d}: stop at its next narinfo rename"));
+                }
+            }
             _ => {
                 // Clock skew: a daemon's clock jumps (an NFS client, a VM resumed, NTP).
                 let (d, offset) = (self.rng.below(3), [7200.0, -7200.0, 30.0, 0.0][self.rng.below(4)]);
@@ -495,6 +534,9 @@ impl<'a> Schedule<'a> {
         if let Some(s3) = self.s3 {
             s3.proxy.clear();
         }
+        for stop in self.stops.iter().flatten() {
+            let _ = std::fs::remove_file(&stop.arm);
+        }
         let continue_all = |s: &mut Schedule| {
             for p in s.paused.drain(..) {
                 signal(p.pid, libc::SIGCONT);
@@ -575,11 +617,16 @@ impl<'a> Schedule<'a> {
             self.tick();
             self.step();
         }
-        // A last stretch for what was started to meet the nemesis.
-        let end = Instant::now() + self.t.lease;
-        while Instant::now() < end {
+        self.may_start_gcs = false;
+        // While collections still run (up to EXTEND), the nemesis goes on, but starts none:
+        // their deletions meet pushes, stops and clock jumps too.
+        let end = Instant::now() + EXTEND + self.t.lease * 2;
+        while Instant::now() < end && !self.running_gcs().is_empty() {
+            std::thread::sleep(self.rng.between(Duration::ZERO, self.t.lease / 4));
             self.tick();
-            std::thread::sleep(Duration::from_millis(20));
+            if self.rng.chance(0.5) {
+                self.step();
+            }
         }
         self.finish();
         if let Some(s3) = self.s3.filter(|_| !self.found.violations.is_empty() || self.found.unsettled.is_some()) {

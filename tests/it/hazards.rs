@@ -148,18 +148,18 @@ impl World {
 
 /// Bounds for the steps of a scenario.
 fn gc_bound() -> Duration {
-    scaled(LEASE) + scaled(DEAD_AFTER) + Duration::from_secs(60)
+    at_scale(LEASE) + at_scale(DEAD_AFTER) + Duration::from_secs(60)
 }
 
 /// After this long without a request, a daemon no longer looks at the collections (64d1f2c
 /// looks for 4 s after each request, once a second).
 #[allow(non_snake_case)]
 fn IDLE() -> Duration {
-    scaled(6.0)
+    at_scale(6.0)
 }
 
 fn wait_bound() -> Duration {
-    scaled(DEAD_AFTER) * 2 + Duration::from_secs(90)
+    at_scale(DEAD_AFTER) * 2 + Duration::from_secs(90)
 }
 
 /// H1: the daemon is stopped inside the rename that puts app2's narinfo in place; a whole
@@ -264,9 +264,9 @@ fn h4_gc_stopped_mid_batch_file() {
     eprintln!("gc stopped: {at}");
     // An upload meanwhile: the daemon looks, and sees the run.
     w.node.ok(&["push", &p["other"]]);
-    std::thread::sleep(scaled(DEAD_AFTER).mul_f64(1.1));
+    std::thread::sleep(at_scale(DEAD_AFTER).mul_f64(1.1));
     let mut push = w.node.bg(&["push", "--wait", &p["app2"]], &[]);
-    wait_for(scaled(DEAD_AFTER) / 4 + Duration::from_secs(2), || w.has(&p["app2"]));
+    wait_for(at_scale(DEAD_AFTER) / 4 + Duration::from_secs(2), || w.has(&p["app2"]));
     signal(pid, libc::SIGCONT);
     let gc = gc.finish(gc_bound());
     let waited = push.finish(wait_bound());
@@ -289,7 +289,7 @@ fn m1_daemon_clock_ahead_file() {
     let (pid, at) = stopped_at(&marker, gc_bound()).unwrap_or_else(|| panic!("gc never came to app1: {:?}", gc.finish(Duration::ZERO)));
     eprintln!("gc stopped: {at}");
     let mut push = w.node.bg(&["push", "--wait", &p["app2"]], &[]);
-    wait_for(scaled(LEASE).max(Duration::from_secs(3)), || w.has(&p["app2"]));
+    wait_for(at_scale(LEASE).max(Duration::from_secs(3)), || w.has(&p["app2"]));
     signal(pid, libc::SIGCONT);
     let gc = gc.finish(gc_bound());
     let waited = push.finish(wait_bound());
@@ -311,7 +311,7 @@ fn m1_daemon_clock_ahead_s3() {
     let arrived = w.proxy().wait_seen(0, gc_bound(), |s| s.entrance == "gc" && s.method == "POST" && s.names(&needle));
     assert!(arrived.is_some(), "gc never came to delete app1: {:?}", gc.finish(Duration::ZERO));
     let mut push = w.node.bg(&["push", "--wait", &p["app2"]], &[]);
-    wait_for(scaled(DEAD_AFTER * 0.3).min(Duration::from_secs(5)), || w.has(&p["app2"]));
+    wait_for(at_scale(DEAD_AFTER * 0.3).min(Duration::from_secs(5)), || w.has(&p["app2"]));
     held.open();
     let gc = gc.finish(gc_bound());
     let waited = push.finish(wait_bound());
@@ -330,7 +330,7 @@ fn h2_late_answer_to_the_look_s3() {
     w.node.start(&[]);
     w.push_ok(&[&p["app1"]]);
     // Idle, and long enough after the last look that the next narinfo put looks again.
-    std::thread::sleep(IDLE() + scaled(3.0));
+    std::thread::sleep(IDLE() + at_scale(3.0));
     let (look, put) = (Latch::new(), Latch::new());
     let proxy = w.proxy();
     let from = proxy.mark();
@@ -343,13 +343,41 @@ fn h2_late_answer_to_the_look_s3() {
     let mut gc = w.gc(&["--keep-days", "0", "--grace", "0s"], &[]);
     let announced = proxy.wait_seen(from, gc_bound(), |s| s.entrance == "gc" && s.method == "PUT" && s.target.contains("narq/gc/run-") && s.server_answered.is_some());
     assert!(announced.is_some(), "gc never announced itself: {:?}", gc.finish(Duration::ZERO));
-    std::thread::sleep(scaled(MARGIN) + Duration::from_secs_f64(2.0 * scale()));
+    std::thread::sleep(at_scale(MARGIN) + Duration::from_secs_f64(2.0 * scale()));
     look.open();
     let after = announced.unwrap().at;
     let listed = proxy.wait_seen(from, gc_bound(), |s| s.entrance == "gc" && s.lists("") && s.at > after && s.server_answered.is_some());
     eprintln!("gc's final listing seen: {}", listed.is_some());
     put.open();
     let gc = gc.finish(gc_bound());
+    let waited = push.finish(wait_bound());
+    w.promise(&waited, &p["app2"], &gc);
+}
+
+/// Found by the explorer (seed 0x8ff7a8ca8313, on the first version of protocol 2): a path
+/// the daemon found present, when a whole collection ran between the finding and its check,
+/// must be looked for again, not only what it references. Here lib is found present in a
+/// listing whose answer reaches the daemon while it is stopped, and a whole gc removes lib
+/// before the daemon goes on; app2 must not be put over the missing lib.
+#[test]
+fn found_present_then_collected_is_uploaded_again_s3() {
+    let mut w = World::new("found", true);
+    let p = w.build_all();
+    w.node.start(&[]);
+    w.push_ok(&[&p["app1"]]);
+    let held = Latch::new();
+    let proxy = w.proxy();
+    let from = proxy.mark();
+    proxy.rule(Rule { method: "GET", needle: "delimiter=%2F".into(), entrance: Some("main"), fault: Fault::HoldAnswer(held.clone()), times: 1 });
+    let mut push = w.node.bg(&["push", "--wait", &p["app2"]], &[]);
+    let listed = proxy.wait_seen(from, Duration::from_secs(60), |s| s.entrance == "main" && s.target.contains("delimiter=%2F") && s.server_answered.is_some());
+    assert!(listed.is_some(), "the daemon never listed the bucket: {}", w.node.log());
+    let pid = w.node.daemon_pid();
+    signal(pid, libc::SIGSTOP);
+    held.open();
+    let gc = w.gc(&["--keep-days", "0", "--grace", "0s"], &[]).finish(gc_bound());
+    assert!(!w.has(&p["lib"]), "gc did not remove lib: {gc:?}");
+    signal(pid, libc::SIGCONT);
     let waited = push.finish(wait_bound());
     w.promise(&waited, &p["app2"], &gc);
 }
