@@ -220,11 +220,24 @@ impl Done {
     }
 }
 
+/// Has the process started by `cmd` killed when the thread that starts it ends (a test
+/// killed or panicking past its clean-up leaves no daemon, stopped or not, behind).
+pub fn die_with_test(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec here.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        })
+    }
+}
+
 impl Bg {
     pub fn spawn(cmd: &mut Command, dir: &Path) -> Bg {
         let tag = unique();
         let (out, err) = (dir.join(format!("bg-{tag}.out")), dir.join(format!("bg-{tag}.err")));
-        let child = cmd
+        let child = die_with_test(cmd)
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&out).unwrap())
             .stderr(std::fs::File::create(&err).unwrap())
@@ -348,7 +361,7 @@ impl Node {
     pub fn start(&mut self, env: &[(String, String)]) {
         let mut c = self.cmd(&["daemon"]);
         c.envs(env.iter().map(|(k, v)| (k, v)));
-        self.n.spawn_daemon(&mut c);
+        self.n.spawn_daemon(die_with_test(&mut c));
         assert!(wait_for(Duration::from_secs(20), || self.run(&["status"]).status.success()), "daemon ({}) did not come up: {}", self.bins.name, self.n.daemon_log());
     }
 

@@ -177,8 +177,8 @@ struct Paused {
 struct ShimStop {
     marker: PathBuf,
     arm: PathBuf,
-    /// Armed, taken.
-    state: (bool, bool),
+    armed: bool,
+    taken: bool,
 }
 
 /// A request or answer the proxy holds until a collection has ended.
@@ -258,7 +258,7 @@ impl<'a> Schedule<'a> {
             None => text,
         };
         std::fs::write(&gc_config, text).unwrap();
-        let stops = (0..3).map(|i| s3.is_none().then(|| ShimStop { marker: nodes[i].n.dir.join("stopped"), arm: nodes[i].n.dir.join("stop-armed"), state: (false, false) })).collect();
+        let stops = (0..3).map(|i| s3.is_none().then(|| ShimStop { marker: nodes[i].n.dir.join("stopped"), arm: nodes[i].n.dir.join("stop-armed"), armed: false, taken: false })).collect();
         let mut s = Schedule {
             rng,
             t: Times::at(scale),
@@ -331,9 +331,9 @@ impl<'a> Schedule<'a> {
             self.look_soon = true;
         }
         for i in 0..3 {
-            let Some(stop) = self.stops[i].clone().filter(|s| s.state == (true, false)) else { continue };
+            let Some(stop) = self.stops[i].clone().filter(|s| s.armed && !s.taken) else { continue };
             if let Some((pid, at)) = stopped_at(&stop.marker, Duration::ZERO) {
-                self.stops[i].as_mut().unwrap().state.1 = true;
+                self.stops[i].as_mut().unwrap().taken = true;
                 let d = self.pause(0.15);
                 // Half the time across a whole collection, started now if none runs.
                 let after = if self.rng.chance(0.5) { self.running_gcs().last().copied().or_else(|| self.start_gc()) } else { None };
@@ -438,9 +438,9 @@ impl<'a> Schedule<'a> {
             90..=94 => {
                 // The next narinfo rename of a daemon stops it (`file://`).
                 let d = self.rng.below(3);
-                if let Some(stop) = self.stops[d].as_mut().filter(|s| !s.state.0) {
+                if let Some(stop) = self.stops[d].as_mut().filter(|s| !s.armed) {
                     std::fs::write(&stop.arm, "").unwrap();
-                    stop.state.0 = true;
+                    stop.armed = true;
                     self.note(format!("daemon {d}: stop at its next narinfo rename"));
                 }
             }
@@ -496,8 +496,17 @@ impl<'a> Schedule<'a> {
         }
         let secs = (self.t.lease * 2 + Duration::from_secs(2)).as_secs().max(2);
         let mut waits: Vec<Bg> = self.nodes.iter().map(|n| n.bg(&["wait", "--timeout", &secs.to_string()], &[])).collect();
-        let done: Vec<Done> = waits.iter_mut().map(|w| w.finish(Duration::from_secs(secs + 30))).collect();
-        let codes: Vec<Option<i32>> = done.iter().map(|d| d.code()).collect();
+        // The nemesis goes on meanwhile; a daemon that stops (the shim) ends the checkpoint.
+        let deadline = Instant::now() + Duration::from_secs(secs + 5);
+        while waits.iter_mut().any(|w| w.running()) {
+            self.tick();
+            if Instant::now() > deadline || self.nodes.iter().any(|n| is_stopped(n.daemon_pid())) {
+                self.note("checkpoint abandoned: a daemon stopped, or the waits took too long".into());
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let codes: Vec<Option<i32>> = waits.iter_mut().map(|w| w.finish(Duration::ZERO).code()).collect();
         self.note(format!("checkpoint: waits {codes:?}"));
         if codes.iter().all(|c| *c == Some(0)) {
             self.found.checkpoints += 1;
