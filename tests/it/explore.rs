@@ -31,7 +31,7 @@
 //! `bench/explore.sh` runs 1,000 schedules.
 
 use crate::adversary::*;
-use crate::s3proxy::{check_bucket_closed, public_bucket, Fault, FaultProxy, Latch, Rule};
+use crate::s3proxy::{check_bucket_closed, public_bucket, Fault, Gate, Rule, S3Proxy};
 use crate::util::*;
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -155,7 +155,7 @@ impl Times {
 /// The moto server and proxy that every S3 schedule uses (a bucket of its own each).
 struct S3 {
     moto: Moto,
-    proxy: FaultProxy,
+    proxy: S3Proxy,
     gc_port: u16,
     _t: TempDir,
 }
@@ -183,7 +183,7 @@ struct ShimStop {
 
 /// A request or answer the proxy holds until a collection has ended.
 struct Held {
-    latch: Latch,
+    gate: Gate,
     after: usize,
     what: String,
 }
@@ -326,7 +326,7 @@ impl<'a> Schedule<'a> {
         }
         let due: Vec<Held> = self.held.extract_if(.., |h| ended[h.after]).collect();
         for h in due {
-            h.latch.open();
+            self.s3.expect("held by the proxy").proxy.open(h.gate);
             self.note(format!("proxy: let go of {}", h.what));
             self.look_soon = true;
         }
@@ -462,31 +462,32 @@ impl<'a> Schedule<'a> {
         // last look at its liveness can break a closure.
         let bound = t.dead / 2;
         let (method, needle, entrance, fault): (&'static str, &str, &'static str, Fault) = match self.rng.below(12) {
-            0 => ("GET", "prefix=narq%2Fgc%2F", "main", Fault::DelayAnswer(self.rng.between(Duration::ZERO, t.lease.mul_f64(1.5)))),
+            0 => ("GET", "prefix=narq%2Fgc%2F", "main", Fault::LateAnswer(self.rng.between(Duration::ZERO, t.lease.mul_f64(1.5)))),
             1 => ("GET", "prefix=narq%2Fgc%2F", "main", Fault::Stall(self.rng.between(Duration::ZERO, t.lease))),
             2 => ("PUT", ".narinfo", "main", Fault::Stall(self.rng.between(Duration::ZERO, t.lease.mul_f64(1.5)))),
-            3 => ("PUT", ".narinfo", "main", Fault::DropAnswer),
-            4 => ("PUT", ".narinfo", "main", Fault::DelayAnswer(self.rng.between(Duration::ZERO, t.lease))),
-            5 => ("PUT", "narq/gc/run-", "gc", Fault::DelayAnswer(self.rng.between(Duration::ZERO, t.lease))),
-            6 => ("POST", "delete", "gc", if self.rng.chance(0.5) { Fault::DropAnswer } else { Fault::DelayAnswer(self.rng.between(Duration::ZERO, t.lease)) }),
+            3 => ("PUT", ".narinfo", "main", Fault::LostAnswer),
+            4 => ("PUT", ".narinfo", "main", Fault::LateAnswer(self.rng.between(Duration::ZERO, t.lease))),
+            5 => ("PUT", "narq/gc/run-", "gc", Fault::LateAnswer(self.rng.between(Duration::ZERO, t.lease))),
+            6 => ("POST", "delete", "gc", if self.rng.chance(0.5) { Fault::LostAnswer } else { Fault::LateAnswer(self.rng.between(Duration::ZERO, t.lease)) }),
             7 => {
                 let max = if self.beyond_bound { bound.mul_f64(1.5) } else { bound.mul_f64(0.8) };
                 ("POST", "delete", "gc", Fault::Stall(self.rng.between(Duration::ZERO, max)))
             }
-            8 => ("GET", "list-type=2", "gc", Fault::DelayAnswer(self.rng.between(Duration::ZERO, t.lease / 2))),
+            8 => ("GET", "list-type=2", "gc", Fault::LateAnswer(self.rng.between(Duration::ZERO, t.lease / 2))),
             9 | 10 => {
                 // A narinfo PUT held by the network across a whole collection (the client gives
                 // up on it, the server completes it late).
                 let Some(after) = self.running_gcs().last().copied().or_else(|| self.start_gc()) else { return };
-                let latch = Latch::new();
-                self.held.push(Held { latch: latch.clone(), after, what: format!("the narinfo PUT held until gc {after} ended") });
-                ("PUT", ".narinfo", "main", Fault::HoldRequest(latch))
+                let gate = s3.proxy.gate();
+                self.held.push(Held { gate, after, what: format!("the narinfo PUT held until gc {after} ended") });
+                ("PUT", ".narinfo", "main", Fault::HoldRequest(gate))
             }
             // A server without conditional writes (Garage 2.x has no If-None-Match on PUT).
-            _ => ("PUT", "if-none-match", "main", Fault::NotImplemented),
+            _ => ("PUT", "", "main", Fault::Answer(501, "NotImplemented")),
         };
-        self.note(format!("proxy: {fault:?} on {times} {method} {needle} by {entrance}"));
-        s3.proxy.rule(Rule { method, needle: needle.into(), entrance: Some(entrance), fault, times });
+        let header = matches!(fault, Fault::Answer(501, _)).then_some("if-none-match");
+        self.note(format!("proxy: {fault:?} on {times} {method} {needle}{} by {entrance}", header.map_or(String::new(), |h| format!(" with {h}"))));
+        s3.proxy.rule(Rule { method, needle: needle.into(), header, entrance: Some(entrance), fault, times });
     }
 
     /// `narq wait` on all three daemons; if all return 0, the cache must be closed.
@@ -551,7 +552,7 @@ impl<'a> Schedule<'a> {
                 signal(p.pid, libc::SIGCONT);
             }
             for h in s.held.drain(..) {
-                h.latch.open();
+                s.s3.expect("held by the proxy").proxy.open(h.gate);
             }
         };
         // A shim's stop may still come: continued at once from now on.
@@ -663,7 +664,7 @@ fn schedules_never_break_a_closure() {
     let s3 = needs_s3.then(|| {
         let t = TempDir::new("explore-s3");
         let moto = Moto::start(t.path(), &[]);
-        let proxy = FaultProxy::start(moto.port);
+        let proxy = S3Proxy::start(moto.port);
         let gc_port = proxy.entrance("gc");
         S3 { moto, proxy, gc_port, _t: t }
     });

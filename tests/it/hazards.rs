@@ -12,7 +12,7 @@
 //! `adversary.rs` (see its module doc to run them against other binaries).
 
 use crate::adversary::*;
-use crate::s3proxy::{check_bucket_closed, Fault, FaultProxy, Latch, Rule};
+use crate::s3proxy::{check_bucket_closed, Fault, Rule, S3Proxy};
 use crate::util::*;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -29,7 +29,7 @@ struct World {
 }
 
 struct S3 {
-    proxy: FaultProxy,
+    proxy: S3Proxy,
     moto: Moto,
     bucket: String,
     /// The config `narq gc` runs with: the same but for the proxy's entrance.
@@ -48,7 +48,7 @@ impl World {
         let moto = Moto::start(t.path(), &[]);
         let bucket = format!("narq-{tag}");
         moto.bucket(&bucket);
-        let proxy = FaultProxy::start(moto.port);
+        let proxy = S3Proxy::start(moto.port);
         let gc_port = proxy.entrance("gc");
         let store = |port: u16| format!("store = \"s3://{bucket}?endpoint=127.0.0.1:{port}&scheme=http\"");
         let node = Node::new(tag, Some(&store(proxy.port)), bins);
@@ -58,7 +58,7 @@ impl World {
         World { node, s3: Some(S3 { proxy, moto, bucket, gc_config, _t: t }), u }
     }
 
-    fn proxy(&self) -> &FaultProxy {
+    fn proxy(&self) -> &S3Proxy {
         &self.s3.as_ref().expect("an S3 world").proxy
     }
 
@@ -230,14 +230,14 @@ fn h3_gc_killed_mid_deletion_s3() {
     w.wait_root(&app1);
     let lib = closure(&[app1.clone()]).into_iter().find(|p| p.contains("-lib-")).unwrap();
     std::thread::sleep(IDLE());
-    let held = Latch::new();
+    let held = w.proxy().gate();
     let needle = format!("{}.narinfo", hash(&lib));
-    w.proxy().rule(Rule { method: "POST", needle: needle.clone(), entrance: Some("gc"), fault: Fault::HoldAnswer(held.clone()), times: 1 });
+    w.proxy().rule(Rule { method: "POST", needle: needle.clone(), header: None, entrance: Some("gc"), fault: Fault::HoldAnswer(held), times: 1 });
     let mut gc = w.gc(&["--keep-days", "0", "--grace", "0s"], &[]);
     let deleted = w.proxy().wait_seen(0, gc_bound(), |s| s.entrance == "gc" && s.method == "POST" && s.names(&needle) && s.server_answered.is_some());
     assert!(deleted.is_some(), "gc never deleted lib: {:?}", gc.finish(Duration::ZERO));
     signal(gc.pid(), libc::SIGKILL);
-    held.open();
+    w.proxy().open(held);
     let gc = gc.finish(Duration::from_secs(10));
     assert!(!w.has(&lib), "lib was not deleted");
     clock.set(2.0 * 3600.0);
@@ -304,15 +304,15 @@ fn m1_daemon_clock_ahead_s3() {
     let p = w.build_all();
     w.node.start(&clock_env(2.0 * 3600.0));
     w.push_ok(&[&p["app1"]]);
-    let held = Latch::new();
+    let held = w.proxy().gate();
     let needle = format!("{}.narinfo", hash(&p["app1"]));
-    w.proxy().rule(Rule { method: "POST", needle: needle.clone(), entrance: Some("gc"), fault: Fault::HoldRequest(held.clone()), times: 1 });
+    w.proxy().rule(Rule { method: "POST", needle: needle.clone(), header: None, entrance: Some("gc"), fault: Fault::HoldRequest(held), times: 1 });
     let mut gc = w.gc(&["--keep-days", "0", "--grace", "0s"], &[]);
     let arrived = w.proxy().wait_seen(0, gc_bound(), |s| s.entrance == "gc" && s.method == "POST" && s.names(&needle));
     assert!(arrived.is_some(), "gc never came to delete app1: {:?}", gc.finish(Duration::ZERO));
     let mut push = w.node.bg(&["push", "--wait", &p["app2"]], &[]);
     wait_for(at_scale(DEAD_AFTER * 0.3).min(Duration::from_secs(5)), || w.has(&p["app2"]));
-    held.open();
+    w.proxy().open(held);
     let gc = gc.finish(gc_bound());
     let waited = push.finish(wait_bound());
     w.promise(&waited, &p["app2"], &gc);
@@ -331,12 +331,12 @@ fn h2_late_answer_to_the_look_s3() {
     w.push_ok(&[&p["app1"]]);
     // Idle, and long enough after the last look that the next narinfo put looks again.
     std::thread::sleep(IDLE() + at_scale(3.0));
-    let (look, put) = (Latch::new(), Latch::new());
     let proxy = w.proxy();
+    let (look, put) = (proxy.gate(), proxy.gate());
     let from = proxy.mark();
-    proxy.rule(Rule { method: "GET", needle: "prefix=narq%2Fgc%2F".into(), entrance: Some("main"), fault: Fault::HoldAnswer(look.clone()), times: 1 });
+    proxy.rule(Rule { method: "GET", needle: "prefix=narq%2Fgc%2F".into(), header: None, entrance: Some("main"), fault: Fault::HoldAnswer(look), times: 1 });
     let app2_key = format!("{}.narinfo", hash(&p["app2"]));
-    proxy.rule(Rule { method: "PUT", needle: app2_key.clone(), entrance: Some("main"), fault: Fault::HoldRequest(put.clone()), times: 1 });
+    proxy.rule(Rule { method: "PUT", needle: app2_key.clone(), header: None, entrance: Some("main"), fault: Fault::HoldRequest(put), times: 1 });
     let mut push = w.node.bg(&["push", "--wait", &p["app2"]], &[]);
     let answered = proxy.wait_seen(from, Duration::from_secs(60), |s| s.entrance == "main" && s.lists("narq/gc/") && s.server_answered.is_some());
     assert!(answered.is_some(), "the daemon never looked at narq/gc/: {}", w.node.log());
@@ -344,11 +344,11 @@ fn h2_late_answer_to_the_look_s3() {
     let announced = proxy.wait_seen(from, gc_bound(), |s| s.entrance == "gc" && s.method == "PUT" && s.target.contains("narq/gc/run-") && s.server_answered.is_some());
     assert!(announced.is_some(), "gc never announced itself: {:?}", gc.finish(Duration::ZERO));
     std::thread::sleep(at_scale(MARGIN) + Duration::from_secs_f64(2.0 * scale()));
-    look.open();
+    proxy.open(look);
     let after = announced.unwrap().at;
     let listed = proxy.wait_seen(from, gc_bound(), |s| s.entrance == "gc" && s.lists("") && s.at > after && s.server_answered.is_some());
     eprintln!("gc's final listing seen: {}", listed.is_some());
-    put.open();
+    proxy.open(put);
     let gc = gc.finish(gc_bound());
     let waited = push.finish(wait_bound());
     w.promise(&waited, &p["app2"], &gc);
@@ -365,16 +365,16 @@ fn found_present_then_collected_is_uploaded_again_s3() {
     let p = w.build_all();
     w.node.start(&[]);
     w.push_ok(&[&p["app1"]]);
-    let held = Latch::new();
+    let held = w.proxy().gate();
     let proxy = w.proxy();
     let from = proxy.mark();
-    proxy.rule(Rule { method: "GET", needle: "delimiter=%2F".into(), entrance: Some("main"), fault: Fault::HoldAnswer(held.clone()), times: 1 });
+    proxy.rule(Rule { method: "GET", needle: "delimiter=%2F".into(), header: None, entrance: Some("main"), fault: Fault::HoldAnswer(held), times: 1 });
     let mut push = w.node.bg(&["push", "--wait", &p["app2"]], &[]);
     let listed = proxy.wait_seen(from, Duration::from_secs(60), |s| s.entrance == "main" && s.target.contains("delimiter=%2F") && s.server_answered.is_some());
     assert!(listed.is_some(), "the daemon never listed the bucket: {}", w.node.log());
     let pid = w.node.daemon_pid();
     signal(pid, libc::SIGSTOP);
-    held.open();
+    w.proxy().open(held);
     let gc = w.gc(&["--keep-days", "0", "--grace", "0s"], &[]).finish(gc_bound());
     assert!(!w.has(&p["lib"]), "gc did not remove lib: {gc:?}");
     signal(pid, libc::SIGCONT);
