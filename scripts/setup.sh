@@ -94,3 +94,4 @@ if ! "$venv/bin/python" -c "import boto3, moto, sys; sys.exit(moto.__version__ !
 fi
 
 scripts/setup-garage.sh   # Garage, for the cluster tests (a one-time build, cached outside the clone)
+scripts/setup-baseline.sh   # the 64d1f2c binaries, which the mixed-version tests run beside the new ones (cached likewise)

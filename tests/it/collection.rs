@@ -1,6 +1,6 @@
 //! Issue 18: what `narq gc`, `narq rm` and `narq sign` must not do to a cache whatever the
 //! timing, each test named after the item of the issue it pins (the adversarial tests with
-//! stopped processes and delayed answers are in `adversary.rs`). Each fails on 64d1f2c: run
+//! stopped processes and delayed answers are in `hazards.rs`, their tools in `adversary.rs`). Each fails on 64d1f2c: run
 //! them with `NARQ_TEST_BIN_DIR=/var/cache/narq-test/narq-64d1f2c` to see how.
 
 use crate::cache_under_test::TestCache;

@@ -1,6 +1,6 @@
 //! S3 faults: a proxy that drops, throttles, fails and stalls; upload-side limits (logs, multipart, upstreams, credentials).
 
-use crate::s3proxy::{read_head, Fault, S3Proxy};
+use crate::s3proxy::{bucket_keys, check_bucket_closed, read_head, Fault, S3Proxy};
 use crate::util::*;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -82,36 +82,6 @@ fn s3_refused_object_fails_its_item_only() {
     assert!(!log.contains("uploads paused"), "one refused object paused every upload:\n{log}");
     let nars = proxy.seen().iter().filter(|r| r.method == "PUT" && r.target.contains("/nar/")).count();
     assert_eq!(nars, 2, "the refused NAR was sent again: {:?}", proxy.seen());
-}
-
-/// The objects in a moto bucket, listed directly (not through the proxy).
-fn bucket_keys(port: u16, bucket: &str) -> std::collections::HashSet<String> {
-    let (head, body) = http(port, "GET", &format!("/{bucket}?list-type=2&max-keys=10000"));
-    assert!(head.starts_with("http/1.1 200"), "listing {bucket}: {head}");
-    let body = String::from_utf8(body).unwrap();
-    assert!(!body.contains("<IsTruncated>true"), "listing truncated");
-    body.split("<Key>").skip(1).filter_map(|s| s.split_once("</Key>")).map(|(k, _)| k.to_string()).collect()
-}
-
-/// Every narinfo in the bucket has its NAR and its references' narinfos; returns the
-/// narinfo keys.
-fn check_bucket_closed(port: u16, bucket: &str) -> Result<Vec<String>, String> {
-    let keys = bucket_keys(port, bucket);
-    let mut narinfos = Vec::new();
-    for k in keys.iter().filter(|k| k.ends_with(".narinfo")) {
-        let (_, body) = http(port, "GET", &format!("/{bucket}/{k}"));
-        let ni = narq::nix::NarInfo::parse(&String::from_utf8_lossy(&body)).map_err(|e| format!("{k}: {e}"))?;
-        if !keys.contains(&ni.url) {
-            return Err(format!("{k} is visible before its NAR {}", ni.url));
-        }
-        for r in &ni.info.references {
-            if !keys.contains(&format!("{}.narinfo", r.hash_part())) {
-                return Err(format!("{k} is visible before its reference {r}"));
-            }
-        }
-        narinfos.push(k.clone());
-    }
-    Ok(narinfos)
 }
 
 /// The "Done when" of issue 9: S3 behind a proxy that cuts a part upload mid-body, throttles

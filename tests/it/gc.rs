@@ -202,38 +202,6 @@ fn max_size_and_dry_run_s3() {
     max_size_and_dry_run(true);
 }
 
-/// Every visible narinfo has its NAR and its references' narinfos. A narinfo (or reference)
-/// that disappears while it is read was deleted meanwhile: looked at again, not a violation
-/// unless the referrer is still there.
-fn closed_now(cache: &Path) -> Result<usize, String> {
-    let mut n = 0;
-    let entries = match std::fs::read_dir(cache) {
-        // Made by the first upload.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        r => r.map_err(|e| format!("{}: {e}", cache.display()))?,
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().to_string();
-        if !name.ends_with(".narinfo") || name.starts_with('.') {
-            continue;
-        }
-        let Ok(text) = std::fs::read_to_string(e.path()) else { continue };
-        let ni = narq::nix::NarInfo::parse(&text).map_err(|e| format!("{name}: {e}"))?;
-        let mut missing = Vec::new();
-        if !cache.join(&ni.url).exists() {
-            missing.push(ni.url.clone());
-        }
-        for r in ni.info.references.iter().filter(|r| !cache.join(format!("{}.narinfo", r.hash_part())).exists()) {
-            missing.push(r.to_string());
-        }
-        if !missing.is_empty() && e.path().exists() {
-            return Err(format!("{name} is visible without {missing:?}"));
-        }
-        n += 1;
-    }
-    Ok(n)
-}
-
 /// Hazards 1–3 under load: `gc` runs in a loop (two at once at times) while builds with the
 /// hook and `narq push` go on over shared dependencies, and some roots expire (their objects
 /// removed, as age would); a watcher checks the cache at every look; at the end every closure
@@ -250,7 +218,7 @@ fn gc_in_a_loop_while_builds_and_pushes_run_never_breaks_a_closure() {
         std::thread::spawn(move || {
             let mut looks = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                if let Err(e) = closed_now(&cache) {
+                if let Err(e) = check_closed(&cache) {
                     return Err(e);
                 }
                 looks += 1;
@@ -317,7 +285,7 @@ fn gc_in_a_loop_while_builds_and_pushes_run_never_breaks_a_closure() {
     eprintln!("uploads that found a reference collected and waited for it: {again}");
     // A last gc once everything is quiet, then every kept closure substitutes.
     s.ok(&["gc", "--keep-days", "1", "--grace", "0s"]);
-    closed_now(&cache).unwrap();
+    check_closed(&cache).unwrap();
     for p in &kept {
         assert!(s.has(p), "{p} (rooted) is gone: {}", s.n.daemon_log());
     }

@@ -5,22 +5,13 @@
 //! reaches a `nar/` key, and nothing temporary or incomplete is left behind. Small paths go
 //! up many at once.
 
+use crate::s3proxy::bucket_keys;
 use crate::util::*;
-use std::collections::HashSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn s3_narq(tag: &str, port: u16, bucket: &str, params: &str, extra: &str) -> Narq {
     Narq::new(tag, &format!("store = \"s3://{bucket}?endpoint=127.0.0.1:{port}&scheme=http{params}\"\n{extra}"))
-}
-
-/// The keys in a moto bucket (read directly, one page: the tests write far fewer).
-fn bucket_keys(port: u16, bucket: &str) -> HashSet<String> {
-    let (head, body) = http(port, "GET", &format!("/{bucket}?list-type=2&max-keys=10000"));
-    assert!(head.starts_with("http/1.1 200"), "listing {bucket}: {head}");
-    let body = String::from_utf8(body).unwrap();
-    assert!(!body.contains("<IsTruncated>true"), "listing truncated");
-    body.split("<Key>").skip(1).filter_map(|s| s.split_once("</Key>")).map(|(k, _)| k.to_string()).collect()
 }
 
 /// Multipart uploads begun and neither completed nor aborted.

@@ -301,7 +301,9 @@ pub fn closure(paths: &[String]) -> Vec<String> {
 }
 
 /// Every narinfo in `cache` has its NAR and its references' narinfos: the cache is closed.
-/// Returns the number of narinfos checked.
+/// Returns the number of narinfos checked. A narinfo (or reference) that disappears while it
+/// is read was deleted meanwhile (a collection deletes referrers first): looked at again, not
+/// a violation unless the referrer is still there.
 pub fn check_closed(cache: &Path) -> Result<usize, String> {
     let mut n = 0;
     let Ok(rd) = std::fs::read_dir(cache) else { return Ok(0) };
@@ -310,15 +312,20 @@ pub fn check_closed(cache: &Path) -> Result<usize, String> {
         if !name.ends_with(".narinfo") || name.starts_with('.') {
             continue;
         }
-        let text = std::fs::read_to_string(e.path()).map_err(|e| e.to_string())?;
+        let text = match std::fs::read_to_string(e.path()) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            r => r.map_err(|e| format!("{name}: {e}"))?,
+        };
         let ni = narq::nix::NarInfo::parse(&text).map_err(|e| format!("{name}: {e}"))?;
+        let mut missing = Vec::new();
         if !cache.join(&ni.url).exists() {
-            return Err(format!("{name} is visible before its NAR {}", ni.url));
+            missing.push(format!("its NAR {}", ni.url));
         }
-        for r in &ni.info.references {
-            if !cache.join(format!("{}.narinfo", r.hash_part())).exists() {
-                return Err(format!("{name} is visible before its reference {r}"));
-            }
+        for r in ni.info.references.iter().filter(|r| !cache.join(format!("{}.narinfo", r.hash_part())).exists()) {
+            missing.push(format!("its reference {r}"));
+        }
+        if !missing.is_empty() && e.path().exists() {
+            return Err(format!("{name} is visible without {}", missing.join(", ")));
         }
         n += 1;
     }
