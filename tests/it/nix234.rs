@@ -5,6 +5,7 @@
 //! Nix 2.8 live beside the features they test (s3, verify, gc, doctor, hook).
 
 use crate::daemon::program_expr;
+use crate::filters::{ca_expr, check_build_traces, lines};
 use crate::util::*;
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -60,10 +61,15 @@ impl Narq234 {
 
     /// `nix-build` by 2.34 with the hook; the output paths.
     fn build(&self, expr: &str) -> Vec<String> {
+        self.build_saying(expr).0
+    }
+
+    /// The same, and what Nix said on stderr.
+    fn build_saying(&self, expr: &str) -> (Vec<String>, String) {
         let out = output(self.sid.cmd("nix-build").args(["--no-out-link", "-E", expr]).env("NIX_CONF_DIR", &self.n.nix_conf).env("NARQ_CONFIG", &self.n.config));
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
         assert!(out.status.success() && !stderr.contains("narq-hook:"), "nix-build (2.34): {stderr}");
-        String::from_utf8(out.stdout).unwrap().lines().map(str::to_string).collect()
+        (String::from_utf8(out.stdout).unwrap().lines().map(str::to_string).collect(), stderr)
     }
 
     /// `narq ARGS` inside the chroot (where the store is).
@@ -244,4 +250,39 @@ fn nix234_narinfo_and_listing_equal_nix_copy() {
         assert_eq!(a, b, ".ls of {p}");
     }
     assert_eq!(get("narq-n234eq", "nix-cache-info"), get("nix-n234eq", "nix-cache-info"));
+}
+
+/// Issue 19 item 4 under 2.34: a content-addressed build (`ca-derivations`) by 2.34 with the
+/// hook uploads both layouts; a fresh 2.34 client substitutes it from `realisations/` without
+/// building (`--max-jobs 0`), and the build traces are keyed by the derivation 2.34 resolved
+/// the top one to (the path 2.35 resolves it to: same resolution), byte for byte as 2.35
+/// writes them.
+#[test]
+fn nix234_ca_derivation_uploads_both_layouts_and_is_substituted() {
+    let Some(sid) = Sid::get() else { return };
+    let t = TempDir::new("n234ca");
+    let cache = t.join("cache");
+    let file = format!("file://{}", cache.display());
+    let mut n = Narq234::new(sid, "n234ca", &file, 1);
+    let conf = n.n.nix_conf.join("nix.conf");
+    std::fs::write(&conf, std::fs::read_to_string(&conf).unwrap() + "extra-experimental-features = ca-derivations\n").unwrap();
+    n.start();
+    let (u, marker) = (unique(), t.join("builds.log"));
+    let expr = t.join("ca.nix");
+    std::fs::write(&expr, ca_expr(&u, &marker)).unwrap();
+    let (outs, stderr) = n.build_saying(&std::fs::read_to_string(&expr).unwrap());
+    assert_eq!(lines(&marker), 2, "both derivations built");
+    n.n.wait(60);
+    let dep = std::fs::read_to_string(n.sid.root.join(&outs[0][1..]).join("dep")).unwrap();
+    check_build_traces(&cache, &stderr, &outs[0], dep.trim(), &n.n.public_key);
+    assert!(std::fs::read_dir(cache.join("realisations")).unwrap().count() >= 2);
+
+    let client = n.client().display().to_string();
+    let built = n.nix(&[
+        "--extra-experimental-features", "ca-derivations", "build", "--no-link", "--max-jobs", "0", "--store", &client,
+        "-f", &expr.display().to_string(), "--option", "substituters", &file, "--option", "trusted-public-keys", &n.public_keys(),
+    ]);
+    ok(&built, "substitution of a CA build by 2.34 from realisations/");
+    assert!(std::path::Path::new(&client).join(&outs[0][1..]).join("dep").exists());
+    assert_eq!(lines(&marker), 2, "a builder ran on the client");
 }
