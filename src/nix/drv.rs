@@ -53,7 +53,7 @@ impl DrvOutput {
 pub struct Drv {
     pub outputs: Vec<DrvOutput>,
     /// The derivations whose outputs it takes as inputs: none once Nix has resolved it.
-    pub input_drvs: Vec<StorePath>,
+    pub input_drvs: Vec<String>,
 }
 
 struct Parser<'a> {
@@ -141,12 +141,11 @@ pub fn parse(text: &[u8]) -> Result<Drv, DrvError> {
     p.expect(",")?;
     let input_drvs = p.list(|p| {
         p.expect("(")?;
-        let at = p.pos;
         let drv = p.string()?;
         p.expect(",")?;
         p.list(Parser::string)?;
         p.expect(")")?;
-        StorePath::parse(&drv).map_err(|_| DrvError::Expected(at, "an input derivation's store path"))
+        Ok(drv)
     })?;
     p.expect(",")?;
     p.list(Parser::string)?;
@@ -194,6 +193,19 @@ mod tests {
         assert_eq!(outs.len(), 1);
         assert_eq!(outs[0].name, "out");
         assert_eq!(outs[0].path.as_ref().unwrap().name(), "dep");
+    }
+
+    /// A content-addressed derivation and its resolved form (tests/corpus/README.md).
+    #[test]
+    fn reads_floating_outputs_and_input_derivations() {
+        let read = |name: &str| parse(&std::fs::read(format!("{}/tests/corpus/drv/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()).unwrap();
+        let top = read("ca-top.drv");
+        assert_eq!(top.input_drvs, ["/nix/store/zl01zcc1filq6igsq72y5526ba12k7k8-ca-dep-1796535235820158274.drv"]);
+        assert_eq!(top.outputs, [DrvOutput { name: "out".into(), path: None, hash_algo: "r:sha256".into(), hash: String::new() }]);
+        assert!(top.outputs[0].is_floating());
+        assert!(read("ca-top-resolved.drv").input_drvs.is_empty());
+        let dep = parse(DRV.as_bytes()).unwrap();
+        assert!(dep.input_drvs.is_empty() && !dep.outputs[0].is_floating());
     }
 
     #[test]

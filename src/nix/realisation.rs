@@ -176,9 +176,9 @@ impl Realisation {
     /// Signs it, and its build trace if it carries one.
     pub fn sign(&mut self, key: &SecretKey) {
         self.signatures.insert(key.sign(&self.fingerprint()));
-        if let Some(t) = self.build_trace() {
-            let sig = key.sign(&t.fingerprint());
-            self.build_trace.as_mut().expect("it has a build trace").signatures.insert(sig);
+        let trace_sig = self.build_trace().map(|t| key.sign(&t.fingerprint()));
+        if let (Some(t), Some(sig)) = (&mut self.build_trace, trace_sig) {
+            t.signatures.insert(sig);
         }
     }
 
