@@ -69,14 +69,43 @@ fn tidy_sigs(sigs: &mut std::collections::BTreeSet<String>, max: usize) {
 /// The realisations Nix recorded for the build of `drv` (`ca-derivations`): those of `roots`,
 /// or, when the `.drv` names no output paths (a content-addressed derivation), those of the
 /// outputs `drv` derived, whose out paths are then the build's outputs. Their signatures
-/// are passed on only when well-formed, as for paths (see [`tidy`]).
+/// are passed on only when well-formed, as for paths (see [`tidy`]). Each is keyed as Nix
+/// 2.35 keys it too where it can be ([`key_build_traces`]).
 pub fn realisations(db: &NixDb, roots: &[StorePath], drv: Option<&StorePath>) -> anyhow::Result<Vec<Realisation>> {
     let mut found = db.realisations(roots, drv)?;
     for r in &mut found {
         tidy_sigs(&mut r.signatures, crate::nix::realisation::MAX_SIGS);
     }
+    key_build_traces(db, &mut found)?;
     Ok(found)
 }
+
+/// Gives each realisation its build trace's key where Nix 2.35 has one
+/// ([`traced_by`](crate::nix::realisation::traced_by)): the deriver Nix registered for its
+/// out path, when that `.drv` is resolved. One whose deriver is gone (collected) or is not
+/// resolved keeps its old key only.
+fn key_build_traces(db: &NixDb, realisations: &mut [Realisation]) -> anyhow::Result<()> {
+    use crate::nix::realisation::{traced_by, Traced};
+    if realisations.is_empty() {
+        return Ok(());
+    }
+    let mut outs: Vec<StorePath> = realisations.iter().map(|r| r.out_path.clone()).collect();
+    outs.sort_unstable();
+    outs.dedup();
+    let infos = db.query(&outs, false)?;
+    let mut drvs: std::collections::HashMap<&StorePath, Option<drv::Drv>> = std::collections::HashMap::new();
+    for r in realisations {
+        let Some(d) = infos.iter().find(|i| i.path == r.out_path).and_then(|i| i.deriver.as_ref()) else { continue };
+        let parsed = drvs.entry(d).or_insert_with(|| std::fs::read(d.to_absolute()).ok().and_then(|t| drv::parse(&t).ok()));
+        if parsed.as_ref().is_some_and(|p| traced_by(d, p, r.output(), &r.out_path)) {
+            r.build_trace = Some(Traced { drv_path: d.clone(), signatures: Default::default() });
+        }
+    }
+    Ok(())
+}
+
+/// What a daemon older than build traces answers a request that carries one.
+const NO_BUILD_TRACES: &str = "unknown field `buildTrace`";
 
 /// What to hand over: the roots (a build's outputs, `narq push` arguments) and their
 /// closure, read from the Nix database only as far as the daemon lacks it.
@@ -256,7 +285,18 @@ pub fn submit(config: &Config, h: Handover) -> anyhow::Result<Delivery> {
         };
         tidy(&mut todo);
         PathInfo::sign_all(&mut todo, &keys);
-        Ok(client.call(&Request::Enqueue { paths: todo, drv: drv.clone(), realisations: realisations.clone() })?)
+        let mut req = Request::Enqueue { paths: todo, drv: drv.clone(), realisations: realisations.clone() };
+        match client.call(&req)? {
+            // A daemon older than build traces refuses them and hangs up: the realisations
+            // without (it writes the layout Nix up to 2.34 reads).
+            Response::Error { message, retryable: false } if message.contains(NO_BUILD_TRACES) => {
+                if let Request::Enqueue { realisations, .. } = &mut req {
+                    realisations.iter_mut().for_each(|r| r.build_trace = None);
+                }
+                Ok(Client::connect(&config.socket, Some(DAEMON_TIMEOUT))?.call(&req)?)
+            }
+            answer => Ok(answer),
+        }
     };
     let why = match handed() {
         Ok(Response::Queued { new }) => return Ok(Delivery::Queued { new }),
@@ -355,6 +395,54 @@ mod tests {
         assert!(!want.is_empty());
         assert_eq!(from_drv, want);
         assert_eq!(outputs(None, Some(&drv)).unwrap(), want);
+    }
+
+    /// A daemon older than build traces reads an `enqueue` with its `Realisation` as it was:
+    /// it refuses one that carries a build trace with the message [`submit`] looks for (its
+    /// answer is `malformed message: ` and serde's), and takes the same request without.
+    #[test]
+    fn a_daemon_older_than_build_traces_refuses_them_as_the_hook_expects() {
+        use std::collections::{BTreeMap, BTreeSet};
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "camelCase", deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct OldRealisation {
+            id: String,
+            out_path: StorePath,
+            #[serde(default)]
+            signatures: BTreeSet<String>,
+            #[serde(default)]
+            dependent_realisations: BTreeMap<String, StorePath>,
+        }
+        #[derive(serde::Deserialize)]
+        #[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
+        #[allow(dead_code)]
+        enum OldRequest {
+            Enqueue {
+                paths: Vec<PathInfo>,
+                #[serde(default)]
+                drv: Option<StorePath>,
+                #[serde(default)]
+                realisations: Vec<OldRealisation>,
+            },
+        }
+        let key = crate::nix::SecretKey::generate("k-1").unwrap();
+        let mut r = Realisation {
+            id: format!("sha256:{}!out", "ab".repeat(32)),
+            out_path: StorePath::parse(&format!("/nix/store/{}-x", "a".repeat(32))).unwrap(),
+            signatures: BTreeSet::new(),
+            dependent_realisations: BTreeMap::new(),
+            build_trace: Some(crate::nix::realisation::Traced {
+                drv_path: StorePath::parse(&format!("/nix/store/{}-x.drv", "b".repeat(32))).unwrap(),
+                signatures: BTreeSet::new(),
+            }),
+        };
+        r.sign(&key);
+        let req = |realisations| serde_json::to_vec(&Request::Enqueue { paths: vec![], drv: None, realisations }).unwrap();
+        let e = serde_json::from_slice::<OldRequest>(&req(vec![r.clone()])).err().expect("an old daemon took a build trace").to_string();
+        assert!(e.contains(NO_BUILD_TRACES), "{e}");
+        r.build_trace = None;
+        serde_json::from_slice::<OldRequest>(&req(vec![r])).unwrap();
     }
 
     #[test]

@@ -61,7 +61,9 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         drv: Option<StorePath>,
         /// Realisations of the build's outputs (`ca-derivations`), each uploaded after its
-        /// out path's narinfo; their out paths are in `paths` or already queued.
+        /// out path's narinfo; their out paths are in `paths` or already queued. One may
+        /// carry its build trace (`buildTrace`, Nix 2.35's key), which a daemon older than
+        /// that refuses as an unknown field: the hook then sends them without.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         realisations: Vec<Realisation>,
     },

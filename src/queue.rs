@@ -935,7 +935,7 @@ mod tests {
         let (dir, mut q) = fresh_queue("excl");
         let (a, b) = (info("a", &[]), info("b", &["a"]));
         q.enqueue(&[a.clone(), b.clone()], None).unwrap();
-        let r = Realisation { id: format!("sha256:{}!out", "0".repeat(64)), out_path: a.path.clone(), signatures: Default::default(), dependent_realisations: Default::default() };
+        let r = Realisation { id: format!("sha256:{}!out", "0".repeat(64)), out_path: a.path.clone(), signatures: Default::default(), dependent_realisations: Default::default(), build_trace: None };
         q.enqueue_realisations(std::slice::from_ref(&r)).unwrap();
         let ready = q.ready(10, &HashSet::new()).unwrap();
         assert_eq!(ready.iter().map(|i| (i.key.as_str(), i.excluded_ref.as_deref())).collect::<Vec<_>>(), [(&*a.path.to_string(), None)]);

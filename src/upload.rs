@@ -664,13 +664,23 @@ impl Uploader {
         Ok(())
     }
 
-    /// Writes `realisations/<id>.doi`; the queue starts it only once its out path's narinfo
-    /// is in the cache, so a client that finds the realisation finds the path.
+    /// Writes `realisations/<id>.doi`, which Nix 2.4 to 2.34 read, and, when it carries its
+    /// build trace, `build-trace-v2/<drv>/<output>.doi`, which 2.35 reads instead (each Nix
+    /// reads only its own: both, so that a cache serves every client). The queue starts it
+    /// only once its out path's narinfo is in the cache, so a client that finds either finds
+    /// the path.
     async fn upload_realisation(&self, r: &Realisation) -> Result<Outcome, UploadError> {
+        let trace = r.build_trace().map(|t| (t.key(), t.to_json().into_bytes()));
         let json = r.to_json().into_bytes();
-        let bytes = json.len() as u64;
+        let mut bytes = json.len() as u64;
         self.target.put(&r.key(), Body::Bytes(json), storage::JSON_TYPE).await?;
-        tracing::info!(id = %r.id, out_path = %r.out_path, "uploaded the realisation {} of {}", r.id, r.out_path);
+        if let Some((key, json)) = trace {
+            bytes += json.len() as u64;
+            self.target.put(&key, Body::Bytes(json), storage::JSON_TYPE).await?;
+            tracing::info!(id = %r.id, out_path = %r.out_path, build_trace = %key, "uploaded the realisation {} of {} (and {key})", r.id, r.out_path);
+        } else {
+            tracing::info!(id = %r.id, out_path = %r.out_path, "uploaded the realisation {} of {}", r.id, r.out_path);
+        }
         Ok(Outcome::Uploaded { bytes })
     }
 

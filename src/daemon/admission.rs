@@ -468,6 +468,7 @@ mod tests {
             out_path: out.path.clone(),
             signatures: Default::default(),
             dependent_realisations: Default::default(),
+            build_trace: None,
         };
         assert!(check_realisations(&keys, &[r.clone()]).unwrap_err().contains("no signature by a trusted key"));
         r.sign(&SecretKey::generate("k-1").unwrap());
@@ -476,6 +477,16 @@ mod tests {
         r.sign(&key);
         check_realisations(&keys, &[r.clone()]).unwrap();
         assert!(check_realisations(&keys, &[r.clone(), r.clone()]).unwrap_err().contains("twice"));
+        // Its build trace (Nix 2.35's key) needs a trusted signature over its own fingerprint.
+        let mut traced = r.clone();
+        let drv_path = StorePath::parse(&format!("/nix/store/{}-ca-out.drv", "a".repeat(32))).unwrap();
+        traced.build_trace = Some(crate::nix::realisation::Traced { drv_path, signatures: Default::default() });
+        assert!(check_realisations(&keys, &[traced.clone()]).unwrap_err().contains("build trace"));
+        traced.build_trace.as_mut().unwrap().signatures = r.signatures.clone();
+        assert!(check_realisations(&keys, &[traced.clone()]).unwrap_err().contains("does not verify"));
+        traced.sign(&key);
+        traced.build_trace.as_mut().unwrap().signatures.retain(|s| !r.signatures.contains(s));
+        check_realisations(&keys, &[traced]).unwrap();
 
         let dir = std::env::temp_dir().join(format!("narq-admit-real-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

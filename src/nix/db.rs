@@ -229,6 +229,7 @@ impl NixDb {
                 out_path: sp(&path)?,
                 signatures: sigs.as_deref().unwrap_or("").split(' ').filter(|s| !s.is_empty()).map(str::to_string).collect(),
                 dependent_realisations,
+                build_trace: None,
                 id,
             });
         }

@@ -8,7 +8,11 @@
 //!        [("name","value"),…])                 environment
 //! ```
 //! The whole term is parsed (so a truncated or corrupt file is an error), but only the
-//! outputs are kept. Strings use C escapes `\" \\ \n \r \t`.
+//! outputs and the input derivations are kept. Strings use C escapes `\" \\ \n \r \t`.
+//!
+//! An output's path is empty when it is content-addressed and not fixed ("floating"), its
+//! hash algorithm (`r:sha256`, `text:sha256`…) is set for every content-addressed one, and its
+//! hash for fixed outputs only (`impure` for impure derivations).
 
 use thiserror::Error;
 
@@ -30,6 +34,26 @@ pub enum DrvError {
 pub struct DrvOutput {
     pub name: String,
     pub path: Option<StorePath>,
+    /// Empty for an input-addressed output.
+    pub hash_algo: String,
+    /// Set for a fixed output (and `impure` ones).
+    pub hash: String,
+}
+
+impl DrvOutput {
+    /// Content-addressed with a path known only once built (`__contentAddressed`), which
+    /// `ca-derivations` records a realisation for.
+    pub fn is_floating(&self) -> bool {
+        self.path.is_none() && !self.hash_algo.is_empty() && self.hash.is_empty()
+    }
+}
+
+/// What is kept of a derivation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Drv {
+    pub outputs: Vec<DrvOutput>,
+    /// The derivations whose outputs it takes as inputs: none once Nix has resolved it.
+    pub input_drvs: Vec<String>,
 }
 
 struct Parser<'a> {
@@ -96,27 +120,32 @@ impl<'a> Parser<'a> {
 
 /// The outputs of the derivation in `text`.
 pub fn parse_outputs(text: &[u8]) -> Result<Vec<DrvOutput>, DrvError> {
+    parse(text).map(|d| d.outputs)
+}
+
+/// The derivation in `text`.
+pub fn parse(text: &[u8]) -> Result<Drv, DrvError> {
     let mut p = Parser { s: text, pos: 0 };
     p.expect("Derive(")?;
     let outputs = p.list(|p| {
         p.expect("(")?;
         let name = p.string()?;
-        p.expect(",")?;
-        let path = p.string()?;
-        for _ in 0..2 {
+        let mut f = || -> Result<String, DrvError> {
             p.expect(",")?;
-            p.string()?;
-        }
+            p.string()
+        };
+        let (path, hash_algo, hash) = (f()?, f()?, f()?);
         p.expect(")")?;
-        Ok((name, path))
+        Ok((name, path, hash_algo, hash))
     })?;
     p.expect(",")?;
-    p.list(|p| {
+    let input_drvs = p.list(|p| {
         p.expect("(")?;
-        p.string()?;
+        let drv = p.string()?;
         p.expect(",")?;
         p.list(Parser::string)?;
-        p.expect(")")
+        p.expect(")")?;
+        Ok(drv)
     })?;
     p.expect(",")?;
     p.list(Parser::string)?;
@@ -138,17 +167,18 @@ pub fn parse_outputs(text: &[u8]) -> Result<Vec<DrvOutput>, DrvError> {
     if p.pos != text.len() {
         return Err(DrvError::Trailing(p.pos));
     }
-    outputs
+    let outputs = outputs
         .into_iter()
-        .map(|(name, path)| {
+        .map(|(name, path, hash_algo, hash)| {
             let path = if path.is_empty() {
                 None
             } else {
                 Some(StorePath::parse(&path).map_err(|e| DrvError::BadOutput(name.clone(), e))?)
             };
-            Ok(DrvOutput { name, path })
+            Ok(DrvOutput { name, path, hash_algo, hash })
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    Ok(Drv { outputs, input_drvs })
 }
 
 #[cfg(test)]
@@ -163,6 +193,19 @@ mod tests {
         assert_eq!(outs.len(), 1);
         assert_eq!(outs[0].name, "out");
         assert_eq!(outs[0].path.as_ref().unwrap().name(), "dep");
+    }
+
+    /// A content-addressed derivation and its resolved form (tests/corpus/README.md).
+    #[test]
+    fn reads_floating_outputs_and_input_derivations() {
+        let read = |name: &str| parse(&std::fs::read(format!("{}/tests/corpus/drv/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()).unwrap();
+        let top = read("ca-top.drv");
+        assert_eq!(top.input_drvs, ["/nix/store/zl01zcc1filq6igsq72y5526ba12k7k8-ca-dep-1796535235820158274.drv"]);
+        assert_eq!(top.outputs, [DrvOutput { name: "out".into(), path: None, hash_algo: "r:sha256".into(), hash: String::new() }]);
+        assert!(top.outputs[0].is_floating());
+        assert!(read("ca-top-resolved.drv").input_drvs.is_empty());
+        let dep = parse(DRV.as_bytes()).unwrap();
+        assert!(dep.input_drvs.is_empty() && !dep.outputs[0].is_floating());
     }
 
     #[test]

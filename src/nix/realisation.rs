@@ -14,11 +14,24 @@
 //!
 //! Nix 2.35 moved them ("build traces", [`BuildTrace`]): keyed by the derivation's store path
 //! and output name instead of its hash modulo, at `build-trace-v2/<drv>/<output>.doi`, with
-//! structured signatures over a new fingerprint. Neither Nix reads the other's layout.
+//! structured signatures over a new fingerprint. Neither Nix reads the other's layout, so
+//! narq writes both: a realisation that narq can key as 2.35 does carries that key and its
+//! own signatures ([`Traced`]), and is uploaded to both places.
+//!
+//! # Which derivation keys a build trace
+//! 2.35 records build traces of *resolved* derivations only: a derivation with input
+//! derivations is first resolved (their outputs become input sources, placeholders become
+//! paths), and the resolved one is built and recorded. A client resolves the same way before
+//! it asks (Nix's `derivation-goal.cc`, `derivation-resolution-goal.cc`). Nix 2.8 and 2.34
+//! resolve to the same store path (tested: both print it) and register it as the deriver of
+//! the output. So narq keys an output by its deriver when that `.drv` has no input
+//! derivations and the output is floating content-addressed ([`traced_by`]); every other
+//! output's path is known from its derivation, and 2.35 never asks a cache for its trace.
 
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::drv::Drv;
 use super::signing::{check_signature_syntax, PublicKey, SecretKey};
 use super::store_path::StorePath;
 
@@ -41,6 +54,42 @@ pub struct Realisation {
     /// The realisations of the derivation's content-addressed inputs: id → out path.
     #[serde(default)]
     pub dependent_realisations: BTreeMap<String, StorePath>,
+    /// The same output as Nix 2.35 keys it, when the hook could tell ([`traced_by`]). Hooks
+    /// older than build traces send none, and daemons older than them refuse the field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_trace: Option<Traced>,
+}
+
+/// A realisation as Nix 2.35 keys it (see [`BuildTrace`]): the resolved derivation whose
+/// output it is, and signatures over the build trace's fingerprint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Traced {
+    pub drv_path: StorePath,
+    /// `NAME:BASE64` signatures of [`BuildTrace::fingerprint`].
+    #[serde(default)]
+    pub signatures: BTreeSet<String>,
+}
+
+/// The name of the path a content-addressed derivation named `drv_name` gives its output
+/// `output` (Nix's `outputPathName`).
+pub fn output_path_name(drv_name: &str, output: &str) -> String {
+    if output == "out" {
+        drv_name.to_string()
+    } else {
+        format!("{drv_name}-{output}")
+    }
+}
+
+/// Whether Nix 2.35 keys the realisation `output` → `out_path` by `drv_path` (whose `.drv`
+/// is `drv`), given that Nix registered `drv_path` as `out_path`'s deriver: `drv` is
+/// resolved (it has no input derivations), `output` is one of its floating content-addressed
+/// outputs, and `out_path` bears that output's name. See the module doc.
+pub fn traced_by(drv_path: &StorePath, drv: &Drv, output: &str, out_path: &StorePath) -> bool {
+    let Some(drv_name) = drv_path.name().strip_suffix(".drv") else { return false };
+    drv.input_drvs.is_empty()
+        && drv.outputs.iter().any(|o| o.name == output && o.is_floating())
+        && out_path.name() == output_path_name(drv_name, output)
 }
 
 /// Checks a `DrvOutput` id: `sha256:` 64 lowercase hex digits `!` an output name.
@@ -100,7 +149,7 @@ impl Realisation {
         let d: Doi = serde_json::from_str(text).map_err(|e| format!("realisation: {e}"))?;
         let sp = |s: &str| StorePath::from_base_name(s).map_err(|e| format!("realisation {}: {e}", d.id));
         let dependent_realisations = d.dependent_realisations.iter().map(|(k, v)| Ok((k.clone(), sp(v)?))).collect::<Result<_, String>>()?;
-        Ok(Realisation { out_path: sp(&d.out_path)?, signatures: d.signatures, dependent_realisations, id: d.id })
+        Ok(Realisation { out_path: sp(&d.out_path)?, signatures: d.signatures, dependent_realisations, id: d.id, build_trace: None })
     }
 
     /// The key under which a binary cache keeps it.
@@ -108,27 +157,67 @@ impl Realisation {
         format!("realisations/{}.doi", self.id)
     }
 
-    pub fn sign(&mut self, key: &SecretKey) {
-        self.signatures.insert(key.sign(&self.fingerprint()));
+    /// The output's name: what follows `!` in the id (the whole id if it has none, which
+    /// [`check_id`] refuses).
+    pub fn output(&self) -> &str {
+        self.id.split_once('!').map_or(self.id.as_str(), |(_, o)| o)
     }
 
-    /// Checks the form of what a request hands in: the ids, and the signatures' syntax.
+    /// The build trace Nix 2.35 reads for this output, if it carries its key.
+    pub fn build_trace(&self) -> Option<BuildTrace> {
+        self.build_trace.as_ref().map(|t| BuildTrace {
+            drv_path: t.drv_path.clone(),
+            output: self.output().to_string(),
+            out_path: self.out_path.clone(),
+            signatures: t.signatures.clone(),
+        })
+    }
+
+    /// Signs it, and its build trace if it carries one.
+    pub fn sign(&mut self, key: &SecretKey) {
+        self.signatures.insert(key.sign(&self.fingerprint()));
+        let trace_sig = self.build_trace().map(|t| key.sign(&t.fingerprint()));
+        if let (Some(t), Some(sig)) = (&mut self.build_trace, trace_sig) {
+            t.signatures.insert(sig);
+        }
+    }
+
+    /// Checks the form of what a request hands in: the ids, the signatures' syntax, and that
+    /// a build trace's key could be one ([`traced_by`] without the `.drv`).
     pub fn check_syntax(&self) -> Result<(), String> {
         check_id(&self.id)?;
         self.dependent_realisations.keys().try_for_each(|d| check_id(d))?;
-        if self.signatures.len() > MAX_SIGS || self.dependent_realisations.len() > MAX_DEPENDENT {
+        let trace_sigs = self.build_trace.as_ref().map_or(0, |t| t.signatures.len());
+        if self.signatures.len().max(trace_sigs) > MAX_SIGS || self.dependent_realisations.len() > MAX_DEPENDENT {
             return Err(format!("realisation {}: too many signatures or dependent realisations", self.id));
         }
-        for s in &self.signatures {
+        let trace = self.build_trace.iter().flat_map(|t| &t.signatures);
+        for s in self.signatures.iter().chain(trace) {
             check_signature_syntax(s).map_err(|e| format!("realisation {}: a signature is malformed: {e}", self.id))?;
+        }
+        if let Some(t) = &self.build_trace {
+            let drv_name = t.drv_path.name().strip_suffix(".drv");
+            if drv_name.is_none_or(|n| self.out_path.name() != output_path_name(n, self.output())) {
+                return Err(format!(
+                    "realisation {}: its out path {} cannot be output {:?} of {} (its build trace)",
+                    self.id,
+                    self.out_path,
+                    self.output(),
+                    t.drv_path
+                ));
+            }
         }
         Ok(())
     }
 
     /// Admits it on its signatures, as [`PathInfo::check_sigs`](super::PathInfo::check_sigs)
-    /// admits a path.
+    /// admits a path; a build trace it carries must be signed by a trusted key too.
     pub fn check_sigs(&self, keys: &[PublicKey]) -> Result<(), String> {
-        super::signing::check_sigs(&self.fingerprint(), &self.signatures, keys, &format!("realisation {}", self.id))
+        super::signing::check_sigs(&self.fingerprint(), &self.signatures, keys, &format!("realisation {}", self.id))?;
+        match self.build_trace() {
+            Some(t) => t.check_sigs(keys),
+            None => Ok(()),
+        }
     }
 }
 
@@ -169,14 +258,18 @@ impl BuildTrace {
         .to_string()
     }
 
-    /// The object, as Nix 2.35 writes it.
+    /// The object, as Nix 2.35 writes it: signatures in the order of its `std::set<Signature>`,
+    /// by key name, then by the signature's bytes (not its base64).
     pub fn to_json(&self) -> String {
-        let sigs: Vec<serde_json::Value> = self
+        use base64::Engine;
+        let mut sigs: Vec<(&str, Vec<u8>, &str)> = self
             .signatures
             .iter()
             .filter_map(|s| s.split_once(':'))
-            .map(|(name, sig)| serde_json::json!({ "keyName": name, "sig": sig }))
+            .map(|(name, b64)| (name, base64::engine::general_purpose::STANDARD.decode(b64).unwrap_or_default(), b64))
             .collect();
+        sigs.sort();
+        let sigs: Vec<serde_json::Value> = sigs.into_iter().map(|(name, _, sig)| serde_json::json!({ "keyName": name, "sig": sig })).collect();
         serde_json::json!({ "outPath": self.out_path.base_name(), "signatures": sigs }).to_string()
     }
 
@@ -257,6 +350,13 @@ mod tests {
         // A moved out path no longer verifies.
         t.out_path = StorePath::from_base_name("g1w7hy3qg1w7hy3qg1w7hy3qg1w7hy3q-bar").unwrap();
         assert!(t.check_sigs(&[key.public()]).is_err());
+        // with-signature-fingerprint.txt, with-signature-sig.json, unkeyed-with-signature.json.
+        let mut w = BuildTrace { out_path: StorePath::from_base_name("g1w7hy3qg1w7hy3qg1w7hy3qg1w7hy3q-foo.drv").unwrap(), signatures: BTreeSet::new(), ..t };
+        assert_eq!(w.fingerprint(), r#"{"key":{"drvPath":"g1w7hy3qg1w7hy3qg1w7hy3qg1w7hy3q-bar.drv","outputName":"foo"},"value":{"outPath":"g1w7hy3qg1w7hy3qg1w7hy3qg1w7hy3q-foo.drv"}}"#);
+        w.sign(&key);
+        assert_eq!(w.signatures.iter().next().unwrap(), "test-key:ZE30UrOh26/EYvUaczjJtz6c4WcRYke6IEhDNN5TiFRF6Uu+H8lHofponlhfZxDDrCUlfstS/vtv3Xm2F6M/AA==");
+        w.signatures = [format!("asdf:{}", "A".repeat(86) + "==")].into();
+        assert_eq!(w.to_json(), format!(r#"{{"outPath":"g1w7hy3qg1w7hy3qg1w7hy3qg1w7hy3q-foo.drv","signatures":[{{"keyName":"asdf","sig":"{}=="}}]}}"#, "A".repeat(86)));
     }
 
     const ID: &str = "sha256:6b537076607a71f2baaca4a3828abfadf9f09b0739d51ad712582e6d4a9b23b6!out";
@@ -267,6 +367,7 @@ mod tests {
             out_path: StorePath::parse("/nix/store/0w1m0c4d7h5hhkylyqza1im3y5icykxx-cax").unwrap(),
             signatures: BTreeSet::new(),
             dependent_realisations: BTreeMap::new(),
+            build_trace: None,
         }
     }
 
@@ -292,6 +393,94 @@ mod tests {
         moved.out_path = StorePath::parse("/nix/store/1w1m0c4d7h5hhkylyqza1im3y5icykxx-cax").unwrap();
         assert!(moved.check_sigs(&[k.public()]).unwrap_err().contains("does not verify"));
         assert!(r().check_sigs(&[k.public()]).unwrap_err().contains("no signature by a trusted key"));
+    }
+
+    const CORPUS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/corpus/drv");
+
+    fn corpus(name: &str) -> Drv {
+        super::super::drv::parse(&std::fs::read(format!("{CORPUS}/{name}")).unwrap()).unwrap()
+    }
+
+    /// Resolved and unresolved `.drv`s as Nix wrote them (see tests/corpus/README.md).
+    #[test]
+    fn build_traces_are_keyed_by_resolved_derivations_of_floating_outputs() {
+        let resolved = StorePath::from_base_name("sbhvll0znjq6mx6mwkm1ayh85yg7yynm-ca-top-1796535235820158274.drv").unwrap();
+        let original = StorePath::from_base_name("pfw1r671k5vj151209fdi2ig4pdfp8m6-ca-top-1796535235820158274.drv").unwrap();
+        let out = StorePath::from_base_name("8n80swfa7gnpnkwlr2wy637nn92z1jv4-ca-top-1796535235820158274").unwrap();
+        assert!(traced_by(&resolved, &corpus("ca-top-resolved.drv"), "out", &out));
+        // Not the derivation that still has input derivations: 2.35 keys its resolved form.
+        assert!(!traced_by(&original, &corpus("ca-top.drv"), "out", &out));
+        // Not an output it does not have, nor a path of another name.
+        assert!(!traced_by(&resolved, &corpus("ca-top-resolved.drv"), "dev", &out));
+        let other = StorePath::from_base_name("8n80swfa7gnpnkwlr2wy637nn92z1jv4-ca-top-1796535235820158274-dev").unwrap();
+        assert!(!traced_by(&resolved, &corpus("ca-top-resolved.drv"), "out", &other));
+        // Not an input-addressed output, whose path its derivation says.
+        let dep = StorePath::from_base_name("z4asv3j07d89ywjf8fxkn7sg6mf5s9q5-dep.drv").unwrap();
+        let dep_out = StorePath::from_base_name("z4asv3j07d89ywjf8fxkn7sg6mf5s9q5-dep").unwrap();
+        assert!(!traced_by(&dep, &corpus("dep.drv"), "out", &dep_out));
+        assert_eq!(output_path_name("x", "out"), "x");
+        assert_eq!(output_path_name("x", "dev"), "x-dev");
+    }
+
+    fn traced() -> Realisation {
+        let drv_path = StorePath::from_base_name("sbhvll0znjq6mx6mwkm1ayh85yg7yynm-ca-top-1796535235820158274.drv").unwrap();
+        Realisation {
+            out_path: StorePath::from_base_name("8n80swfa7gnpnkwlr2wy637nn92z1jv4-ca-top-1796535235820158274").unwrap(),
+            build_trace: Some(Traced { drv_path, signatures: BTreeSet::new() }),
+            ..r()
+        }
+    }
+
+    #[test]
+    fn a_realisation_with_its_build_trace_is_signed_and_checked_in_both_layouts() {
+        let k = SecretKey::generate("narq-real-1").unwrap();
+        let mut a = traced();
+        a.sign(&k);
+        a.check_syntax().unwrap();
+        a.check_sigs(&[k.public()]).unwrap();
+        // The old layout is what it was; the build trace is signed over its own fingerprint.
+        assert_eq!(a.to_json(), Realisation { build_trace: None, ..a.clone() }.to_json());
+        let t = a.build_trace().unwrap();
+        assert_eq!(t.key(), "build-trace-v2/sbhvll0znjq6mx6mwkm1ayh85yg7yynm-ca-top-1796535235820158274.drv/out.doi");
+        let sig = t.signatures.iter().next().unwrap();
+        assert!(k.public().verify(&t.fingerprint(), sig));
+        assert_ne!(a.signatures.iter().next().unwrap(), sig);
+        // Over the wire and in the queue it round-trips; what an older hook sent still reads.
+        let wire = serde_json::to_string(&a).unwrap();
+        assert!(wire.contains(r#""buildTrace":{"drvPath":"/nix/store/sbhvll0znjq6mx6mwkm1ayh85yg7yynm-ca-top-1796535235820158274.drv","signatures":["narq-real-1:"#), "{wire}");
+        assert_eq!(serde_json::from_str::<Realisation>(&wire).unwrap(), a);
+        let old = r#"{"id":"sha256:6b537076607a71f2baaca4a3828abfadf9f09b0739d51ad712582e6d4a9b23b6!out","outPath":"/nix/store/0w1m0c4d7h5hhkylyqza1im3y5icykxx-cax","signatures":[],"dependentRealisations":{}}"#;
+        assert_eq!(serde_json::from_str::<Realisation>(old).unwrap(), r());
+
+        // A build trace that no trusted key signed, or signed over something else, is refused.
+        let mut unsigned = a.clone();
+        unsigned.build_trace.as_mut().unwrap().signatures.clear();
+        assert!(unsigned.check_sigs(&[k.public()]).unwrap_err().contains("build trace"));
+        let mut moved = a.clone();
+        moved.build_trace.as_mut().unwrap().drv_path = StorePath::from_base_name("pfw1r671k5vj151209fdi2ig4pdfp8m6-ca-top-1796535235820158274.drv").unwrap();
+        assert!(moved.check_sigs(&[k.public()]).unwrap_err().contains("does not verify"));
+        // A key that cannot be this output's is refused before any signature is checked.
+        let mut wrong = traced();
+        wrong.build_trace.as_mut().unwrap().drv_path = StorePath::from_base_name("sbhvll0znjq6mx6mwkm1ayh85yg7yynm-other.drv").unwrap();
+        assert!(wrong.check_syntax().unwrap_err().contains("cannot be output"));
+        let mut bad = a.clone();
+        bad.build_trace.as_mut().unwrap().signatures.insert("narq-real-1:nope".into());
+        assert!(bad.check_syntax().unwrap_err().contains("malformed"));
+    }
+
+    /// Nix 2.35 keeps signatures in a `std::set<Signature>`: by key name, then by the
+    /// signature's bytes, which is not the order of `NAME:BASE64` strings.
+    #[test]
+    fn build_trace_signatures_are_in_nix_s_order() {
+        use base64::Engine;
+        let b64 = |b: u8| base64::engine::general_purpose::STANDARD.encode([b; 64]);
+        let (high, low) = (format!("k:{}", b64(0xf8)), format!("k:{}", b64(0x00)));
+        assert!(high < low, "'+' sorts before 'A' in base64 text");
+        let mut t = traced().build_trace().unwrap();
+        t.signatures = [high.clone(), low.clone(), format!("k-2:{}", b64(1))].into();
+        let json: serde_json::Value = serde_json::from_str(&t.to_json()).unwrap();
+        let order: Vec<String> = json["signatures"].as_array().unwrap().iter().map(|s| format!("{}:{}", s["keyName"].as_str().unwrap(), s["sig"].as_str().unwrap())).collect();
+        assert_eq!(order, [low, high, format!("k-2:{}", b64(1))]);
     }
 
     #[test]

@@ -40,7 +40,7 @@ fn write_nar_listing_writes_nix_s_listing_and_nix_store_ls_reads_it() {
 
 /// A content-addressed derivation that depends on another, each builder adding a line to
 /// `marker` (outside the store) when it runs.
-fn ca_expr(u: &str, marker: &std::path::Path) -> String {
+pub fn ca_expr(u: &str, marker: &std::path::Path) -> String {
     let m = marker.display();
     let ca = |name: &str, script: &str| {
         format!(
@@ -53,7 +53,7 @@ fn ca_expr(u: &str, marker: &std::path::Path) -> String {
     format!("let dep = {dep}; in {top}")
 }
 
-fn lines(f: &std::path::Path) -> usize {
+pub fn lines(f: &std::path::Path) -> usize {
     std::fs::read_to_string(f).map_or(0, |s| s.lines().count())
 }
 
@@ -63,6 +63,43 @@ fn doi(cache: &std::path::Path) -> std::collections::BTreeMap<String, String> {
     rd.flatten().map(|e| (e.file_name().to_string_lossy().to_string(), std::fs::read_to_string(e.path()).unwrap())).collect()
 }
 
+/// Checks the build traces (Nix 2.35's layout) narq wrote to `cache` for a build of
+/// [`ca_expr`] by a Nix whose `stderr` says which derivations it built and how it resolved
+/// the top one: one per resolved derivation — the dep (it has no input derivations) and the
+/// top's resolved form, not the top itself, which 2.35 never keys — each byte for byte what
+/// Nix 2.35's test data (`src/libstore-tests/data/realisation/`) has for the same inputs, its
+/// signature by `public_key` over 2.35's fingerprint. `top` is the top's output.
+pub fn check_build_traces(cache: &std::path::Path, stderr: &str, top: &str, dep: &str, public_key: &str) {
+    let quoted = |line: &str, n: usize| line.split('\'').nth(n).unwrap_or_else(|| panic!("{line}")).trim_start_matches("/nix/store/").to_string();
+    let resolved = stderr.lines().find(|l| l.contains("resolved derivation: '")).unwrap_or_else(|| panic!("Nix resolved nothing: {stderr}"));
+    let (original, resolved) = (quoted(resolved, 1), quoted(resolved, 3));
+    let dep_drv = stderr.lines().find(|l| l.starts_with("building '") && l.contains("-ca-dep-")).map(|l| quoted(l, 1)).unwrap_or_else(|| panic!("{stderr}"));
+    let mut found = std::collections::BTreeMap::new();
+    for d in std::fs::read_dir(cache.join("build-trace-v2")).expect("no build-trace-v2/ in the cache").flatten() {
+        for f in std::fs::read_dir(d.path()).unwrap().flatten() {
+            let key = format!("{}/{}", d.file_name().to_string_lossy(), f.file_name().to_string_lossy());
+            found.insert(key, std::fs::read_to_string(f.path()).unwrap());
+        }
+    }
+    let want = [(format!("{dep_drv}/out.doi"), dep), (format!("{resolved}/out.doi"), top)];
+    let mut keys: Vec<&String> = want.iter().map(|w| &w.0).collect();
+    keys.sort();
+    assert_eq!(found.keys().collect::<Vec<_>>(), keys, "{original} is resolved to {resolved}");
+    let key = narq::nix::PublicKey::parse(public_key).unwrap();
+    for (k, out) in want {
+        let (drv, out) = (k.strip_suffix("/out.doi").unwrap(), out.trim_start_matches("/nix/store/"));
+        let text = &found[&k];
+        let sig = serde_json::from_str::<serde_json::Value>(text).unwrap()["signatures"][0]["sig"].as_str().unwrap_or_else(|| panic!("{text}")).to_string();
+        // simple-fingerprint.txt and unkeyed-with-signature.json (compact), for these inputs.
+        let fingerprint = format!(r#"{{"key":{{"drvPath":"{drv}","outputName":"out"}},"value":{{"outPath":"{out}"}}}}"#);
+        assert!(key.verify(&fingerprint, &format!("{}:{sig}", key.name)), "{k}: the signature does not verify over {fingerprint}");
+        assert_eq!(*text, format!(r#"{{"outPath":"{out}","signatures":[{{"keyName":"{}","sig":"{sig}"}}]}}"#, key.name), "{k}");
+    }
+}
+
+/// Issue 14 item 6 and issue 19 item 4: a CA build under Nix 2.8 uploads both layouts, the
+/// realisations equal to `nix copy`'s and substituted by 2.8, the build traces as 2.35 writes
+/// them.
 #[test]
 fn ca_derivation_is_substituted_from_its_realisations_without_building() {
     let mut n = Narq::new("ca", "");
@@ -72,7 +109,7 @@ fn ca_derivation_is_substituted_from_its_realisations_without_building() {
     let (u, marker) = (unique(), n.dir.join("builds.log"));
     let expr_file = n.dir.join("ca.nix");
     std::fs::write(&expr_file, ca_expr(&u, &marker)).unwrap();
-    let (outs, _) = n.build(&std::fs::read_to_string(&expr_file).unwrap());
+    let (outs, stderr) = n.build(&std::fs::read_to_string(&expr_file).unwrap());
     assert_eq!(lines(&marker), 2, "both derivations built");
     n.wait(60);
     let cache = n.cache();
@@ -99,6 +136,9 @@ fn ca_derivation_is_substituted_from_its_realisations_without_building() {
         assert_eq!(unsigned.to_json(), theirs[name], "{name}");
     }
     assert!(ours.values().any(|t| t.contains(&format!("\"outPath\":\"{}\"", &outs[0]["/nix/store/".len()..]))));
+    // And Nix 2.35's layout beside it.
+    let dep = std::fs::read_to_string(std::path::Path::new(&outs[0]).join("dep")).unwrap();
+    check_build_traces(&cache, &stderr, &outs[0], dep.trim(), &n.public_key);
 
     // A fresh client with ca-derivations substitutes the build, and runs no builder.
     let client = n.dir.join("client");

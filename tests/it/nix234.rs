@@ -5,6 +5,7 @@
 //! Nix 2.8 live beside the features they test (s3, verify, gc, doctor, hook).
 
 use crate::daemon::program_expr;
+use crate::filters::{ca_expr, check_build_traces, lines};
 use crate::util::*;
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -60,10 +61,15 @@ impl Narq234 {
 
     /// `nix-build` by 2.34 with the hook; the output paths.
     fn build(&self, expr: &str) -> Vec<String> {
+        self.build_saying(expr).0
+    }
+
+    /// The same, and what Nix said on stderr.
+    fn build_saying(&self, expr: &str) -> (Vec<String>, String) {
         let out = output(self.sid.cmd("nix-build").args(["--no-out-link", "-E", expr]).env("NIX_CONF_DIR", &self.n.nix_conf).env("NARQ_CONFIG", &self.n.config));
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
         assert!(out.status.success() && !stderr.contains("narq-hook:"), "nix-build (2.34): {stderr}");
-        String::from_utf8(out.stdout).unwrap().lines().map(str::to_string).collect()
+        (String::from_utf8(out.stdout).unwrap().lines().map(str::to_string).collect(), stderr)
     }
 
     /// `narq ARGS` inside the chroot (where the store is).
@@ -244,4 +250,124 @@ fn nix234_narinfo_and_listing_equal_nix_copy() {
         assert_eq!(a, b, ".ls of {p}");
     }
     assert_eq!(get("narq-n234eq", "nix-cache-info"), get("nix-n234eq", "nix-cache-info"));
+}
+
+/// Issue 19 item 4 under 2.34: a content-addressed build (`ca-derivations`) by 2.34 with the
+/// hook uploads both layouts; a fresh 2.34 client substitutes it from `realisations/` without
+/// building (`--max-jobs 0`), and the build traces are keyed by the derivation 2.34 resolved
+/// the top one to (the path 2.35 resolves it to: same resolution), byte for byte as 2.35
+/// writes them.
+#[test]
+fn nix234_ca_derivation_uploads_both_layouts_and_is_substituted() {
+    let Some(sid) = Sid::get() else { return };
+    let t = TempDir::new("n234ca");
+    let cache = t.join("cache");
+    let file = format!("file://{}", cache.display());
+    let mut n = Narq234::new(sid, "n234ca", &file, 1);
+    let conf = n.n.nix_conf.join("nix.conf");
+    std::fs::write(&conf, std::fs::read_to_string(&conf).unwrap() + "extra-experimental-features = ca-derivations\n").unwrap();
+    n.start();
+    let (u, marker) = (unique(), t.join("builds.log"));
+    let expr = t.join("ca.nix");
+    std::fs::write(&expr, ca_expr(&u, &marker)).unwrap();
+    let (outs, stderr) = n.build_saying(&std::fs::read_to_string(&expr).unwrap());
+    assert_eq!(lines(&marker), 2, "both derivations built");
+    n.n.wait(60);
+    let dep = std::fs::read_to_string(n.sid.root.join(&outs[0][1..]).join("dep")).unwrap();
+    check_build_traces(&cache, &stderr, &outs[0], dep.trim(), &n.n.public_key);
+    assert!(std::fs::read_dir(cache.join("realisations")).unwrap().count() >= 2);
+
+    let client = n.client().display().to_string();
+    let built = n.nix(&[
+        "--extra-experimental-features", "ca-derivations", "build", "--no-link", "--max-jobs", "0", "--store", &client,
+        "-f", &expr.display().to_string(), "--option", "substituters", &file, "--option", "trusted-public-keys", &n.public_keys(),
+    ]);
+    ok(&built, "substitution of a CA build by 2.34 from realisations/");
+    assert!(std::path::Path::new(&client).join(&outs[0][1..]).join("dep").exists());
+    assert_eq!(lines(&marker), 2, "a builder ran on the client");
+}
+
+/// Nix 2.34's `nix-daemon` in the chroot (multi-user Nix): its own mount namespace, its
+/// socket in the test's directory (`NIX_DAEMON_SOCKET_PATH`, which client and daemon both
+/// read: tests run in parallel, and the default path would be shared), and the environment
+/// it is given — which is the hook's.
+struct NixDaemon {
+    child: std::process::Child,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl NixDaemon {
+    fn start(sid: &Sid, dir: &std::path::Path, env: &[(&str, &std::path::Path)]) -> NixDaemon {
+        let (socket, log) = (dir.join("nix-daemon.sock"), dir.join("nix-daemon.log"));
+        let f = std::fs::File::create(&log).unwrap();
+        let child = sid
+            .cmd("nix-daemon")
+            .env("NIX_DAEMON_SOCKET_PATH", &socket)
+            .envs(env.iter().copied())
+            .stdin(std::process::Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap();
+        let d = NixDaemon { child, socket, log };
+        let up = wait_for(std::time::Duration::from_secs(20), || std::os::unix::net::UnixStream::connect(&d.socket).is_ok());
+        assert!(up, "nix-daemon (2.34) did not come up: {}", std::fs::read_to_string(&d.log).unwrap_or_default());
+        d
+    }
+}
+
+impl Drop for NixDaemon {
+    fn drop(&mut self) {
+        // `unshare`, `sh` and `chroot` exec'd it: the child is nix-daemon itself.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Issue 19 item 1, multi-user: a user (not root) builds through 2.34's nix-daemon; the hook
+/// runs under the daemon, as root, with the daemon's environment (the client has no
+/// `NARQ_CONFIG`, no `post-build-hook`), hands the build to narq, and a fresh 2.34 client
+/// substitutes what narq uploaded.
+#[test]
+fn nix234_under_nix_daemon_a_user_s_build_is_uploaded_and_substituted() {
+    let Some(sid) = Sid::get() else { return };
+    let t = TempDir::new("n234d");
+    let cache = t.join("cache");
+    let file = format!("file://{}", cache.display());
+    let mut n = Narq234::new(sid, "n234d", &file, 1);
+    n.start();
+    // The hook records who ran it and what it was given.
+    let runs = n.n.dir.join("hook-runs");
+    let hook = n.n.dir.join("wrap/narq-hook");
+    std::fs::write(&hook, format!("#!/bin/sh\necho \"$(id -u) $NARQ_CONFIG $OUT_PATHS\" >> {}\nexec {}\n", runs.display(), bin("narq-hook").display())).unwrap();
+    let daemon = NixDaemon::start(&n.sid, t.path(), &[("NIX_CONF_DIR", &n.n.nix_conf), ("NARQ_CONFIG", &n.n.config)]);
+
+    // The user: nobody, with a nix.conf of its own that names no hook.
+    let home = t.join("home");
+    std::fs::create_dir_all(home.join("conf")).unwrap();
+    std::fs::write(home.join("conf/nix.conf"), "experimental-features = nix-command\n").unwrap();
+    std::os::unix::fs::chown(&home, Some(65534), Some(65534)).unwrap();
+    let built = output(
+        n.sid
+            .cmd("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "nix-build", "--no-out-link", "-E", &program_expr("n234d")])
+            .env("NIX_REMOTE", format!("unix://{}", daemon.socket.display()))
+            .env("NIX_CONF_DIR", home.join("conf"))
+            .env("HOME", &home)
+            .env("XDG_CACHE_HOME", home.join("cache"))
+            .env_remove("NARQ_CONFIG"),
+    );
+    let stderr = String::from_utf8_lossy(&built.stderr);
+    assert!(built.status.success() && !stderr.contains("narq-hook:"), "a user's build through nix-daemon (2.34): {stderr}\n{}", std::fs::read_to_string(&daemon.log).unwrap_or_default());
+    let outs: Vec<String> = String::from_utf8(built.stdout).unwrap().lines().map(str::to_string).collect();
+    let seen = std::fs::read_to_string(&runs).unwrap_or_default();
+    let mine = format!("0 {} ", n.n.config.display());
+    assert!(seen.lines().any(|l| l.starts_with(&mine) && l.ends_with(&outs[0])), "the hook did not run as root with the daemon's NARQ_CONFIG for {}: {seen:?}", outs[0]);
+    n.n.wait(60);
+
+    let client = n.client().display().to_string();
+    ok(&output(n.sid.cmd("nix-store").args(["--store", &client, "-r", &outs[0], "--option", "substituters", &file, "--option", "trusted-public-keys", &n.public_keys()]).env("NIX_CONF_DIR", &n.n.nix_conf).env("XDG_CACHE_HOME", n.n.nix_conf.join("xdg-cache"))), "substitution by 2.34 of a build done through nix-daemon");
+    assert!(std::path::Path::new(&client).join(&outs[0][1..]).join("bin/hello").exists());
+    assert_eq!(check_closed(&cache), Ok(2));
 }
