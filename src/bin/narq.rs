@@ -304,9 +304,18 @@ fn retry(config: &Config) -> anyhow::Result<Exit> {
 
 fn wait(config: &Config, timeout: Option<Duration>, paths: Option<Vec<StorePath>>) -> anyhow::Result<Exit> {
     let t = timeout.unwrap_or(Duration::from_secs(10 * 365 * 86400));
+    let closure = paths.is_some();
     let req = Request::Wait { timeout_ms: t.as_millis() as u64, paths };
-    let resp = with_progress(config, || call(config, &req, timeout.map(|t| t + Duration::from_secs(30))))?;
-    let Response::Waited { complete, failed } = resp else { bail!("unexpected answer: {resp:?}") };
+    let started = Instant::now();
+    let resp = with_progress(
+        config,
+        || call(config, &req, timeout.map(|t| t + Duration::from_secs(30))),
+        |resp| match resp {
+            Ok(Response::Waited { summary: Some(w), .. }) => Some(progress::waited(w, closure, started.elapsed())),
+            _ => None,
+        },
+    )?;
+    let Response::Waited { complete, failed, .. } = resp else { bail!("unexpected answer: {resp:?}") };
     for f in &failed {
         eprintln!("narq: failed: {}: {}", f.item, f.error);
     }
@@ -321,8 +330,10 @@ fn wait(config: &Config, timeout: Option<Duration>, paths: Option<Vec<StorePath>
 }
 
 /// Runs `wait` (one blocking request) on a thread, and meanwhile shows the daemon's progress
-/// on stderr from `status` (see `narq::progress`). Without a first `status` answer it just waits.
-fn with_progress<T: Send>(config: &Config, wait: impl FnOnce() -> T + Send) -> T {
+/// on stderr from `status` (see `narq::progress`), from the first redraw on: a wait that ends
+/// at once shows only its closing line. That line is `closing`'s, from the wait's answer, else
+/// the progress's own summary. Without a first `status` answer it just waits.
+fn with_progress<T: Send>(config: &Config, wait: impl FnOnce() -> T + Send, closing: impl FnOnce(&T) -> Option<String>) -> T {
     use std::io::IsTerminal;
     use std::os::fd::AsRawFd;
     let poll = || match protocol::call(&config.socket, &Request::Status, Some(Duration::from_secs(5))) {
@@ -336,7 +347,6 @@ fn with_progress<T: Send>(config: &Config, wait: impl FnOnce() -> T + Send) -> T
     let mut display = progress::Display::new(stderr.lock(), tty, width);
     let mut meter = progress::Meter::new(base.clone());
     let mut reading = meter.read(&base);
-    display.show(&meter.line(&reading));
     std::thread::scope(|scope| {
         let waiting = scope.spawn(wait);
         // Bounded by the wait itself, which has its own timeout.
@@ -345,17 +355,24 @@ fn with_progress<T: Send>(config: &Config, wait: impl FnOnce() -> T + Send) -> T
             while !waiting.is_finished() && Instant::now() < step {
                 std::thread::sleep(Duration::from_millis(20));
             }
+            if waiting.is_finished() {
+                break;
+            }
             if let Some(s) = poll() {
                 reading = meter.read(&s);
                 display.show(&meter.line(&reading));
             }
         }
-        if let Some(s) = poll() {
-            reading = meter.read(&s);
-        }
-        display.finish(&meter.summary(&reading));
         // A panic of the wait is a panic of ours.
-        waiting.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+        let answer = waiting.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+        let line = closing(&answer).unwrap_or_else(|| {
+            if let Some(s) = poll() {
+                reading = meter.read(&s);
+            }
+            meter.summary(&reading)
+        });
+        display.finish(&line);
+        answer
     })
 }
 

@@ -358,6 +358,8 @@ async fn wait(server: &Server, timeout: Duration, paths: Option<Vec<StorePath>>,
         Ok(s) => s,
         Err(e) => return Response::unavailable(format!("queue: {e}")),
     };
+    // What the answer says became of the items it waited for.
+    let summary = || admission.queue.here(|q| q.wait_summary(upto, since, paths.as_deref())).inspect_err(|e| tracing::warn!("summing up a wait: {e}")).ok();
     loop {
         // Uploads, and the roots of what they uploaded: a machine that goes away after `wait`
         // leaves its paths rooted in the cache.
@@ -377,9 +379,9 @@ async fn wait(server: &Server, timeout: Duration, paths: Option<Vec<StorePath>>,
                         tracing::warn!("recording the wait checkpoint: {e}");
                     }
                 }
-                return Response::Waited { complete: true, failed };
+                return Response::Waited { complete: true, failed, summary: summary() };
             }
-            Ok((_, failed)) if start.elapsed() >= timeout => return Response::Waited { complete: false, failed },
+            Ok((_, failed)) if start.elapsed() >= timeout => return Response::Waited { complete: false, failed, summary: summary() },
             Ok(_) => {
                 if spooled > 0 && ingested.elapsed() >= Duration::from_secs(1) {
                     admission.ingest_spool().await;
