@@ -247,22 +247,38 @@ fn store_paths(paths: &[PathBuf]) -> anyhow::Result<Vec<StorePath>> {
     paths.iter().map(|p| to_store_path(p)).collect()
 }
 
-/// A store path, or something that resolves to one (`./result`).
+/// A store path, or something that resolves to one (`./result`), or a file inside one.
 fn to_store_path(p: &Path) -> anyhow::Result<StorePath> {
+    use narq::nix::store_path::STORE_DIR;
     let s = p.to_string_lossy();
     if let Ok(sp) = StorePath::parse(&s) {
         return Ok(sp);
     }
     let real = std::fs::canonicalize(p).with_context(|| format!("{}", p.display()))?;
+    if !real.starts_with(STORE_DIR) || real == Path::new(STORE_DIR) {
+        bail!("{} is not in the Nix store ({STORE_DIR}) nor a link into it: give store paths, or links to them such as ./result", p.display());
+    }
     let top: PathBuf = real.components().take(4).collect();
     Ok(StorePath::parse(&top.to_string_lossy())?)
 }
 
 fn call(config: &Config, req: &Request, timeout: Option<Duration>) -> anyhow::Result<Response> {
+    use std::io::ErrorKind::{ConnectionRefused, NotFound, PermissionDenied};
+    let socket = config.socket.display();
     match protocol::call(&config.socket, req, timeout) {
         Ok(Response::Error { message, .. }) => bail!("the daemon refused: {message}"),
         Ok(r) => Ok(r),
-        Err(e) => Err(e).with_context(|| format!("asking the daemon at {}", config.socket.display())),
+        Err(protocol::FrameError::Io(e)) if matches!(e.kind(), NotFound | ConnectionRefused) => {
+            let why = if e.kind() == NotFound { "the socket does not exist" } else { "nothing listens on the socket" };
+            bail!(
+                "no narq daemon answers on {socket} ({why}): start one (`systemctl start narq.socket`, or `narq daemon` under a \
+                 supervisor), or point --config / NARQ_CONFIG at the config it runs with; `narq doctor` checks the whole set-up"
+            )
+        }
+        Err(protocol::FrameError::Io(e)) if e.kind() == PermissionDenied => {
+            bail!("may not connect to {socket} ({e}): run as root, as the daemon's user, or as a member of the socket's group")
+        }
+        Err(e) => Err(e).with_context(|| format!("asking the daemon at {socket}")),
     }
 }
 
