@@ -384,6 +384,11 @@ impl Client {
     }
 }
 
+/// Connects to a Unix socket, giving up after `timeout` (see [`connect_by`]).
+pub fn connect(socket: &Path, timeout: Duration) -> io::Result<UnixStream> {
+    connect_by(socket, Instant::now() + timeout)
+}
+
 /// Connects to a Unix socket, giving up at `deadline`. A plain `connect` blocks for as long
 /// as the listener's backlog is full (a wedged daemon, one that never accepts); a
 /// non-blocking one fails at once with EAGAIN there, and polling cannot wait for room in

@@ -424,14 +424,17 @@ fn daemon(config: Config) -> anyhow::Result<Exit> {
     }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {
-        let listener = narq::daemon::listener(&config)?;
-        let shutdown = async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        // Handled from before the socket is bound: a daemon stopped by SIGTERM or SIGINT
+        // (Ctrl-C) at any moment removes the socket it bound.
+        use tokio::signal::unix::{signal, SignalKind};
+        let (mut term, mut int) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
+        let shutdown = async move {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
+                _ = int.recv() => {}
             }
         };
+        let listener = narq::daemon::listener(&config)?;
         narq::daemon::run(config, listener, shutdown).await
     })?;
     Ok(Exit::Success)

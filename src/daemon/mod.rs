@@ -31,7 +31,7 @@ use crate::storage;
 use crate::upload::Uploader;
 
 use admission::Admission;
-use lock::{lock_state_dir, unlock_state_dir};
+use lock::lock_state_dir;
 use server::{accept, Server};
 use shared_queue::SharedQueue;
 use systemd::sd_notify;
@@ -70,6 +70,15 @@ fn fresh_tmp_dir(state_dir: &Path) -> std::io::Result<std::path::PathBuf> {
 
 /// Runs the daemon until `shutdown` completes.
 pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    // However it ends: the socket it bound goes (clients then learn at once that no daemon
+    // answers), and the locks with it.
+    struct Release;
+    impl Drop for Release {
+        fn drop(&mut self) {
+            lock::release();
+        }
+    }
+    let _release = Release;
     lock_state_dir(&config.state_dir)?;
     let tmp_dir = fresh_tmp_dir(&config.state_dir).with_context(|| format!("creating {}", config.state_dir.join("tmp").display()))?;
     let db = config.state_dir.join("queue.db");
@@ -202,7 +211,6 @@ pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Futur
     }
     roots.abort();
     asked.abort();
-    unlock_state_dir(&config.state_dir);
     tracing::info!("narq daemon stopped");
     Ok(())
 }

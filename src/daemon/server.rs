@@ -12,7 +12,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
 use super::admission::{enqueue, record, repair, roots, Admission, NotStored};
-use super::lock::lock_state_dir;
+use super::lock::{bound, lock_socket, lock_state_dir};
 use super::systemd::systemd_listener;
 use super::workers::Snapshot;
 use crate::config::Config;
@@ -43,8 +43,9 @@ pub(super) struct Server {
 }
 
 /// Binds the configured socket (parent created, stale socket removed, mode 0660), unless
-/// systemd passed one (`LISTEN_FDS`). Non-blocking, for `daemon::run` to serve. Takes the state
-/// dir's lock first, so that a second daemon leaves a running one's socket alone.
+/// systemd passed one (`LISTEN_FDS`). Non-blocking, for `daemon::run` to serve; `run` removes
+/// the socket when it stops. Takes the state dir's lock first and then the socket's, so that
+/// a second daemon leaves a running one's socket alone (see `lock`).
 pub fn listener(config: &Config) -> anyhow::Result<StdUnixListener> {
     lock_state_dir(&config.state_dir)?;
     if let Some(l) = systemd_listener()? {
@@ -55,6 +56,7 @@ pub fn listener(config: &Config) -> anyhow::Result<StdUnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    lock_socket(path, &config.state_dir)?;
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             return Err(e).with_context(|| format!("removing stale socket {}", path.display()))
@@ -62,6 +64,7 @@ pub fn listener(config: &Config) -> anyhow::Result<StdUnixListener> {
         _ => {}
     }
     let l = StdUnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    bound(path)?;
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o660))?;
     l.set_nonblocking(true)?;
     Ok(l)
