@@ -115,11 +115,9 @@ enum Cmd {
     },
     /// Print the NAR hash and size of PATH (like nix-hash --type sha256 --base32)
     NarHash { path: PathBuf },
-    /// Print a completion script for SHELL (for packagers)
-    #[command(hide = true)]
+    /// Print a completion script for SHELL (bash, zsh, fish, elvish, powershell)
     Completions { shell: clap_complete::Shell },
-    /// Write man pages for narq and each command into DIR (for packagers)
-    #[command(hide = true)]
+    /// Write man pages for narq and each command into DIR
     Man { dir: PathBuf },
 }
 

@@ -163,7 +163,7 @@ pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Futur
         None => None,
     };
     admission.ingest_spool().await;
-    keep_reserve(&config.state_dir);
+    keep_reserve(&config.state_dir, true);
     let status = queue.run(|q| q.status()).await.map_err(anyhow::Error::msg)??;
     tracing::info!(store = %store, jobs = config.jobs, pending = status.pending, "narq daemon ready");
     sd_notify("READY=1\nSTATUS=serving");
@@ -176,7 +176,7 @@ pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Futur
             loop {
                 tokio::time::sleep(SPOOL_POLL).await;
                 admission.ingest_spool().await;
-                keep_reserve(&state_dir);
+                keep_reserve(&state_dir, false);
             }
         }
     });
@@ -340,8 +340,10 @@ impl Keeper {
 }
 
 /// Keeps the state dir's reserve ([`spool::ensure_reserve`]) while there is room for it.
-fn keep_reserve(state_dir: &Path) {
+/// Made at start (a new state dir has none) it is no news; made later, it had been used.
+fn keep_reserve(state_dir: &Path, at_start: bool) {
     match spool::ensure_reserve(state_dir) {
+        Ok(true) if at_start => tracing::debug!("made the state dir's reserve"),
         Ok(true) => tracing::info!("the state disk has room again: its reserve is back"),
         Ok(false) => {}
         Err(e) => tracing::debug!("keeping the reserve in {}: {e}", state_dir.display()),
