@@ -9,6 +9,7 @@ mod daemon;
 mod doctor;
 mod faults;
 mod filters;
+mod first_hour;
 mod formats;
 mod gc;
 mod guarantees;
