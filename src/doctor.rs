@@ -335,10 +335,10 @@ fn hook_config(checked: &Path, daemon: Option<(u32, Result<Option<PathBuf>, Stri
                 None => (PathBuf::from(DEFAULT_PATH), "no NARQ_CONFIG in its environment"),
             };
             if same(&reads, checked) {
-                return Ok(format!("nix-daemon (pid {pid}) has it read {}", reads.display()));
+                return Ok(format!("nix-daemon (pid {pid}) runs it with {}", reads.display()));
             }
             Err(format!(
-                "nix-daemon (pid {pid}) has it read {} ({why}), not {}, which these checks read: set NARQ_CONFIG={} in nix-daemon's environment and restart it (README: \"Without systemd\")",
+                "nix-daemon (pid {pid}) runs it with {} ({why}), not {}, which these checks read: set NARQ_CONFIG={} in nix-daemon's environment and restart it (README: \"Without systemd\")",
                 reads.display(),
                 checked.display(),
                 checked.display()
@@ -453,10 +453,10 @@ mod tests {
         let srv = Path::new("/srv/narq/config.toml");
         assert!(hook_config(default, None).unwrap().contains("else /etc/narq/config.toml"));
         assert!(hook_config(srv, None).unwrap().contains("builds must run with NARQ_CONFIG=/srv/narq/config.toml"));
-        assert_eq!(hook_config(default, Some((7, Ok(None)))).unwrap(), "nix-daemon (pid 7) has it read /etc/narq/config.toml");
-        assert_eq!(hook_config(srv, Some((7, Ok(Some(srv.into()))))).unwrap(), "nix-daemon (pid 7) has it read /srv/narq/config.toml");
+        assert_eq!(hook_config(default, Some((7, Ok(None)))).unwrap(), "nix-daemon (pid 7) runs it with /etc/narq/config.toml");
+        assert_eq!(hook_config(srv, Some((7, Ok(Some(srv.into()))))).unwrap(), "nix-daemon (pid 7) runs it with /srv/narq/config.toml");
         let e = hook_config(srv, Some((7, Ok(None)))).unwrap_err();
-        assert!(e.starts_with("nix-daemon (pid 7) has it read /etc/narq/config.toml (no NARQ_CONFIG in its environment), not /srv/narq/config.toml"), "{e}");
+        assert!(e.starts_with("nix-daemon (pid 7) runs it with /etc/narq/config.toml (no NARQ_CONFIG in its environment), not /srv/narq/config.toml"), "{e}");
         assert!(e.contains("set NARQ_CONFIG=/srv/narq/config.toml in nix-daemon's environment"), "{e}");
         assert!(hook_config(srv, Some((7, Err("Permission denied".into())))).unwrap().contains("run narq doctor as root"));
     }
