@@ -79,18 +79,27 @@ pub(super) fn lock_socket(socket: &Path, state_dir: &Path) -> anyhow::Result<()>
         anyhow::bail!("another narq daemon (pid {pid}, state dir {dir}) serves {}: {stop}", socket.display());
     }
     if let Some(pid) = listening(socket) {
-        let what = std::fs::read(format!("/proc/{pid}/cmdline"))
-            .map(|c| String::from_utf8_lossy(&c).split('\0').filter(|a| !a.is_empty()).collect::<Vec<_>>().join(" "))
-            .unwrap_or_default();
-        anyhow::bail!("another process (pid {pid}{}) serves {}: {stop}", if what.is_empty() { String::new() } else { format!(": {what}") }, socket.display());
+        let what = match pid {
+            0 => "pid unknown".to_string(),
+            _ => match std::fs::read(format!("/proc/{pid}/cmdline")) {
+                Ok(c) => format!("pid {pid}: {}", String::from_utf8_lossy(&c).split('\0').filter(|a| !a.is_empty()).collect::<Vec<_>>().join(" ")),
+                Err(_) => format!("pid {pid}"),
+            },
+        };
+        anyhow::bail!("another process ({what}) serves {}: {stop}", socket.display());
     }
     Ok(())
 }
 
-/// The pid of the process listening on `socket` (0 if unknown), if one answers there.
+/// The pid of the process listening on `socket` (0 if unknown), if one is: it accepts the
+/// connection, or its backlog is full (the connection times out).
 fn listening(socket: &Path) -> Option<u32> {
     use std::os::fd::AsRawFd;
-    let stream = crate::protocol::connect(socket, std::time::Duration::from_secs(2)).ok()?;
+    let stream = match crate::protocol::connect(socket, std::time::Duration::from_secs(2)) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Some(0),
+        Err(_) => return None,
+    };
     let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
     // SAFETY: SO_PEERCRED fills a ucred of the length given; the fd is open.
