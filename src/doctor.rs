@@ -9,7 +9,7 @@
 //! upstream answers. Every check that needs the network is bounded by [`TIMEOUT`].
 
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -128,14 +128,15 @@ async fn async_checks(config: &Config, r: &mut Report) {
         Ok(t) => t,
         Err(e) => {
             r.line("store", Err(format!("{}: cannot open it: {e}", config.store.original)));
-            r.line("nix", nix_runs_the_hook());
+            r.line("nix", nix_runs_the_hook(&checked_path(config)));
             return;
         }
     };
     let socket = config.socket.clone();
     let status = tokio::task::spawn_blocking(move || protocol::call(&socket, &Request::Status, Some(TIMEOUT))).await;
     r.line("daemon", daemon_verdict(config, status.map_err(|e| e.to_string()), &target.describe()));
-    r.line("nix", tokio::task::spawn_blocking(nix_runs_the_hook).await.unwrap_or_else(|e| Err(e.to_string())));
+    let checked = checked_path(config);
+    r.line("nix", tokio::task::spawn_blocking(move || nix_runs_the_hook(&checked)).await.unwrap_or_else(|e| Err(e.to_string())));
     r.line("store", bounded(probe(config, &*target)).await);
     if let Location::S3(o) = &config.store.location {
         let url = o.endpoint_url().unwrap_or_else(|| format!("https://s3.{}.amazonaws.com/", o.region.as_deref().unwrap_or("us-east-1")));
@@ -304,8 +305,73 @@ fn causes(e: &(dyn std::error::Error + 'static)) -> String {
     parts.join(": ")
 }
 
-/// Nix's `post-build-hook` (as `nix show-config` has it) is a `narq-hook` that exists.
-fn nix_runs_the_hook() -> Verdict {
+/// The config file these checks read (the default path when it is absent).
+fn checked_path(config: &Config) -> PathBuf {
+    config.file.clone().unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_PATH))
+}
+
+/// Nix's `post-build-hook` (as `nix show-config` has it) is a `narq-hook` that exists, and
+/// the config it will read is `checked`, the one these checks read (see [`hook_config`]).
+fn nix_runs_the_hook(checked: &Path) -> Verdict {
+    let hook = nix_hook()?;
+    hook_config(checked, nix_daemon()).map(|how| format!("post-build-hook = {hook}; {how}")).map_err(|e| format!("post-build-hook = {hook}, but {e}"))
+}
+
+/// Which config the hook reads: `NARQ_CONFIG` in the environment of the process that runs it,
+/// else the default. On a multi-user Nix that is nix-daemon (`daemon`: its pid and its
+/// `NARQ_CONFIG`, or why that could not be read); fails when it is not `checked`.
+fn hook_config(checked: &Path, daemon: Option<(u32, Result<Option<PathBuf>, String>)>) -> Verdict {
+    use crate::config::DEFAULT_PATH;
+    let same = |a: &Path, b: &Path| a == b || std::fs::canonicalize(a).ok().is_some_and(|a| std::fs::canonicalize(b).ok() == Some(a));
+    match daemon {
+        None if checked == Path::new(DEFAULT_PATH) => {
+            Ok(format!("no nix-daemon runs: it reads $NARQ_CONFIG where the build runs, else {DEFAULT_PATH}"))
+        }
+        None => Ok(format!("no nix-daemon runs: builds must run with NARQ_CONFIG={} for the hook to read it", checked.display())),
+        Some((pid, Err(e))) => Ok(format!("nix-daemon (pid {pid}) runs it; which config it gives the hook is unknown ({e}): run narq doctor as root")),
+        Some((pid, Ok(env))) => {
+            let (reads, why) = match &env {
+                Some(p) => (p.clone(), "NARQ_CONFIG in its environment"),
+                None => (PathBuf::from(DEFAULT_PATH), "no NARQ_CONFIG in its environment"),
+            };
+            if same(&reads, checked) {
+                return Ok(format!("nix-daemon (pid {pid}) runs it with {}", reads.display()));
+            }
+            Err(format!(
+                "nix-daemon (pid {pid}) runs it with {} ({why}), not {}, which these checks read: set NARQ_CONFIG={} in nix-daemon's environment and restart it (README: \"Without systemd\")",
+                reads.display(),
+                checked.display(),
+                checked.display()
+            ))
+        }
+    }
+}
+
+/// The nix-daemon that accepts connections (not one of its per-client children): its pid
+/// and its `NARQ_CONFIG` (reading another user's environment needs root).
+fn nix_daemon() -> Option<(u32, Result<Option<PathBuf>, String>)> {
+    let comm = |pid: &str| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    let ppid = |pid: &str| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // `pid (comm) state ppid …`; comm may hold spaces and parentheses.
+        stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1).map(str::to_string)).unwrap_or_default()
+    };
+    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()))
+        .filter(|p| comm(&p.to_string()).trim() == "nix-daemon" && comm(&ppid(&p.to_string())).trim() != "nix-daemon")
+        .collect();
+    pids.sort_unstable();
+    let pid = *pids.first()?;
+    let env = std::fs::read(format!("/proc/{pid}/environ")).map_err(|e| e.to_string()).map(|env| {
+        env.split(|b| *b == 0).find_map(|v| v.strip_prefix(b"NARQ_CONFIG=")).filter(|v| !v.is_empty()).map(|v| PathBuf::from(String::from_utf8_lossy(v).into_owned()))
+    });
+    Some((pid, env))
+}
+
+/// Nix's `post-build-hook`, when it is a `narq-hook` that exists.
+fn nix_hook() -> Result<String, String> {
     let out = output_within(Command::new("nix").args(["--extra-experimental-features", "nix-command", "show-config"]), TIMEOUT)
         .map_err(|e| format!("cannot run nix show-config: {e}"))?;
     let fix = "add `post-build-hook = /path/to/narq-hook` to /etc/nix/nix.conf and restart nix-daemon (NixOS: services.narq.enable)";
@@ -321,7 +387,7 @@ fn nix_runs_the_hook() -> Verdict {
     }
     use std::os::unix::fs::PermissionsExt;
     match std::fs::metadata(path) {
-        Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(format!("post-build-hook = {hook}")),
+        Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(hook.to_string()),
         Ok(_) => Err(format!("post-build-hook {hook} is not an executable file")),
         Err(e) => Err(format!("post-build-hook {hook}: {e}")),
     }
@@ -377,6 +443,22 @@ mod tests {
         for bad in ["", "Sun, 06 Nov 1994 08:49:37 UTC", "Sun, 06 Foo 1994 08:49:37 GMT", "Sun, 06 Nov 1994 24:00:00 GMT", "Sun, 06 Nov 1994 08:49 GMT"] {
             assert_eq!(at(bad), None, "{bad}");
         }
+    }
+
+    /// Issue 21 item 2: the hook finds a config other than the default only through
+    /// NARQ_CONFIG in nix-daemon's environment; doctor says which one it will read.
+    #[test]
+    fn doctor_says_which_config_the_hook_reads() {
+        let default = Path::new(crate::config::DEFAULT_PATH);
+        let srv = Path::new("/srv/narq/config.toml");
+        assert!(hook_config(default, None).unwrap().contains("else /etc/narq/config.toml"));
+        assert!(hook_config(srv, None).unwrap().contains("builds must run with NARQ_CONFIG=/srv/narq/config.toml"));
+        assert_eq!(hook_config(default, Some((7, Ok(None)))).unwrap(), "nix-daemon (pid 7) runs it with /etc/narq/config.toml");
+        assert_eq!(hook_config(srv, Some((7, Ok(Some(srv.into()))))).unwrap(), "nix-daemon (pid 7) runs it with /srv/narq/config.toml");
+        let e = hook_config(srv, Some((7, Ok(None)))).unwrap_err();
+        assert!(e.starts_with("nix-daemon (pid 7) runs it with /etc/narq/config.toml (no NARQ_CONFIG in its environment), not /srv/narq/config.toml"), "{e}");
+        assert!(e.contains("set NARQ_CONFIG=/srv/narq/config.toml in nix-daemon's environment"), "{e}");
+        assert!(hook_config(srv, Some((7, Err("Permission denied".into())))).unwrap().contains("run narq doctor as root"));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::fmt::Write as _;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use crate::protocol::Status;
+use crate::protocol::{Status, WaitSummary};
 
 /// How often a plain (non-terminal) progress line is written at most.
 pub const PLAIN_EVERY: Duration = Duration::from_secs(5);
@@ -193,9 +193,46 @@ impl Meter {
     pub fn summary(&self, r: &Reading) -> String {
         let took = self.start.elapsed();
         let avg = r.read as f64 / took.as_secs_f64().max(1e-3);
-        // Tenths below a minute: a wait of 1.9 s is not "1s".
-        let took_s = if took < Duration::from_secs(60) { format!("{:.1}s", took.as_secs_f64()) } else { duration(took) };
-        format!("narq: {}/{} paths done, {} read in {took_s} ({})", r.done, r.total, bytes(r.read), rate(avg))
+        format!("narq: {}/{} paths done, {} read in {} ({})", r.done, r.total, bytes(r.read), took_secs(took), rate(avg))
+    }
+}
+
+/// The closing line of a wait, from what the daemon says became of the items it waited for
+/// (`closure`: those of `narq push --wait`; else those enqueued since the last wait):
+/// `narq: since the last wait: 2 paths uploaded, 1 build log, 912 B written; waited 0.6s`.
+pub fn waited(w: &WaitSummary, closure: bool, took: Duration) -> String {
+    let mut parts = Vec::new();
+    if w.uploaded > 0 {
+        parts.push(format!("{} uploaded", plural(w.uploaded, "path", "paths")));
+    }
+    if w.skipped > 0 {
+        parts.push(format!("{} skipped (already cached or excluded)", plural(w.skipped, "path", "paths")));
+    }
+    if w.logs_uploaded > 0 {
+        parts.push(plural(w.logs_uploaded, "build log", "build logs"));
+    }
+    if w.bytes > 0 {
+        parts.push(format!("{} written", bytes(w.bytes)));
+    }
+    if w.failed > 0 {
+        parts.push(format!("{} failed", w.failed));
+    }
+    if w.pending > 0 {
+        parts.push(format!("{} still pending", w.pending));
+    }
+    if parts.is_empty() {
+        parts.push("nothing to upload".into());
+    }
+    let scope = if closure { "the closure" } else { "since the last wait" };
+    format!("narq: {scope}: {}; waited {}", parts.join(", "), took_secs(took))
+}
+
+/// A wait's length: tenths below a minute (a wait of 1.9 s is not "1s").
+fn took_secs(took: Duration) -> String {
+    if took < Duration::from_secs(60) {
+        format!("{:.1}s", took.as_secs_f64())
+    } else {
+        duration(took)
     }
 }
 
@@ -324,6 +361,19 @@ mod tests {
         // A restarted daemon counts from zero: no underflow.
         let r = m.read_at(&Status::default(), t0 + Duration::from_secs(3));
         assert_eq!((r.done, r.read, r.eta), (0, 0, Some(Duration::ZERO)));
+    }
+
+    /// Issue 21: after a build that uploaded 2 paths, `narq wait` said "0/0 paths done".
+    #[test]
+    fn a_wait_says_what_became_of_what_it_waited_for() {
+        let w = WaitSummary { uploaded: 2, bytes: 912, logs_uploaded: 1, ..WaitSummary::default() };
+        assert_eq!(waited(&w, false, Duration::from_millis(600)), "narq: since the last wait: 2 paths uploaded, 1 build log, 912 B written; waited 0.6s");
+        let w = WaitSummary { uploaded: 1, bytes: 2048, skipped: 4, failed: 1, pending: 2, ..WaitSummary::default() };
+        assert_eq!(
+            waited(&w, true, Duration::from_secs(75)),
+            "narq: the closure: 1 path uploaded, 4 paths skipped (already cached or excluded), 2.0 KiB written, 1 failed, 2 still pending; waited 1m15s"
+        );
+        assert_eq!(waited(&WaitSummary::default(), false, Duration::ZERO), "narq: since the last wait: nothing to upload; waited 0.0s");
     }
 
     #[test]

@@ -121,7 +121,13 @@ pub enum Response {
     Status(Status),
     /// `failed`: without `paths`, the failures of items enqueued since the last wait that
     /// saw everything done (not every failure ever recorded); with `paths`, those of the paths.
-    Waited { complete: bool, failed: Vec<Failure> },
+    /// `summary`: what became of the items the wait answered for (absent from older daemons).
+    Waited {
+        complete: bool,
+        failed: Vec<Failure>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        summary: Option<WaitSummary>,
+    },
     /// Recorded (a [`Request::Report`]), or rechecked (`count` paths).
     Recorded { count: usize },
     Dropped { builds: Vec<DroppedBuild> },
@@ -205,6 +211,22 @@ pub struct Status {
     /// Paths left out by `exclude` (counted in `skipped`), with why, latest first (10 at most).
     #[serde(default)]
     pub excluded: Vec<Failure>,
+}
+
+/// What became of the items a `wait` answered for: without `paths`, those enqueued since the
+/// last wait that saw everything done; with `paths`, those paths.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct WaitSummary {
+    /// Store paths uploaded, and the compressed bytes written for them and their build logs.
+    pub uploaded: u64,
+    pub bytes: u64,
+    /// Store paths not uploaded: already in the cache, in an upstream cache, or excluded.
+    pub skipped: u64,
+    pub logs_uploaded: u64,
+    /// Items that failed for good (paths, logs, builds the hook could not hand over).
+    pub failed: u64,
+    /// Items still pending (when the wait timed out).
+    pub pending: u64,
 }
 
 /// An upload in flight, as `status` reports it.
@@ -362,6 +384,11 @@ impl Client {
             Err(e) => Err(written.err().map_or(e, FrameError::from)),
         }
     }
+}
+
+/// Connects to a Unix socket, giving up after `timeout` (see [`connect_by`]).
+pub fn connect(socket: &Path, timeout: Duration) -> io::Result<UnixStream> {
+    connect_by(socket, Instant::now() + timeout)
 }
 
 /// Connects to a Unix socket, giving up at `deadline`. A plain `connect` blocks for as long

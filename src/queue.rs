@@ -48,7 +48,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::nix::{PathInfo, Realisation, StorePath};
-use crate::protocol::{DroppedBuild, Failure, Status};
+use crate::protocol::{DroppedBuild, Failure, Status, WaitSummary};
 
 pub type Result<T> = std::result::Result<T, rusqlite::Error>;
 
@@ -86,6 +86,48 @@ CREATE TABLE IF NOT EXISTS meta (
     value TEXT NOT NULL
 );
 ";
+
+/// What `narq status` counts as it happens, so that its counts never go down: an item made
+/// pending again (a recheck, a new store, a collection) and done again counts again, and what
+/// was written stays written. One row per counter: `uploaded` and `skipped` (store paths),
+/// `logs-uploaded`, `bytes` (written to the cache). The trigger bumps them in the transaction
+/// that records an item done, whoever records it.
+const COUNTERS: &str = "
+CREATE TABLE counters (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+CREATE TRIGGER count_done AFTER UPDATE OF state ON items
+WHEN NEW.state IN ('done', 'stale') AND OLD.state NOT IN ('done', 'stale')
+BEGIN
+    INSERT INTO counters (name, value)
+        SELECT name, n FROM (SELECT 'bytes' AS name, NEW.bytes AS n UNION ALL SELECT COUNTED_AS_NEW, 1) WHERE name IS NOT NULL
+        ON CONFLICT(name) DO UPDATE SET value = value + excluded.value;
+END;
+-- A queue made before the counters starts them from what its items say.
+INSERT INTO counters (name, value)
+    SELECT name, SUM(n) FROM (
+        SELECT COUNTED_AS_ITEM AS name, COUNT(*) AS n FROM items WHERE state IN ('done', 'stale') GROUP BY 1
+        UNION ALL SELECT 'bytes', COALESCE(SUM(bytes), 0) FROM items)
+    WHERE name IS NOT NULL GROUP BY name;
+";
+
+/// The counter an item done counts in (NULL: none; a realisation is counted with its output).
+fn counted_as(row: &str) -> String {
+    format!(
+        "(CASE WHEN {row}.kind = 'nar' THEN (CASE WHEN {row}.outcome = 'uploaded' THEN 'uploaded' ELSE 'skipped' END)
+               WHEN {row}.kind = 'log' AND {row}.outcome = 'uploaded' THEN 'logs-uploaded' END)"
+    )
+}
+
+/// Adds the counters (see [`COUNTERS`]) to a queue that lacks them.
+fn add_counters(conn: &mut Connection) -> Result<()> {
+    let tx = conn.transaction()?;
+    if tx.query_row("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'counters'", [], |r| r.get::<_, i64>(0))? == 0 {
+        tx.execute_batch(&COUNTERS.replace("COUNTED_AS_NEW", &counted_as("NEW")).replace("COUNTED_AS_ITEM", &counted_as("items")))?;
+    }
+    tx.commit()
+}
 
 /// Key prefix of builds the hook could not hand over (`dropped:<root>` or `dropped:<drv>`).
 const DROPPED: &str = "dropped:";
@@ -225,7 +267,7 @@ pub fn set_aside(path: &Path) -> std::io::Result<std::path::PathBuf> {
 
 impl Queue {
     pub fn open(path: &Path) -> Result<Queue> {
-        let conn = Connection::open(path)?;
+        let mut conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "wal")?;
         conn.pragma_update(None, "synchronous", "full")?;
@@ -244,6 +286,7 @@ impl Queue {
         if has_root_seq == 0 {
             conn.execute_batch("ALTER TABLE roots ADD COLUMN seq INTEGER NOT NULL DEFAULT 0")?;
         }
+        add_counters(&mut conn)?;
         let last_seq = conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM items", [], |r| r.get(0))?;
         Ok(Queue { conn, last_seq })
     }
@@ -851,37 +894,40 @@ impl Queue {
         Ok((pending, failed))
     }
 
-    /// Counts for `narq status` (in-flight and spool counts are the daemon's to fill in).
+    /// Counts for `narq status` (in-flight and spool counts are the daemon's to fill in):
+    /// what is pending and failed now, and what was uploaded, skipped and written since the
+    /// queue was made (the counters, which never go down).
     pub fn status(&self) -> Result<Status> {
         let mut s = Status::default();
-        // `uploaded` and `skipped` count store paths; a build log is not a path (nor is one
-        // that was never kept "skipped"). A damaged row must not make `status` fail: json_valid.
+        // A build log is not a store path. A damaged row must not make `status` fail: json_valid.
         let mut stmt = self.conn.prepare_cached(
-            "SELECT kind, state, outcome, COUNT(*), SUM(bytes),
+            "SELECT kind, state, COUNT(*),
                     SUM(CASE WHEN kind = 'nar' AND state = 'pending' AND json_valid(info) THEN json_extract(info, '$.narSize') END)
-             FROM items GROUP BY kind, state, outcome",
+             FROM items WHERE state IN ('pending', 'failed') GROUP BY kind, state",
         )?;
-        let rows = stmt.query_map([], |r| {
-            let (n, bytes, nar) = (r.get::<_, u64>(3)?, r.get::<_, Option<i64>>(4)?, r.get::<_, Option<i64>>(5)?);
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Option<String>>(2)?, n, bytes, nar))
-        })?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, u64>(2)?, r.get::<_, Option<i64>>(3)?)))?;
         for row in rows {
-            let (kind, state, outcome, n, bytes, pending_nar) = row?;
-            s.bytes += bytes.unwrap_or(0) as u64;
+            let (kind, state, n, pending_nar) = row?;
             s.pending_bytes += pending_nar.unwrap_or(0).max(0) as u64;
-            match (kind.as_str(), state.as_str(), outcome.as_deref()) {
-                (kind, "pending", _) => {
+            match state.as_str() {
+                "pending" => {
                     s.pending += n;
                     if kind == "nar" {
                         s.pending_paths += n;
                     }
                 }
-                (_, "failed", _) => s.failed += n,
-                ("log", "done", Some("uploaded")) => s.logs_uploaded += n,
-                // Neither is a store path (a realisation is counted with its output).
-                ("log" | "realisation", _, _) => {}
-                (_, "done", Some("uploaded")) => s.uploaded += n,
-                _ => s.skipped += n,
+                _ => s.failed += n,
+            }
+        }
+        let mut stmt = self.conn.prepare_cached("SELECT name, value FROM counters")?;
+        for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?.max(0) as u64)))? {
+            let (name, value) = row?;
+            match name.as_str() {
+                "uploaded" => s.uploaded = value,
+                "skipped" => s.skipped = value,
+                "logs-uploaded" => s.logs_uploaded = value,
+                "bytes" => s.bytes = value,
+                _ => {}
             }
         }
         let minute_ago = now_ms() - 60_000;
@@ -900,6 +946,37 @@ impl Queue {
         s.excluded = stmt.query_map([], failure)?.collect::<Result<_>>()?;
         s.last_error = s.recent_failures.first().cloned();
         Ok(s)
+    }
+
+    /// What became of the items a `narq wait` answers for: those enqueued after `since` up to
+    /// `upto` ([`Queue::progress`]), or with `paths`, those paths ([`Queue::progress_of`]).
+    pub fn wait_summary(&self, upto: i64, since: i64, paths: Option<&[StorePath]>) -> Result<WaitSummary> {
+        let select = |scope: &str| format!("SELECT kind, state, outcome = 'uploaded', COUNT(*), COALESCE(SUM(bytes), 0) FROM items WHERE {scope} GROUP BY 1, 2, 3");
+        let row = |r: &rusqlite::Row| -> rusqlite::Result<(String, String, bool, u64, i64)> {
+            Ok((r.get(0)?, r.get(1)?, r.get::<_, Option<bool>>(2)?.unwrap_or(false), r.get(3)?, r.get(4)?))
+        };
+        let rows = match paths {
+            Some(p) => {
+                let keys: Vec<String> = p.iter().flat_map(|p| [p.to_string(), format!("{DROPPED}{p}")]).collect();
+                let mut stmt = self.conn.prepare_cached(&select("key IN (SELECT value FROM json_each(?1))"))?;
+                let rows = stmt.query_map([serde_json::to_string(&keys).expect("strings serialise")], row)?.collect::<Result<Vec<_>>>()?;
+                rows
+            }
+            None => self.conn.prepare_cached(&select("seq > ?1 AND seq <= ?2"))?.query_map([since, upto], row)?.collect::<Result<Vec<_>>>()?,
+        };
+        let mut w = WaitSummary::default();
+        for (kind, state, uploaded, n, bytes) in rows {
+            w.bytes += bytes.max(0) as u64;
+            match (kind.as_str(), state.as_str(), uploaded) {
+                (_, "pending", _) => w.pending += n,
+                (_, "failed", _) => w.failed += n,
+                ("nar", _, true) => w.uploaded += n,
+                ("nar", _, false) => w.skipped += n,
+                ("log", _, true) => w.logs_uploaded += n,
+                _ => {}
+            }
+        }
+        Ok(w)
     }
 }
 
@@ -1135,6 +1212,71 @@ mod tests {
         let to = set_aside(&db).unwrap();
         assert!(to.to_str().unwrap().contains("q.db.corrupt-") && to.exists() && !db.exists());
         Queue::open(&db).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Issue 21: after a `narq push` (a recheck) `status` went from "uploaded: 4" to
+    /// "uploaded: 2, skipped: 2", and the bytes written went down; a collection (`stale`)
+    /// counted uploaded paths as skipped.
+    #[test]
+    fn status_counts_never_go_down() {
+        let (dir, mut q) = fresh_queue("counters");
+        let (a, b) = (info("a", &[]), info("b", &["a"]));
+        let drv = StorePath::parse(&format!("/nix/store/{}-b.drv", "1".repeat(32))).unwrap();
+        q.enqueue(&[a.clone(), b.clone()], Some(&drv)).unwrap();
+        let done = |q: &Queue, p: &PathInfo, bytes| q.done(&p.path.to_string(), Outcome::Uploaded { bytes }, None).unwrap();
+        done(&q, &a, 500);
+        done(&q, &b, 400);
+        q.done(&format!("log:{drv}"), Outcome::Uploaded { bytes: 12 }, None).unwrap();
+        let counts = |q: &Queue| {
+            let s = q.status().unwrap();
+            (s.uploaded, s.skipped, s.logs_uploaded, s.bytes, s.pending)
+        };
+        assert_eq!(counts(&q), (2, 0, 1, 912, 0));
+        // `narq push` has both checked again: pending, then found in the cache.
+        assert_eq!(q.recheck(&[a.path.clone(), b.path.clone()]).unwrap(), 2);
+        assert_eq!(counts(&q), (2, 0, 1, 912, 2));
+        q.done(&a.path.to_string(), Outcome::Present, None).unwrap();
+        q.done(&b.path.to_string(), Outcome::Present, None).unwrap();
+        assert_eq!(counts(&q), (2, 2, 1, 912, 0));
+        // A collection makes them stale; a new store makes them pending: nothing goes down.
+        q.note_generation("g1").unwrap();
+        assert_eq!(counts(&q), (2, 2, 1, 912, 0));
+        q.bind_store("file:///elsewhere").unwrap();
+        done(&q, &a, 500);
+        assert_eq!(counts(&q), (3, 2, 1, 1412, 2));
+        // Reopened, and a queue made before the counters starts from what its items say.
+        drop(q);
+        let q = Queue::open(&dir.join("q.db")).unwrap();
+        assert_eq!(counts(&q), (3, 2, 1, 1412, 2));
+        q.conn.execute_batch("DROP TRIGGER count_done; DROP TABLE counters;").unwrap();
+        drop(q);
+        let q = Queue::open(&dir.join("q.db")).unwrap();
+        assert_eq!(counts(&q), (1, 0, 0, 500, 2));
+        done(&q, &b, 1);
+        assert_eq!(counts(&q), (2, 0, 0, 501, 1));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Issue 21: `narq wait` after a build that uploaded 2 paths said "0/0 paths done".
+    #[test]
+    fn a_wait_summary_counts_what_the_wait_answers_for() {
+        let (dir, mut q) = fresh_queue("summary");
+        let (a, b, c) = (info("a", &[]), info("b", &["a"]), info("c", &[]));
+        q.enqueue(&[a.clone()], None).unwrap();
+        q.done(&a.path.to_string(), Outcome::Uploaded { bytes: 100 }, None).unwrap();
+        let since = q.current_seq();
+        let drv = StorePath::parse(&format!("/nix/store/{}-b.drv", "1".repeat(32))).unwrap();
+        q.enqueue(&[a.clone(), b.clone()], Some(&drv)).unwrap();
+        q.enqueue(&[c.clone()], None).unwrap();
+        q.done(&b.path.to_string(), Outcome::Uploaded { bytes: 40 }, None).unwrap();
+        q.done(&format!("log:{drv}"), Outcome::Uploaded { bytes: 2 }, None).unwrap();
+        q.done(&c.path.to_string(), Outcome::Present, None).unwrap();
+        let w = q.wait_summary(q.current_seq(), since, None).unwrap();
+        // `a` was uploaded before: not this wait's.
+        assert_eq!(w, WaitSummary { uploaded: 1, bytes: 42, skipped: 1, logs_uploaded: 1, failed: 0, pending: 0 });
+        let w = q.wait_summary(0, 0, Some(&[a.path.clone(), b.path.clone(), info("d", &[]).path])).unwrap();
+        assert_eq!(w, WaitSummary { uploaded: 2, bytes: 140, ..WaitSummary::default() });
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -826,7 +826,13 @@ impl Uploader {
             Some(enc) => self.target.put_encoded(&key, Body::File(tmp), storage::LOG_TYPE, enc).await?,
             None => self.target.put(&key, Body::File(tmp), storage::LOG_TYPE).await?,
         }
-        tracing::info!(drv = %drv, bytes, log_bytes = text_bytes, "uploaded the build log of {drv}");
+        // A build that printed nothing has an empty log: uploaded (`nix log` shows it empty,
+        // as Nix's own copy would), but no news.
+        if text_bytes > 0 {
+            tracing::info!(drv = %drv, bytes, log_bytes = text_bytes, "uploaded the build log of {drv}");
+        } else {
+            tracing::debug!(drv = %drv, bytes, "uploaded the build log of {drv}, which is empty");
+        }
         Ok(Outcome::Uploaded { bytes })
     }
 

@@ -115,11 +115,9 @@ enum Cmd {
     },
     /// Print the NAR hash and size of PATH (like nix-hash --type sha256 --base32)
     NarHash { path: PathBuf },
-    /// Print a completion script for SHELL (for packagers)
-    #[command(hide = true)]
+    /// Print a completion script for SHELL (bash, zsh, fish, elvish, powershell)
     Completions { shell: clap_complete::Shell },
-    /// Write man pages for narq and each command into DIR (for packagers)
-    #[command(hide = true)]
+    /// Write man pages for narq and each command into DIR
     Man { dir: PathBuf },
 }
 
@@ -247,22 +245,38 @@ fn store_paths(paths: &[PathBuf]) -> anyhow::Result<Vec<StorePath>> {
     paths.iter().map(|p| to_store_path(p)).collect()
 }
 
-/// A store path, or something that resolves to one (`./result`).
+/// A store path, or something that resolves to one (`./result`), or a file inside one.
 fn to_store_path(p: &Path) -> anyhow::Result<StorePath> {
+    use narq::nix::store_path::STORE_DIR;
     let s = p.to_string_lossy();
     if let Ok(sp) = StorePath::parse(&s) {
         return Ok(sp);
     }
     let real = std::fs::canonicalize(p).with_context(|| format!("{}", p.display()))?;
+    if !real.starts_with(STORE_DIR) || real == Path::new(STORE_DIR) {
+        bail!("{} is not in the Nix store ({STORE_DIR}) nor a link into it: give store paths, or links to them such as ./result", p.display());
+    }
     let top: PathBuf = real.components().take(4).collect();
     Ok(StorePath::parse(&top.to_string_lossy())?)
 }
 
 fn call(config: &Config, req: &Request, timeout: Option<Duration>) -> anyhow::Result<Response> {
+    use std::io::ErrorKind::{ConnectionRefused, NotFound, PermissionDenied};
+    let socket = config.socket.display();
     match protocol::call(&config.socket, req, timeout) {
         Ok(Response::Error { message, .. }) => bail!("the daemon refused: {message}"),
         Ok(r) => Ok(r),
-        Err(e) => Err(e).with_context(|| format!("asking the daemon at {}", config.socket.display())),
+        Err(protocol::FrameError::Io(e)) if matches!(e.kind(), NotFound | ConnectionRefused) => {
+            let why = if e.kind() == NotFound { "the socket does not exist" } else { "nothing listens on the socket" };
+            bail!(
+                "no narq daemon answers on {socket} ({why}): start one (`systemctl start narq.socket`, or `narq daemon` under a \
+                 supervisor), or point --config / NARQ_CONFIG at the config it runs with; `narq doctor` checks the whole set-up"
+            )
+        }
+        Err(protocol::FrameError::Io(e)) if e.kind() == PermissionDenied => {
+            bail!("may not connect to {socket} ({e}): run as root, as the daemon's user, or as a member of the socket's group")
+        }
+        Err(e) => Err(e).with_context(|| format!("asking the daemon at {socket}")),
     }
 }
 
@@ -304,9 +318,18 @@ fn retry(config: &Config) -> anyhow::Result<Exit> {
 
 fn wait(config: &Config, timeout: Option<Duration>, paths: Option<Vec<StorePath>>) -> anyhow::Result<Exit> {
     let t = timeout.unwrap_or(Duration::from_secs(10 * 365 * 86400));
+    let closure = paths.is_some();
     let req = Request::Wait { timeout_ms: t.as_millis() as u64, paths };
-    let resp = with_progress(config, || call(config, &req, timeout.map(|t| t + Duration::from_secs(30))))?;
-    let Response::Waited { complete, failed } = resp else { bail!("unexpected answer: {resp:?}") };
+    let started = Instant::now();
+    let resp = with_progress(
+        config,
+        || call(config, &req, timeout.map(|t| t + Duration::from_secs(30))),
+        |resp| match resp {
+            Ok(Response::Waited { summary: Some(w), .. }) => Some(progress::waited(w, closure, started.elapsed())),
+            _ => None,
+        },
+    )?;
+    let Response::Waited { complete, failed, .. } = resp else { bail!("unexpected answer: {resp:?}") };
     for f in &failed {
         eprintln!("narq: failed: {}: {}", f.item, f.error);
     }
@@ -321,8 +344,10 @@ fn wait(config: &Config, timeout: Option<Duration>, paths: Option<Vec<StorePath>
 }
 
 /// Runs `wait` (one blocking request) on a thread, and meanwhile shows the daemon's progress
-/// on stderr from `status` (see `narq::progress`). Without a first `status` answer it just waits.
-fn with_progress<T: Send>(config: &Config, wait: impl FnOnce() -> T + Send) -> T {
+/// on stderr from `status` (see `narq::progress`), from the first redraw on: a wait that ends
+/// at once shows only its closing line. That line is `closing`'s, from the wait's answer, else
+/// the progress's own summary. Without a first `status` answer it just waits.
+fn with_progress<T: Send>(config: &Config, wait: impl FnOnce() -> T + Send, closing: impl FnOnce(&T) -> Option<String>) -> T {
     use std::io::IsTerminal;
     use std::os::fd::AsRawFd;
     let poll = || match protocol::call(&config.socket, &Request::Status, Some(Duration::from_secs(5))) {
@@ -336,7 +361,6 @@ fn with_progress<T: Send>(config: &Config, wait: impl FnOnce() -> T + Send) -> T
     let mut display = progress::Display::new(stderr.lock(), tty, width);
     let mut meter = progress::Meter::new(base.clone());
     let mut reading = meter.read(&base);
-    display.show(&meter.line(&reading));
     std::thread::scope(|scope| {
         let waiting = scope.spawn(wait);
         // Bounded by the wait itself, which has its own timeout.
@@ -345,17 +369,24 @@ fn with_progress<T: Send>(config: &Config, wait: impl FnOnce() -> T + Send) -> T
             while !waiting.is_finished() && Instant::now() < step {
                 std::thread::sleep(Duration::from_millis(20));
             }
+            if waiting.is_finished() {
+                break;
+            }
             if let Some(s) = poll() {
                 reading = meter.read(&s);
                 display.show(&meter.line(&reading));
             }
         }
-        if let Some(s) = poll() {
-            reading = meter.read(&s);
-        }
-        display.finish(&meter.summary(&reading));
         // A panic of the wait is a panic of ours.
-        waiting.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+        let answer = waiting.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+        let line = closing(&answer).unwrap_or_else(|| {
+            if let Some(s) = poll() {
+                reading = meter.read(&s);
+            }
+            meter.summary(&reading)
+        });
+        display.finish(&line);
+        answer
     })
 }
 
@@ -391,14 +422,17 @@ fn daemon(config: Config) -> anyhow::Result<Exit> {
     }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {
-        let listener = narq::daemon::listener(&config)?;
-        let shutdown = async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        // Handled from before the socket is bound: a daemon stopped by SIGTERM or SIGINT
+        // (Ctrl-C) at any moment removes the socket it bound.
+        use tokio::signal::unix::{signal, SignalKind};
+        let (mut term, mut int) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
+        let shutdown = async move {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
+                _ = int.recv() => {}
             }
         };
+        let listener = narq::daemon::listener(&config)?;
         narq::daemon::run(config, listener, shutdown).await
     })?;
     Ok(Exit::Success)

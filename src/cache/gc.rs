@@ -403,6 +403,9 @@ pub fn plan_rm(m: &Model, paths: &[StorePath], with_referrers: bool) -> Result<P
         plan.freed += o.size;
     }
     plan.kept_paths = m.narinfos.len() - gone.len();
+    let mut kept_nars = HashSet::new();
+    let kept = m.narinfos.iter().filter(|(hp, _)| !gone.contains(hp.as_str()));
+    plan.kept_bytes = kept.map(|(_, e)| e.size + if kept_nars.insert(&e.url) { e.file_size } else { 0 }).sum();
     Ok(plan)
 }
 
@@ -606,6 +609,11 @@ mod tests {
         assert_eq!(names(&plan.paths), ["app", "lib"]);
         assert_eq!(plan.rounds.len(), 2);
         assert!(plan.objects.contains(&"nar/lib.nar".to_string()) && !plan.objects.contains(&"nar/app.nar".to_string()));
+        // What stays is sized as gc sizes it (issue 21: rm said "3 paths stay (0 B)"): other and
+        // twin, their narinfos and NARs.
+        assert_eq!((plan.kept_paths, plan.kept_bytes), (2, 22));
+        let everything = plan_gc(&t.m, &t.policy(DAY, None, 1000 * DAY), &HashSet::new());
+        assert_eq!(plan_rm(&t.m, &[], false).unwrap().kept_bytes, everything.kept_bytes);
         t.m.pins.insert("r".into(), sp("app"));
         assert!(matches!(plan_rm(&t.m, &[sp("lib")], true), Err(RmRefused::Pinned(_))));
     }

@@ -89,19 +89,26 @@ fn print(what: &str, plan: &Plan, m: &Model, stats: &Stats, dry_run: bool, json:
     for k in &m.unreadable {
         eprintln!("narq: {what}: {k} does not parse; left alone");
     }
-    println!(
-        "{what}: {verb} {} paths and {} other objects ({}){}; {} paths stay ({})",
-        plan.paths.len(),
-        plan.objects.len(),
+    println!("{}", summary_line(what, plan, dry_run));
+    Ok(())
+}
+
+/// `rm: would remove 1 path and 2 other objects (NARs, listings, logs, roots): 2.6 KiB; 3 paths stay (5.1 KiB)`.
+fn summary_line(what: &str, plan: &Plan, dry_run: bool) -> String {
+    let n = |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+    format!(
+        "{what}: {} {} and {} (NARs, listings, logs, roots): {}{}; {} ({})",
+        if dry_run { "would remove" } else { "removed" },
+        n(plan.paths.len(), "path", "paths"),
+        n(plan.objects.len(), "other object", "other objects"),
         human(plan.freed),
         match plan.incomplete.len() {
             0 => String::new(),
-            n => format!(", and {n} incomplete uploads"),
+            k => format!(", and {}", n(k, "incomplete upload", "incomplete uploads")),
         },
-        plan.kept_paths,
+        n(plan.kept_paths, "path stays", "paths stay"),
         human(plan.kept_bytes)
-    );
-    Ok(())
+    )
 }
 
 /// `narq gc`.
@@ -281,9 +288,27 @@ pub fn unpin(config: &Config, name: &str) -> anyhow::Result<bool> {
 pub fn pins(config: &Config) -> anyhow::Result<bool> {
     runtime()?.block_on(async {
         let target = open(config).await?;
-        for (name, path) in roots::pins(&*target).await? {
+        let pins = roots::pins(&*target).await?;
+        if pins.is_empty() {
+            eprintln!("narq: no pins in {} (`narq pin NAME PATH` keeps a path's closure whatever its age)", target.describe());
+        }
+        for (name, path) in pins {
             println!("{name} {path}");
         }
         Ok(true)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 21: "1 other objects", and rm's "3 paths stay (0 B)" beside gc's size.
+    #[test]
+    fn the_summary_counts_in_words() {
+        let plan = Plan { paths: vec!["/nix/store/x-a".into()], objects: vec!["nar/a.nar".into()], freed: 2662, kept_paths: 3, kept_bytes: 5222, ..Plan::default() };
+        assert_eq!(summary_line("rm", &plan, true), "rm: would remove 1 path and 1 other object (NARs, listings, logs, roots): 2.6 KiB; 3 paths stay (5.1 KiB)");
+        let plan = Plan { kept_paths: 1, ..Plan::default() };
+        assert_eq!(summary_line("gc", &plan, false), "gc: removed 0 paths and 0 other objects (NARs, listings, logs, roots): 0 B; 1 path stays (0 B)");
+    }
 }

@@ -552,7 +552,7 @@ fn repair(config: &crate::config::Config, report: &Report) -> anyhow::Result<(Ve
     };
     call(&Request::Repair { paths: closure, repair: valid.clone() }, Duration::from_secs(60))?;
     let waited = call(&Request::Wait { timeout_ms: REPAIR_WAIT.as_millis() as u64, paths: Some(valid.clone()) }, REPAIR_WAIT + Duration::from_secs(30))?;
-    let Response::Waited { complete, failed } = waited else { anyhow::bail!("unexpected answer from the daemon: {waited:?}") };
+    let Response::Waited { complete, failed, .. } = waited else { anyhow::bail!("unexpected answer from the daemon: {waited:?}") };
     anyhow::ensure!(complete, "the daemon did not finish the repair within {} s; it goes on in the background", REPAIR_WAIT.as_secs());
     let failed: HashMap<String, String> = failed.into_iter().map(|f| (f.item, f.error)).collect();
     let (ok, bad): (Vec<StorePath>, Vec<StorePath>) = valid.into_iter().partition(|p| !failed.contains_key(&p.to_string()));

@@ -31,7 +31,7 @@ use crate::storage;
 use crate::upload::Uploader;
 
 use admission::Admission;
-use lock::{lock_state_dir, unlock_state_dir};
+use lock::lock_state_dir;
 use server::{accept, Server};
 use shared_queue::SharedQueue;
 use systemd::sd_notify;
@@ -70,6 +70,15 @@ fn fresh_tmp_dir(state_dir: &Path) -> std::io::Result<std::path::PathBuf> {
 
 /// Runs the daemon until `shutdown` completes.
 pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    // However it ends: the socket it bound goes (clients then learn at once that no daemon
+    // answers), and the locks with it.
+    struct Release;
+    impl Drop for Release {
+        fn drop(&mut self) {
+            lock::release();
+        }
+    }
+    let _release = Release;
     lock_state_dir(&config.state_dir)?;
     let tmp_dir = fresh_tmp_dir(&config.state_dir).with_context(|| format!("creating {}", config.state_dir.join("tmp").display()))?;
     let db = config.state_dir.join("queue.db");
@@ -154,7 +163,7 @@ pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Futur
         None => None,
     };
     admission.ingest_spool().await;
-    keep_reserve(&config.state_dir);
+    keep_reserve(&config.state_dir, true);
     let status = queue.run(|q| q.status()).await.map_err(anyhow::Error::msg)??;
     tracing::info!(store = %store, jobs = config.jobs, pending = status.pending, "narq daemon ready");
     sd_notify("READY=1\nSTATUS=serving");
@@ -167,7 +176,7 @@ pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Futur
             loop {
                 tokio::time::sleep(SPOOL_POLL).await;
                 admission.ingest_spool().await;
-                keep_reserve(&state_dir);
+                keep_reserve(&state_dir, false);
             }
         }
     });
@@ -202,7 +211,6 @@ pub async fn run(config: Config, listener: StdUnixListener, shutdown: impl Futur
     }
     roots.abort();
     asked.abort();
-    unlock_state_dir(&config.state_dir);
     tracing::info!("narq daemon stopped");
     Ok(())
 }
@@ -332,8 +340,10 @@ impl Keeper {
 }
 
 /// Keeps the state dir's reserve ([`spool::ensure_reserve`]) while there is room for it.
-fn keep_reserve(state_dir: &Path) {
+/// Made at start (a new state dir has none) it is no news; made later, it had been used.
+fn keep_reserve(state_dir: &Path, at_start: bool) {
     match spool::ensure_reserve(state_dir) {
+        Ok(true) if at_start => tracing::debug!("made the state dir's reserve"),
         Ok(true) => tracing::info!("the state disk has room again: its reserve is back"),
         Ok(false) => {}
         Err(e) => tracing::debug!("keeping the reserve in {}: {e}", state_dir.display()),

@@ -12,7 +12,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
 use super::admission::{enqueue, record, repair, roots, Admission, NotStored};
-use super::lock::lock_state_dir;
+use super::lock::{bound, lock_socket, lock_state_dir};
 use super::systemd::systemd_listener;
 use super::workers::Snapshot;
 use crate::config::Config;
@@ -43,8 +43,9 @@ pub(super) struct Server {
 }
 
 /// Binds the configured socket (parent created, stale socket removed, mode 0660), unless
-/// systemd passed one (`LISTEN_FDS`). Non-blocking, for `daemon::run` to serve. Takes the state
-/// dir's lock first, so that a second daemon leaves a running one's socket alone.
+/// systemd passed one (`LISTEN_FDS`). Non-blocking, for `daemon::run` to serve; `run` removes
+/// the socket when it stops. Takes the state dir's lock first and then the socket's, so that
+/// a second daemon leaves a running one's socket alone (see `lock`).
 pub fn listener(config: &Config) -> anyhow::Result<StdUnixListener> {
     lock_state_dir(&config.state_dir)?;
     if let Some(l) = systemd_listener()? {
@@ -55,6 +56,7 @@ pub fn listener(config: &Config) -> anyhow::Result<StdUnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    lock_socket(path, &config.state_dir)?;
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             return Err(e).with_context(|| format!("removing stale socket {}", path.display()))
@@ -62,6 +64,7 @@ pub fn listener(config: &Config) -> anyhow::Result<StdUnixListener> {
         _ => {}
     }
     let l = StdUnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    bound(path)?;
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o660))?;
     l.set_nonblocking(true)?;
     Ok(l)
@@ -358,6 +361,8 @@ async fn wait(server: &Server, timeout: Duration, paths: Option<Vec<StorePath>>,
         Ok(s) => s,
         Err(e) => return Response::unavailable(format!("queue: {e}")),
     };
+    // What the answer says became of the items it waited for.
+    let summary = || admission.queue.here(|q| q.wait_summary(upto, since, paths.as_deref())).inspect_err(|e| tracing::warn!("summing up a wait: {e}")).ok();
     loop {
         // Uploads, and the roots of what they uploaded: a machine that goes away after `wait`
         // leaves its paths rooted in the cache.
@@ -377,9 +382,9 @@ async fn wait(server: &Server, timeout: Duration, paths: Option<Vec<StorePath>>,
                         tracing::warn!("recording the wait checkpoint: {e}");
                     }
                 }
-                return Response::Waited { complete: true, failed };
+                return Response::Waited { complete: true, failed, summary: summary() };
             }
-            Ok((_, failed)) if start.elapsed() >= timeout => return Response::Waited { complete: false, failed },
+            Ok((_, failed)) if start.elapsed() >= timeout => return Response::Waited { complete: false, failed, summary: summary() },
             Ok(_) => {
                 if spooled > 0 && ingested.elapsed() >= Duration::from_secs(1) {
                     admission.ingest_spool().await;

@@ -32,6 +32,9 @@ const COMMANDS: &[(&str, &[&str])] = &[
     ("unpin", &["<NAME>"]),
     ("pins", &[]),
     ("gc", &["--keep-days <N>", "--max-size <SIZE>", "--grace <DURATION>", "--dry-run", "--json"]),
+    // Listed since issue 21 (they worked but `narq --help` did not show them).
+    ("completions", &["<SHELL>"]),
+    ("man", &["<DIR>"]),
 ];
 
 /// Before clap, `narq daemon --help` said "invalid option" and exited 1.
@@ -58,8 +61,6 @@ fn every_subcommand_has_help() {
     for m in ["NARQ_CONFIG", "/etc/narq/config.toml", "Exit codes", "3 "] {
         assert!(help.contains(m), "narq --help does not mention {m}:\n{help}");
     }
-    // The generators are for packagers, not for the command list.
-    assert!(!help.contains("completions") && !help.contains("\n  man "), "{help}");
 }
 
 /// `--config` is global: before or after the sub-command, it names the file used.
@@ -191,5 +192,5 @@ fn completions_and_man_pages() {
     }
     let mut names: Vec<String> = std::fs::read_dir(&man).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
     names.sort();
-    assert_eq!(names.len(), COMMANDS.len() + 1, "hidden commands get no page: {names:?}");
+    assert_eq!(names.len(), COMMANDS.len() + 1, "{names:?}");
 }

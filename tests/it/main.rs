@@ -12,6 +12,7 @@ mod doctor;
 mod explore;
 mod faults;
 mod filters;
+mod first_hour;
 mod formats;
 mod garage;
 mod gc;

@@ -407,14 +407,14 @@ fn status_and_progress_through_an_outage() {
     assert!(tty.status.success(), "{shown}\n{}", n.daemon_log());
     assert!(shown.contains("\rnarq: 0/3 paths, 0 B of 3.0 MiB") && shown.contains("\x1b[K"), "no progress line redrawn: {shown:?}");
     assert!(shown.contains("; paused: "), "the progress line does not say why it waits: {shown:?}");
-    assert!(shown.contains("narq: 3/3 paths done, 3.0 MiB read in"), "{shown:?}");
+    assert!(shown.contains("narq: since the last wait: 3 paths uploaded, "), "{shown:?}");
     let said = String::from_utf8_lossy(&plain.stderr).to_string();
     eprintln!("narq status:\n{text}\non a terminal: {shown:?}\nplain:\n{said}");
     assert!(plain.status.success(), "{said}");
     assert!(!said.contains('\x1b') && !said.contains('\r'), "escape codes in plain output: {said:?}");
     let lines: Vec<&str> = said.lines().collect();
     assert!(lines[0].starts_with("narq: 0/3 paths, 0 B of 3.0 MiB"), "{said}");
-    assert!(lines.last().unwrap().starts_with("narq: 3/3 paths done, 3.0 MiB read in"), "{said}");
+    assert!(lines.last().unwrap().starts_with("narq: since the last wait: 3 paths uploaded, "), "{said}");
     let m = scrape(port);
     assert_eq!(sample(&m, "narq_uploaded_paths_total", &[]), 3.0);
     assert_eq!(sample(&m, "narq_paused", &[("cause", "store_unavailable")]), 0.0);
