@@ -1,4 +1,4 @@
-//! Issue 18's hazards H1–H4 and M1, each reproduced deterministically as an adversary would:
+//! Issue 18's hazards H1–H4, M1 and M3, each reproduced deterministically as an adversary would:
 //! a process stopped at a chosen system call (the `LD_PRELOAD` shim of `adversary.rs`), S3
 //! answers delayed through the proxy of `s3proxy.rs`, `narq gc` killed mid-deletion, a
 //! daemon's clock shifted. Each test asserts what a user is promised: once `narq wait` (or
@@ -271,6 +271,29 @@ fn h4_gc_stopped_mid_batch_file() {
     let gc = gc.finish(gc_bound());
     let waited = push.finish(wait_bound());
     w.promise(&waited, &p["app2"], &gc);
+}
+
+/// M3: `narq push --wait` of paths already in the cache, sent while a collection is in its
+/// deletion phase (stopped just before its first delete, app1's narinfo, then going on).
+/// 64d1f2c: the daemon finds app1 and lib present, `push --wait` returns 0 at once, and the
+/// collection then deletes both.
+#[test]
+fn m3_push_during_the_deletion_phase_file() {
+    let mut w = World::new("m3", false);
+    let p = w.build_all();
+    w.node.start(&[]);
+    w.push_ok(&[&p["app1"]]);
+    w.age_all();
+    let marker = w.node.n.dir.join("gc-stopped");
+    let mut gc = w.gc(&["--keep-days", "30", "--grace", "1h"], &stop_env(UNLINKS, &format!("{}.narinfo", hash(&p["app1"])), 1, false, &marker));
+    let (pid, at) = stopped_at(&marker, gc_bound()).unwrap_or_else(|| panic!("gc never came to app1: {:?}", gc.finish(Duration::ZERO)));
+    eprintln!("gc stopped: {at}");
+    let mut push = w.node.bg(&["push", "--wait", &p["app1"]], &[]);
+    std::thread::sleep(at_scale(LEASE));
+    signal(pid, libc::SIGCONT);
+    let gc = gc.finish(gc_bound());
+    let waited = push.finish(wait_bound());
+    w.promise(&waited, &p["app1"], &gc);
 }
 
 /// M1: the daemon's clock is two hours ahead (an NFS client, a lenient S3 server); gc is
