@@ -41,8 +41,9 @@ fn wait_uploaded(n: &Narq, at_least: u64, secs: u64, what: &str) {
 /// everything lands, `verify --deep` is clean and a fresh client substitutes the closure
 /// through the node that was down longest.
 #[test]
+#[cfg_attr(narq_no_garage, ignore = "needs Garage: scripts/setup.sh builds it (NARQ_GARAGE names another)")]
 fn garage_node_loss_pauses_uploads_and_loses_nothing() {
-    let Some((_turn, c)) = Cluster::get("garage_node_loss_pauses_uploads_and_loses_nothing") else { return };
+    let (_turn, c) = Cluster::get("garage_node_loss_pauses_uploads_and_loses_nothing");
     let b = bucket("loss");
     c.bucket(&b);
     let mut n = Narq::new("gloss", &format!("store = \"{}\"", c.store(&b, c.nodes[0].s3)));
@@ -109,8 +110,9 @@ fn garage_node_loss_pauses_uploads_and_loses_nothing() {
 /// node is dead): the collection finishes on the two nodes left, keeps the pinned closure,
 /// removes the rest, and after the node returns the cache is clean and substitutes.
 #[test]
+#[cfg_attr(narq_no_garage, ignore = "needs Garage: scripts/setup.sh builds it (NARQ_GARAGE names another)")]
 fn garage_node_killed_while_gc_deletes() {
-    let Some((_turn, c)) = Cluster::get("garage_node_killed_while_gc_deletes") else { return };
+    let (_turn, c) = Cluster::get("garage_node_killed_while_gc_deletes");
     let b = bucket("gckill");
     c.bucket(&b);
     let proxy = S3Proxy::start(c.nodes[0].s3);
@@ -159,8 +161,9 @@ fn garage_node_killed_while_gc_deletes() {
 /// the end (`verify --deep`), the pinned closures substitute, and what gc took of the
 /// latest pushes comes back with a push.
 #[test]
+#[cfg_attr(narq_no_garage, ignore = "needs Garage: scripts/setup.sh builds it (NARQ_GARAGE names another)")]
 fn garage_two_daemons_and_gc_through_three_nodes() {
-    let Some((_turn, c)) = Cluster::get("garage_two_daemons_and_gc_through_three_nodes") else { return };
+    let (_turn, c) = Cluster::get("garage_two_daemons_and_gc_through_three_nodes");
     let b = bucket("three");
     c.bucket(&b);
     let mut x = Narq::new("gthree-x", &format!("store = \"{}\"", c.store(&b, c.nodes[0].s3)));
@@ -228,9 +231,10 @@ fn garage_two_daemons_and_gc_through_three_nodes() {
 /// requests only, so a path-style one would be refused): a closure with a streamed NAR lands,
 /// `verify --deep` is clean, and a fresh client substitutes it.
 #[test]
+#[cfg_attr(narq_no_garage, ignore = "needs Garage: scripts/setup.sh builds it (NARQ_GARAGE names another)")]
 fn garage_virtual_hosted_addressing_through_root_domain() {
     use crate::s3proxy::Service;
-    let Some((_turn, c)) = Cluster::get("garage_virtual_hosted_addressing_through_root_domain") else { return };
+    let (_turn, c) = Cluster::get("garage_virtual_hosted_addressing_through_root_domain");
     let b = bucket("vhost");
     c.bucket(&b);
     // Without its region, the refusal names it.
