@@ -9,6 +9,7 @@ import json, os, shutil, socket, subprocess, tempfile, time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_BIN = os.path.join(ROOT, ".venv", "bin")
 GARAGE = os.environ.get("NARQ_GARAGE", "/var/cache/narq-test/garage-2.5.0/bin/garage")
+S3S_FS = os.environ.get("NARQ_S3S_FS", "/var/cache/narq-test/s3s-fs/bin/s3s-fs")
 
 
 def free_port():
@@ -165,6 +166,57 @@ class Garage:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class S3sFs:
+    """s3s-fs (the `s3s` crate's file-system server, Rust): a fast S3 server, so that the
+    uploaders and not the server set the pace. Two processes over one root directory: `port`
+    checks SigV4 with `key` (narq, boto3), `anon_port` takes unsigned requests (Nix 2.8's
+    HTTP PUTs, and Nix 2.34 from Debian, built without AWS credentials). It implements no
+    ListMultipartUploads (narq skips that and says so). Installed once, outside the clone:
+    `cargo install s3s-fs@0.14.1 --locked --features binary --root /var/cache/narq-test/s3s-fs`
+    (0.14.1: later versions need a newer Rust than 1.95)."""
+    name = "s3s"
+    region = "us-east-1"
+    key = ("bench", "benchsecret")
+
+    def __init__(self, log=None):
+        if not os.path.exists(S3S_FS):
+            raise RuntimeError(f"{S3S_FS} not found: cargo install s3s-fs@0.14.1 --locked --features binary --root {os.path.dirname(os.path.dirname(S3S_FS))}")
+        self.dir = tempfile.mkdtemp(prefix="narq-bench-s3s-")
+        self.port, self.anon_port = free_port(), free_port()
+        out = open(log, "w") if log else subprocess.DEVNULL
+        self.procs = [subprocess.Popen([S3S_FS, "--host", "127.0.0.1", "--port", str(self.port), "--access-key", self.key[0],
+                                        "--secret-key", self.key[1], self.dir], stdout=out, stderr=subprocess.STDOUT),
+                      subprocess.Popen([S3S_FS, "--host", "127.0.0.1", "--port", str(self.anon_port), self.dir],
+                                       stdout=out, stderr=subprocess.STDOUT)]
+        self.pid = self.procs[0].pid
+        try:
+            wait_port(self.port, "s3s-fs")
+            wait_port(self.anon_port, "s3s-fs (unsigned)")
+        except RuntimeError:
+            self.stop()
+            raise
+        self.s3 = s3_client(self.port, *self.key, self.region)
+
+    def create_bucket(self, bucket):
+        self.s3.create_bucket(Bucket=bucket)
+
+    def store(self, bucket, port=None):
+        return f"s3://{bucket}?endpoint=127.0.0.1:{port or self.port}&scheme=http"
+
+    def env(self):
+        return {"AWS_ACCESS_KEY_ID": self.key[0], "AWS_SECRET_ACCESS_KEY": self.key[1], "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def requests_and_cpu(self):
+        """None for the requests (s3s-fs logs none), and the CPU seconds of both processes."""
+        return None, sum(cpu_seconds(p.pid) for p in self.procs)
+
+    def stop(self):
+        for p in self.procs:
+            p.terminate()
+            p.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 def server(name, log=None):
-    """A started `Moto` or `Garage` by name."""
-    return {"moto": Moto, "garage": Garage}[name](log)
+    """A started `Moto`, `Garage` or `S3sFs` by name."""
+    return {"moto": Moto, "garage": Garage, "s3s": S3sFs}[name](log)

@@ -31,7 +31,10 @@ Cases (pick some with arguments; default all):
            and the local limit for the big path.
 On Garage, `nix copy` cannot take part: Nix 2.8 writes with unsigned HTTP PUTs, which
 Garage refuses; its rows show narq alone, beside the limits.
-Usage: bench/s3_vs_nix_copy.py [--garage] [big small slow huge compress n234]
+With --s3s the server is s3s-fs (Rust; bench/local_s3.py says how to install it), fast
+enough that the uploaders set the pace: Nix writes to an unsigned port of it, narq to a
+signed one, over one directory.
+Usage: bench/s3_vs_nix_copy.py [--garage | --s3s] [big small slow huge compress n234]
        (run scripts/setup.sh and cargo build --release first; binaries from
        $CARGO_TARGET_DIR/release, else target/release)
 moto and boto3 come from the repo's .venv/ (scripts/setup.sh), which runs this script; Nix's
@@ -53,7 +56,7 @@ if os.path.realpath(sys.prefix) != os.path.realpath(VENV):
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from local_s3 import free_port, server  # noqa: E402
 
-SERVER = "garage" if "--garage" in sys.argv[1:] else "moto"
+SERVER = "garage" if "--garage" in sys.argv[1:] else "s3s" if "--s3s" in sys.argv[1:] else "moto"
 CASES = [a for a in sys.argv[1:] if not a.startswith("--")] or ["big", "small", "slow", "huge", "compress", "n234"]
 if SERVER == "garage" and "n234" in CASES:
     # Nix 2.34 in the chroot writes s3:// anonymously (Debian builds it without credentials).
@@ -163,6 +166,8 @@ def main():
     moto_log = os.path.join(tmp, "moto.log")
     moto = server(SERVER, moto_log)
     port, s3 = moto.port, moto.s3
+    # Where Nix writes: the same server; s3s-fs takes Nix's unsigned requests on a port of its own.
+    nix_port = getattr(moto, "anon_port", port)
     if SERVER == "garage":
         print(f"garage: a 3-node cluster up in {moto.setup_seconds:.1f} s", flush=True)
     state = {"daemon": None}
@@ -247,7 +252,7 @@ def main():
                 return None, None
             s3.create_bucket(Bucket=bucket)
             return timed(["nix", "--extra-experimental-features", "nix-command", "copy", "--to",
-                          f"http://127.0.0.1:{via or port}/{bucket}?compression=zstd&compression-level={ZSTD_LEVEL}", path],
+                          f"http://127.0.0.1:{via or nix_port}/{bucket}?compression=zstd&compression-level={ZSTD_LEVEL}", path],
                          env=nixenv)
 
         def requests_and_cpu():
@@ -322,8 +327,9 @@ def main():
 
         if "slow" in CASES:
             link = SlowLink(port)
+            nix_link = SlowLink(nix_port) if nix_port != port else link
             top = closure_of(300, "slow")
-            nix_t, _ = nix_copy("nix-slow", top, via=link.port)
+            nix_t, _ = nix_copy("nix-slow", top, via=nix_link.port)
             moto.create_bucket("narq-slow")
             env = fresh_narq("narq-slow", moto.store("narq-slow", link.port) + "&compression=zstd")
             narq_t = narq_push(env, top)
@@ -342,10 +348,11 @@ def main():
             row("1 GB path, slow link: link limit", "size / 50 MiB/s", link_limit, "narq", narq_t,
                 f"(narq / limit: {narq_t / link_limit:.2f}x; {info['Size'] / 2**20:.0f} MiB compressed; CPU s: "
                 f"narq {narq_cpu:.1f}, the link's proxy {proxy1 - proxy0:.1f}, {server_note(s0, s1)})")
-            if os.environ.get("NARQ_BENCH_SLOW_NIX_BIG", "1") == "1" and SERVER == "moto":
-                nix_t, _ = nix_copy("nix-slowbig", p, via=link.port)
+            if os.environ.get("NARQ_BENCH_SLOW_NIX_BIG", "1") == "1" and SERVER != "garage":
+                nix_t, _ = nix_copy("nix-slowbig", p, via=nix_link.port)
                 row("1 GB path, slow link: nix copy", "nix copy", nix_t, "narq", narq_t)
             link.stop()
+            nix_link.stop()
 
         if "huge" in CASES:
             n = 10_000
@@ -399,7 +406,7 @@ def main():
 
             def nix234_copy(bucket, path, via=None):
                 s3.create_bucket(Bucket=bucket)
-                url = (f"s3://{bucket}?endpoint=http://127.0.0.1:{via or port}&region=us-east-1&compression=zstd"
+                url = (f"s3://{bucket}?endpoint=http://127.0.0.1:{via or nix_port}&region=us-east-1&compression=zstd"
                        f"&compression-level={ZSTD_LEVEL}&parallel-compression=true&multipart-upload=true")
                 return timed(in_sid("nix", "--extra-experimental-features", "nix-command", "copy", "--to", url, path), env=nixenv)
 
@@ -435,7 +442,7 @@ def main():
             n234_t, _ = nix234_copy("n234-small", top)
             env = fresh_narq("narq-n234-small", sid=True)
             narq_t = narq_push(env, top, sid=True)
-            three("300 small paths (moto)", n28_t, n234_t, narq_t)
+            three(f"300 small paths ({SERVER})", n28_t, n234_t, narq_t)
             t = time.perf_counter()
             subprocess.run(f"nix-store --dump {big290} | zstd -T0 -{ZSTD_LEVEL} | sha256sum", shell=True, check=True,
                            capture_output=True, env=nixenv)
@@ -452,20 +459,21 @@ def main():
             s3.copy_object(Bucket="narq-n234-big", Key="narq/tmp/copy-cost", CopySource={"Bucket": "narq-n234-big", "Key": nar["Key"]})
             s3.delete_object(Bucket="narq-n234-big", Key="narq/tmp/copy-cost")
             copy_t = time.perf_counter() - t
-            three("~290 MiB path (moto)", n28_t, n234_t, narq_t,
+            three(f"~290 MiB path ({SERVER})", n28_t, n234_t, narq_t,
                   f"limit {limit:.2f} s (narq/limit {narq_t / limit:.2f}x); copy+delete of the {nar['Size'] / 2**20:.0f} MiB NAR "
                   f"{copy_t:.2f} s; peak RSS nix 2.34 {n234_rss / 1024:.0f} MiB, narq {peak:.0f} MiB")
             stop_daemon()
             # The slow link (50 ms round trips, 50 MiB/s).
             link = SlowLink(port)
-            n234_t, _ = nix234_copy("n234-slow", top, via=link.port)
+            nix_link = SlowLink(nix_port) if nix_port != port else link
+            n234_t, _ = nix234_copy("n234-slow", top, via=nix_link.port)
             s3.create_bucket(Bucket="narq-n234-slow")
             env = fresh_narq("narq-n234-slow", f"s3://narq-n234-slow?endpoint=127.0.0.1:{link.port}&scheme=http&compression=zstd", sid=True)
             narq_t = narq_push(env, top, sid=True)
             line = f"{'300 small paths, slow link':<34} nix 2.34 {n234_t:>7.2f} s   narq {narq_t:>7.2f} s   2.34/narq {n234_t / narq_t:>5.2f}x"
             rows.append(line)
             print(line, flush=True)
-            n234_t, _ = nix234_copy("n234-slowbig", big290, via=link.port)
+            n234_t, _ = nix234_copy("n234-slowbig", big290, via=nix_link.port)
             s3.create_bucket(Bucket="narq-n234-slowbig")
             env = fresh_narq("narq-n234-slowbig", f"s3://narq-n234-slowbig?endpoint=127.0.0.1:{link.port}&scheme=http&compression=zstd", sid=True)
             narq_t = narq_push(env, big290, sid=True)
@@ -476,6 +484,7 @@ def main():
             rows.append(line)
             print(line, flush=True)
             link.stop()
+            nix_link.stop()
             for p in (big290,):
                 subprocess.run(["nix-store", "--delete", p], capture_output=True, env=nixenv)
                 subprocess.run(in_sid("nix-store", "--delete", p), capture_output=True, env=nixenv)
