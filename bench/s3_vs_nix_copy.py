@@ -173,7 +173,10 @@ def main():
     state = {"daemon": None}
     big = None
     conf = os.path.join(tmp, "nix")
-    nixenv = dict(os.environ, NIX_CONF_DIR=conf)
+    # A cache directory of this run's own: Nix keeps what it learnt of a binary cache (which
+    # paths it has, for 30 days) keyed by the store's URL, and Nix 2.34's s3:// URL there is
+    # the bucket's name alone, so a bucket name of an earlier run made it skip the upload.
+    nixenv = dict(os.environ, NIX_CONF_DIR=conf, XDG_CACHE_HOME=os.path.join(tmp, "xdg-cache"))
     rows = []
 
     def row(name, a_name, a, b_name, b, note=""):
@@ -408,7 +411,12 @@ def main():
                 s3.create_bucket(Bucket=bucket)
                 url = (f"s3://{bucket}?endpoint=http://127.0.0.1:{via or nix_port}&region=us-east-1&compression=zstd"
                        f"&compression-level={ZSTD_LEVEL}&parallel-compression=true&multipart-upload=true")
-                return timed(in_sid("nix", "--extra-experimental-features", "nix-command", "copy", "--to", url, path), env=nixenv)
+                result = timed(in_sid("nix", "--extra-experimental-features", "nix-command", "copy", "--to", url, path), env=nixenv)
+                # A time only counts if Nix uploaded: the top path's narinfo is there.
+                key = os.path.basename(path)[:32] + ".narinfo"
+                if not any(o["Key"] == key for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])):
+                    sys.exit(f"nix copy --to {url} {path} uploaded no {key}")
+                return result
 
             # The same closure in both stores (same derivations, same paths).
             top = closure_of(300, "n234", sid=True)
