@@ -86,14 +86,20 @@ def sh(*args, **kw):
     return subprocess.run(args, check=True, capture_output=True, text=True, **kw).stdout
 
 
+# The CPU seconds (user + system) of the last command `timed` ran.
+LAST = {"cpu": 0.0}
+
+
 def timed(args, env=None):
-    """Wall seconds and peak RSS (KiB) of a command, via GNU time."""
+    """Wall seconds and peak RSS (KiB) of a command, via GNU time (its CPU time in LAST)."""
     t = time.perf_counter()
-    out = subprocess.run(["/usr/bin/time", "-f", "%M"] + args, env=env, capture_output=True, text=True)
+    out = subprocess.run(["/usr/bin/time", "-f", "%M %U %S"] + args, env=env, capture_output=True, text=True)
     dt = time.perf_counter() - t
     if out.returncode != 0:
         sys.exit(f"{args} failed: {out.stderr}")
-    return dt, int(out.stderr.strip().splitlines()[-1])
+    rss, user, system = out.stderr.strip().splitlines()[-1].split()
+    LAST["cpu"] = float(user) + float(system)
+    return dt, int(rss)
 
 
 class SlowLink:
@@ -446,11 +452,17 @@ def main():
                 print(line, flush=True)
 
             # Loopback.
+            # Where the CPU goes (two cores): the uploader's own, and the server's for it.
             n28_t, _ = nix_copy("n28-small", top)
+            s0 = requests_and_cpu()[1]
             n234_t, _ = nix234_copy("n234-small", top)
+            s1, n234_cpu = requests_and_cpu()[1], LAST["cpu"]
             env = fresh_narq("narq-n234-small", sid=True)
+            c0, s2 = daemon_cpu(), requests_and_cpu()[1]
             narq_t = narq_push(env, top, sid=True)
-            three(f"300 small paths ({SERVER})", n28_t, n234_t, narq_t)
+            c1, s3_cpu = daemon_cpu(), requests_and_cpu()[1]
+            three(f"300 small paths ({SERVER})", n28_t, n234_t, narq_t,
+                  f"CPU s: nix 2.34 {n234_cpu:.2f} + its server {s1 - s0:.2f}, narq {c1 - c0:.2f} + its server {s3_cpu - s2:.2f}")
             t = time.perf_counter()
             subprocess.run(f"nix-store --dump {big290} | zstd -T0 -{ZSTD_LEVEL} | sha256sum", shell=True, check=True,
                            capture_output=True, env=nixenv)
