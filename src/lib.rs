@@ -53,6 +53,8 @@ pub mod nix;
 pub mod par;
 pub mod protocol;
 #[cfg(feature = "daemon")]
+pub mod outcome;
+#[cfg(feature = "daemon")]
 pub mod progress;
 #[cfg(feature = "daemon")]
 pub mod queue;

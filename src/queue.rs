@@ -48,6 +48,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::nix::{PathInfo, Realisation, StorePath};
+use crate::outcome::Outcome;
 use crate::protocol::{DroppedBuild, Failure, Status, WaitSummary};
 
 pub type Result<T> = std::result::Result<T, rusqlite::Error>;
@@ -149,21 +150,6 @@ pub struct Item {
     /// Upload it even though the cache has its narinfo: it is broken there ([`Queue::repair`]).
     pub repair: bool,
 }
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    Uploaded { bytes: u64 },
-    /// Already in the cache.
-    Present,
-    /// In an upstream cache.
-    Upstream,
-    /// No build log was kept.
-    NoLog,
-    /// Left out by the config (`exclude`), for this reason. Counts as done (it will not be
-    /// uploaded, and `wait` does not wait for it); whatever references it is excluded too.
-    Excluded(String),
-}
-
 
 /// Makes `done` items pending again under a new sequence number `?1` (so that `narq wait`
 /// reports what happens to them from here on), for the uploader to check the cache for them;
