@@ -59,8 +59,9 @@ pub mod progress;
 #[cfg(feature = "daemon")]
 pub mod queue;
 pub mod spool;
-pub mod store_url;
+#[cfg(feature = "daemon")]
 pub mod storage;
+pub mod store_url;
 #[cfg(feature = "daemon")]
 pub mod upload;
 #[cfg(feature = "daemon")]
