@@ -5,18 +5,22 @@
 //!   `.drv` outputs, NAR listings, realisations) and the read-only view of the local Nix
 //!   database. Pure but for `db` and `nar::dump`.
 //! - [`config`]: the one TOML configuration of hook, daemon and CLI; [`store_url`]: Nix's
-//!   store-URL syntax.
+//!   store-URL syntax with each backend's options (`s3_options`), parsed without SDK types.
 //! - [`protocol`]: hook ↔ daemon frames (plain `std`, so the hook needs no runtime; their
 //!   async reading and writing only with the `daemon` feature).
 //! - [`hook`]: what `narq-hook` and `narq push` do: closure, signatures, hand-off or spool.
 //! - [`spool`]: requests written to disk while the daemon is away; [`par`]: signing and
 //!   checking signatures on all CPUs; [`dirfd`]: directories used by handle, so that no
 //!   symlink planted below them is followed.
-//! - [`queue`]: the durable queue and all its policy (states, ordering, backoff).
+//! - [`queue`]: the durable queue and all its policy (states, ordering, backoff): `mod.rs`
+//!   the database, then one file per concern — `items`, `lookup` (what admission asks),
+//!   `trust` (how far `done` is trusted), `roots`, `dropped`, `report` (status and wait).
+//! - [`outcome`]: how one upload ends (`Outcome`, `UploadError`), for the queue, the metrics
+//!   and the workers alike.
 //! - [`upload`]: one item from store to target; [`storage`]: where the cache lives — the
 //!   `Target` trait (put/exists for uploads; list, get, open_read, delete and incomplete
-//!   uploads for maintenance), one file per backend, each backend's typed options beside it;
-//!   [`upstream`]: caches whose paths are not uploaded again.
+//!   uploads for maintenance), one file per backend, opened with its options from
+//!   [`store_url`]; [`upstream`]: caches whose paths are not uploaded again.
 //! - [`daemon`]: `mod.rs` wires it up (`run`, the state dir's tmp and reserve); `server`
 //!   (the socket: limits, requests, `status`, `wait`), `admission` (validating and enqueuing
 //!   a request, spool ingestion), `workers` (the dispatcher, which alone holds the in-flight
@@ -32,9 +36,12 @@
 //! - [`metrics`]: counters, the uploads in flight with their progress, and the Prometheus
 //!   endpoint (`metrics-listen`); [`progress`]: how the CLI shows status and progress.
 //!
+//! Dependencies run one way: formats and policy below, the uploader and the daemon above;
+//! no module takes from one that takes from it (`tests/it/structure.rs` fails on a circle,
+//! see docs/development.md).
+//!
 //! Without the `daemon` feature only what `narq-hook` needs is built: `nix`, `config`,
-//! `store_url` with the backends' options (`storage::s3_options`), `protocol`, `hook`,
-//! `spool`, `dirfd` and `par`.
+//! `store_url` with the backends' options, `protocol`, `hook`, `spool`, `dirfd` and `par`.
 
 #[cfg(feature = "daemon")]
 pub mod cache;
@@ -53,12 +60,15 @@ pub mod nix;
 pub mod par;
 pub mod protocol;
 #[cfg(feature = "daemon")]
+pub mod outcome;
+#[cfg(feature = "daemon")]
 pub mod progress;
 #[cfg(feature = "daemon")]
 pub mod queue;
 pub mod spool;
-pub mod store_url;
+#[cfg(feature = "daemon")]
 pub mod storage;
+pub mod store_url;
 #[cfg(feature = "daemon")]
 pub mod upload;
 #[cfg(feature = "daemon")]

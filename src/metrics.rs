@@ -26,8 +26,8 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::protocol::Upload;
-use crate::queue::{Item, Kind, Outcome};
-use crate::upload::UploadError;
+use crate::outcome::{Outcome, UploadError};
+use crate::queue::{Item, Kind};
 
 /// One label, as a [`Family`] keys its metrics.
 type Label = [(&'static str, &'static str); 1];

@@ -21,31 +21,10 @@ use std::time::Instant;
 use crate::cache::collection::{Gate, GcWatch, Look, Settled, Timing};
 use crate::metrics::InFlight;
 use crate::nix::{db, nar, NarInfo, PathInfo, Realisation, StorePath};
-use crate::queue::{Item, Kind, Outcome};
+use crate::outcome::{Outcome, UploadError};
+use crate::queue::{Item, Kind};
 use crate::store_url::{Compression, StoreUrl};
 use crate::storage::{self, Body, Chunk, Target, TempFile};
-
-/// Why an item did not make it.
-#[derive(Debug)]
-pub enum UploadError {
-    /// May pass: retried with backoff.
-    Transient(String),
-    /// Will not pass (path gone, contents differ from the NarHash): recorded and reported.
-    Permanent(String),
-    /// The target failed: retried, and all uploads pause for a while.
-    Target(storage::TargetError),
-}
-
-impl From<storage::TargetError> for UploadError {
-    /// A refusal of this one object fails the item; anything else pauses the target.
-    fn from(e: storage::TargetError) -> Self {
-        if e.permanent {
-            UploadError::Permanent(e.msg)
-        } else {
-            UploadError::Target(e)
-        }
-    }
-}
 
 /// How an item ended well: its outcome, and for a path the marker of the collection epoch
 /// it is safe in (see `cache::collection`): the queue records it `done` only if that is still

@@ -497,7 +497,7 @@ mod tests {
         // The realisation waits for its out path's narinfo.
         let ready: Vec<String> = q.ready(10, &HashSet::new()).unwrap().into_iter().map(|i| i.key).collect();
         assert_eq!(ready, [out.path.to_string()]);
-        q.done(&out.path.to_string(), crate::queue::Outcome::Present, None).unwrap();
+        q.done(&out.path.to_string(), crate::outcome::Outcome::Present, None).unwrap();
         let ready: Vec<String> = q.ready(10, &HashSet::new()).unwrap().into_iter().map(|i| i.key).collect();
         assert_eq!(ready, [format!("realisation:{}", r.id)]);
         std::fs::remove_dir_all(&dir).unwrap();

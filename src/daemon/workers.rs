@@ -19,8 +19,9 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use super::breaker::Breaker;
 use super::shared_queue::SharedQueue;
+use crate::outcome::UploadError;
 use crate::queue::{Item, Queue};
-use crate::upload::{Cost, Done, UploadError, Uploader};
+use crate::upload::{Cost, Done, Uploader};
 
 /// Bytes that small items in flight may hold in memory (NARs made in memory, encoders); one
 /// item always may, whatever its size.

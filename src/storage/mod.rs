@@ -1,6 +1,7 @@
 //! Where the cache lives. The uploader sees only [`Target`]; each backend (`file://` in
-//! [`file`], S3 in [`s3`]) implements it, and owns its options type, parsed from the store
-//! URL in a module without SDK types that the hook builds too ([`s3_options`]).
+//! [`file`], S3 in [`s3`]) implements it, opened with its options type, parsed from the store
+//! URL in a module without SDK types that the hook builds too
+//! ([`crate::store_url::s3_options`]).
 
 #[cfg(feature = "daemon")]
 pub mod file;
@@ -8,8 +9,6 @@ pub mod file;
 mod mtls;
 #[cfg(feature = "daemon")]
 pub mod s3;
-pub mod params;
-pub mod s3_options;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

@@ -39,7 +39,7 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use std::path::Path;
 use std::sync::Arc;
 
-use super::s3_options::{Checksum, Encoding, S3Options};
+use crate::store_url::s3_options::{Checksum, Encoding, S3Options};
 use super::{Body, BoxFuture, Chunk, Incomplete, Object, Reader, Target, TargetError, DELETE_BATCH, MAX_GET};
 
 const PARTS_IN_FLIGHT: usize = 6;
@@ -349,7 +349,7 @@ fn copy_limit() -> u64 {
     const MAX_COPY: u64 = 5 << 30;
     #[cfg(debug_assertions)]
     if let Some(n) = std::env::var("NARQ_TEST_COPY_LIMIT").ok().and_then(|v| v.parse::<u64>().ok()) {
-        return n.max(super::s3_options::MIN_PART);
+        return n.max(crate::store_url::s3_options::MIN_PART);
     }
     MAX_COPY
 }

@@ -35,5 +35,6 @@ mod s3proxy;
 mod services;
 mod setup;
 mod storage;
+mod structure;
 mod util;
 mod verify;

@@ -1,6 +1,6 @@
 //! A store URL's query parameters while they are being read: each parser (the binary-cache
-//! parameters in [`crate::store_url`], each backend's own in its options module) takes the
-//! ones it knows, and what is left at the end is an unknown parameter.
+//! parameters in [`crate::store_url`], each backend's own in its options module beside this
+//! one) takes the ones it knows, and what is left at the end is an unknown parameter.
 //!
 //! The lowest layer of store-URL parsing: `store_url` and the backends' options modules both
 //! depend on it, and it on neither.

@@ -3,14 +3,18 @@
 //!
 //! Parsed completely when the config is read (by hook, CLI and daemon alike): the parameters
 //! every binary cache has are read here, the rest by the backend's own options parser
-//! ([`crate::storage::s3_options`]), and whatever is left is an unknown parameter. A new
-//! backend is one [`Location`] variant, one options parser and one `Target` impl.
+//! ([`s3_options`]), and whatever is left is an unknown parameter ([`params`]). A new backend
+//! is one [`Location`] variant, one options parser here and one `Target` impl in
+//! `crate::storage`, which depends on this module and not the other way round.
+
+pub mod params;
+pub mod s3_options;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use crate::storage::params::{refused, Params};
-use crate::storage::s3_options::S3Options;
+use params::{refused, Params};
+use s3_options::S3Options;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
