@@ -158,6 +158,13 @@ fn daemon_verdict(config: &Config, answer: Result<Result<Response, protocol::Fra
     let not_running = |e: String| format!("no answer on {socket}: {e}: start it (systemctl start narq.socket, or narq daemon)");
     match answer {
         Err(e) => Err(not_running(e)),
+        Ok(Err(protocol::FrameError::Io(e))) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            Err(format!("may not connect to {socket} ({e}): run doctor as root, as the daemon's user, or as a member of the socket's group"))
+        }
+        Ok(Err(protocol::FrameError::Io(e))) if config.socket.parent().is_some_and(|d| !d.exists()) => {
+            let dir = config.socket.parent().map(|d| d.display().to_string()).unwrap_or_default();
+            Err(not_running(format!("{e}; its directory {dir} does not exist (it is made at boot by systemd, else by `install -d -o narq -g narq {dir}`)")))
+        }
         Ok(Err(e)) => Err(not_running(e.to_string())),
         Ok(Ok(Response::Status(s))) => {
             if s.store != store {
@@ -443,6 +450,25 @@ mod tests {
         for bad in ["", "Sun, 06 Nov 1994 08:49:37 UTC", "Sun, 06 Foo 1994 08:49:37 GMT", "Sun, 06 Nov 1994 24:00:00 GMT", "Sun, 06 Nov 1994 08:49 GMT"] {
             assert_eq!(at(bad), None, "{bad}");
         }
+    }
+
+    /// What doctor says when it cannot reach the daemon depends on why (a new user ran it as
+    /// another user and was told to start a daemon that was running).
+    #[test]
+    fn daemon_check_says_why_it_cannot_connect() {
+        let io = |kind| Ok(Err(protocol::FrameError::Io(std::io::Error::from(kind))));
+        let text = |socket: &str| format!("socket = \"{socket}\"\n");
+        let at = |socket: &str, answer| {
+            let config = Config::parse(&text(socket), Some(Path::new("/etc/narq/config.toml"))).unwrap();
+            daemon_verdict(&config, answer, "file:///x").unwrap_err()
+        };
+        let tmp = std::env::temp_dir();
+        let e = at(&tmp.join("narq-doctor-test.sock").to_string_lossy(), io(std::io::ErrorKind::PermissionDenied));
+        assert!(e.contains("run doctor as root, as the daemon's user, or as a member of the socket's group") && !e.contains("start it"), "{e}");
+        let e = at(&tmp.join("narq-doctor-test.sock").to_string_lossy(), io(std::io::ErrorKind::NotFound));
+        assert!(e.contains("start it (systemctl start narq.socket, or narq daemon)") && !e.contains("does not exist"), "{e}");
+        let e = at("/nonexistent-narq-dir/narq.sock", io(std::io::ErrorKind::NotFound));
+        assert!(e.contains("its directory /nonexistent-narq-dir does not exist") && e.contains("install -d -o narq -g narq /nonexistent-narq-dir"), "{e}");
     }
 
     /// Issue 21 item 2: the hook finds a config other than the default only through
