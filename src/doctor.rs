@@ -355,8 +355,17 @@ fn hook_config(checked: &Path, daemon: Option<(u32, Result<Option<PathBuf>, Stri
 }
 
 /// The nix-daemon that accepts connections (not one of its per-client children): its pid
-/// and its `NARQ_CONFIG` (reading another user's environment needs root).
+/// and its `NARQ_CONFIG` (reading another user's environment needs root). One under another
+/// root directory (a chroot or container that shares the process table) serves another
+/// store, not this one: it is left out where its root can be read.
 fn nix_daemon() -> Option<(u32, Result<Option<PathBuf>, String>)> {
+    use std::os::unix::fs::MetadataExt;
+    let root = |path: &str| std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
+    let ours = root("/");
+    let same_root = |pid: &str| match root(&format!("/proc/{pid}/root")) {
+        Some(theirs) => Some(theirs) == ours,
+        None => true,
+    };
     let comm = |pid: &str| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
     let ppid = |pid: &str| {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -367,7 +376,7 @@ fn nix_daemon() -> Option<(u32, Result<Option<PathBuf>, String>)> {
         .ok()?
         .flatten()
         .filter_map(|e| e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()))
-        .filter(|p| comm(&p.to_string()).trim() == "nix-daemon" && comm(&ppid(&p.to_string())).trim() != "nix-daemon")
+        .filter(|p| comm(&p.to_string()).trim() == "nix-daemon" && comm(&ppid(&p.to_string())).trim() != "nix-daemon" && same_root(&p.to_string()))
         .collect();
     pids.sort_unstable();
     let pid = *pids.first()?;

@@ -9,6 +9,12 @@ use crate::filters::{ca_expr, check_build_traces, lines};
 use crate::util::*;
 use std::path::PathBuf;
 use std::process::{Command, Output};
+use std::sync::Mutex;
+
+/// Held by the test that runs a nix-daemon in the chroot, and by `narq doctor` in the chroot:
+/// doctor looks for a nix-daemon among all processes, and the other test's (in the same
+/// chroot, with another config) is not the one Nix there would use.
+static NIX_DAEMON: Mutex<()> = Mutex::new(());
 
 /// A narq set-up whose daemon, hook and Nix are 2.34's, in the chroot: `Narq` with its
 /// commands run inside, and a hook that records the `OUT_PATHS` Nix gave it.
@@ -161,7 +167,10 @@ fn nix234_over_s3_hook_substitute_verify_log_copy_doctor_gc_damage() {
     ok(&n.nix(&["copy", "--from", &s3, "--to", &c2, &outs[0]]), "nix copy --from s3://");
 
     // narq doctor against 2.34's nix.conf: Nix runs the hook.
-    let doctor = n.narq(&["doctor"]);
+    let doctor = {
+        let _alone = NIX_DAEMON.lock().unwrap_or_else(|e| e.into_inner());
+        n.narq(&["doctor"])
+    };
     let text = String::from_utf8_lossy(&doctor.stdout);
     let nix_line = text.lines().find(|l| l.contains("nix")).unwrap_or("");
     assert!(nix_line.contains("post-build-hook") && !nix_line.to_lowercase().contains("fail"), "doctor under 2.34:\n{text}\n{}", String::from_utf8_lossy(&doctor.stderr));
@@ -336,6 +345,7 @@ impl Drop for NixDaemon {
 #[test]
 #[cfg_attr(narq_no_sid, ignore = "needs the Nix 2.34 chroot: scripts/setup.sh makes it (NARQ_SID_DIR names another)")]
 fn nix234_under_nix_daemon_a_user_s_build_is_uploaded_and_substituted() {
+    let _alone = NIX_DAEMON.lock().unwrap_or_else(|e| e.into_inner());
     let sid = Sid::get();
     let t = TempDir::new("n234d");
     let cache = t.join("cache");
