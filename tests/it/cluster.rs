@@ -25,6 +25,24 @@ fn deep_clean(n: &Narq) {
     assert!(out.status.success(), "verify --deep: {}", text(&out));
 }
 
+/// [`deep_clean`] within `secs`. Seen in 2 of 5 runs here, right after the cluster said it
+/// was healthy again: verify found the narinfo of a path gc had deleted (its NAR gone), as
+/// if the node that missed the delete still listed it; in a run that passed, every node
+/// answered 404 for that narinfo. Taken for Garage's anti-entropy not having passed yet (not
+/// proven); each unclean verify is printed, and one still unclean after `secs` fails.
+fn deep_clean_within(n: &Narq, secs: u64, what: &str) {
+    let start = Instant::now();
+    loop {
+        let out = garage::narq(n, &["verify", "--deep"]);
+        if out.status.success() {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(secs), "verify --deep not clean within {secs} s {what}: {}", text(&out));
+        eprintln!("verify --deep {what}, after {:.0?}: {}", start.elapsed(), text(&out));
+        std::thread::sleep(Duration::from_secs(5));
+    }
+}
+
 /// `narq status` (JSON) and when its `uploaded` count reaches `at_least`, within `secs`.
 fn wait_uploaded(n: &Narq, at_least: u64, secs: u64, what: &str) {
     let mut last = serde_json::Value::Null;
@@ -150,7 +168,7 @@ fn garage_node_killed_while_gc_deletes() {
     assert!(proxy.seen().iter().any(|r| r.target.contains("?delete") && r.fault != Fault::Pass && r.status == Some(200)), "the held delete did not succeed");
     c.revive(2);
     c.wait_healthy("the cluster to heal after gc");
-    deep_clean(&n);
+    deep_clean_within(&n, 120, "after the node killed during gc came back");
     n.substitute_from(&keep, &c.web(&b, 2));
     assert_eq!(c.web_status(&b, 2, &format!("{}.narinfo", hash(&keep))), 200);
     assert_eq!(c.web_status(&b, 2, &format!("{}.narinfo", hash(&lose))), 404, "gc kept the unpinned path");
