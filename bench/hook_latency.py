@@ -16,17 +16,16 @@ target/release/narq-hook. With NARQ_BENCH_BASELINE_HOOK (e.g. the hook of an old
 both hooks are timed in the same run, interleaved (one build each in turn) against the same
 daemon, and the ratio is printed: "before and after in one run".
 Usage: bench/hook_latency.py [N]   (needs a release build: cargo build --release; the binaries
-are taken from $CARGO_TARGET_DIR, else target/; NARQ_BENCH_PROFILE=demo takes the demo profile's)
+are taken from $CARGO_TARGET_DIR, else target/)
 """
 import json, os, sqlite3, statistics, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target")
-PROFILE = os.environ.get("NARQ_BENCH_PROFILE", "release")  # cargo's profile: release, or demo
-BIN = os.path.join(TARGET, PROFILE)
+BIN = os.path.join(TARGET, "release")
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 200
 GAP = int(os.environ.get("NARQ_BENCH_GAP_MS", "50")) / 1000
-MUSL_HOOK = os.path.join(TARGET, "x86_64-unknown-linux-musl", PROFILE, "narq-hook")
+MUSL_HOOK = os.path.join(TARGET, "x86_64-unknown-linux-musl", "release", "narq-hook")
 HOOK = os.environ.get("NARQ_BENCH_HOOK") or (MUSL_HOOK if os.path.exists(MUSL_HOOK) else f"{BIN}/narq-hook")
 BASELINE = os.environ.get("NARQ_BENCH_BASELINE_HOOK")
 HOOKS = [HOOK] + ([BASELINE] if BASELINE else [])

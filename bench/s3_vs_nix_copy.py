@@ -43,8 +43,7 @@ settings from a private NIX_CONF_DIR.
 import asyncio, os, re, shutil, statistics, subprocess, sys, tempfile, threading, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# NARQ_BENCH_PROFILE=demo: the binaries of cargo's demo profile (scripts/demo.sh's build).
-BIN = os.path.join(os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target"), os.environ.get("NARQ_BENCH_PROFILE", "release"))
+BIN = os.path.join(os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target"), "release")
 NARQ = os.path.join(BIN, "narq")
 HOOK = os.environ.get("NARQ_BENCH_HOOK") or os.path.join(BIN, "narq-hook")
 VENV = os.path.join(ROOT, ".venv")
