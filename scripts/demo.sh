@@ -25,7 +25,7 @@ command -v cargo >/dev/null || export PATH=$HOME/.cargo/bin:$PATH
 target=$(uname -m)-unknown-linux-musl
 proved "$(nix-build --version), musl-gcc and the Rust target $target are installed"
 
-say 2 "building narq and the static narq-hook (release builds: 15 CPU-minutes the first time, 13 minutes on 2 idle cores; linking narq is silent for minutes)"
+say 2 "building narq and the static narq-hook (release builds: 15 CPU-minutes the first time, about 13 minutes on 2 cores; linking narq is silent for minutes)"
 cargo build --release --locked
 # The static hook the README installs: scripts/build-hook.sh's build, with cargo's progress.
 cargo build --release --locked --no-default-features --bin narq-hook --target "$target"
