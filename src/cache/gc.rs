@@ -890,7 +890,7 @@ enum Batch<'a> {
 /// are returned: they stay whatever the policy says. A renewed root takes its new time in
 /// `m`, so that this collection does not delete it as expired.
 pub async fn since_scan(target: &dyn Target, m: &mut Model, jobs: usize) -> Result<HashSet<String>, TargetError> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Object>>(jobs.max(1) * 2);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Object>>(super::PAGES_QUEUED);
     let mut new_narinfos = Vec::new();
     let mut renewed = HashSet::new();
     let listing = target.list_all(jobs, tx);

@@ -65,9 +65,12 @@ pub struct Index {
 }
 
 impl Index {
-    /// Opens (creating) the index at `path`; its parent directory is created too.
+    /// Opens (creating) the index at `path`; its parent directory is created too. `:memory:`
+    /// (no writable state dir) is a temporary file SQLite deletes when it is closed: in
+    /// memory, the bodies of a whole cache's narinfos would be.
     pub fn open(path: &Path) -> rusqlite::Result<Index> {
-        if let Some(dir) = path.parent() {
+        let path = if path == Path::new(":memory:") { Path::new("") } else { path };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             // An error here shows up as SQLite's own when it opens the file.
             let _ = std::fs::create_dir_all(dir);
         }
@@ -195,6 +198,15 @@ mod tests {
         assert_eq!(ix.prune("", None, &mut |_| true).unwrap(), 0);
         assert_eq!((ix.len().unwrap(), ix.get("b").unwrap()), (2, None));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Without a state dir, a temporary index on disk: it works, and is gone once closed.
+    #[test]
+    fn a_temporary_index_works() {
+        let mut ix = Index::open(Path::new(":memory:")).unwrap();
+        ix.put(&[("a".into(), row("s1", "A"))]).unwrap();
+        assert_eq!((ix.get("a").unwrap(), ix.len().unwrap()), (Some(row("s1", "A")), 1));
+        assert_eq!(Index::open(Path::new(":memory:")).unwrap().len().unwrap(), 0);
     }
 
     /// An index of an older narq (no verdicts) keeps what it holds.

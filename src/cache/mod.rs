@@ -29,6 +29,11 @@ pub use crate::par::try_concurrently;
 /// read together.
 const BATCH: usize = 1000;
 
+/// Pages of a listing ([`crate::storage::LIST_PAGE`] objects each) queued for the reader
+/// beyond the one each part being listed holds: what is in flight stays the same whatever
+/// the size of the cache, and the listing waits while the checks are behind.
+pub const PAGES_QUEUED: usize = 4;
+
 /// A top-level narinfo as a scan read it.
 #[derive(Debug, Clone)]
 pub struct Read {
@@ -160,7 +165,7 @@ where
     Fut: Future<Output = Result<Vec<Read>, ScanError>>,
 {
     let known = ix.with(|i| i.len())?;
-    let (pages_tx, pages) = tokio::sync::mpsc::channel::<Vec<Object>>(list_jobs.max(1) * 2);
+    let (pages_tx, pages) = tokio::sync::mpsc::channel::<Vec<Object>>(PAGES_QUEUED);
     let (batch_tx, batches) = tokio::sync::mpsc::channel::<Vec<Read>>(1);
     let stats = Cell::new(Stats::default());
     let found_in_index = Cell::new(0u64);
