@@ -31,7 +31,7 @@ pub struct GcOptions {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(super::runtime()?)
 }
 
 async fn open(config: &Config) -> anyhow::Result<Arc<dyn Target>> {

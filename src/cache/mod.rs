@@ -96,6 +96,18 @@ pub enum ScanError {
     Io(#[from] std::io::Error),
 }
 
+/// Threads for blocking work (`file://` reads, listing, checks) at most: enough for the
+/// default 32 reads in flight and the stages beside them. Tokio's default (512) lets a
+/// loaded machine's pool grow to hundreds of threads over a long scan (a new one whenever
+/// none is idle at the moment a read is handed over), each with its stack and malloc arena:
+/// memory that grew with the length of the run.
+const BLOCKING_THREADS: usize = 40;
+
+/// The runtime `verify`, `sign`, `gc` and `rm` run on.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().max_blocking_threads(BLOCKING_THREADS).build()
+}
+
 /// Where the index of the cache at `store` (its URL, or [`Target::describe`]) lives under
 /// the state dir: one file per cache, so that switching caches keeps each one warm.
 pub fn index_path(state_dir: &Path, store: &str) -> PathBuf {

@@ -710,7 +710,7 @@ impl Default for ProgressLine {
 /// read it with: what `verify` and `sign` start from.
 pub fn open(config: &crate::config::Config, store: Option<&crate::store_url::StoreUrl>) -> anyhow::Result<(tokio::runtime::Runtime, std::sync::Arc<dyn Target>, std::path::PathBuf)> {
     let url = store.unwrap_or(&config.store);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = super::runtime()?;
     let target = rt.block_on(crate::storage::open(url)).map_err(anyhow::Error::msg)?;
     let index = super::index_path(&config.state_dir, &url.identity());
     // A user who may not write the state dir still gets an audit, only without a warm index.
