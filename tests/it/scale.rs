@@ -89,8 +89,10 @@ fn peak(cmd: &mut Command) -> (Output, u64) {
 
 #[test]
 fn verify_does_not_grow_with_the_cache_and_gc_keeps_under_200_bytes_a_path() {
+    let began = Instant::now();
     let t = TempDir::new("scale");
     let key = SecretKey::generate("scale-1").unwrap();
+    eprintln!("set up in {:.1} s", began.elapsed().as_secs_f64());
     let mut measured = Vec::new();
     for n in [25_000usize, 100_000] {
         let start = Instant::now();
@@ -114,14 +116,27 @@ fn verify_does_not_grow_with_the_cache_and_gc_keeps_under_200_bytes_a_path() {
             assert!(out.status.success(), "narq {args:?}: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
             (out, rss)
         };
+        let t = Instant::now();
         let (out, verify) = narq(&["verify"]);
+        let verify_secs = t.elapsed();
         assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("checked {n} paths")), "{}", String::from_utf8_lossy(&out.stdout));
+        let t = Instant::now();
         let (out, gc) = narq(&["gc", "--dry-run"]);
+        let gc_secs = t.elapsed();
         let summary = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("").to_string();
         assert!(summary.starts_with("gc: would remove ") && !summary.starts_with("gc: would remove 0 paths"), "{summary}");
-        eprintln!("{n} paths: generated in {:.1} s; verify peak RSS {:.1} MiB, gc --dry-run {:.1} MiB ({:.1} s in all)", generated.as_secs_f64(), verify as f64 / 1048576.0, gc as f64 / 1048576.0, start.elapsed().as_secs_f64());
-        measured.push((n, verify, gc));
+        let t = Instant::now();
         std::fs::remove_dir_all(&cache).unwrap();
+        eprintln!(
+            "{n} paths: generated in {:.1} s; verify {:.1} s, peak RSS {:.1} MiB; gc --dry-run {:.1} s, {:.1} MiB; removed in {:.1} s",
+            generated.as_secs_f64(),
+            verify_secs.as_secs_f64(),
+            verify as f64 / 1048576.0,
+            gc_secs.as_secs_f64(),
+            gc as f64 / 1048576.0,
+            t.elapsed().as_secs_f64()
+        );
+        measured.push((n, verify, gc));
     }
     let [(n0, v0, g0), (n1, v1, g1)] = measured[..] else { unreachable!() };
     let more = (n1 - n0) as u64;
