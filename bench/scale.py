@@ -16,7 +16,7 @@ With `--store garage` the cache is first uploaded to a 3-node Garage cluster (be
 every object is new there, so gc runs with `--grace 0s`); gc-real then comes last and removes
 from the bucket itself.
 
-Each line: case, seconds, peak RSS (the process's own, from wait4), the calls by kind
+Each line: case, seconds, CPU seconds (user + system: what a loaded machine does not hide), peak RSS (the process's own, from wait4), the calls by kind
 (`--json`'s `calls`; older narq reports none: then what its `--json` says it read), the
 load average before the run. `--narq` names the binary (default target/release/narq), so the
 same cache measures two builds; `--json FILE` appends the lines as JSON.
@@ -27,12 +27,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_rss(argv, env, ok=(0,)):
-    """Runs argv with its output in files; returns (seconds, peak RSS MiB, stdout, stderr)."""
+    """Runs argv with its output in files; returns (seconds, peak RSS MiB, stdout, stderr); the
+    CPU seconds it used (user + system) are in CPU[0] after."""
     with tempfile.TemporaryFile("w+") as o, tempfile.TemporaryFile("w+") as e:
         t = time.perf_counter()
         p = subprocess.Popen(argv, env=env, stdout=o, stderr=e)
         _, status, ru = os.wait4(p.pid, 0)
         dt = time.perf_counter() - t
+        CPU[0] = ru.ru_utime + ru.ru_stime
         p.returncode = os.waitstatus_to_exitcode(status)
         o.seek(0)
         e.seek(0)
@@ -40,6 +42,9 @@ def run_rss(argv, env, ok=(0,)):
     if p.returncode not in ok:
         sys.exit(f"{' '.join(argv[:3])}: exit {p.returncode}\n{out[-3000:]}\n{err[-3000:]}")
     return dt, ru.ru_maxrss / 1024, out, err
+
+
+CPU = [0.0]
 
 
 def config(path, state, store, public_key):
@@ -77,10 +82,10 @@ def main():
 
     def line(case, secs, rss, report, **extra):
         load = os.getloadavg()[0]
-        r = dict(label=args.label, store=args.store, paths=meta["paths"], case=case, seconds=round(secs, 2), peak_rss_mib=round(rss, 1),
+        r = dict(label=args.label, store=args.store, paths=meta["paths"], case=case, seconds=round(secs, 2), cpu_seconds=round(CPU[0], 1), peak_rss_mib=round(rss, 1),
                  calls=report.get("calls"), load=extra.pop("load", load), **extra)
         results.append(r)
-        print(f"{args.label:<8} {args.store:<6} {case:<12} {secs:8.1f} s  {rss:8.1f} MiB  {calls_of(report):<60} load {r['load']:.1f}", flush=True)
+        print(f"{args.label:<8} {args.store:<6} {case:<12} {secs:8.1f} s  cpu {CPU[0]:7.1f} s  {rss:8.1f} MiB  {calls_of(report):<60} load {r['load']:.1f}", flush=True)
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps(r) + "\n")
