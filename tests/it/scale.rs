@@ -8,7 +8,7 @@ use crate::util::*;
 use narq::nix::{nixbase32, NarInfo, PathInfo, SecretKey, Sha256, StorePath};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Instant;
 
 /// A NAR of one regular file.
 fn nar_of(contents: &[u8]) -> Vec<u8> {
@@ -22,18 +22,18 @@ fn nar_of(contents: &[u8]) -> Vec<u8> {
 }
 
 /// Writes a `file://` cache of `n` signed paths with tiny NARs: each path references up to
-/// three of the 2,000 before it, every 20th is a root written a day ago; everything else is
-/// dated ten days ago (older than gc's grace), so `gc --dry-run` plans the unrooted ones away.
+/// three of the 2,000 before it, every 20th is a root. Everything is written now: `gc
+/// --grace 0s` plans the unrooted ones away. The paths are signed and written on two threads.
 fn synthetic(cache: &Path, n: usize, key: &SecretKey) {
     std::fs::create_dir_all(cache.join("nar")).unwrap();
     std::fs::create_dir_all(cache.join("narq/roots")).unwrap();
     std::fs::write(cache.join("nix-cache-info"), "StoreDir: /nix/store\n").unwrap();
-    let old = SystemTime::now() - Duration::from_secs(10 * 86400);
-    let write = |p: &Path, b: &[u8], t: SystemTime| {
-        std::fs::write(p, b).unwrap();
-        std::fs::File::options().write(true).open(p).unwrap().set_modified(t).unwrap();
-    };
-    let mut paths: Vec<StorePath> = Vec::with_capacity(n);
+    let paths: Vec<StorePath> = (0..n)
+        .map(|i| {
+            let hash = nixbase32::encode(&Sha256::digest(format!("scale-{n}-{i}").as_bytes()).0[..20]);
+            StorePath::parse(&format!("/nix/store/{hash}-scale-{i}")).unwrap()
+        })
+        .collect();
     let mut seed = 0x2545f4914f6cdd1du64;
     let mut next = move |m: usize| {
         seed ^= seed << 13;
@@ -41,26 +41,28 @@ fn synthetic(cache: &Path, n: usize, key: &SecretKey) {
         seed ^= seed << 17;
         (seed % m as u64) as usize
     };
-    for i in 0..n {
-        let hash = nixbase32::encode(&Sha256::digest(format!("scale-{n}-{i}").as_bytes()).0[..20]);
-        let path = StorePath::parse(&format!("/nix/store/{hash}-scale-{i}")).unwrap();
+    let refs: Vec<Vec<usize>> = (0..n).map(|i| (0..(if i > 0 { next(4) } else { 0 })).map(|_| i - 1 - next(i.min(2000))).collect()).collect();
+    let write = |i: usize| {
+        let path = &paths[i];
         let nar = nar_of(format!("{path}\n").as_bytes());
         let nar_hash = Sha256::digest(&nar);
-        let mut references: std::collections::BTreeSet<StorePath> = Default::default();
-        for _ in 0..(if i > 0 { next(4) } else { 0 }) {
-            references.insert(paths[i - 1 - next(i.min(2000))].clone());
-        }
+        let references = refs[i].iter().map(|r| paths[*r].clone()).collect();
         let info = PathInfo { path: path.clone(), nar_hash, nar_size: nar.len() as u64, references, deriver: None, sigs: Default::default(), ca: None };
         let url = format!("nar/{}.nar", nar_hash.to_base32());
         let mut ni = NarInfo { info, url, compression: "none".into(), file_hash: Some(nar_hash), file_size: Some(nar.len() as u64) };
         ni.info.sign(key);
-        write(&cache.join(&ni.url), &nar, old);
-        write(&cache.join(format!("{hash}.narinfo")), ni.to_string().as_bytes(), old);
+        std::fs::write(cache.join(&ni.url), &nar).unwrap();
+        std::fs::write(cache.join(format!("{}.narinfo", path.hash_part())), ni.to_string()).unwrap();
         if i % 20 == 19 {
-            write(&cache.join(format!("narq/roots/{hash}")), format!("{path}\nnarq-protocol 2\n").as_bytes(), SystemTime::now() - Duration::from_secs(86400));
+            std::fs::write(cache.join(format!("narq/roots/{}", path.hash_part())), format!("{path}\nnarq-protocol 2\n")).unwrap();
         }
-        paths.push(path);
-    }
+    };
+    std::thread::scope(|s| {
+        let write = &write;
+        for half in [0, 1] {
+            s.spawn(move || (half..n).step_by(2).for_each(write));
+        }
+    });
 }
 
 /// Runs `cmd` to its end: its output and its peak resident memory in bytes (wait4's).
@@ -121,7 +123,7 @@ fn verify_does_not_grow_with_the_cache_and_gc_keeps_under_200_bytes_a_path() {
         let verify_secs = t.elapsed();
         assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("checked {n} paths")), "{}", String::from_utf8_lossy(&out.stdout));
         let t = Instant::now();
-        let (out, gc) = narq(&["gc", "--dry-run"]);
+        let (out, gc) = narq(&["gc", "--dry-run", "--grace", "0s"]);
         let gc_secs = t.elapsed();
         let summary = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("").to_string();
         assert!(summary.starts_with("gc: would remove ") && !summary.starts_with("gc: would remove 0 paths"), "{summary}");
