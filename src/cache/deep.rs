@@ -38,9 +38,20 @@ pub struct Checked {
 /// unreadable, a hash or size that differs, not a NAR). A failure to talk to the target is
 /// an `Err` too, prefixed so.
 pub async fn check(target: &dyn Target, ni: &NarInfo) -> Result<(), String> {
-    let Some(mut reader) = target.open_read(&ni.url).await.map_err(|e| format!("reading {}: {e}", ni.url))? else {
-        return Err(format!("NAR {} is missing", ni.url));
+    check_if_there(target, ni).await.unwrap_or_else(|| Err(format!("NAR {} is missing", ni.url)))
+}
+
+/// [`check`], `None` if the NAR is missing (a check that needs no download says so).
+pub async fn check_if_there(target: &dyn Target, ni: &NarInfo) -> Option<Result<(), String>> {
+    let mut reader = match target.open_read(&ni.url).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return None,
+        Err(e) => return Some(Err(format!("reading {}: {e}", ni.url))),
     };
+    Some(read_and_compare(reader.as_mut(), ni).await)
+}
+
+async fn read_and_compare(reader: &mut (dyn tokio::io::AsyncRead + Send + Unpin), ni: &NarInfo) -> Result<(), String> {
     let plain = ni.compression == "none";
     let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(DEPTH);
     let compression = ni.compression.clone();

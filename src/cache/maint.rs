@@ -14,8 +14,11 @@ use super::collection::{self, Run, Timing};
 use super::gc::{self, human, Model, Plan, Policy, RmRefused};
 use super::roots;
 use crate::config::Config;
-use crate::nix::StorePath;
+use crate::nix::{NarInfo, StorePath};
 use crate::storage::{self, Body, Target};
+
+/// Parts of the key space listed at once.
+const LIST_JOBS: usize = 32;
 
 /// `narq gc`'s options; `None` takes the config's `[gc]`.
 #[derive(Debug, Default)]
@@ -28,69 +31,124 @@ pub struct GcOptions {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(super::runtime()?)
 }
 
 async fn open(config: &Config) -> anyhow::Result<Arc<dyn Target>> {
     storage::open(&config.store).await.map_err(|e| anyhow::anyhow!("store {}: {e}", config.store.original))
 }
 
-/// Scans the cache (through the index in the state dir) and reads the pins.
+/// Scans the cache (through the index in the state dir) into a [`Model`], and reads the pins.
 async fn model(config: &Config, target: &dyn Target) -> anyhow::Result<(Model, Stats)> {
     let start = Instant::now();
-    let ix = super::index_path(&config.state_dir, &config.store.identity());
+    let ix = super::Indexed::open(&super::index_path(&config.state_dir, &config.store.identity()))?;
     let jobs = (config.jobs * 8).clamp(8, 64);
-    let scan = super::scan(target, &ix, jobs, &|_| {}).await.with_context(|| format!("scanning {}", target.describe()))?;
-    let stats = Stats { objects: (scan.objects.len() + scan.narinfos.len()) as u64, fetched: scan.fetched, scan_ms: start.elapsed().as_millis() as u64 };
-    let pins = roots::pins(target).await?;
-    let mut m = Model::from_scan(scan, pins);
-    // What a narinfo that does not parse names stays (few: each is read again here).
-    for k in m.unreadable.clone() {
-        if let Some(body) = target.get(&k).await? {
-            m.held.push(gc::Held::lenient(&k, &body));
+    let m = std::cell::RefCell::new(Model::default());
+    let mut on_object = |o| m.borrow_mut().add_object(o);
+    let on_batch = |batch: Vec<super::Read>| {
+        let m = &m;
+        async move {
+            // Parsed on every CPU, off the runtime; kept here, one compact record each.
+            let batch = std::sync::Arc::new(batch);
+            let work = batch.clone();
+            let parsed = tokio::task::spawn_blocking(move || crate::par::map(&work, |r| r.body.as_ref().map(|b| b.as_ref().ok().map(|t| NarInfo::parse(t).map(|i| gc::Entry::new(&i, &r.object))))))
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            let batch = std::sync::Arc::try_unwrap(batch).map_err(|_| std::io::Error::other("a parse is still running"))?;
+            let mut m = m.borrow_mut();
+            for (r, p) in batch.iter().zip(parsed) {
+                match p {
+                    None => {}
+                    Some(Some(Ok(e))) => m.add_narinfo(r.hash_part(), e),
+                    Some(_) => m.add_unreadable(&r.object.key, r.body.as_ref().map_or(&[][..], |b| b.as_ref().map_or(&[][..], |t| t.as_bytes()))),
+                }
+            }
+            Ok(batch)
         }
+    };
+    let scanned = super::scan(target, &ix, jobs, jobs, &mut on_object, on_batch, &|_| {}).await.with_context(|| format!("scanning {}", target.describe()))?;
+    let mut m = m.into_inner();
+    if scanned.gone > 0 {
+        let unreadable: HashSet<&str> = m.unreadable.iter().map(String::as_str).collect();
+        ix.prune("", None, &mut |k| k.strip_suffix(".narinfo").is_some_and(|hp| m.has(hp)) || unreadable.contains(k))?;
     }
+    m.incomplete = super::incomplete(target).await?.0;
+    m.pins = roots::pins(target).await?;
+    let stats = Stats { objects: scanned.objects, fetched: scanned.fetched, scan_ms: start.elapsed().as_millis() as u64 };
     Ok((m, stats))
 }
 
 /// What a scan cost, for `--json` and the benchmark.
 #[derive(Debug, Default, Serialize)]
 struct Stats {
-    /// Objects listed (one LIST request per 1000 on S3).
+    /// Objects listed.
     objects: u64,
     /// Narinfos read from the cache (the rest came from the index).
     fetched: u64,
     scan_ms: u64,
 }
 
-#[derive(Serialize)]
+/// `--json`: the plan, its paths and keys written out as they are rendered.
 struct Summary<'a> {
     dry_run: bool,
-    #[serde(flatten)]
     plan: &'a Plan,
-    incomplete: usize,
-    unreadable: &'a [String],
+    m: &'a Model,
     scan: &'a Stats,
+    calls: storage::Calls,
 }
 
-fn print(what: &str, plan: &Plan, m: &Model, stats: &Stats, dry_run: bool, json: bool) -> anyhow::Result<()> {
+impl Serialize for Summary<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        /// A sequence serialized as its iterator goes (once).
+        struct Seq<I>(std::cell::RefCell<Option<I>>);
+        impl<I: Iterator<Item = T>, T: Serialize> Serialize for Seq<I> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_seq(self.0.borrow_mut().take().into_iter().flatten())
+            }
+        }
+        fn seq<I>(i: I) -> Seq<I> {
+            Seq(std::cell::RefCell::new(Some(i)))
+        }
+        let (p, m) = (self.plan, self.m);
+        let mut map = s.serialize_map(None)?;
+        map.serialize_entry("dry_run", &self.dry_run)?;
+        map.serialize_entry("rounds", &seq(p.rounds.iter().map(|r| seq(r.iter().map(|id| m.narinfo_key(*id))))))?;
+        map.serialize_entry("paths", &seq(p.paths(m)))?;
+        map.serialize_entry("objects", &seq(p.object_keys(m)))?;
+        map.serialize_entry("freed", &p.freed)?;
+        map.serialize_entry("kept_paths", &p.kept_paths)?;
+        map.serialize_entry("kept_bytes", &p.kept_bytes)?;
+        map.serialize_entry("dropped_roots", &p.dropped_roots)?;
+        map.serialize_entry("incomplete", &p.incomplete.len())?;
+        map.serialize_entry("unreadable", &m.unreadable)?;
+        map.serialize_entry("scan", self.scan)?;
+        map.serialize_entry("calls", &self.calls)?;
+        map.end()
+    }
+}
+
+fn print(what: &str, plan: &Plan, m: &Model, stats: &Stats, calls: storage::Calls, dry_run: bool, json: bool) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if json {
-        let s = Summary { dry_run, plan, incomplete: plan.incomplete.len(), unreadable: &m.unreadable, scan: stats };
-        println!("{}", serde_json::to_string_pretty(&s)?);
-        return Ok(());
+        serde_json::to_writer_pretty(&mut out, &Summary { dry_run, plan, m, scan: stats, calls })?;
+        writeln!(out)?;
+        return Ok(out.flush()?);
     }
     let verb = if dry_run { "would remove" } else { "removed" };
-    for p in &plan.paths {
-        println!("{verb} {p}");
+    for p in plan.paths(m) {
+        writeln!(out, "{verb} {p}")?;
     }
+    out.flush()?;
     for p in &plan.dropped_roots {
         eprintln!("narq: {what}: max-size: gave up the root {p}");
     }
     for k in &m.unreadable {
         eprintln!("narq: {what}: {k} does not parse; left alone");
     }
-    println!("{}", summary_line(what, plan, dry_run));
-    Ok(())
+    writeln!(out, "{}", summary_line(what, plan, dry_run))?;
+    Ok(out.flush()?)
 }
 
 /// `rm: would remove 1 path and 2 other objects (NARs, listings, logs, roots): 2.6 KiB; 3 paths stay (5.1 KiB)`.
@@ -99,7 +157,7 @@ fn summary_line(what: &str, plan: &Plan, dry_run: bool) -> String {
     format!(
         "{what}: {} {} and {} (NARs, listings, logs, roots): {}{}; {} ({})",
         if dry_run { "would remove" } else { "removed" },
-        n(plan.paths.len(), "path", "paths"),
+        n(plan.path_count(), "path", "paths"),
         n(plan.objects.len(), "other object", "other objects"),
         human(plan.freed),
         match plan.incomplete.len() {
@@ -123,9 +181,8 @@ pub fn gc(config: &Config, o: &GcOptions) -> anyhow::Result<bool> {
             now: SystemTime::now(),
         };
         let plan = gc::plan_gc(&m, &policy, &HashSet::new());
-        let nothing = plan.rounds.is_empty() && plan.objects.is_empty() && plan.incomplete.is_empty();
-        if o.dry_run || nothing {
-            print("gc", &plan, &m, &stats, o.dry_run, o.json)?;
+        if o.dry_run || plan.is_empty() {
+            print("gc", &plan, &m, &stats, target.calls(), o.dry_run, o.json)?;
             return Ok(true);
         }
         if let Some(why) = m.old_writers(&*target, policy.now).await? {
@@ -135,21 +192,21 @@ pub fn gc(config: &Config, o: &GcOptions) -> anyhow::Result<bool> {
         let mut run = Run::begin(&*target, "gc").await?;
         let result = async {
             run.wait_lease().await?;
-            let also = gc::since_scan(&*target, &mut m).await?;
+            let also = gc::since_scan(&*target, &mut m, LIST_JOBS).await?;
             // Ages by the store's clock, not this machine's.
             let policy = Policy { now: run.server_now(), ..policy };
             if let Some(why) = m.old_writers(&*target, policy.now).await? {
                 return Ok(Err(why));
             }
             let plan = gc::plan_gc(&m, &policy, &also);
-            gc::execute(&*target, &mut run, &plan).await?;
+            gc::execute(&*target, &mut run, &plan, &m).await?;
             anyhow::Ok(Ok(plan))
         }
         .await;
         // Deleting may have begun: the generation moves whatever happened.
         let result = ended(result, run.end().await, "gc", "ending the collection (daemons wait for it until its heartbeat is 2 minutes old)")?;
         match result {
-            Ok(plan) => print("gc", &plan, &m, &stats, false, o.json)?,
+            Ok(plan) => print("gc", &plan, &m, &stats, target.calls(), false, o.json)?,
             Err(why) => {
                 eprintln!("narq: gc: refused: {why}");
                 return Ok(false);
@@ -200,7 +257,7 @@ pub fn rm(config: &Config, paths: &[StorePath], with_referrers: bool, dry_run: b
             }
             Ok(false)
         };
-        for p in paths.iter().filter(|p| !m.narinfos.contains_key(p.hash_part())) {
+        for p in paths.iter().filter(|p| !m.has(p.hash_part())) {
             eprintln!("narq: rm: {p} is not in the cache");
         }
         let plan = match gc::plan_rm(&m, paths, with_referrers) {
@@ -208,7 +265,7 @@ pub fn rm(config: &Config, paths: &[StorePath], with_referrers: bool, dry_run: b
             Err(e) => return refused(e),
         };
         if dry_run || plan.rounds.is_empty() {
-            print("rm", &plan, &m, &stats, dry_run, false)?;
+            print("rm", &plan, &m, &stats, target.calls(), dry_run, false)?;
             return Ok(true);
         }
         let now = SystemTime::now();
@@ -220,12 +277,12 @@ pub fn rm(config: &Config, paths: &[StorePath], with_referrers: bool, dry_run: b
         let result = async {
             run.wait_lease().await?;
             // A referrer uploaded meanwhile is seen here: refused, or removed too.
-            gc::since_scan(&*target, &mut m).await?;
+            gc::since_scan(&*target, &mut m, LIST_JOBS).await?;
             if let Some(why) = m.old_writers(&*target, run.server_now()).await? {
                 return Ok(Err(RmRefused::OldWriters(why)));
             }
             match gc::plan_rm(&m, paths, with_referrers) {
-                Ok(plan) => gc::execute(&*target, &mut run, &plan).await.map(|()| Ok(plan)).map_err(anyhow::Error::from),
+                Ok(plan) => gc::execute(&*target, &mut run, &plan, &m).await.map(|()| Ok(plan)).map_err(anyhow::Error::from),
                 Err(e) => Ok(Err(e)),
             }
         }
@@ -233,7 +290,7 @@ pub fn rm(config: &Config, paths: &[StorePath], with_referrers: bool, dry_run: b
         let result = ended(result, run.end().await, "rm", "ending the removal")?;
         match result {
             Ok(plan) => {
-                print("rm", &plan, &m, &stats, false, false)?;
+                print("rm", &plan, &m, &stats, target.calls(), false, false)?;
                 Ok(true)
             }
             Err(e) => refused(e),
@@ -306,7 +363,7 @@ mod tests {
     /// Issue 21: "1 other objects", and rm's "3 paths stay (0 B)" beside gc's size.
     #[test]
     fn the_summary_counts_in_words() {
-        let plan = Plan { paths: vec!["/nix/store/x-a".into()], objects: vec!["nar/a.nar".into()], freed: 2662, kept_paths: 3, kept_bytes: 5222, ..Plan::default() };
+        let plan = Plan { rounds: vec![vec![0]], objects: vec![gc::Doomed::Other(0)], freed: 2662, kept_paths: 3, kept_bytes: 5222, ..Plan::default() };
         assert_eq!(summary_line("rm", &plan, true), "rm: would remove 1 path and 1 other object (NARs, listings, logs, roots): 2.6 KiB; 3 paths stay (5.1 KiB)");
         let plan = Plan { kept_paths: 1, ..Plan::default() };
         assert_eq!(summary_line("gc", &plan, false), "gc: removed 0 paths and 0 other objects (NARs, listings, logs, roots): 0 B; 1 path stays (0 B)");

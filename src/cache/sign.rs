@@ -11,13 +11,14 @@
 //! collection gate (`cache::collection`), with `If-Match` where the store honours it, so a
 //! signature another writer added meanwhile is never lost.
 
-use std::collections::{BTreeSet, HashMap};
+use std::cell::RefCell;
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
 use super::collection::{Gate, GcWatch, Settled, Timing};
-use super::{scan, try_concurrently, NarInfoEntry, ScanError};
+use super::{try_concurrently, ScanError};
 use crate::nix::db::NixDb;
 use crate::nix::{NarInfo, PublicKey, SecretKey, StorePath};
 use crate::storage::{self, Body, Target, TargetError};
@@ -92,26 +93,35 @@ fn untrusted(ni: &NarInfo, trusted: &[PublicKey], db: Option<&NixDb>) -> Option<
     None
 }
 
-/// Signs the narinfos of `opts.paths` (all without) in the cache at `target`.
+/// What to do with one narinfo.
+enum Decision {
+    Sign(NarInfo),
+    Already,
+    Refused(String, String),
+}
+
+/// Whether `r` may be signed (see the module doc) and needs it.
+fn decide(r: &super::Read, public: &PublicKey, opts: &Options, db: Option<&NixDb>) -> Option<Decision> {
+    let key = &r.object.key;
+    let ni = match r.body.as_ref()?.as_ref().map_err(Clone::clone).and_then(|t| NarInfo::parse(t).map_err(|e| e.to_string())) {
+        Ok(ni) if ni.info.path.hash_part() == r.hash_part() => ni,
+        Ok(ni) => return Some(Decision::Refused(key.clone(), format!("names {}, not the path of its key", ni.info.path))),
+        Err(why) => return Some(Decision::Refused(key.clone(), format!("does not parse: {why}"))),
+    };
+    if ni.info.signed_by_any(std::slice::from_ref(public)) {
+        return Some(Decision::Already);
+    }
+    Some(match untrusted(&ni, &opts.trusted, db) {
+        Some(why) => Decision::Refused(ni.info.path.to_string(), why),
+        None => Decision::Sign(ni),
+    })
+}
+
+/// Signs the narinfos of `opts.paths` (all without) in the cache at `target`: named paths are
+/// read one by one; `--all` streams the cache ([`super::scan`]), a batch at a time.
 pub async fn sign(shared: &Arc<dyn Target>, index_path: &Path, opts: &Options) -> Result<Report, ScanError> {
     let target = &**shared;
     let watch = GcWatch::new(shared.clone(), Box::new(|_| Ok(())));
-    let watch = &watch;
-    let s = scan(target, index_path, opts.jobs, &|_| {}).await?;
-    let by_hash: HashMap<&str, &NarInfoEntry> = s.narinfos.iter().map(|e| (e.hash_part(), e)).collect();
-    let mut report = Report::default();
-    let selected: Vec<&NarInfoEntry> = if opts.paths.is_empty() {
-        s.narinfos.iter().collect()
-    } else {
-        let mut out = Vec::new();
-        for p in &opts.paths {
-            match by_hash.get(p.hash_part()) {
-                Some(e) => out.push(*e),
-                None => report.refused.push((p.to_string(), "has no narinfo in the cache".into())),
-            }
-        }
-        out
-    };
     let public = opts.key.public();
     // The local store vouches for what it holds; without it only trusted signatures do.
     let db = match NixDb::open_default() {
@@ -121,90 +131,123 @@ pub async fn sign(shared: &Arc<dyn Target>, index_path: &Path, opts: &Options) -
             None
         }
     };
-    let mut todo: Vec<&NarInfo> = Vec::new();
-    for e in selected {
-        let ni = match &e.info {
-            Ok(ni) if ni.info.path.hash_part() == e.hash_part() => ni,
-            Ok(ni) => {
-                report.refused.push((e.object.key.clone(), format!("names {}, not the path of its key", ni.info.path)));
-                continue;
-            }
-            Err(why) => {
-                report.refused.push((e.object.key.clone(), format!("does not parse: {why}")));
-                continue;
-            }
-        };
-        if ni.info.signed_by_any(std::slice::from_ref(&public)) {
-            report.already += 1;
-            continue;
-        }
-        match untrusted(ni, &opts.trusted, db.as_ref()) {
-            Some(why) => report.refused.push((ni.info.path.to_string(), why)),
-            None => todo.push(ni),
-        }
-    }
-    drop(db);
     let conditional = target.conditional_puts().await?;
     if let Err(why) = &conditional {
         eprintln!("narq: sign: {}: {why}; narinfos are written back without If-Match, so a signature another writer adds at the same moment may be lost (run sign again to see)", target.describe());
     }
     let conditional = conditional.is_ok();
-    let results = try_concurrently(todo, opts.jobs, |ni| async move {
-        let path = ni.info.path.to_string();
-        if opts.deep {
-            if let Err(why) = super::deep::check(target, ni).await {
-                return Ok::<_, TargetError>(Err((path, why)));
+    let report = RefCell::new(Report::default());
+    let decided = |reads: &[super::Read]| -> Vec<NarInfo> {
+        let mut report = report.borrow_mut();
+        let mut todo = Vec::new();
+        for d in reads.iter().filter_map(|r| decide(r, &public, opts, db.as_ref())) {
+            match d {
+                Decision::Sign(ni) => todo.push(ni),
+                Decision::Already => report.already += 1,
+                Decision::Refused(what, why) => report.refused.push((what, why)),
             }
         }
-        let sig = opts.key.sign(&ni.info.fingerprint());
-        let key = format!("{}.narinfo", ni.info.path.hash_part());
-        for _ in 0..5 {
-            let open = match watch.wait_open(Timing::get().gc_wait).await? {
-                Gate::Open(look) => look,
-                Gate::Held(why) => return Ok(Err((path, format!("{why}; run sign again")))),
-            };
-            // Signed as read now: what was checked must be what gets the signature.
-            let Some((body, version)) = target.get_versioned(&key).await? else { return Ok(Err((path, "its narinfo was deleted meanwhile".into()))) };
-            let text = String::from_utf8_lossy(&body);
-            match NarInfo::parse(&text) {
-                Ok(now) if now.info.fingerprint() == ni.info.fingerprint() => {}
-                _ => return Ok(Err((path, "its narinfo changed meanwhile; run sign again".into()))),
-            }
-            let signed = add_sig(&text, &sig).into_bytes();
-            if conditional {
-                if !target.put_if_version(&key, signed, storage::NARINFO_TYPE, &version).await? {
-                    continue;
-                }
-            } else {
-                target.put(&key, Body::Bytes(signed), storage::NARINFO_TYPE).await?;
-            }
-            // A write that a collection may have overlapped must not leave a narinfo whose
-            // NAR or references it deleted (without If-Match the put may have brought back
-            // one it deleted): looked for, and undone if gone.
-            let settled = match watch.settle(&open, Instant::now()).await? {
-                Ok(s) => s,
-                Err(why) => return Ok(Err((path, format!("{why}; run sign again")))),
-            };
-            if let Settled::Check(_) = settled {
-                if let Some(gone) = missing(target, ni).await? {
-                    target.delete(std::slice::from_ref(&key)).await?;
-                    return Ok(Err((path, format!("a collection removed {gone} meanwhile; its narinfo was removed again"))));
+        todo
+    };
+    let sign_all = |todo: Vec<NarInfo>| {
+        let (watch, report) = (&watch, &report);
+        async move {
+            let results = try_concurrently(todo, opts.jobs, |ni| sign_one(target, watch, ni, opts, conditional)).await?;
+            let mut report = report.borrow_mut();
+            for r in results {
+                match r {
+                    Ok(p) => report.signed.push(p),
+                    Err(refused) => report.refused.push(refused),
                 }
             }
-            return Ok(Ok(path));
+            Ok::<_, ScanError>(())
         }
-        Ok(Err((path, "its narinfo kept changing while it was being signed; run sign again".into())))
-    })
-    .await?;
-    for r in results {
-        match r {
-            Ok(p) => report.signed.push(p),
-            Err(refused) => report.refused.push(refused),
+    };
+    if opts.paths.is_empty() {
+        let ix = super::Indexed::open(index_path)?;
+        let on_batch = |batch: Vec<super::Read>| {
+            let todo = decided(&batch);
+            let sign_all = &sign_all;
+            async move {
+                sign_all(todo).await?;
+                Ok(batch)
+            }
+        };
+        super::scan(target, &ix, opts.jobs, opts.jobs.min(32), &mut |_| {}, on_batch, &|_| {}).await?;
+    } else {
+        let reads = try_concurrently(opts.paths.clone(), opts.jobs, |p| async move {
+            let key = format!("{}.narinfo", p.hash_part());
+            let body = target.get(&key).await?;
+            Ok::<_, TargetError>((p, key, body))
+        })
+        .await?;
+        let mut found = Vec::new();
+        for (p, key, body) in reads {
+            match body {
+                None => report.borrow_mut().refused.push((p.to_string(), "has no narinfo in the cache".into())),
+                Some(b) => {
+                    let object = crate::storage::Object { key, size: b.len() as u64, last_modified: None, etag: None };
+                    found.push(super::Read::new(object, Some(String::from_utf8(b).map_err(|_| "not UTF-8".to_string()))));
+                }
+            }
         }
+        let todo = decided(&found);
+        sign_all(todo).await?;
     }
+    drop(db);
+    let mut report = report.into_inner();
     report.signed.sort();
     report.refused.sort();
     Ok(report)
+}
+
+/// Signs one narinfo: read again under the collection gate, signed as read, written back
+/// (with `If-Match` where the store honours it), settled. `Err` says why it was not.
+async fn sign_one(target: &dyn Target, watch: &GcWatch, ni: NarInfo, opts: &Options, conditional: bool) -> Result<Result<String, (String, String)>, TargetError> {
+    let path = ni.info.path.to_string();
+    if opts.deep {
+        if let Err(why) = super::deep::check(target, &ni).await {
+            return Ok(Err((path, why)));
+        }
+    }
+    let sig = opts.key.sign(&ni.info.fingerprint());
+    let key = format!("{}.narinfo", ni.info.path.hash_part());
+    for _ in 0..5 {
+        let open = match watch.wait_open(Timing::get().gc_wait).await? {
+            Gate::Open(look) => look,
+            Gate::Held(why) => return Ok(Err((path, format!("{why}; run sign again")))),
+        };
+        // Signed as read now: what was checked must be what gets the signature.
+        let Some((body, version)) = target.get_versioned(&key).await? else { return Ok(Err((path, "its narinfo was deleted meanwhile".into()))) };
+        let text = String::from_utf8_lossy(&body);
+        match NarInfo::parse(&text) {
+            Ok(now) if now.info.fingerprint() == ni.info.fingerprint() => {}
+            _ => return Ok(Err((path, "its narinfo changed meanwhile; run sign again".into()))),
+        }
+        let signed = add_sig(&text, &sig).into_bytes();
+        if conditional {
+            if !target.put_if_version(&key, signed, storage::NARINFO_TYPE, &version).await? {
+                continue;
+            }
+        } else {
+            target.put(&key, Body::Bytes(signed), storage::NARINFO_TYPE).await?;
+        }
+        // A write that a collection may have overlapped must not leave a narinfo whose
+        // NAR or references it deleted (without If-Match the put may have brought back
+        // one it deleted): looked for, and undone if gone.
+        let settled = match watch.settle(&open, Instant::now()).await? {
+            Ok(s) => s,
+            Err(why) => return Ok(Err((path, format!("{why}; run sign again")))),
+        };
+        if let Settled::Check(_) = settled {
+            if let Some(gone) = missing(target, &ni).await? {
+                target.delete(std::slice::from_ref(&key)).await?;
+                return Ok(Err((path, format!("a collection removed {gone} meanwhile; its narinfo was removed again"))));
+            }
+        }
+        return Ok(Ok(path));
+    }
+    Ok(Err((path, "its narinfo kept changing while it was being signed; run sign again".into())))
 }
 
 /// What `ni` names that the cache no longer has: its NAR or a reference's narinfo.

@@ -7,15 +7,17 @@
 //! `--deep` also downloads every NAR ([`super::deep`]). For the whole cache: NARs no
 //! narinfo names, uploads left unfinished for over a day, and `nix-cache-info`.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
-use super::{scan, try_concurrently, NarInfoEntry, Progress, ScanError};
+use super::spill::{self, Fields, Parts, Record, PARTS};
+use super::{try_concurrently, ScanError};
 use crate::nix::{nixbase32, NarInfo, PathInfo, PublicKey, Sha256, StorePath};
-use crate::storage::Target;
+use crate::storage::{Calls, Object, Target};
 
 /// A NAR no narinfo names is an orphan only once it is this old: an upload in progress
 /// writes its NAR before its narinfo.
@@ -23,6 +25,7 @@ pub const ORPHAN_GRACE: Duration = Duration::from_secs(3600);
 /// An unfinished upload this old is left over, not in progress.
 pub const STALE_UPLOAD: Duration = Duration::from_secs(86400);
 
+#[derive(Clone)]
 pub struct Options {
     /// The paths to check; empty: the whole cache.
     pub paths: Vec<StorePath>,
@@ -92,6 +95,12 @@ pub struct Report {
     pub seconds: f64,
     /// Checks not made, and why (a store that does not list incomplete uploads).
     pub skipped: Vec<String>,
+    /// Objects listed.
+    pub listed: u64,
+    /// Bytes written to disk for the checks against the whole cache ([`super::spill`]).
+    pub spilled_bytes: u64,
+    /// The calls made to the cache, by kind.
+    pub calls: Calls,
 }
 
 impl Report {
@@ -188,143 +197,416 @@ fn ca_path(ca: &str, info: &PathInfo) -> Option<StorePath> {
     make_store_path("output:out", &Sha256::digest(inner.as_bytes()), name)
 }
 
-/// The checks of one narinfo that need no download; `present` holds the hash parts of
-/// every narinfo in the cache, `objects` the cache's objects by key.
-fn check_entry(e: &NarInfoEntry, opts: &Options, present: &HashSet<&str>, objects: &HashMap<&str, &crate::storage::Object>, out: &mut Vec<Problem>) {
-    let key = &e.object.key;
-    let ni = match &e.info {
+/// A hash part as its 20 bytes, if it is one.
+pub fn hash_bytes(hp: &str) -> Option<[u8; 20]> {
+    nixbase32::decode(hp.as_bytes(), 20).ok()?.try_into().ok()
+}
+
+/// What the index remembers of a narinfo's signatures: how many are valid by a set of
+/// trusted keys (named by a digest of them), so that a warm run need not check them again.
+fn sigs_verdict(keys: &str, valid: usize) -> String {
+    format!("sigs {keys} {valid}")
+}
+
+/// The digest of a set of trusted keys that [`sigs_verdict`] names.
+fn keys_digest(trusted: &[PublicKey]) -> String {
+    let mut keys: Vec<String> = trusted.iter().map(PublicKey::to_nix_string).collect();
+    keys.sort();
+    Sha256::digest(keys.join(" ").as_bytes()).to_hex()[..16].to_string()
+}
+
+/// What one narinfo's own checks found, and what it names for the checks against the whole
+/// cache (its references, its NAR).
+#[derive(Default)]
+struct Checked {
+    problems: Vec<Problem>,
+    /// Its hash part, if its key names one (it is there for references to it).
+    present: Option<[u8; 20]>,
+    /// Its references' hash parts (with their [`spill::part_of_hash`]), to be looked for.
+    refs: Vec<(usize, [u8; 20])>,
+    /// Its NAR: the key, `FileSize`, and whether its absence is this narinfo's problem
+    /// (not for one whose key names another path: that is its only problem).
+    nar: Option<(String, Option<u64>, bool)>,
+    verdict: Option<String>,
+    /// Parsed, its key names its path: `--deep` checks its NAR.
+    sound: Option<NarInfo>,
+}
+
+/// The checks of one narinfo that need nothing else: it parses, its key names its path, its
+/// signatures (remembered in `verdict` for the trusted keys `keys`).
+fn check_one(r: &super::Read, opts: &Options, keys: &str) -> Checked {
+    let mut c = Checked { present: hash_bytes(r.hash_part()), ..Checked::default() };
+    let key = &r.object.key;
+    let parsed = match &r.body {
+        Some(Ok(text)) => NarInfo::parse(text).map_err(|e| e.to_string()),
+        Some(Err(why)) => Err(why.clone()),
+        None => {
+            c.present = None;
+            return c;
+        }
+    };
+    let ni = match parsed {
         Ok(ni) => ni,
         Err(why) => {
-            out.push(Problem { kind: Kind::BadNarinfo, subject: key.clone(), detail: format!("does not parse: {why}"), heal: None });
-            return;
+            c.problems.push(Problem { kind: Kind::BadNarinfo, subject: key.clone(), detail: format!("does not parse: {why}"), heal: None });
+            return c;
         }
     };
     let path = &ni.info.path;
-    let problem = |kind, detail: String, heal: Option<&StorePath>| Problem { kind, subject: path.to_string(), detail, heal: heal.cloned() };
-    if path.hash_part() != e.hash_part() {
-        out.push(Problem { kind: Kind::WrongKey, subject: key.clone(), detail: format!("names {path}, whose narinfo would be {}.narinfo", path.hash_part()), heal: None });
-        return;
+    if path.hash_part() != r.hash_part() {
+        c.problems.push(Problem { kind: Kind::WrongKey, subject: key.clone(), detail: format!("names {path}, whose narinfo would be {}.narinfo", path.hash_part()), heal: None });
+        c.nar = Some((ni.url.clone(), ni.file_size, false));
+        return c;
     }
-    let valid = valid_sigs(&ni.info, &opts.trusted);
+    let prefix = format!("sigs {keys} ");
+    let remembered = r.verdict.as_deref().and_then(|v| v.strip_prefix(&prefix)).and_then(|n| n.parse().ok());
+    let valid = remembered.unwrap_or_else(|| valid_sigs(&ni.info, &opts.trusted));
+    c.verdict = Some(sigs_verdict(keys, valid));
     if valid < opts.sigs_needed {
         let names: Vec<&str> = ni.info.sigs.iter().map(|s| s.split_once(':').map_or(s.as_str(), |n| n.0)).collect();
         let signed = if names.is_empty() { "no signatures".to_string() } else { format!("signatures by {}", names.join(", ")) };
-        out.push(problem(Kind::Signatures, format!("{valid} valid signatures by trusted keys, {} needed ({signed})", opts.sigs_needed), Some(path)));
+        c.problems.push(Problem {
+            kind: Kind::Signatures,
+            subject: path.to_string(),
+            detail: format!("{valid} valid signatures by trusted keys, {} needed ({signed})", opts.sigs_needed),
+            heal: Some(path.clone()),
+        });
     }
-    match objects.get(ni.url.as_str()) {
-        None => out.push(problem(Kind::NarMissing, format!("its NAR {} is missing", ni.url), Some(path))),
-        Some(o) => {
-            if let Some(fs) = ni.file_size.filter(|fs| *fs != o.size) {
-                out.push(problem(Kind::NarSize, format!("its NAR {} has {} bytes, FileSize says {fs}", ni.url, o.size), Some(path)));
-            }
-        }
-    }
-    for r in ni.info.references.iter().filter(|r| *r != path && !present.contains(r.hash_part())) {
-        out.push(problem(Kind::ReferenceMissing, format!("references {r}, which has no narinfo"), Some(r)));
-    }
+    c.refs = ni.info.references.iter().filter(|r| *r != path).filter_map(|r| Some((spill::part_of_hash(r.hash_part()), hash_bytes(r.hash_part())?))).collect();
+    c.nar = Some((ni.url.clone(), ni.file_size, true));
+    c.sound = Some(ni);
+    c
 }
 
 /// Audits the cache at `target` (through the scan index at `index_path`). `progress`
 /// gets a line to show now and then (a terminal's progress line).
 pub async fn verify(target: &dyn Target, index_path: &Path, opts: &Options, progress: &(dyn Fn(String) + Sync)) -> Result<Report, ScanError> {
     let start = Instant::now();
-    let rate = |done: u64, total: u64| {
-        let secs = start.elapsed().as_secs_f64().max(0.001);
-        let r = done as f64 / secs;
-        let eta = if r > 0.0 { (total.saturating_sub(done)) as f64 / r } else { 0.0 };
-        format!("{done}/{total}, {r:.0}/s, ETA {eta:.0} s")
+    let mut report = match opts.paths.is_empty() {
+        true => verify_all(target, index_path, opts, progress).await?,
+        false => verify_paths(target, opts).await?,
     };
-    let on_scan = |p: Progress| match p.to_fetch {
-        0 => progress(format!("listing: {} objects", p.listed)),
-        n => progress(format!("reading narinfos: {}", rate(p.fetched, n))),
-    };
-    let s = scan(target, index_path, opts.jobs, &on_scan).await?;
-    let mut report = Report { fetched: s.fetched, skipped: s.skipped.clone(), ..Report::default() };
-    let by_hash: HashMap<&str, &NarInfoEntry> = s.narinfos.iter().map(|e| (e.hash_part(), e)).collect();
-    let present: HashSet<&str> = by_hash.keys().copied().collect();
-    let objects = super::objects_by_key(&s);
-
-    // Which narinfos to check: all, or the named paths (and with -r their closures).
-    let selected: Vec<&NarInfoEntry> = if opts.paths.is_empty() {
-        s.narinfos.iter().collect()
-    } else {
-        let mut seen = HashSet::new();
-        let mut todo: VecDeque<&StorePath> = opts.paths.iter().collect();
-        let mut out = Vec::new();
-        while let Some(p) = todo.pop_front() {
-            if !seen.insert(p.hash_part().to_string()) {
-                continue;
-            }
-            match by_hash.get(p.hash_part()) {
-                Some(e) => {
-                    out.push(*e);
-                    if let (true, Ok(ni)) = (opts.recursive, &e.info) {
-                        todo.extend(ni.info.references.iter());
-                    }
-                }
-                // A missing reference is its referrer's problem; a named path is its own.
-                None if opts.paths.contains(p) => report.problems.push(Problem {
-                    kind: Kind::NotInCache,
-                    subject: p.to_string(),
-                    detail: "has no narinfo in the cache".into(),
-                    heal: Some(p.clone()),
-                }),
-                None => {}
-            }
-        }
-        out
-    };
-    report.checked = selected.len() as u64;
-    // On all CPUs: checking signatures (~50 µs each) is most of a warm run's work.
-    let found = crate::par::map(&selected, |e| {
-        let mut v = Vec::new();
-        check_entry(e, opts, &present, &objects, &mut v);
-        v
-    });
-    report.problems.extend(found.into_iter().flatten());
-
-    if opts.deep {
-        // Only NARs that exist: a missing one is reported already.
-        let todo: Vec<&NarInfo> = selected.iter().filter_map(|e| e.info.as_ref().ok()).filter(|ni| objects.contains_key(ni.url.as_str())).collect();
-        let total = todo.len() as u64;
-        let done = std::sync::atomic::AtomicU64::new(0);
-        // Each NAR check keeps a core busy decompressing and hashing: no more than there are.
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let found = try_concurrently(todo, opts.jobs.min(cpus), |ni| {
-            let done = &done;
-            async move {
-                let r = super::deep::check(target, ni).await;
-                let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-                progress(format!("checking NARs: {}", rate(n, total)));
-                Ok::<_, std::convert::Infallible>(r.err().map(|why| Problem { kind: Kind::NarCorrupt, subject: ni.info.path.to_string(), detail: why, heal: Some(ni.info.path.clone()) }))
-            }
-        })
-        .await
-        .unwrap_or_else(|e| match e {});
-        report.problems.extend(found.into_iter().flatten());
-    }
-
-    if opts.paths.is_empty() {
-        whole_cache(target, &s, &mut report).await?;
-    }
     report.problems.sort_by(|a, b| (&a.subject, a.kind).cmp(&(&b.subject, b.kind)));
     report.seconds = start.elapsed().as_secs_f64();
+    report.calls = target.calls();
     Ok(report)
 }
 
-/// The checks of the whole cache: orphan NARs, stale uploads, `nix-cache-info`.
-async fn whole_cache(target: &dyn Target, s: &super::Scan, report: &mut Report) -> Result<(), ScanError> {
-    let named: HashSet<&str> = s.narinfos.iter().filter_map(|e| e.info.as_ref().ok()).map(|ni| ni.url.as_str()).collect();
-    let now = SystemTime::now();
-    let older = |t: Option<SystemTime>, age: Duration| t.is_none_or(|t| now.duration_since(t).is_ok_and(|a| a >= age));
-    for o in s.objects.iter().filter(|o| o.key.starts_with("nar/") && !named.contains(o.key.as_str())) {
-        if older(o.last_modified, ORPHAN_GRACE) {
-            report.orphan_nars += 1;
-            report.orphan_bytes += o.size;
-            report.problems.push(Problem { kind: Kind::OrphanNar, subject: o.key.clone(), detail: format!("no narinfo names it ({} bytes)", o.size), heal: None });
+/// The named paths (with `recursive`, their closures as the cache's narinfos give them),
+/// read and checked one by one: their narinfos are read, their NARs and references looked
+/// for (HEAD), with no listing of the cache.
+async fn verify_paths(target: &dyn Target, opts: &Options) -> Result<Report, ScanError> {
+    let mut report = Report::default();
+    let mut seen = HashSet::new();
+    // Whether a narinfo is there, as found (a read, or a HEAD for a reference).
+    let mut present: HashMap<String, bool> = HashMap::new();
+    let mut frontier: Vec<StorePath> = opts.paths.clone();
+    let mut refs: Vec<(StorePath, StorePath)> = Vec::new();
+    let mut sound = Vec::new();
+    while !frontier.is_empty() {
+        let todo: Vec<StorePath> = frontier.drain(..).filter(|p| seen.insert(p.hash_part().to_string())).collect();
+        let read = try_concurrently(todo, opts.jobs, |p| async move {
+            let body = target.get(&format!("{}.narinfo", p.hash_part())).await?;
+            let nar = match body.as_deref().map(|b| std::str::from_utf8(b).map_err(|_| "not UTF-8".to_string()).and_then(|t| NarInfo::parse(t).map_err(|e| e.to_string()))) {
+                Some(Ok(ni)) => Some(target.size_of(&ni.url).await?),
+                _ => None,
+            };
+            Ok::<_, ScanError>((p, body, nar))
+        })
+        .await?;
+        for (p, body, nar_size) in read {
+            present.insert(p.hash_part().to_string(), body.is_some());
+            let Some(body) = body else {
+                // A missing reference is its referrer's problem; a named path is its own.
+                if opts.paths.contains(&p) {
+                    report.problems.push(Problem { kind: Kind::NotInCache, subject: p.to_string(), detail: "has no narinfo in the cache".into(), heal: Some(p.clone()) });
+                }
+                continue;
+            };
+            report.checked += 1;
+            report.fetched += 1;
+            let object = Object { key: format!("{}.narinfo", p.hash_part()), size: body.len() as u64, last_modified: None, etag: None };
+            let r = super::Read::new(object, Some(String::from_utf8(body).map_err(|_| "not UTF-8".to_string())));
+            let mut c = check_one(&r, opts, &keys_digest(&opts.trusted));
+            report.problems.append(&mut c.problems);
+            let Some(ni) = c.sound else { continue };
+            match nar_size.flatten() {
+                None => report.problems.push(nar_missing(&ni.info.path, &ni.url)),
+                Some(size) => {
+                    if let Some(p) = nar_size_wrong(&ni.info.path, &ni.url, size, ni.file_size) {
+                        report.problems.push(p);
+                    }
+                    sound.push(ni.clone());
+                }
+            }
+            for r in ni.info.references.iter().filter(|r| **r != ni.info.path) {
+                refs.push((ni.info.path.clone(), r.clone()));
+                if opts.recursive {
+                    frontier.push(r.clone());
+                }
+            }
         }
     }
-    for u in s.incomplete.iter().filter(|u| older(u.started, STALE_UPLOAD)) {
+    // References not read above (without -r) are looked for.
+    let unknown: Vec<StorePath> = refs.iter().map(|(_, r)| r.clone()).filter(|r| !present.contains_key(r.hash_part())).collect::<BTreeSet<_>>().into_iter().collect();
+    let found = try_concurrently(unknown, opts.jobs, |r| async move { Ok::<_, ScanError>((r.hash_part().to_string(), target.exists(&format!("{}.narinfo", r.hash_part())).await?)) }).await?;
+    present.extend(found);
+    for (p, r) in refs.iter().filter(|(_, r)| present.get(r.hash_part()) == Some(&false)) {
+        report.problems.push(reference_missing(p, r));
+    }
+    if opts.deep {
+        report.problems.extend(deep_checks(target, sound, opts.jobs, &|_| {}).await);
+    }
+    Ok(report)
+}
+
+fn nar_missing(path: &StorePath, url: &str) -> Problem {
+    Problem { kind: Kind::NarMissing, subject: path.to_string(), detail: format!("its NAR {url} is missing"), heal: Some(path.clone()) }
+}
+
+fn nar_size_wrong(path: &StorePath, url: &str, size: u64, file_size: Option<u64>) -> Option<Problem> {
+    let fs = file_size.filter(|fs| *fs != size)?;
+    Some(Problem { kind: Kind::NarSize, subject: path.to_string(), detail: format!("its NAR {url} has {size} bytes, FileSize says {fs}"), heal: Some(path.clone()) })
+}
+
+fn reference_missing(path: &StorePath, r: &StorePath) -> Problem {
+    Problem { kind: Kind::ReferenceMissing, subject: path.to_string(), detail: format!("references {r}, which has no narinfo"), heal: Some(r.clone()) }
+}
+
+/// `--deep`: downloads and checks the NARs of `todo` (a NAR missing is reported already).
+async fn deep_checks(target: &dyn Target, todo: Vec<NarInfo>, jobs: usize, done: &(dyn Fn(u64) + Sync)) -> Vec<Problem> {
+    // Each NAR check keeps a core busy decompressing and hashing: no more than there are.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let n = std::sync::atomic::AtomicU64::new(0);
+    let found = try_concurrently(todo, jobs.min(cpus), |ni| {
+        let n = &n;
+        async move {
+            let r = super::deep::check_if_there(target, &ni).await;
+            done(n.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1);
+            let problem = match r {
+                Some(Err(why)) => Some(Problem { kind: Kind::NarCorrupt, subject: ni.info.path.to_string(), detail: why, heal: Some(ni.info.path.clone()) }),
+                _ => None,
+            };
+            Ok::<_, std::convert::Infallible>(problem)
+        }
+    })
+    .await
+    .unwrap_or_else(|e| match e {});
+    found.into_iter().flatten().collect()
+}
+
+/// The records a whole-cache verify spills ([`super::spill`]), one kind per field.
+struct Spilled {
+    /// Hash parts of the narinfos there (20 bytes each), by [`spill::part_of_hash`].
+    present: Parts,
+    /// References: the referenced hash part, then the referrer's (40 bytes), by the first.
+    refs: Parts,
+    /// Every other object: key, size, mtime (seconds, `u64::MAX` unknown), by [`spill::part_of_key`].
+    listed: Parts,
+    /// What narinfos name as their NAR: key, `FileSize` (`u64::MAX` none), whether to report
+    /// it missing (1 byte), the referrer's hash part, by the key.
+    named: Parts,
+}
+
+impl Spilled {
+    fn new(dir: &Path) -> std::io::Result<Spilled> {
+        Ok(Spilled { present: Parts::new(dir)?, refs: Parts::new(dir)?, listed: Parts::new(dir)?, named: Parts::new(dir)? })
+    }
+
+    fn object(&mut self, o: &Object) -> std::io::Result<()> {
+        let t = o.last_modified.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(u64::MAX, |d| d.as_secs());
+        self.listed.push(spill::part_of_key(&o.key), Record::new().str(&o.key).u64(o.size).u64(t).done())
+    }
+
+    /// What narinfo `r` named, as [`check_one`] found.
+    fn checked(&mut self, r: &super::Read, c: &Checked) -> std::io::Result<()> {
+        // Only a narinfo whose key is a hash part can be referenced, or have its NAR's
+        // absence reported (one whose key names another path names its NAR all the same).
+        let hp = c.present.unwrap_or_default();
+        if let Some(present) = &c.present {
+            self.present.push(spill::part_of_hash(r.hash_part()), present)?;
+        }
+        for (p, r) in &c.refs {
+            self.refs.push(*p, Record::new().bytes(r).bytes(&hp).done())?;
+        }
+        if let Some((url, fs, check)) = &c.nar {
+            self.named.push(spill::part_of_key(url), Record::new().str(url).u64(fs.unwrap_or(u64::MAX)).bytes(&[*check as u8]).bytes(&hp).done())?;
+        }
+        Ok(())
+    }
+}
+
+/// A problem found against the whole cache, its path not known yet (the referrer's hash part).
+enum Found {
+    ReferenceMissing([u8; 20], [u8; 20]),
+    NarMissing([u8; 20], String),
+    NarSize([u8; 20], String, u64),
+}
+
+/// The whole cache, as a stream: the listing and the narinfos go by once; what each
+/// narinfo names is spilled to disk, and checked against what is there a part at a time.
+async fn verify_all(target: &dyn Target, index_path: &Path, opts: &Options, progress: &(dyn Fn(String) + Sync)) -> Result<Report, ScanError> {
+    let start = Instant::now();
+    let ix = super::Indexed::open(index_path)?;
+    let dir = match index_path.parent() {
+        Some(d) if index_path != Path::new(":memory:") => d.to_path_buf(),
+        _ => std::env::temp_dir(),
+    };
+    let spilled = RefCell::new(Spilled::new(&dir)?);
+    let keys = keys_digest(&opts.trusted);
+    let report = RefCell::new(Report::default());
+    let on_scan = |p: super::Progress| {
+        let secs = start.elapsed().as_secs_f64().max(0.001);
+        progress(format!("listed {} objects; checked {} narinfos ({} read), {:.0}/s", p.listed, p.narinfos, p.fetched, p.narinfos as f64 / secs));
+    };
+    let mut io_error = None;
+    let mut on_object = |o: Object| {
+        if let Err(e) = spilled.borrow_mut().object(&o) {
+            io_error.get_or_insert(e);
+        }
+    };
+    let on_batch = |mut batch: Vec<super::Read>| {
+        let (spilled, report, keys) = (&spilled, &report, &keys);
+        async move {
+            let shared = std::sync::Arc::new((batch, opts.clone(), keys.clone()));
+            let work = shared.clone();
+            // Parsing and signatures (~50 µs each) on every CPU, off the runtime.
+            let checked = tokio::task::spawn_blocking(move || crate::par::map(&work.0, |r| check_one(r, &work.1, &work.2)))
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            batch = std::sync::Arc::try_unwrap(shared).map_err(|_| std::io::Error::other("a check is still running"))?.0;
+            let mut sound = Vec::new();
+            {
+                let (mut s, mut report) = (spilled.borrow_mut(), report.borrow_mut());
+                for (r, mut c) in batch.iter_mut().zip(checked) {
+                    s.checked(r, &c)?;
+                    report.checked += r.body.is_some() as u64;
+                    report.problems.append(&mut c.problems);
+                    if c.verdict.is_some() {
+                        r.verdict = c.verdict.take();
+                    }
+                    sound.extend(c.sound.filter(|_| opts.deep));
+                }
+            }
+            if !sound.is_empty() {
+                let found = deep_checks(target, sound, opts.jobs, &|_| {}).await;
+                report.borrow_mut().problems.extend(found);
+            }
+            Ok(batch)
+        }
+    };
+    let stats = super::scan(target, &ix, opts.jobs, opts.jobs.min(32), &mut on_object, on_batch, &on_scan).await?;
+    if let Some(e) = io_error {
+        return Err(e.into());
+    }
+    let mut report = report.into_inner();
+    report.fetched = stats.fetched;
+    report.listed = stats.objects;
+    let mut spilled = spilled.into_inner();
+    report.spilled_bytes = spilled.present.bytes + spilled.refs.bytes + spilled.listed.bytes + spilled.named.bytes;
+    progress("checking references and NARs".into());
+
+    let mut found = Vec::new();
+    // References, a part of the hash space at a time; the index forgets what is gone.
+    for p in 0..PARTS {
+        let mut present = HashSet::new();
+        let mut f = Fields::new(spilled.present.read(p)?);
+        let mut hp = [0u8; 20];
+        while f.more(&mut hp)? {
+            present.insert(hp);
+        }
+        let mut f = Fields::new(spilled.refs.read(p)?);
+        while f.more(&mut hp)? {
+            let referrer = f.array()?;
+            if !present.contains(&hp) {
+                found.push(Found::ReferenceMissing(referrer, hp));
+            }
+        }
+        if stats.gone > 0 {
+            let (from, to) = spill::hash_range(p);
+            ix.prune(&from, to.as_deref(), &mut |k| k.strip_suffix(".narinfo").and_then(hash_bytes).is_some_and(|h| present.contains(&h)) || !is_narinfo_key(k))?;
+        }
+    }
+    // NARs, a part of the keys at a time: missing, of another size, or named by nobody.
+    let now = SystemTime::now();
+    for p in 0..PARTS {
+        let mut listed: HashMap<String, (u64, u64, bool)> = HashMap::new();
+        let mut f = Fields::new(spilled.listed.read(p)?);
+        let mut len = [0u8; 2];
+        while f.more(&mut len)? {
+            let key = f.str_of(len)?;
+            let (size, t) = (f.u64()?, f.u64()?);
+            listed.insert(key, (size, t, false));
+        }
+        let mut f = Fields::new(spilled.named.read(p)?);
+        while f.more(&mut len)? {
+            let url = f.str_of(len)?;
+            let fs = f.u64()?;
+            let [check] = f.array::<1>()?;
+            let referrer = f.array()?;
+            match listed.get_mut(&url) {
+                None if check == 1 => found.push(Found::NarMissing(referrer, url)),
+                None => {}
+                Some((size, _, named)) => {
+                    *named = true;
+                    if check == 1 && fs != u64::MAX && fs != *size {
+                        found.push(Found::NarSize(referrer, url, *size));
+                    }
+                }
+            }
+        }
+        for (key, (size, t, _)) in listed.into_iter().filter(|(k, (_, _, named))| !named && k.starts_with("nar/")) {
+            let t = (t != u64::MAX).then(|| std::time::UNIX_EPOCH + Duration::from_secs(t));
+            if t.is_none_or(|t| now.duration_since(t).is_ok_and(|a| a >= ORPHAN_GRACE)) {
+                report.orphan_nars += 1;
+                report.orphan_bytes += size;
+                report.problems.push(Problem { kind: Kind::OrphanNar, subject: key, detail: format!("no narinfo names it ({size} bytes)"), heal: None });
+            }
+        }
+    }
+    drop(spilled);
+    // The paths of what was found, from their narinfos (few: these are the problems).
+    for f in found {
+        let referrer = match &f {
+            Found::ReferenceMissing(r, _) | Found::NarMissing(r, _) | Found::NarSize(r, _, _) => *r,
+        };
+        let Some(ni) = narinfo_of(target, &ix, &referrer).await? else { continue };
+        let path = &ni.info.path;
+        match f {
+            Found::ReferenceMissing(_, r) => {
+                if let Some(r) = ni.info.references.iter().find(|x| hash_bytes(x.hash_part()) == Some(r)) {
+                    report.problems.push(reference_missing(path, r));
+                }
+            }
+            Found::NarMissing(_, url) => report.problems.push(nar_missing(path, &url)),
+            Found::NarSize(_, url, size) => report.problems.extend(nar_size_wrong(path, &url, size, ni.file_size)),
+        }
+    }
+    whole_cache(target, &mut report).await?;
+    Ok(report)
+}
+
+fn is_narinfo_key(k: &str) -> bool {
+    super::is_narinfo(k)
+}
+
+/// The narinfo of hash part `hp`, from the index (the scan just put it there) or the cache.
+async fn narinfo_of(target: &dyn Target, ix: &super::Indexed, hp: &[u8; 20]) -> Result<Option<NarInfo>, ScanError> {
+    let key = format!("{}.narinfo", nixbase32::encode(hp));
+    let body = match ix.with(|i| i.get(&key))? {
+        Some(row) => Some(row.body),
+        None => target.get(&key).await?.and_then(|b| String::from_utf8(b).ok()),
+    };
+    Ok(body.and_then(|b| NarInfo::parse(&b).ok()))
+}
+
+/// The checks of the whole cache beyond the narinfos: stale uploads, `nix-cache-info`.
+async fn whole_cache(target: &dyn Target, report: &mut Report) -> Result<(), ScanError> {
+    let now = SystemTime::now();
+    let older = |t: Option<SystemTime>, age: Duration| t.is_none_or(|t| now.duration_since(t).is_ok_and(|a| a >= age));
+    let (incomplete, skipped) = super::incomplete(target).await?;
+    report.skipped.extend(skipped);
+    for u in incomplete.into_iter().filter(|u| older(u.started, STALE_UPLOAD)) {
         report.problems.push(Problem { kind: Kind::StaleUpload, subject: u.key.clone(), detail: format!("an upload begun over a day ago and never finished ({})", u.id), heal: None });
     }
     let info = target.get("nix-cache-info").await?;
@@ -428,7 +710,7 @@ impl Default for ProgressLine {
 /// read it with: what `verify` and `sign` start from.
 pub fn open(config: &crate::config::Config, store: Option<&crate::store_url::StoreUrl>) -> anyhow::Result<(tokio::runtime::Runtime, std::sync::Arc<dyn Target>, std::path::PathBuf)> {
     let url = store.unwrap_or(&config.store);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = super::runtime()?;
     let target = rt.block_on(crate::storage::open(url)).map_err(anyhow::Error::msg)?;
     let index = super::index_path(&config.state_dir, &url.identity());
     // A user who may not write the state dir still gets an audit, only without a warm index.
@@ -490,6 +772,9 @@ pub fn run(config: &crate::config::Config, args: Args, resolve: impl Fn(&Path) -
             "orphan_bytes": report.orphan_bytes,
             "seconds": report.seconds,
             "skipped": report.skipped,
+            "listed": report.listed,
+            "calls": report.calls,
+            "spilled_bytes": report.spilled_bytes,
             "repaired": repaired.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "unrepairable": unrepairable.iter().map(|(p, why)| serde_json::json!({"subject": p, "why": why})).collect::<Vec<_>>(),
         });

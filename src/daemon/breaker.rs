@@ -154,8 +154,17 @@ impl Target for Gated {
     fn list<'a>(&'a self, prefix: &'a str, each: &'a mut (dyn FnMut(Object) + Send)) -> BoxFuture<'a, Result<u64, TargetError>> {
         self.through(move || self.inner.list(prefix, each))
     }
+    fn list_all<'a>(&'a self, jobs: usize, pages: mpsc::Sender<Vec<Object>>) -> BoxFuture<'a, Result<u64, TargetError>> {
+        self.through(move || self.inner.list_all(jobs, pages))
+    }
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>, TargetError>> {
         self.through(move || self.inner.get(key))
+    }
+    fn size_of<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<u64>, TargetError>> {
+        self.through(move || self.inner.size_of(key))
+    }
+    fn calls(&self) -> storage::Calls {
+        self.inner.calls()
     }
     fn open_read<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Reader>, TargetError>> {
         self.through(move || self.inner.open_read(key))

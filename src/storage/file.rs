@@ -7,11 +7,12 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{Body, BoxFuture, Chunk, Incomplete, Object, Reader, Target, TargetError, MAX_GET};
+use super::{Body, BoxFuture, CallCounter, CallKind, Calls, Chunk, Incomplete, Object, Reader, Target, TargetError, MAX_GET};
 use crate::dirfd::Dir;
 
 pub struct FileTarget {
     dir: PathBuf,
+    calls: CallCounter,
 }
 
 /// Temp files untouched this long are left over from a writer that died (`kill -9`, power
@@ -26,7 +27,7 @@ impl FileTarget {
         if removed > 0 {
             tracing::info!(removed, "removed temp files left in {} by an interrupted writer", dir.display());
         }
-        FileTarget { dir }
+        FileTarget { dir, calls: CallCounter::default() }
     }
 }
 
@@ -108,49 +109,136 @@ fn temp_object_name(name: &str) -> Option<&str> {
 /// Walks the cache below `root` (never through a symlink), sending each regular file whose
 /// key starts with `prefix` as (key, relative path, metadata): objects, or with `temp` only
 /// our temp files under the key they would have had. Stops when `send` returns false.
-fn walk(root: &Path, prefix: &str, temp: bool, send: &mut dyn FnMut(String, String, fs::Metadata) -> bool) -> io::Result<()> {
+/// Returns how many directories it read.
+fn walk(root: &Path, prefix: &str, temp: bool, send: &mut dyn FnMut(String, String, fs::Metadata) -> bool) -> io::Result<u64> {
     // Directories still to read, as key prefixes ("" or "nar/"); bounded by the tree's depth
     // times its width, never following a link, so it ends.
     let mut dirs = vec![String::new()];
+    let mut read = 0;
     while let Some(rel) = dirs.pop() {
-        let rd = match fs::read_dir(root.join(&rel)) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == io::ErrorKind::NotFound && !rel.is_empty() => continue,
-            Err(e) => return Err(e),
-        };
-        for e in rd {
-            let e = e?;
-            let Some(name) = e.file_name().to_str().map(str::to_string) else { continue };
-            let ft = e.file_type()?;
-            if ft.is_dir() {
-                let sub = format!("{rel}{name}/");
-                if sub.starts_with(prefix) || prefix.starts_with(&sub) {
-                    dirs.push(sub);
-                }
-                continue;
-            }
-            if !ft.is_file() {
-                continue;
-            }
-            let key = match (temp, temp_object_name(&name)) {
-                (false, None) => format!("{rel}{name}"),
-                (true, Some(object)) => format!("{rel}{object}"),
-                _ => continue,
-            };
-            if !key.starts_with(prefix) {
-                continue;
-            }
-            // Deleted (a gc) or renamed (a temp file done) since it was read from the directory.
-            let meta = match e.metadata() {
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                m => m?,
-            };
-            if !send(key, format!("{rel}{name}"), meta) {
-                return Ok(());
-            }
+        read += 1;
+        if !read_dir(root, &rel, prefix, temp, &mut dirs, send)? {
+            break;
         }
     }
-    Ok(())
+    Ok(read)
+}
+
+/// Reads one directory of [`walk`], `rel` ("" or "nar/"): the subdirectories that may hold
+/// keys with `prefix` go to `dirs`, the files to `send`. `Ok(false)`: `send` said stop.
+fn read_dir(root: &Path, rel: &str, prefix: &str, temp: bool, dirs: &mut Vec<String>, send: &mut dyn FnMut(String, String, fs::Metadata) -> bool) -> io::Result<bool> {
+    let rd = match fs::read_dir(root.join(rel)) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound && !rel.is_empty() => return Ok(true),
+        Err(e) => return Err(e),
+    };
+    for e in rd {
+        let e = e?;
+        let Some(name) = e.file_name().to_str().map(str::to_string) else { continue };
+        let ft = e.file_type()?;
+        if ft.is_dir() {
+            let sub = format!("{rel}{name}/");
+            if sub.starts_with(prefix) || prefix.starts_with(&sub) {
+                dirs.push(sub);
+            }
+            continue;
+        }
+        if !ft.is_file() {
+            continue;
+        }
+        let key = match (temp, temp_object_name(&name)) {
+            (false, None) => format!("{rel}{name}"),
+            (true, Some(object)) => format!("{rel}{object}"),
+            _ => continue,
+        };
+        if !key.starts_with(prefix) {
+            continue;
+        }
+        // Deleted (a gc) or renamed (a temp file done) since it was read from the directory.
+        let meta = match e.metadata() {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            m => m?,
+        };
+        if !send(key, format!("{rel}{name}"), meta) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+fn object(key: String, meta: &fs::Metadata) -> Object {
+    Object { key, size: meta.len(), last_modified: meta.modified().ok(), etag: Some(version(meta)) }
+}
+
+/// [`walk`] of the whole cache on up to `jobs` threads, each directory read by one of them
+/// (the parallel listing of `file://`: a cache's narinfos all sit in its root, its NARs in
+/// `nar/`, so the two are read side by side). Objects go to `pages`, [`super::LIST_PAGE`]
+/// at a time; a closed receiver stops the walk. Returns (objects, directories read).
+fn walk_parallel(root: &Path, jobs: usize, pages: &tokio::sync::mpsc::Sender<Vec<Object>>) -> io::Result<(u64, u64)> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Condvar, Mutex};
+    // Directories to read, and how many threads are reading one (which may find more).
+    let queue = Mutex::new((vec![String::new()], 0usize));
+    let ready = Condvar::new();
+    let (stop, objects, read) = (AtomicBool::new(false), AtomicU64::new(0), AtomicU64::new(0));
+    let worker = || -> io::Result<()> {
+        let mut page = Vec::with_capacity(super::LIST_PAGE);
+        loop {
+            let rel = {
+                let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
+                loop {
+                    if stop.load(Ordering::Relaxed) {
+                        return Ok(());
+                    }
+                    if let Some(rel) = q.0.pop() {
+                        q.1 += 1;
+                        break rel;
+                    }
+                    if q.1 == 0 {
+                        ready.notify_all();
+                        return Ok(());
+                    }
+                    q = ready.wait(q).unwrap_or_else(|e| e.into_inner());
+                }
+            };
+            let mut found = Vec::new();
+            let r = read_dir(root, &rel, "", false, &mut found, &mut |key, _, meta| {
+                page.push(object(key, &meta));
+                if page.len() < super::LIST_PAGE {
+                    return true;
+                }
+                objects.fetch_add(page.len() as u64, Ordering::Relaxed);
+                pages.blocking_send(std::mem::replace(&mut page, Vec::with_capacity(super::LIST_PAGE))).is_ok()
+            });
+            read.fetch_add(1, Ordering::Relaxed);
+            let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
+            q.0.extend(found);
+            q.1 -= 1;
+            ready.notify_all();
+            drop(q);
+            match r {
+                Ok(true) => {}
+                Ok(false) | Err(_) => {
+                    stop.store(true, Ordering::Relaxed);
+                    ready.notify_all();
+                    return r.map(drop);
+                }
+            }
+            if !page.is_empty() {
+                objects.fetch_add(page.len() as u64, Ordering::Relaxed);
+                if pages.blocking_send(std::mem::take(&mut page)).is_err() {
+                    stop.store(true, Ordering::Relaxed);
+                    ready.notify_all();
+                    return Ok(());
+                }
+            }
+        }
+    };
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..jobs.max(1)).map(|_| s.spawn(worker)).collect();
+        handles.into_iter().try_for_each(|h| h.join().unwrap_or_else(|_| Err(io::Error::other("a listing thread panicked"))))
+    })?;
+    Ok((objects.into_inner(), read.into_inner()))
 }
 
 /// Opens the object at `key` for reading, not through a symlink; `None` if there is none.
@@ -164,15 +252,34 @@ fn open_object(root: &Path, key: &str) -> io::Result<Option<File>> {
 
 /// Removes the file at `rel` (a key or a temp file's path) and syncs its directory.
 fn remove(root: &Path, rel: &str) -> io::Result<()> {
-    let (dir, name) = match open_parent(root, rel, false) {
-        Ok(found) => found,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    match dir.remove_file(name) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-        _ => dir.sync(),
+    remove_all(root, std::slice::from_ref(&rel))
+}
+
+/// Removes the files at `rels`, then syncs each directory they were in, once: when this
+/// returns, every removal is durable (a gc's round is, before the next one begins).
+fn remove_all<S: AsRef<str>>(root: &Path, rels: &[S]) -> io::Result<()> {
+    let mut touched: Vec<(String, Dir)> = Vec::new();
+    for rel in rels {
+        let rel = rel.as_ref();
+        let parent = rel.rsplit_once('/').map_or("", |(p, _)| p);
+        let at = match touched.iter().position(|(p, _)| p == parent) {
+            Some(at) => at,
+            None => match open_parent(root, rel, false) {
+                Ok((dir, _)) => {
+                    touched.push((parent.to_string(), dir));
+                    touched.len() - 1
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            },
+        };
+        let name = rel.rsplit('/').next().unwrap_or(rel);
+        match touched[at].1.remove_file(name) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
     }
+    touched.iter().try_for_each(|(_, d)| d.sync())
 }
 
 impl FileTarget {
@@ -196,7 +303,8 @@ impl FileTarget {
             each(key, rel, meta);
             n += 1;
         }
-        walker.await.map_err(|e| TargetError::transient(e.to_string()))??;
+        let dirs = walker.await.map_err(|e| TargetError::transient(e.to_string()))??;
+        self.calls.add_n(CallKind::List, dirs);
         Ok(n)
     }
 }
@@ -248,12 +356,38 @@ const WRITE_LOCK: &str = "narq/locks/write";
 impl Target for FileTarget {
     fn list<'a>(&'a self, prefix: &'a str, each: &'a mut (dyn FnMut(Object) + Send)) -> BoxFuture<'a, Result<u64, TargetError>> {
         Box::pin(async move {
-            self.walk_async(prefix, false, &mut |key, _, meta| each(Object { key, size: meta.len(), last_modified: meta.modified().ok(), etag: Some(version(&meta)) }))
-                .await
+            self.walk_async(prefix, false, &mut |key, _, meta| each(object(key, &meta))).await
         })
     }
 
+    /// Each directory read by one of up to `jobs` threads ([`walk_parallel`]).
+    fn list_all<'a>(&'a self, jobs: usize, pages: tokio::sync::mpsc::Sender<Vec<Object>>) -> BoxFuture<'a, Result<u64, TargetError>> {
+        Box::pin(async move {
+            let dir = self.dir.clone();
+            let (objects, dirs) = tokio::task::spawn_blocking(move || walk_parallel(&dir, jobs.min(8), &pages).map_err(|e| io_err("listing", &dir, e)))
+                .await
+                .map_err(|e| TargetError::transient(e.to_string()))??;
+            self.calls.add_n(CallKind::List, dirs);
+            Ok(objects)
+        })
+    }
+
+    fn calls(&self) -> Calls {
+        self.calls.get()
+    }
+
+    fn size_of<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<u64>, TargetError>> {
+        self.calls.add(CallKind::Head);
+        let key = key.to_string();
+        Box::pin(self.blocking(move |root| match open_object(&root, &key) {
+            Ok(Some(f)) => Ok(Some(f.metadata().map_err(|e| io_err("reading", &root.join(&key), e))?.len())),
+            Ok(None) => Ok(None),
+            Err(e) => Err(io_err("opening", &root.join(&key), e)),
+        }))
+    }
+
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>, TargetError>> {
+        self.calls.add(CallKind::Get);
         let key = key.to_string();
         Box::pin(self.blocking(move |root| {
             let path = root.join(&key);
@@ -269,6 +403,7 @@ impl Target for FileTarget {
     }
 
     fn open_read<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Reader>, TargetError>> {
+        self.calls.add(CallKind::Get);
         let key = key.to_string();
         Box::pin(self.blocking(move |root| {
             let f = open_object(&root, &key).map_err(|e| io_err("opening", &root.join(&key), e))?;
@@ -276,11 +411,11 @@ impl Target for FileTarget {
         }))
     }
 
+    /// The files removed, then each directory synced once.
     fn delete<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Result<(), TargetError>> {
+        self.calls.add(CallKind::Delete);
         let keys = keys.to_vec();
-        Box::pin(self.blocking(move |root| {
-            keys.iter().try_for_each(|k| remove(&root, k).map_err(|e| io_err("deleting", &root.join(k), e)))
-        }))
+        Box::pin(self.blocking(move |root| remove_all(&root, &keys).map_err(|e| io_err("deleting in", &root, e))))
     }
 
     fn list_incomplete<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<Incomplete>, TargetError>> {
@@ -303,6 +438,7 @@ impl Target for FileTarget {
     }
 
     fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, TargetError>> {
+        self.calls.add(CallKind::Head);
         let path = self.dir.join(key);
         Box::pin(async move {
             let (dir, key) = (self.dir.clone(), key.to_string());
@@ -317,6 +453,7 @@ impl Target for FileTarget {
     }
 
     fn put<'a>(&'a self, key: &'a str, body: Body, _content_type: &'static str) -> BoxFuture<'a, Result<(), TargetError>> {
+        self.calls.add(CallKind::Put);
         let (dir, key) = (self.dir.clone(), key.to_string());
         Box::pin(async move {
             tokio::task::spawn_blocking(move || put_sync(&dir, &key, body))
@@ -402,6 +539,7 @@ impl Target for FileTarget {
     }
 
     fn get_versioned<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<(Vec<u8>, String)>, TargetError>> {
+        self.calls.add(CallKind::Get);
         let key = key.to_string();
         Box::pin(self.blocking(move |root| {
             let path = root.join(&key);
@@ -414,6 +552,7 @@ impl Target for FileTarget {
     }
 
     fn put_if_version<'a>(&'a self, key: &'a str, body: Vec<u8>, _content_type: &'static str, expected: &'a str) -> BoxFuture<'a, Result<bool, TargetError>> {
+        self.calls.add(CallKind::Put);
         let (key, expected) = (key.to_string(), expected.to_string());
         Box::pin(self.blocking(move |root| {
             let lock_path = root.join(WRITE_LOCK);

@@ -151,12 +151,67 @@ pub const PROBE_PREFIX: &str = "narq/probe/";
 /// S3's limit of keys per DeleteObjects request.
 pub const DELETE_BATCH: usize = 1000;
 
+/// Objects per page of a listing (S3's page; `file://` hands them on as many).
+pub const LIST_PAGE: usize = 1000;
+
+/// The calls a target made, by kind: S3 requests (each attempt, retries included), or on
+/// `file://` the operations that stand for them (a directory read is a listing).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Calls {
+    /// ListObjectsV2 pages, ListMultipartUploads; on `file://` directories read.
+    pub list: u64,
+    pub get: u64,
+    pub head: u64,
+    /// PutObject, the requests of a multipart upload, CopyObject.
+    pub put: u64,
+    /// DeleteObjects (up to 1,000 keys each), DeleteObject, AbortMultipartUpload.
+    pub delete: u64,
+    /// Anything else (HeadBucket, …).
+    pub other: u64,
+}
+
+/// Which of [`Calls`] a call counts in.
+#[derive(Debug, Clone, Copy)]
+pub enum CallKind {
+    List,
+    Get,
+    Head,
+    Put,
+    Delete,
+    Other,
+}
+
+/// Counts a target's calls; read with [`CallCounter::get`].
+#[derive(Debug, Default)]
+pub struct CallCounter([std::sync::atomic::AtomicU64; 6]);
+
+impl CallCounter {
+    pub fn add(&self, kind: CallKind) {
+        self.add_n(kind, 1);
+    }
+
+    pub fn add_n(&self, kind: CallKind, n: u64) {
+        self.0[kind as usize].fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> Calls {
+        let n = |k: CallKind| self.0[k as usize].load(std::sync::atomic::Ordering::Relaxed);
+        Calls { list: n(CallKind::List), get: n(CallKind::Get), head: n(CallKind::Head), put: n(CallKind::Put), delete: n(CallKind::Delete), other: n(CallKind::Other) }
+    }
+}
+
 #[cfg(feature = "daemon")]
 pub trait Target: Send + Sync {
     /// Calls `each` for every object whose key starts with `prefix`, in no particular order,
     /// a page at a time (memory does not grow with the cache); returns how many there were.
     /// Upload temp files and incomplete uploads are not objects.
     fn list<'a>(&'a self, prefix: &'a str, each: &'a mut (dyn FnMut(Object) + Send)) -> BoxFuture<'a, Result<u64, TargetError>>;
+    /// Lists every object, as `list("")` does, in parts of the key space listed at once (at
+    /// most `jobs` at a time), each part read once; sends the objects on `pages` as they come,
+    /// at most [`LIST_PAGE`] a message, waiting while the receiver is behind (memory holds
+    /// the pages in flight, not the cache). Every part starts listing after this is called.
+    /// Returns how many objects there were.
+    fn list_all<'a>(&'a self, jobs: usize, pages: tokio::sync::mpsc::Sender<Vec<Object>>) -> BoxFuture<'a, Result<u64, TargetError>>;
     /// The object at `key` (at most [`MAX_GET`] bytes), `None` if there is none.
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>, TargetError>>;
     /// A streaming read of the object at `key`, `None` if there is none.
@@ -169,6 +224,10 @@ pub trait Target: Send + Sync {
     fn abort_incomplete<'a>(&'a self, upload: &'a Incomplete) -> BoxFuture<'a, Result<(), TargetError>>;
     /// True if an object exists at `key` (e.g. `<hash>.narinfo`).
     fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, TargetError>>;
+    /// The size of the object at `key` (S3: HEAD), `None` if there is none.
+    fn size_of<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<u64>, TargetError>>;
+    /// The calls made so far, by kind.
+    fn calls(&self) -> Calls;
     /// Stores `body` at `key`; durable once this returns `Ok`.
     fn put<'a>(&'a self, key: &'a str, body: Body, content_type: &'static str) -> BoxFuture<'a, Result<(), TargetError>>;
     /// The part size [`Target::put_streamed`] expects for an object of about `size_hint`

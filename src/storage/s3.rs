@@ -40,7 +40,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::store_url::s3_options::{Checksum, Encoding, S3Options};
-use super::{Body, BoxFuture, Chunk, Incomplete, Object, Reader, Target, TargetError, DELETE_BATCH, MAX_GET};
+use super::{Body, BoxFuture, CallCounter, CallKind, Calls, Chunk, Incomplete, Object, Reader, Target, TargetError, DELETE_BATCH, MAX_GET};
 
 const PARTS_IN_FLIGHT: usize = 6;
 
@@ -86,6 +86,8 @@ pub struct S3Target {
     describe: String,
     /// Whether the server honours `If-Match` ([`Target::conditional_puts`]), once probed.
     conditional: tokio::sync::OnceCell<Result<(), String>>,
+    /// Requests sent, by kind.
+    calls: Arc<CallCounter>,
 }
 
 /// S3 error codes that refuse one object for what it is (its size, its key): sending it
@@ -254,6 +256,49 @@ impl aws_sdk_s3::config::retry::ClassifyRetry for RetryAfterIsOurs {
     fn name(&self) -> &'static str {
         "narq: Retry-After is the daemon's"
     }
+}
+
+/// Counts every request sent (each attempt, retries included: each is billed) by kind.
+#[derive(Debug)]
+struct CountCalls(Arc<CallCounter>);
+
+impl aws_sdk_s3::config::Intercept for CountCalls {
+    fn name(&self) -> &'static str {
+        "narq: count calls"
+    }
+
+    fn read_before_transmit(
+        &self,
+        _: &aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextRef<'_>,
+        _: &aws_sdk_s3::config::RuntimeComponents,
+        cfg: &mut aws_sdk_s3::config::ConfigBag,
+    ) -> Result<(), aws_smithy_runtime_api::box_error::BoxError> {
+        let op = cfg.load::<aws_smithy_runtime_api::client::orchestrator::Metadata>().map_or("", |m| m.name());
+        self.0.add(match op {
+            "ListObjectsV2" | "ListObjects" | "ListMultipartUploads" | "ListParts" => CallKind::List,
+            "GetObject" => CallKind::Get,
+            "HeadObject" => CallKind::Head,
+            "PutObject" | "CreateMultipartUpload" | "UploadPart" | "UploadPartCopy" | "CompleteMultipartUpload" | "CopyObject" => CallKind::Put,
+            "DeleteObjects" | "DeleteObject" | "AbortMultipartUpload" => CallKind::Delete,
+            _ => CallKind::Other,
+        });
+        Ok(())
+    }
+}
+
+/// Where [`Target::list_all`] splits the key space beyond its first page: before each
+/// character of a store path's hash part (nixbase32: the top-level narinfos), and within
+/// `nar/` and `log/` likewise. The alphabet holds `n`, `l` and `r`, so a part by prefix `n`
+/// would list the whole of `nar/` too: parts are ranges of keys (after one bound, up to the
+/// next), which cover every key whatever it is, each once.
+fn list_bounds() -> Vec<String> {
+    const B32: &str = "0123456789abcdfghijklmnpqrsvwxyz";
+    let mut b: Vec<String> = B32.chars().map(String::from).collect();
+    for dir in ["nar/", "log/"] {
+        b.extend(B32.chars().map(|c| format!("{dir}{c}")));
+    }
+    b.sort();
+    b
 }
 
 /// "No credentials" in one line, if that is what `e` comes down to: the SDK wraps it in a
@@ -430,6 +475,8 @@ impl S3Target {
         // An answer that says when to come back is not retried here: it reaches the daemon's
         // breaker, which holds every request for as long.
         b = b.retry_config(retry_config(o)).retry_classifier(RetryAfterIsOurs);
+        let calls = Arc::new(CallCounter::default());
+        b = b.interceptor(CountCalls(calls.clone()));
         let describe = format!("s3://{}{}", o.bucket, endpoint.map(|e| format!(" at {e}")).unwrap_or_default());
         Ok(S3Target {
             client: aws_sdk_s3::Client::from_conf(b.build()),
@@ -447,6 +494,7 @@ impl S3Target {
             copies_on_server: std::sync::atomic::AtomicBool::new(true),
             describe,
             conditional: tokio::sync::OnceCell::new(),
+            calls,
         })
     }
 
@@ -827,6 +875,41 @@ impl Target for S3Target {
         self.listing_stale.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// A first page; if there are more, the rest in ranges ([`list_bounds`]), `jobs` at a
+    /// time: a cache of a million objects is listed in a few seconds instead of minutes.
+    fn list_all<'a>(&'a self, jobs: usize, pages: tokio::sync::mpsc::Sender<Vec<Object>>) -> BoxFuture<'a, Result<u64, TargetError>> {
+        Box::pin(async move {
+            let (first, more) = self.list_page(None, None).await?;
+            let mut n = first.len() as u64;
+            let last = first.last().map(|o| o.key.clone());
+            if pages.send(first).await.is_err() {
+                return Ok(n);
+            }
+            let (Some(last), true) = (last, more.is_some()) else { return Ok(n) };
+            let mut after = vec![last.clone()];
+            after.extend(list_bounds().into_iter().filter(|b| *b > last));
+            let ranges: Vec<(String, Option<String>)> = after.iter().enumerate().map(|(i, a)| (a.clone(), after.get(i + 1).cloned())).collect();
+            let counts = crate::par::try_concurrently(ranges, jobs.max(1), |(after, upto)| self.list_range(after, upto, &pages)).await?;
+            n += counts.iter().sum::<u64>();
+            Ok(n)
+        })
+    }
+
+    fn calls(&self) -> Calls {
+        self.calls.get()
+    }
+
+    fn size_of<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<u64>, TargetError>> {
+        Box::pin(async move {
+            let what = format!("checking {key}");
+            match answered(&what, 0, self.client.head_object().bucket(&self.bucket).key(key).send()).await? {
+                Ok(out) => Ok(Some(out.content_length().unwrap_or(0).max(0) as u64)),
+                Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => Ok(None),
+                Err(e) => Err(classify(&what, e)),
+            }
+        })
+    }
+
     /// ListObjectsV2, a page of up to 1,000 keys at a time.
     fn list<'a>(&'a self, prefix: &'a str, each: &'a mut (dyn FnMut(Object) + Send)) -> BoxFuture<'a, Result<u64, TargetError>> {
         Box::pin(async move {
@@ -1032,6 +1115,49 @@ impl Target for S3Target {
 }
 
 impl S3Target {
+    /// One page of the whole bucket: after `start_after`, or where `token` says; the objects,
+    /// and whether there are more.
+    async fn list_page(&self, start_after: Option<String>, token: Option<String>) -> Result<(Vec<Object>, Option<String>), TargetError> {
+        let what = "listing the bucket";
+        let list = self.client.list_objects_v2().bucket(&self.bucket).set_start_after(start_after).set_continuation_token(token.clone()).send();
+        let out = answered(what, 0, list).await?.map_err(|e| classify(what, e))?;
+        let objects = out
+            .contents()
+            .iter()
+            .filter_map(|o| {
+                let last_modified = o.last_modified().and_then(|t| std::time::SystemTime::try_from(*t).ok());
+                Some(Object { key: o.key()?.to_string(), size: o.size().unwrap_or(0).max(0) as u64, last_modified, etag: o.e_tag().map(str::to_string) })
+            })
+            .collect();
+        let next = match out.next_continuation_token() {
+            // A server that hands back the token it was given would list forever.
+            Some(t) if token.as_deref() == Some(t) => return Err(TargetError::transient(format!("{what}: the server repeated its continuation token"))),
+            Some(t) if out.is_truncated() == Some(true) => Some(t.to_string()),
+            _ => None,
+        };
+        Ok((objects, next))
+    }
+
+    /// The keys after `after` and up to `upto` (to the end without), page by page to `pages`.
+    async fn list_range(&self, after: String, upto: Option<String>, pages: &tokio::sync::mpsc::Sender<Vec<Object>>) -> Result<u64, TargetError> {
+        let (mut start, mut token, mut n) = (Some(after), None, 0);
+        loop {
+            let (mut objects, next) = self.list_page(start.take(), token.take()).await?;
+            let past = upto.as_ref().and_then(|u| objects.iter().position(|o| o.key > *u));
+            if let Some(at) = past {
+                objects.truncate(at);
+            }
+            n += objects.len() as u64;
+            if pages.send(objects).await.is_err() || past.is_some() {
+                return Ok(n);
+            }
+            match next {
+                Some(t) => token = Some(t),
+                None => return Ok(n),
+            }
+        }
+    }
+
     /// GetObject; `None` for a missing key.
     async fn get_object(&self, key: &str) -> Result<Option<aws_sdk_s3::operation::get_object::GetObjectOutput>, TargetError> {
         let what = format!("reading {key}");

@@ -32,6 +32,7 @@ mod rooms;
 mod s3;
 mod s3_params;
 mod s3proxy;
+mod scale;
 mod services;
 mod setup;
 mod storage;

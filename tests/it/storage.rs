@@ -112,7 +112,10 @@ fn maintenance_ops(target: &dyn narq::storage::Target, many: usize) {
     put("a.narinfo", b"narinfo a");
     put("nar/x.nar.zst", &vec![7u8; 100_000]);
     put("log/y-drv", b"log");
-    let many_keys: Vec<String> = (0..many).map(|i| format!("many/{i:05}")).collect();
+    // Beside `nar/` and `log/` in key order (the hash alphabet holds n, l and r).
+    let mut many_keys: Vec<String> = ["n0.narinfo", "nz.narinfo", "l0.narinfo", "lz.narinfo", "r0.narinfo", "zz.narinfo"].map(String::from).to_vec();
+    let extra = many_keys.len();
+    many_keys.extend((0..many).map(|i| format!("many/{i:05}")));
     for k in &many_keys {
         put(k, b"m");
     }
@@ -130,7 +133,23 @@ fn maintenance_ops(target: &dyn narq::storage::Target, many: usize) {
         seen
     };
     let all = list("");
-    assert_eq!(all.len(), 3 + many);
+    assert_eq!(all.len(), 3 + extra + many);
+    // The whole key space in ranges listed at once: every key once (S3: past the first page,
+    // the ranges split at the hash alphabet, within nar/ and log/ too).
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<narq::storage::Object>>(2);
+    let (n, mut keys) = rt.block_on(async {
+        let pages = async {
+            let mut keys = Vec::new();
+            while let Some(page) = rx.recv().await {
+                keys.extend(page.into_iter().map(|o| o.key));
+            }
+            keys
+        };
+        let (n, keys) = tokio::join!(target.list_all(4, tx), pages);
+        (n.unwrap(), keys)
+    });
+    keys.sort();
+    assert_eq!((n as usize, keys), (all.len(), all.keys().cloned().collect::<Vec<_>>()));
     assert_eq!((all["a.narinfo"], all["nar/x.nar.zst"], all["log/y-drv"]), (9, 100_000, 3));
     assert_eq!(list("nar/").into_iter().collect::<Vec<_>>(), [("nar/x.nar.zst".to_string(), 100_000)]);
     assert_eq!(list("many/").len(), many);
