@@ -29,10 +29,13 @@ pub struct Item {
     pub repair: bool,
 }
 
+/// The longest [`backoff`].
+const BACKOFF_CAP: Duration = Duration::from_secs(300);
+
 /// Capped exponential backoff with jitter: 1 s, 2 s, 4 s … up to 5 min, each scaled by a
 /// factor in [0.5, 1) so that many items failing together do not retry together.
 pub fn backoff(attempts: u32, key: &str) -> Duration {
-    let base = Duration::from_secs(1).saturating_mul(1u32 << attempts.min(9)).min(Duration::from_secs(300));
+    let base = Duration::from_secs(1).saturating_mul(1u32 << attempts.min(9)).min(BACKOFF_CAP);
     let mut h: u64 = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().subsec_nanos() as u64;
     for b in key.bytes() {
         h = (h ^ b as u64).wrapping_mul(0x100000001b3);
@@ -176,12 +179,15 @@ impl Queue {
                          WHERE r.key = i.key AND d.outcome = 'excluded' LIMIT 1),
                         repair
                  FROM items i
-                 WHERE state = 'pending' AND next_try <= ?1
+                 WHERE state = 'pending' AND (next_try <= ?1 OR next_try > ?1 + ?3)
                    AND NOT EXISTS (SELECT 1 FROM refs r JOIN items d ON d.key = r.ref
                                    WHERE r.key = i.key AND d.state != 'done')
                  ORDER BY seq, key LIMIT ?2",
             )?;
-            let mut rows = stmt.query(params![now_ms(), (limit + busy.len()) as i64])?;
+            // A retry set further ahead than the longest backoff was set by a clock that has
+            // since been stepped back (NTP at boot, a VM restored): due now, or it would
+            // wait for as long as the step.
+            let mut rows = stmt.query(params![now_ms(), (limit + busy.len()) as i64, BACKOFF_CAP.as_millis() as i64])?;
             while let Some(r) = rows.next()? {
                 let key: Option<String> = r.get(1).ok();
                 if key.as_ref().is_some_and(|k| busy.contains(k)) || out.len() >= limit {
@@ -214,7 +220,8 @@ impl Queue {
             [now_ms()],
             |r| r.get(0),
         )?;
-        Ok(t.map(|t| Duration::from_millis((t - now_ms()).max(0) as u64)))
+        // Beyond the longest backoff: due now (see `ready`).
+        Ok(t.map(|t| Duration::from_millis((t - now_ms()).max(0) as u64)).map(|d| if d > BACKOFF_CAP { Duration::ZERO } else { d }))
     }
 
     /// Records an item done. `marker` is the collection marker of the epoch a path is safe

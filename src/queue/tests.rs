@@ -63,6 +63,11 @@ fn references_first_failures_cascade_done_is_remembered() {
     q.retry_later(&b.path.to_string(), 0, "network").unwrap();
     assert!(q.ready(10, &HashSet::new()).unwrap().is_empty());
     assert!(q.next_retry_in().unwrap().unwrap() <= Duration::from_secs(1));
+    // A retry time further ahead than the longest backoff was set before the clock stepped
+    // back (here two hours): due now, not in two hours (the explorer found a daemon stuck so).
+    q.conn.execute("UPDATE items SET next_try = next_try + 7200000 WHERE key = ?1", [b.path.to_string()]).unwrap();
+    assert_eq!(q.next_retry_in().unwrap(), Some(Duration::ZERO));
+    assert_eq!(keys(q.ready(10, &HashSet::new()).unwrap()), [b.path.to_string()]);
     // A permanent failure fails its dependents.
     assert_eq!(q.fail(&b.path.to_string(), "hash mismatch").unwrap(), 1);
     let s = q.status().unwrap();
