@@ -96,6 +96,16 @@ impl World {
         Bg::spawn(&mut c, self.node.n.dir.path())
     }
 
+    /// `narq gc --keep-days 30 --grace 1h` in the background, stopped by the shim at its
+    /// unlink of `path`'s narinfo (just before it, or just `after`): the gc and its pid.
+    fn gc_stopped_at_unlink(&self, path: &str, after: bool) -> (Bg, u32) {
+        let marker = self.node.n.dir.join("gc-stopped");
+        let mut gc = self.gc(&["--keep-days", "30", "--grace", "1h"], &stop_env(UNLINKS, &format!("{}.narinfo", hash(path)), 1, after, &marker));
+        let (pid, at) = stopped_at(&marker, gc_bound()).unwrap_or_else(|| panic!("gc never came to {path}: {:?}", gc.finish(Duration::ZERO)));
+        eprintln!("gc stopped: {at}");
+        (gc, pid)
+    }
+
     /// Waits until the daemon has recorded `path` as a root (not part of `wait` before M5).
     fn wait_root(&self, path: &str) {
         let key = format!("narq/roots/{}", hash(path));
@@ -204,10 +214,8 @@ fn h3_gc_killed_mid_deletion_file() {
     let lib = closure(&[app1.clone()]).into_iter().find(|p| p.contains("-lib-")).unwrap();
     // The daemon is idle: it no longer looks at the collections for recent requests.
     std::thread::sleep(IDLE());
-    let marker = w.node.n.dir.join("gc-stopped");
-    let mut gc = w.gc(&["--keep-days", "30", "--grace", "1h"], &stop_env(UNLINKS, &format!("{}.narinfo", hash(&lib)), 1, true, &marker));
-    let (pid, at) = stopped_at(&marker, gc_bound()).unwrap_or_else(|| panic!("gc never deleted lib: {:?}", gc.finish(Duration::ZERO)));
-    eprintln!("gc stopped: {at}; killed");
+    let (mut gc, pid) = w.gc_stopped_at_unlink(&lib, true);
+    eprintln!("killed");
     signal(pid, libc::SIGKILL);
     let gc = gc.finish(Duration::from_secs(10));
     assert!(!w.has(&lib), "lib was not deleted");
@@ -258,10 +266,7 @@ fn h4_gc_stopped_mid_batch_file() {
     w.node.start(&[]);
     w.push_ok(&[&p["app1"]]);
     w.age_all();
-    let marker = w.node.n.dir.join("gc-stopped");
-    let mut gc = w.gc(&["--keep-days", "30", "--grace", "1h"], &stop_env(UNLINKS, &format!("{}.narinfo", hash(&p["lib"])), 1, false, &marker));
-    let (pid, at) = stopped_at(&marker, gc_bound()).unwrap_or_else(|| panic!("gc never came to lib: {:?}", gc.finish(Duration::ZERO)));
-    eprintln!("gc stopped: {at}");
+    let (mut gc, pid) = w.gc_stopped_at_unlink(&p["lib"], false);
     // An upload meanwhile: the daemon looks, and sees the run.
     w.node.ok(&["push", &p["other"]]);
     std::thread::sleep(at_scale(DEAD_AFTER).mul_f64(1.1));
@@ -284,10 +289,7 @@ fn m3_push_during_the_deletion_phase_file() {
     w.node.start(&[]);
     w.push_ok(&[&p["app1"]]);
     w.age_all();
-    let marker = w.node.n.dir.join("gc-stopped");
-    let mut gc = w.gc(&["--keep-days", "30", "--grace", "1h"], &stop_env(UNLINKS, &format!("{}.narinfo", hash(&p["app1"])), 1, false, &marker));
-    let (pid, at) = stopped_at(&marker, gc_bound()).unwrap_or_else(|| panic!("gc never came to app1: {:?}", gc.finish(Duration::ZERO)));
-    eprintln!("gc stopped: {at}");
+    let (mut gc, pid) = w.gc_stopped_at_unlink(&p["app1"], false);
     let mut push = w.node.bg(&["push", "--wait", &p["app1"]], &[]);
     std::thread::sleep(at_scale(LEASE));
     signal(pid, libc::SIGCONT);
@@ -307,10 +309,7 @@ fn m1_daemon_clock_ahead_file() {
     w.node.start(&clock_env(2.0 * 3600.0));
     w.push_ok(&[&p["app1"]]);
     w.age_all();
-    let marker = w.node.n.dir.join("gc-stopped");
-    let mut gc = w.gc(&["--keep-days", "30", "--grace", "1h"], &stop_env(UNLINKS, &format!("{}.narinfo", hash(&p["app1"])), 1, false, &marker));
-    let (pid, at) = stopped_at(&marker, gc_bound()).unwrap_or_else(|| panic!("gc never came to app1: {:?}", gc.finish(Duration::ZERO)));
-    eprintln!("gc stopped: {at}");
+    let (mut gc, pid) = w.gc_stopped_at_unlink(&p["app1"], false);
     let mut push = w.node.bg(&["push", "--wait", &p["app2"]], &[]);
     wait_for(at_scale(LEASE).max(Duration::from_secs(3)), || w.has(&p["app2"]));
     signal(pid, libc::SIGCONT);
