@@ -100,7 +100,8 @@ fn calls_a_store_lacks_are_skipped_and_said() {
     let (sk2, pk2) = (b.n.dir.join("second.sec"), b.n.dir.join("second.pub"));
     run(Command::new("nix-store").args(["--generate-binary-cache-key", "second-1"]).arg(&sk2).arg(&pk2));
     let sign = b.narq(&["sign", "--key-file", sk2.to_str().unwrap(), "--all"]);
-    assert!(sign.status.success() && skipped(&sign) == 1, "{}", text(&sign));
+    // sign streams the narinfos and never asks for incomplete uploads: nothing to skip.
+    assert!(sign.status.success() && skipped(&sign) == 0, "{}", text(&sign));
     assert!(String::from_utf8_lossy(&sign.stdout).contains("signed 3 paths with second-1"), "{}", text(&sign));
     // rm deletes (DeleteObjects): with Content-MD5, not the CRC32 this store refuses.
     let rm = b.narq(&["rm", &outs[0]]);
