@@ -13,6 +13,11 @@
 //! a top path. (A single daemon's `wait` says nothing about another daemon's narinfo that
 //! landed late and is being healed: only a checkpoint of all three is checked.)
 //!
+//! A violation fails the test. A schedule whose final `wait` does not return 0 within its
+//! bound (it did not settle) is run once more, and fails only if it does not settle again:
+//! a busy machine stretches one past its bound now and then (7 in the first 1,000 at load
+//! 10–28, each settling when replayed but one: a daemon stuck for good, since fixed).
+//!
 //! Each schedule is seeded: a failing one prints its seed, and `NARQ_EXPLORE_SEED=S` (with
 //! `NARQ_EXPLORE_SCHEDULES=1`) replays it, as far as real processes replay. Environment:
 //! - `NARQ_EXPLORE_SCHEDULES` (default 50): how many; `NARQ_EXPLORE_SEED`: the first seed
@@ -668,7 +673,7 @@ fn schedules_never_break_a_closure() {
         let gc_port = proxy.entrance("gc");
         S3 { moto, proxy, gc_port, _t: t }
     });
-    let (mut ran, mut on_s3, mut checkpoints) = (0u64, 0u64, 0usize);
+    let (mut ran, mut on_s3, mut checkpoints, mut settled_again) = (0u64, 0u64, 0usize, 0usize);
     let mut failures: Vec<String> = Vec::new();
     for i in 0..set.schedules {
         if started.elapsed() > set.max {
@@ -687,6 +692,22 @@ fn schedules_never_break_a_closure() {
             eprintln!("  {}", found.actions.join("\n  "));
         }
         let bad: Vec<String> = found.violations.iter().map(|v| format!("violation: {v}")).chain(found.unsettled.iter().map(|u| format!("did not settle: {u}"))).collect();
+        // A schedule that broke nothing but did not settle within its bound is run once
+        // more: a machine busy with other work can stretch one past its bound, and one that
+        // settles the second time is counted apart, not failed. A violation always fails,
+        // and so does a schedule that does not settle twice (a daemon stuck for good: seed
+        // 0x97a8d956b1bc was one).
+        if found.violations.is_empty() && found.unsettled.is_some() {
+            let again = Schedule::new(seed, if use_s3 { s3.as_ref() } else { None }, set.scale, set.beyond_bound).run();
+            if again.violations.is_empty() && again.unsettled.is_none() {
+                eprintln!("schedule seed {seed:#x} ({backend}) settled when run again; the first time: {}", bad.join("; "));
+                settled_again += 1;
+                if let Some(s3) = &s3 {
+                    s3.proxy.clear();
+                }
+                continue;
+            }
+        }
         if !bad.is_empty() {
             let report = format!("schedule seed {seed:#x} ({backend}):\n  {}\n  actions:\n    {}", bad.join("\n  "), found.actions.join("\n    "));
             eprintln!("{report}");
@@ -701,7 +722,7 @@ fn schedules_never_break_a_closure() {
     }
     let violations = failures.iter().filter(|f| f.contains("violation:")).count();
     eprintln!(
-        "explorer: {ran} schedules ({} file://, {on_s3} S3) in {:.0} s, {checkpoints} checkpoints checked; {violations} schedules with violations, {} that did not settle",
+        "explorer: {ran} schedules ({} file://, {on_s3} S3) in {:.0} s, {checkpoints} checkpoints checked; {violations} schedules with violations, {} that did not settle, {settled_again} that settled only when run again",
         ran - on_s3,
         started.elapsed().as_secs_f64(),
         failures.len() - violations
