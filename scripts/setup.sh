@@ -7,7 +7,10 @@
 #     (the tests), python3 and python3-venv (only if missing), curl (only on CI, for rustup);
 #   - the Rust target <arch>-unknown-linux-musl, with rustup (under ~/.rustup); on CI (CI=true)
 #     without cargo, rustup itself (~/.rustup, ~/.cargo);
-#   - Nix's database (/nix/var/nix/db), created by `nix-store --init` if it does not exist.
+#   - Nix's database (/nix/var/nix/db), created by `nix-store --init` if it does not exist;
+#   - for the tests, once, under /var/cache/narq-test: a Debian sid chroot with Nix 2.34
+#     (scripts/setup-sid.sh), Garage 2.5.0 (scripts/setup-garage.sh, cargo install) and narq
+#     64d1f2c's binaries (scripts/setup-baseline.sh).
 # It never edits /etc/nix/nix.conf (the tests and the demo give Nix their settings through a
 # private NIX_CONF_DIR) and never installs into the system Python: moto goes into a virtual
 # environment in .venv/ under the repository, where the tests and benchmarks look for it.
