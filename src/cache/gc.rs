@@ -873,7 +873,14 @@ pub async fn execute(target: &dyn Target, run: &mut Run<'_>, plan: &Plan, m: &Mo
     }
     for i in &plan.incomplete {
         run.lock().await.heartbeat().await?;
-        target.abort_incomplete(i).await?;
+        match target.abort_incomplete(i).await {
+            // A store (or a key) that cannot abort uploads: the rest is done; said once.
+            Err(e) if e.unsupported => {
+                eprintln!("narq: skipped aborting incomplete uploads (they stay until the store's own lifecycle rules end them): {e}");
+                break;
+            }
+            r => r?,
+        }
     }
     Ok(())
 }

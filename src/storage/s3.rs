@@ -1036,7 +1036,12 @@ impl Target for S3Target {
             match answered(&what, 0, abort).await? {
                 Ok(_) => Ok(()),
                 Err(e) if e.as_service_error().and_then(|s| s.code()) == Some("NoSuchUpload") => Ok(()),
-                Err(e) => Err(classify(&what, e)),
+                Err(e) => {
+                    // Keys that may not abort uploads leave them, as stores that cannot.
+                    let denied = e.as_service_error().and_then(|s| s.code()) == Some("AccessDenied");
+                    let e = classify(&what, e);
+                    Err(TargetError { unsupported: e.unsupported || denied, ..e })
+                }
             }
         })
     }

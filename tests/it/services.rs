@@ -268,3 +268,23 @@ fn service_errors_name_the_fix() {
     assert!(err.contains("TLS with the endpoint failed") && err.contains("add scheme=http"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
+
+/// A key that may not abort multipart uploads (AccessDenied on AbortMultipartUpload, as a
+/// policy without s3:AbortMultipartUpload gives): gc does the rest and says what it skipped
+/// (it failed on it before).
+#[test]
+fn gc_skips_the_uploads_it_may_not_abort() {
+    let b = Behind::new("noabort", "", "");
+    let start = format!(
+        "import boto3\n\
+         s3 = boto3.client('s3', endpoint_url='http://127.0.0.1:{}', aws_access_key_id='test', aws_secret_access_key='test', region_name='us-east-1')\n\
+         print(s3.create_multipart_upload(Bucket='{}', Key='narq/tmp/abandoned.nar.zst')['UploadId'])\n",
+        b.moto.port, b.bucket
+    );
+    run(Command::new(venv_bin("python")).args(["-c", &start]));
+    b.proxy.add("DELETE", "uploadId=", Fault::Answer(403, "AccessDenied"), usize::MAX);
+    let gc = b.narq(&["gc", "--keep-days", "0", "--grace", "0s"]);
+    let err = String::from_utf8_lossy(&gc.stderr);
+    assert!(gc.status.success(), "{}", text(&gc));
+    assert!(err.contains("skipped aborting incomplete uploads") && err.contains("AccessDenied"), "{}", text(&gc));
+}
