@@ -4,7 +4,7 @@
 #
 # What it may change outside the repository, each announced on stderr when it happens:
 #   - Debian packages, with apt-get: nix-bin, musl-tools (the static hook), sqlite3 and systemd
-#     (the tests), python3 and python3-venv (only if missing), curl (only on CI, for rustup);
+#     (the tests), time (peak RSS in the scale test and benches), python3 and python3-venv (only if missing), curl (only on CI, for rustup);
 #   - the Rust target <arch>-unknown-linux-musl, with rustup (under ~/.rustup); on CI (CI=true)
 #     without cargo, rustup itself (~/.rustup, ~/.cargo);
 #   - Nix's database (/nix/var/nix/db), created by `nix-store --init` if it does not exist;
@@ -31,6 +31,7 @@ command -v nix-build >/dev/null || need_apt+=(nix-bin)
 command -v musl-gcc >/dev/null || need_apt+=(musl-tools)   # the static hook (scripts/build-hook.sh)
 if ! $demo_only; then
     command -v sqlite3 >/dev/null || need_apt+=(sqlite3)
+    [ -x /usr/bin/time ] || need_apt+=(time)   # GNU time: the scale test's and the benches' peak RSS
     command -v systemd-socket-activate >/dev/null || need_apt+=(systemd)
     if ! command -v python3 >/dev/null; then
         need_apt+=(python3 python3-venv)

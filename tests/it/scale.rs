@@ -65,28 +65,24 @@ fn synthetic(cache: &Path, n: usize, key: &SecretKey) {
     });
 }
 
-/// Runs `cmd` to its end: its output and its peak resident memory in bytes (wait4's).
+/// Runs `cmd` to its end: its output and its peak resident memory in bytes, as GNU time
+/// reports it. Not this process's own wait4: Linux counts in a child's peak the memory of
+/// the process it was spawned from (the test binary, hundreds of MiB while the whole suite
+/// runs), and `time` is a small process in between.
 fn peak(cmd: &mut Command) -> (Output, u64) {
-    let child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let pid = child.id() as libc::pid_t;
-    // The output is read on threads while wait4 reaps the process (its pipes would fill).
-    let (mut out, mut err) = (child.stdout.unwrap(), child.stderr.unwrap());
-    let out = std::thread::spawn(move || {
-        let mut b = Vec::new();
-        std::io::Read::read_to_end(&mut out, &mut b).unwrap();
-        b
-    });
-    let err = std::thread::spawn(move || {
-        let mut b = Vec::new();
-        std::io::Read::read_to_end(&mut err, &mut b).unwrap();
-        b
-    });
-    let mut status = 0;
-    // SAFETY: a plain wait4 on our own child, into locals.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    assert_eq!(unsafe { libc::wait4(pid, &mut status, 0, &mut ru) }, pid);
-    let status = std::os::unix::process::ExitStatusExt::from_raw(status);
-    (Output { status, stdout: out.join().unwrap(), stderr: err.join().unwrap() }, ru.ru_maxrss as u64 * 1024)
+    let t = TempDir::new("scale-rss");
+    let file = t.join("rss");
+    let mut timed = Command::new("/usr/bin/time");
+    timed.arg("-f").arg("%M").arg("-o").arg(&file).arg(cmd.get_program()).args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => timed.env(k, v),
+            None => timed.env_remove(k),
+        };
+    }
+    let out = timed.stdin(Stdio::null()).output().unwrap();
+    let kib: u64 = std::fs::read_to_string(&file).unwrap_or_default().lines().last().and_then(|l| l.trim().parse().ok()).unwrap_or_else(|| panic!("no peak RSS from /usr/bin/time: {out:?}"));
+    (out, kib * 1024)
 }
 
 #[test]
