@@ -166,7 +166,7 @@ class Garage:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class S3sFs:
+class S3sFs(Moto):
     """s3s-fs (the `s3s` crate's file-system server, Rust): a fast S3 server, so that the
     uploaders and not the server set the pace. Two processes over one root directory: `port`
     checks SigV4 with `key` (narq, boto3), `anon_port` takes unsigned requests (Nix 2.8's
@@ -175,7 +175,6 @@ class S3sFs:
     `cargo install s3s-fs@0.14.1 --locked --features binary --root /var/cache/narq-test/s3s-fs`
     (0.14.1: later versions need a newer Rust than 1.95)."""
     name = "s3s"
-    region = "us-east-1"
     key = ("bench", "benchsecret")
 
     def __init__(self, log=None):
@@ -197,14 +196,7 @@ class S3sFs:
             raise
         self.s3 = s3_client(self.port, *self.key, self.region)
 
-    def create_bucket(self, bucket):
-        self.s3.create_bucket(Bucket=bucket)
-
-    def store(self, bucket, port=None):
-        return f"s3://{bucket}?endpoint=127.0.0.1:{port or self.port}&scheme=http"
-
-    def env(self):
-        return {"AWS_ACCESS_KEY_ID": self.key[0], "AWS_SECRET_ACCESS_KEY": self.key[1], "AWS_EC2_METADATA_DISABLED": "true"}
+    # create_bucket, store and env: Moto's (a signed S3 API on `port`).
 
     def requests_and_cpu(self):
         """None for the requests (s3s-fs logs none), and the CPU seconds of both processes."""
