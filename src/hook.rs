@@ -31,8 +31,20 @@ pub fn outputs(out_paths: Option<&str>, drv_path: Option<&str>) -> anyhow::Resul
         return Ok(listed.into_iter().map(StorePath::parse).collect::<Result<_, _>>()?);
     }
     let drv_path = drv_path.filter(|d| !d.is_empty()).ok_or_else(|| anyhow::anyhow!("neither OUT_PATHS nor DRV_PATH is set"))?;
-    let text = std::fs::read(drv_path).map_err(|e| anyhow::anyhow!("{drv_path}: {e}"))?;
-    Ok(drv::parse_outputs(&text)?.into_iter().filter_map(|o| o.path).collect())
+    // The outputs come first: a `.drv` with a large environment is not read whole.
+    use std::io::Read;
+    let err = |e: std::io::Error| anyhow::anyhow!("{drv_path}: {e}");
+    let mut text = Vec::new();
+    let mut file = std::fs::File::open(drv_path).map_err(err)?;
+    let outputs = loop {
+        let read = file.by_ref().take(text.len().max(64 << 10) as u64).read_to_end(&mut text).map_err(err)?;
+        match drv::leading_outputs(&text)? {
+            Some(o) => break o,
+            None if read == 0 => anyhow::bail!("{drv_path}: {}", drv::DrvError::Expected(text.len(), "the outputs")),
+            None => {}
+        }
+    };
+    Ok(outputs.into_iter().filter_map(|o| o.path).collect())
 }
 
 pub enum Delivery {
@@ -139,11 +151,10 @@ impl Source {
 
     /// The NarHash of each of `roots`, in order.
     fn nar_hashes(&self, roots: &[StorePath]) -> anyhow::Result<Vec<Sha256>> {
-        let infos = match self {
-            Source::Read(c) => c.iter().filter(|p| roots.contains(&p.path)).cloned().collect(),
-            Source::Db(db) => db.query(roots, false)?,
-        };
-        roots.iter().map(|r| infos.iter().find(|p| &p.path == r).map(|p| p.nar_hash).ok_or_else(|| anyhow::anyhow!("{r} is not valid in the local store"))).collect()
+        match self {
+            Source::Read(c) => roots.iter().map(|r| c.iter().find(|p| &p.path == r).map(|p| p.nar_hash).ok_or_else(|| anyhow::anyhow!("{r} is not valid in the local store"))).collect(),
+            Source::Db(db) => Ok(db.nar_hashes(roots)?),
+        }
     }
 
     /// The whole closure of `roots`.
@@ -285,18 +296,20 @@ pub fn submit(config: &Config, h: Handover) -> anyhow::Result<Delivery> {
         };
         tidy(&mut todo);
         PathInfo::sign_all(&mut todo, &keys);
-        let mut req = Request::Enqueue { paths: todo, drv: drv.clone(), realisations: realisations.clone() };
-        match client.call(&req)? {
-            // A daemon older than build traces refuses them and hangs up: the realisations
-            // without (it writes the layout Nix up to 2.34 reads).
-            Response::Error { message, retryable: false } if message.contains(NO_BUILD_TRACES) => {
-                if let Request::Enqueue { realisations, .. } = &mut req {
-                    realisations.iter_mut().for_each(|r| r.build_trace = None);
+        let requests = enqueue_requests(todo, drv.clone(), realisations.clone());
+        let mut new = 0;
+        for (i, req) in requests.iter().enumerate() {
+            match call_enqueue(&mut client, config, req)? {
+                Response::Queued { new: n } => new += n,
+                // A daemon older than parts refuses them and hangs up: the closure at once.
+                Response::Error { message, retryable: false } if i == 0 && message.contains(NO_PARTS) => {
+                    let mut client = Client::connect(&config.socket, Some(DAEMON_TIMEOUT))?;
+                    return call_enqueue(&mut client, config, &whole(requests));
                 }
-                Ok(Client::connect(&config.socket, Some(DAEMON_TIMEOUT))?.call(&req)?)
+                answer => return Ok(answer),
             }
-            answer => Ok(answer),
         }
+        Ok(Response::Queued { new })
     };
     let why = match handed() {
         Ok(Response::Queued { new }) => return Ok(Delivery::Queued { new }),
@@ -312,13 +325,74 @@ pub fn submit(config: &Config, h: Handover) -> anyhow::Result<Delivery> {
         None => source.whole(roots)?,
     };
     PathInfo::sign_all(&mut paths, &keys);
-    deliver_or_spool(config, &Request::Enqueue { paths, drv, realisations }, why)
+    deliver_or_spool(config, &enqueue_requests(paths, drv, realisations), why)
 }
 
-/// Spools `req`, which the daemon did not take (`why`). On a full disk, the daemon's reserve
-/// ([`spool::RESERVE_NAME`]) makes room for it.
-fn deliver_or_spool(config: &Config, req: &Request, why: String) -> anyhow::Result<Delivery> {
-    let frame = protocol::encode(req);
+/// Paths sent in one `enqueue` request at most: a larger closure goes in parts (in one
+/// connection, or one spool file), so that what the daemon holds while it admits a request
+/// is bounded (a path's info takes about 1 KiB in memory, and more while it is parsed) and
+/// no request nears [`protocol::MAX_FRAME`].
+const PART_PATHS: usize = 10_000;
+
+/// What a daemon older than parts answers a request that is one.
+const NO_PARTS: &str = "unknown field `part`";
+
+/// The `enqueue` requests that hand over `paths`: one, or the parts of a closure larger than
+/// [`PART_PATHS`] ([`PathInfo::in_parts`]), the last with the roots, the derivation and the
+/// realisations.
+fn enqueue_requests(paths: Vec<PathInfo>, drv: Option<StorePath>, realisations: Vec<Realisation>) -> Vec<Request> {
+    let size = part_paths();
+    if paths.len() <= size {
+        return vec![Request::Enqueue { paths, drv, realisations, part: false }];
+    }
+    let mut parts: Vec<Request> = PathInfo::in_parts(paths, size).into_iter().map(|paths| Request::Enqueue { paths, drv: None, realisations: Vec::new(), part: true }).collect();
+    if let Some(Request::Enqueue { drv: d, realisations: r, part, .. }) = parts.last_mut() {
+        (*d, *r, *part) = (drv, realisations, false);
+    }
+    parts
+}
+
+/// [`PART_PATHS`]; in debug builds `NARQ_TEST_PART_PATHS` sets it, for tests to send a small
+/// closure in parts.
+fn part_paths() -> usize {
+    #[cfg(debug_assertions)]
+    if let Some(n) = std::env::var("NARQ_TEST_PART_PATHS").ok().and_then(|n| n.parse().ok()).filter(|n| *n > 0) {
+        return n;
+    }
+    PART_PATHS
+}
+
+/// The parts `requests` as one request.
+fn whole(requests: Vec<Request>) -> Request {
+    let mut all = Request::Enqueue { paths: Vec::new(), drv: None, realisations: Vec::new(), part: false };
+    for req in requests {
+        if let (Request::Enqueue { paths, drv, realisations, .. }, Request::Enqueue { paths: p, drv: d, realisations: r, .. }) = (&mut all, req) {
+            paths.extend(p);
+            (*drv, *realisations) = (d, r);
+        }
+    }
+    all
+}
+
+/// Sends an `enqueue` request. A daemon older than build traces refuses them and hangs up:
+/// the realisations without, on a new connection (it writes the layout Nix up to 2.34 reads).
+fn call_enqueue(client: &mut Client, config: &Config, req: &Request) -> Result<Response, Stopped> {
+    match client.call(req)? {
+        Response::Error { message, retryable: false } if message.contains(NO_BUILD_TRACES) => {
+            let mut req = req.clone();
+            if let Request::Enqueue { realisations, .. } = &mut req {
+                realisations.iter_mut().for_each(|r| r.build_trace = None);
+            }
+            Ok(Client::connect(&config.socket, Some(DAEMON_TIMEOUT))?.call(&req)?)
+        }
+        answer => Ok(answer),
+    }
+}
+
+/// Spools `requests` (in one file, read in order), which the daemon did not take (`why`).
+/// On a full disk, the daemon's reserve ([`spool::RESERVE_NAME`]) makes room for them.
+fn deliver_or_spool(config: &Config, requests: &[Request], why: String) -> anyhow::Result<Delivery> {
+    let frame: Vec<u8> = requests.iter().flat_map(protocol::encode).collect();
     let mut written = spool::write(&config.spool_dir(), &frame);
     if written.as_ref().is_err_and(|e| e.raw_os_error() == Some(libc::ENOSPC)) && spool::release_reserve(&config.state_dir) {
         written = spool::write(&config.spool_dir(), &frame);
@@ -338,7 +412,7 @@ pub fn report(config: &Config, roots: &[StorePath], drv: Option<StorePath>, why:
         Ok(other) => Err(format!("{other:?}")),
         Err(e) => Err(format!("daemon at {} unreachable: {e}", config.socket.display())),
     }
-    .or_else(|why| deliver_or_spool(config, &req, why).map(drop).map_err(|e| format!("{e:#}")));
+    .or_else(|why| deliver_or_spool(config, std::slice::from_ref(&req), why).map(drop).map_err(|e| format!("{e:#}")));
     match kept {
         Ok(()) => format!("{reason}; this build is not uploaded (recorded: `narq retry` uploads it once fixed)"),
         Err(e) => format!("{reason}; this build is not uploaded, and recording that failed: {e}"),
@@ -438,7 +512,7 @@ mod tests {
             }),
         };
         r.sign(&key);
-        let req = |realisations| serde_json::to_vec(&Request::Enqueue { paths: vec![], drv: None, realisations }).unwrap();
+        let req = |realisations| serde_json::to_vec(&Request::Enqueue { paths: vec![], drv: None, realisations, part: false }).unwrap();
         let e = serde_json::from_slice::<OldRequest>(&req(vec![r.clone()])).err().expect("an old daemon took a build trace").to_string();
         assert!(e.contains(NO_BUILD_TRACES), "{e}");
         r.build_trace = None;

@@ -66,6 +66,11 @@ pub enum Request {
         /// that refuses as an unknown field: the hook then sends them without.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         realisations: Vec<Realisation>,
+        /// One part of a closure sent in several (see `hook::PART_PATHS`), references first:
+        /// the paths nothing else in it references are not the request's roots; the last
+        /// part (without `part`) holds those.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        part: bool,
     },
     /// Outputs of a build (or `narq push` arguments) that the daemon holds already, with
     /// their closures: they are noted as roots of the cache, looked for again after a
@@ -523,7 +528,7 @@ mod tests {
     fn op_is_the_tag_on_the_wire() {
         let p = StorePath::parse("/nix/store/00000000000000000000000000000000-x").unwrap();
         let all = [
-            Request::Enqueue { paths: vec![], drv: None, realisations: vec![] },
+            Request::Enqueue { paths: vec![], drv: None, realisations: vec![], part: false },
             Request::Missing { paths: vec![p.clone()] },
             Request::Roots { paths: vec![p.clone()], drv: None, nar_hashes: vec![] },
             Request::Status,

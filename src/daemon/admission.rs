@@ -224,6 +224,14 @@ impl Admission {
 /// An `enqueue` request that passed [`Admission::checked`]: paths, derivation, realisations.
 pub(super) type Checked = (Vec<PathInfo>, Option<StorePath>, Vec<Realisation>);
 
+/// Whether a request is a whole closure, whose top paths are its roots, or a part of one
+/// sent in several (`enqueue`'s `part`), whose roots come with its last part.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Whole {
+    Closure,
+    Part,
+}
+
 /// Why an `enqueue` request was not stored.
 #[derive(Debug)]
 pub enum NotStored {
@@ -261,7 +269,7 @@ pub(super) struct Asked {
 
 /// Validates (the queue-dependent part, after [`check`]) and stores an `enqueue` request in
 /// `q`; returns how many paths were new.
-pub(super) fn enqueue(q: &mut Queue, keys: &[PublicKey], (paths, drv, realisations): Checked) -> Result<usize, NotStored> {
+pub(super) fn enqueue(q: &mut Queue, keys: &[PublicKey], (paths, drv, realisations): Checked, whole: Whole) -> Result<usize, NotStored> {
     let requested: HashSet<&StorePath> = paths.iter().map(|p| &p.path).collect();
     let mut own: Vec<&StorePath> = requested.iter().copied().chain(realisations.iter().map(|r| &r.out_path)).collect();
     own.sort_unstable();
@@ -293,11 +301,12 @@ pub(super) fn enqueue(q: &mut Queue, keys: &[PublicKey], (paths, drv, realisatio
     // New paths, and held ones whose info this request changes (it replaces theirs: a path
     // may have been rebuilt with other contents since).
     let changes = |p: &PathInfo| held.get(&p.path).is_some_and(|old| old.as_ref() != Some(p));
-    let todo: Vec<PathInfo> = paths.iter().filter(|p| !queued.contains(&p.path) || changes(p)).cloned().collect();
-    let new = q.enqueue(&todo, drv.as_ref()).map_err(NotStored::queue)?;
+    let new = q.enqueue(paths.iter().filter(|p| !queued.contains(&p.path) || changes(p)), drv.as_ref()).map_err(NotStored::queue)?;
     q.enqueue_realisations(&realisations).map_err(NotStored::queue)?;
     // Its top-level paths are roots of the cache: in use, whether uploaded now or before.
-    q.note_roots(&PathInfo::tops(&paths)).map_err(NotStored::queue)?;
+    if whole == Whole::Closure {
+        q.note_roots(&PathInfo::tops(&paths)).map_err(NotStored::queue)?;
+    }
     // Builds of these paths that the hook dropped earlier are handed over now.
     q.clear_dropped(paths.iter().map(|p| &p.path).chain(drv.as_ref())).map_err(NotStored::queue)?;
     Ok(new)
@@ -319,8 +328,8 @@ pub(super) fn roots(q: &mut Queue, roots: &[StorePath], nar_hashes: &[Sha256], d
     // contents: the client sends it in full.
     let mut unknown = q.lacking(&named).map_err(NotStored::queue)?;
     if !nar_hashes.is_empty() {
-        let held = q.queued_infos(&named).map_err(NotStored::queue)?;
-        unknown.extend(roots.iter().zip(nar_hashes).filter(|(r, h)| held.get(*r).and_then(|i| i.as_ref()).is_some_and(|i| i.nar_hash != **h)).map(|(r, _)| r.clone()));
+        let held = q.queued_nar_hashes(&named).map_err(NotStored::queue)?;
+        unknown.extend(roots.iter().zip(nar_hashes).filter(|(r, h)| held.get(*r).and_then(|i| i.as_ref()).is_some_and(|i| i != *h)).map(|(r, _)| r.clone()));
     }
     if !unknown.is_empty() {
         return Ok(Err(unknown));
@@ -329,7 +338,7 @@ pub(super) fn roots(q: &mut Queue, roots: &[StorePath], nar_hashes: &[Sha256], d
     if !failed.is_empty() {
         return Ok(Err(failed));
     }
-    let new = q.enqueue(&[], drv).map_err(NotStored::queue)?;
+    let new = q.enqueue([], drv).map_err(NotStored::queue)?;
     q.note_roots(roots).map_err(NotStored::queue)?;
     q.clear_dropped(roots.iter().chain(drv)).map_err(NotStored::queue)?;
     Ok(Ok(new))
@@ -341,7 +350,7 @@ pub(super) fn repair(q: &mut Queue, keys: &[PublicKey], checked: Checked, repair
     if let Some(p) = repair.iter().find(|r| !checked.0.iter().any(|p| &p.path == *r)) {
         return Err(NotStored::Refused(format!("{p} is to be repaired but its path info is not in the request")));
     }
-    enqueue(q, keys, checked)?;
+    enqueue(q, keys, checked, Whole::Closure)?;
     q.repair(repair).map_err(NotStored::queue)
 }
 
@@ -374,32 +383,15 @@ impl Admission {
             Err(e) => return tracing::warn!("reading the spool {}: {e}", dir.display()),
         };
         for file in files {
-            let parsed = spool::open(&file).map_err(FrameError::from).and_then(|mut f| protocol::read::<Request>(&mut f));
             // Whose build this is, should it be refused: its derivation, else the paths nothing
-            // else in the request references.
-            let build = match &parsed {
-                Ok(Request::Enqueue { paths, drv, .. }) => Some((PathInfo::tops(paths), drv.clone())),
-                _ => None,
+            // else in the request's last part references.
+            let mut build = None;
+            let result = match spool::open(&file) {
+                Ok(f) => self.ingest_file(std::io::BufReader::new(f), &mut build).await,
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => Err(NotStored::Refused(format!("reading it: {e}"))),
+                Err(e) => Err(NotStored::Transient(format!("reading it: {e}"))),
             };
-            let result = match parsed {
-                Ok(Request::Enqueue { paths, drv, realisations }) => {
-                    let keys = self.trusted_keys.clone();
-                    let new = match self.checked(paths, drv, realisations).await {
-                        Ok(req) => self.queue.run(move |q| enqueue(q, &keys, req)).await.unwrap_or_else(|e| Err(NotStored::Transient(e))),
-                        Err(e) => Err(e),
-                    };
-                    self.wake.notify_one();
-                    new
-                }
-                Ok(req @ Request::Report { .. }) => self.queue.run(move |q| record(q, req)).await.unwrap_or_else(|e| Err(NotStored::Transient(e))),
-                Ok(other) => Err(NotStored::Refused(format!("not an enqueue request: {other:?}"))),
-                // Not a request (a FIFO, too large) or cut short: reading it again would not help.
-                Err(FrameError::Io(e)) if matches!(e.kind(), std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof) => {
-                    Err(NotStored::Refused(format!("reading it: {e}")))
-                }
-                Err(FrameError::Io(e)) => Err(NotStored::Transient(format!("reading it: {e}"))),
-                Err(e) => Err(NotStored::Refused(e.to_string())),
-            };
+            super::release_memory();
             match result {
                 Ok(new) => {
                     tracing::info!(file = %file.display(), new, "ingested spooled request");
@@ -424,6 +416,62 @@ impl Admission {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Admits the requests of one spool file in order: one, or the parts of a large closure
+    /// (see `hook::PART_PATHS`); a part admitted stays queued whatever becomes of the rest,
+    /// and admitting it again costs a lookup. `build` is set to whose build it is (see
+    /// [`Admission::ingest_spool`]), from the last request, which is read even after a
+    /// refusal. Returns how many paths were new.
+    async fn ingest_file(&self, mut f: impl std::io::BufRead, build: &mut Option<(Vec<StorePath>, Option<StorePath>)>) -> Result<usize, NotStored> {
+        let mut result = Ok(0);
+        let mut read_any = false;
+        // Bounded by the file: each turn reads one frame of it.
+        loop {
+            match f.fill_buf() {
+                Ok([]) if read_any => return result,
+                Ok(_) => {}
+                Err(e) => return Err(NotStored::Transient(format!("reading it: {e}"))),
+            }
+            read_any = true;
+            let parsed = protocol::read::<Request>(&mut f);
+            if let Ok(Request::Enqueue { paths, drv, .. }) = &parsed {
+                *build = Some((PathInfo::tops(paths), drv.clone()));
+            }
+            if result.is_err() {
+                // Refused already: read on only for whose build it was.
+                if parsed.is_err() {
+                    return result;
+                }
+                continue;
+            }
+            let admitted = match parsed {
+                Ok(Request::Enqueue { paths, drv, realisations, part }) => {
+                    let keys = self.trusted_keys.clone();
+                    let whole = if part { Whole::Part } else { Whole::Closure };
+                    let new = match self.checked(paths, drv, realisations).await {
+                        Ok(req) => self.queue.run(move |q| enqueue(q, &keys, req, whole)).await.unwrap_or_else(|e| Err(NotStored::Transient(e))),
+                        Err(e) => Err(e),
+                    };
+                    self.wake.notify_one();
+                    new
+                }
+                Ok(req @ Request::Report { .. }) => self.queue.run(move |q| record(q, req)).await.unwrap_or_else(|e| Err(NotStored::Transient(e))),
+                Ok(other) => Err(NotStored::Refused(format!("not an enqueue request: {other:?}"))),
+                // Not a request (a FIFO, too large) or cut short: reading it again would not help.
+                Err(FrameError::Io(e)) if matches!(e.kind(), std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof) => {
+                    Err(NotStored::Refused(format!("reading it: {e}")))
+                }
+                Err(FrameError::Io(e)) => Err(NotStored::Transient(format!("reading it: {e}"))),
+                Err(e) => Err(NotStored::Refused(e.to_string())),
+            };
+            match admitted {
+                Ok(new) => result = result.map(|n| n + new),
+                // Left in place: the next ingestion tries again, from the first part.
+                Err(NotStored::Transient(why)) => return Err(NotStored::Transient(why)),
+                Err(refused) => result = Err(refused),
             }
         }
     }
@@ -491,9 +539,9 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("narq-admit-real-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut q = Queue::open(&dir.join("queue.db")).unwrap();
-        let Err(NotStored::Refused(why)) = enqueue(&mut q, &keys, (vec![], None, vec![r.clone()])) else { panic!("admitted") };
+        let Err(NotStored::Refused(why)) = enqueue(&mut q, &keys, (vec![], None, vec![r.clone()]), Whole::Closure) else { panic!("admitted") };
         assert!(why.contains("neither in the request nor queued"), "{why}");
-        assert_eq!(enqueue(&mut q, &keys, (vec![out.clone()], None, vec![r.clone()])).unwrap(), 1);
+        assert_eq!(enqueue(&mut q, &keys, (vec![out.clone()], None, vec![r.clone()]), Whole::Closure).unwrap(), 1);
         // The realisation waits for its out path's narinfo.
         let ready: Vec<String> = q.ready(10, &HashSet::new()).unwrap().into_iter().map(|i| i.key).collect();
         assert_eq!(ready, [out.path.to_string()]);

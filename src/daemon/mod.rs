@@ -349,3 +349,14 @@ fn keep_reserve(state_dir: &Path, at_start: bool) {
         Err(e) => tracing::debug!("keeping the reserve in {}: {e}", state_dir.display()),
     }
 }
+
+/// Gives back to the system what a large request took while it was admitted: glibc keeps
+/// freed memory in each thread's arena, so without this the daemon would stay at the size
+/// its largest request made it (a 100,000-path closure: about 100 MiB).
+pub(super) fn release_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory of the allocator to the system.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

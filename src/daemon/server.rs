@@ -11,7 +11,7 @@ use tokio::net::{UnixListener, UnixStream};
 
 use tokio::sync::watch;
 
-use super::admission::{enqueue, record, repair, roots, Admission, NotStored};
+use super::admission::{enqueue, record, repair, roots, Admission, NotStored, Whole};
 use super::lock::{bound, lock_socket, lock_state_dir};
 use super::systemd::systemd_listener;
 use super::workers::Snapshot;
@@ -19,6 +19,7 @@ use crate::config::Config;
 use crate::nix::StorePath;
 use crate::protocol::{self, Request, Response};
 use crate::spool;
+use crate::queue::PathList;
 
 /// A client that sends nothing for this long is dropped.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -232,11 +233,12 @@ async fn serve(server: Arc<Server>, mut stream: UnixStream) {
         let op = req.op();
         server.metrics.request(op);
         let resp = match req {
-            Request::Enqueue { paths, drv, realisations } => {
+            Request::Enqueue { paths, drv, realisations, part } => {
                 let n = paths.len();
                 let named: Vec<StorePath> = paths.iter().map(|p| p.path.clone()).collect();
+                let whole = if part { Whole::Part } else { Whole::Closure };
                 let stored = match admission.checked(paths, drv, realisations).await {
-                    Ok(req) => admission.queue.here(|q| enqueue(q, &admission.trusted_keys, req).map(|n| (n, q.current_seq()))),
+                    Ok(req) => admission.queue.here(|q| enqueue(q, &admission.trusted_keys, req, whole).map(|n| (n, q.current_seq()))),
                     Err(e) => Err(e),
                 };
                 match stored {
@@ -244,6 +246,9 @@ async fn serve(server: Arc<Server>, mut stream: UnixStream) {
                         admission.wake.notify_one();
                         admission.asked_now(named, seq);
                         tracing::debug!(uid, paths = n, new, "enqueued");
+                        if n >= LARGE_REQUEST {
+                            super::release_memory();
+                        }
                         Response::Queued { new }
                     }
                     Err(NotStored::Refused(message)) => {
@@ -338,6 +343,9 @@ fn status(server: &Server) -> Response {
     }
 }
 
+/// Paths in a request after which the daemon gives the memory it took back ([`super::release_memory`]).
+pub(super) const LARGE_REQUEST: usize = 1000;
+
 /// The largest request a peer that may not change the queue may send (`status`, `wait`,
 /// `missing` for some thousands of paths).
 const READER_MAX_FRAME: usize = 1 << 20;
@@ -361,17 +369,19 @@ async fn wait(server: &Server, timeout: Duration, paths: Option<Vec<StorePath>>,
         Ok(s) => s,
         Err(e) => return Response::unavailable(format!("queue: {e}")),
     };
+    let paths = paths.as_deref().map(PathList::new);
     // What the answer says became of the items it waited for.
-    let summary = || admission.queue.here(|q| q.wait_summary(upto, since, paths.as_deref())).inspect_err(|e| tracing::warn!("summing up a wait: {e}")).ok();
+    let summary = || admission.queue.here(|q| q.wait_summary(upto, since, paths.as_ref())).inspect_err(|e| tracing::warn!("summing up a wait: {e}")).ok();
     loop {
         // Uploads, and the roots of what they uploaded: a machine that goes away after `wait`
         // leaves its paths rooted in the cache.
+        let looked = Instant::now();
         let progress = admission.queue.here(|q| {
             let (pending, failed) = match &paths {
                 Some(p) => q.progress_of(p)?,
                 None => q.progress(upto, since)?,
             };
-            Ok::<_, rusqlite::Error>((pending + q.roots_pending(Some(upto), paths.as_deref())?, failed))
+            Ok::<_, rusqlite::Error>((pending + q.roots_pending(Some(upto), paths.as_ref())?, failed))
         });
         // A request still in the spool (the queue could not take it yet) is not uploaded.
         let spooled = spool::list(&admission.spool_dir).map_or(0, |v| v.len() as u64);
@@ -390,7 +400,9 @@ async fn wait(server: &Server, timeout: Duration, paths: Option<Vec<StorePath>>,
                     admission.ingest_spool().await;
                     ingested = Instant::now();
                 }
-                tokio::time::sleep(Duration::from_millis(25)).await
+                // A look at a large closure holds the queue (and this thread) for a while:
+                // at most a tenth of the time, so that uploads and hooks go on meanwhile.
+                tokio::time::sleep(Duration::from_millis(25).max(looked.elapsed() * 10)).await
             }
             Err(e) => return Response::unavailable(format!("queue: {e}")),
         }

@@ -18,7 +18,7 @@
 //! signatures)` and `RealisationsRefs(referrer, realisationReference)`: `drvPath` is the
 //! derivation's hash modulo (`sha256:<base16>`), `outputPath` a `ValidPaths.id`.
 
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -108,6 +108,21 @@ impl NixDb {
     /// Every root must be valid. The result is sorted by path.
     pub fn query(&self, roots: &[StorePath], closure: bool) -> Result<Vec<PathInfo>, DbError> {
         self.select(roots, closure, None)
+    }
+
+    /// The NarHash of each of `paths`, in order, without their references (a path may have
+    /// 100,000). Every path must be valid.
+    pub fn nar_hashes(&self, paths: &[StorePath]) -> Result<Vec<Sha256>, DbError> {
+        let err = |e| DbError::Sqlite(self.path.clone(), e);
+        let mut stmt = self.conn.prepare_cached("SELECT hash FROM ValidPaths WHERE path = ?1").map_err(err)?;
+        paths
+            .iter()
+            .map(|p| {
+                let hash: Option<String> = stmt.query_row([p.to_string()], |r| r.get(0)).optional().map_err(err)?;
+                let hash = hash.ok_or_else(|| DbError::NotValid(p.clone()))?;
+                Sha256::parse(&hash).map_err(|e| DbError::BadRow(p.to_string(), e.to_string()))
+            })
+            .collect()
     }
 
     /// [`NixDb::query`], of at most `limit` paths of the closure when given.

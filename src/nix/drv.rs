@@ -123,10 +123,21 @@ pub fn parse_outputs(text: &[u8]) -> Result<Vec<DrvOutput>, DrvError> {
     parse(text).map(|d| d.outputs)
 }
 
-/// The derivation in `text`.
-pub fn parse(text: &[u8]) -> Result<Drv, DrvError> {
-    let mut p = Parser { s: text, pos: 0 };
-    p.expect("Derive(")?;
+/// The outputs of the derivation whose text begins with `head` (the outputs come first), or
+/// `None` if `head` ends before they do: the rest of a `.drv` (its environment, its inputs)
+/// may be megabytes that a hook need not read.
+pub fn leading_outputs(head: &[u8]) -> Result<Option<Vec<DrvOutput>>, DrvError> {
+    let mut p = Parser { s: head, pos: 0 };
+    match p.expect("Derive(").and_then(|()| outputs(&mut p)) {
+        Ok(o) => Ok(Some(o)),
+        // What was expected begins with all that is left.
+        Err(DrvError::Expected(pos, lit)) if lit.as_bytes().starts_with(head.get(pos..).unwrap_or_default()) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// `[("name","path","hashAlgo","hash"),…]`, the outputs.
+fn outputs(p: &mut Parser) -> Result<Vec<DrvOutput>, DrvError> {
     let outputs = p.list(|p| {
         p.expect("(")?;
         let name = p.string()?;
@@ -138,6 +149,24 @@ pub fn parse(text: &[u8]) -> Result<Drv, DrvError> {
         p.expect(")")?;
         Ok((name, path, hash_algo, hash))
     })?;
+    outputs
+        .into_iter()
+        .map(|(name, path, hash_algo, hash)| {
+            let path = if path.is_empty() {
+                None
+            } else {
+                Some(StorePath::parse(&path).map_err(|e| DrvError::BadOutput(name.clone(), e))?)
+            };
+            Ok(DrvOutput { name, path, hash_algo, hash })
+        })
+        .collect()
+}
+
+/// The derivation in `text`.
+pub fn parse(text: &[u8]) -> Result<Drv, DrvError> {
+    let mut p = Parser { s: text, pos: 0 };
+    p.expect("Derive(")?;
+    let outputs = outputs(&mut p)?;
     p.expect(",")?;
     let input_drvs = p.list(|p| {
         p.expect("(")?;
@@ -167,17 +196,6 @@ pub fn parse(text: &[u8]) -> Result<Drv, DrvError> {
     if p.pos != text.len() {
         return Err(DrvError::Trailing(p.pos));
     }
-    let outputs = outputs
-        .into_iter()
-        .map(|(name, path, hash_algo, hash)| {
-            let path = if path.is_empty() {
-                None
-            } else {
-                Some(StorePath::parse(&path).map_err(|e| DrvError::BadOutput(name.clone(), e))?)
-            };
-            Ok(DrvOutput { name, path, hash_algo, hash })
-        })
-        .collect::<Result<_, _>>()?;
     Ok(Drv { outputs, input_drvs })
 }
 
@@ -206,6 +224,18 @@ mod tests {
         assert!(read("ca-top-resolved.drv").input_drvs.is_empty());
         let dep = parse(DRV.as_bytes()).unwrap();
         assert!(dep.input_drvs.is_empty() && !dep.outputs[0].is_floating());
+    }
+
+    #[test]
+    fn reads_the_outputs_from_the_head_alone() {
+        let outs = parse_outputs(DRV.as_bytes()).unwrap();
+        let head_len = DRV.find("],").unwrap() + 1;
+        for cut in 0..DRV.len() {
+            let got = leading_outputs(&DRV.as_bytes()[..cut]).unwrap();
+            assert_eq!(got.as_ref(), (cut >= head_len).then_some(&outs), "head of {cut} bytes");
+        }
+        assert!(leading_outputs(b"Derivx([").is_err());
+        assert!(leading_outputs(DRV.replacen("/nix/store/z4asv", "/tmp/z4asv", 1).as_bytes()).is_err());
     }
 
     #[test]

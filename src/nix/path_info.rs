@@ -42,6 +42,58 @@ impl PathInfo {
         paths.iter().map(|p| &p.path).filter(|p| !referenced.contains(p)).cloned().collect()
     }
 
+    /// `paths` in parts of at most `size` (the last may hold more: all the tops), each after
+    /// the paths it references: a closure sent in parts this way has every reference of a part
+    /// queued before it, and its [`tops`](PathInfo::tops) (its roots) in the last part, whose
+    /// own tops they are. A cycle (never in a store; the daemon refuses one) is kept, in the
+    /// order given, before the tops.
+    pub fn in_parts(paths: Vec<PathInfo>, size: usize) -> Vec<Vec<PathInfo>> {
+        use std::collections::HashMap;
+        let n = paths.len();
+        let mut waits_on = vec![0usize; n];
+        let mut referrers: Vec<Vec<usize>> = vec![Vec::new(); n];
+        {
+            let index: HashMap<&StorePath, usize> = paths.iter().enumerate().map(|(i, p)| (&p.path, i)).collect();
+            for (i, p) in paths.iter().enumerate() {
+                for j in p.references.iter().filter(|r| **r != p.path).filter_map(|r| index.get(r)) {
+                    waits_on[i] += 1;
+                    referrers[*j].push(i);
+                }
+            }
+        }
+        let is_top = |i: usize| referrers[i].is_empty();
+        // Kahn's order over the paths something references; the tops after them.
+        let mut order = Vec::with_capacity(n);
+        let mut placed = vec![false; n];
+        let mut ready: Vec<usize> = (0..n).filter(|&i| waits_on[i] == 0 && !is_top(i)).collect();
+        while let Some(i) = ready.pop() {
+            order.push(i);
+            placed[i] = true;
+            for &k in &referrers[i] {
+                waits_on[k] -= 1;
+                if waits_on[k] == 0 && !is_top(k) {
+                    ready.push(k);
+                }
+            }
+        }
+        order.extend((0..n).filter(|&i| !placed[i] && !is_top(i)));
+        let tops = (0..n).filter(|&i| is_top(i)).count();
+        order.extend((0..n).filter(|&i| is_top(i)));
+        let mut slots: Vec<Option<PathInfo>> = paths.into_iter().map(Some).collect();
+        let mut ordered = order.into_iter().map(|i| slots[i].take().expect("each index once"));
+        // The parts before the last hold no top; the last holds every top.
+        let mut parts: Vec<Vec<PathInfo>> = Vec::new();
+        let mut left = n - tops;
+        while left > 0 {
+            let k = left.min(size.max(1));
+            parts.push(ordered.by_ref().take(k).collect());
+            left -= k;
+        }
+        parts.push(ordered.collect());
+        parts.retain(|p| !p.is_empty());
+        parts
+    }
+
     pub fn fingerprint(&self) -> String {
         fingerprint(&self.path, &self.nar_hash, self.nar_size, &self.references)
     }
@@ -167,6 +219,47 @@ impl<'de> Deserialize<'de> for Sha256 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Parts of a closure: every reference in the same part or an earlier one, every path
+    /// once, the parts before the last at most `size`, and the last holding the tops.
+    #[test]
+    fn a_closure_in_parts_has_references_first_and_the_tops_last() {
+        let path = |i: usize| StorePath::parse(&format!("/nix/store/{}-p{i}", nixbase32::encode(&Sha256::digest(&i.to_le_bytes()).0[..20]))).unwrap();
+        // 60 paths: i references i / 2 and i / 3 (a DAG with shared dependencies), and
+        // itself; 60..63 are tops over several of them.
+        let info = |i: usize, refs: Vec<usize>| PathInfo {
+            path: path(i),
+            nar_hash: Sha256::digest(b"x"),
+            nar_size: 1,
+            references: refs.into_iter().map(path).chain([path(i)]).collect(),
+            deriver: None,
+            sigs: Default::default(),
+            ca: None,
+        };
+        let mut all: Vec<PathInfo> = (1..60).map(|i| info(i, [i / 2, i / 3].into_iter().filter(|&r| r >= 1 && r != i).collect())).collect();
+        all.extend((60..63).map(|i| info(i, vec![59 - (i - 60), 30, 1])));
+        all.reverse();
+        let tops = PathInfo::tops(&all);
+        let parts = PathInfo::in_parts(all.clone(), 7);
+        let mut seen: std::collections::HashSet<StorePath> = Default::default();
+        for (k, part) in parts.iter().enumerate() {
+            let here: std::collections::HashSet<&StorePath> = part.iter().map(|p| &p.path).collect();
+            for p in part {
+                for r in p.references.iter().filter(|r| **r != p.path) {
+                    assert!(seen.contains(r) || here.contains(r), "part {k}: {} before its reference {r}", p.path);
+                }
+            }
+            assert!(k == parts.len() - 1 || part.len() <= 7);
+            seen.extend(part.iter().map(|p| p.path.clone()));
+        }
+        assert_eq!(seen.len(), all.len());
+        let mut last = PathInfo::tops(parts.last().unwrap());
+        last.sort();
+        let mut want = tops.clone();
+        want.sort();
+        assert_eq!(last, want);
+        assert!(parts[..parts.len() - 1].iter().all(|p| p.iter().all(|p| !tops.contains(&p.path))));
+    }
 
     #[test]
     fn ca_forms() {

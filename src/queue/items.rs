@@ -43,7 +43,7 @@ pub fn backoff(attempts: u32, key: &str) -> Duration {
     base.mul_f64(0.5 + (h % 1000) as f64 / 2000.0)
 }
 
-/// Parses a row of [`Queue::ready`]'s query: `rowid, key, kind, info, attempts, excluded_ref, repair`.
+/// Parses a row of [`Queue::ready`]'s query: `rowid, key, kind, info, attempts, repair`.
 fn item(r: &rusqlite::Row) -> std::result::Result<Item, String> {
     let key: String = r.get(1).map_err(|e| format!("key: {e}"))?;
     let kind: String = r.get(2).map_err(|e| format!("kind: {e}"))?;
@@ -56,9 +56,8 @@ fn item(r: &rusqlite::Row) -> std::result::Result<Item, String> {
         "realisation" => Kind::Realisation(Box::new(serde_json::from_str(&info).map_err(|e| format!("realisation: {e}"))?)),
         other => return Err(format!("unknown kind {other:?}")),
     };
-    let excluded_ref = r.get(5).map_err(|e| format!("excluded reference: {e}"))?;
-    let repair = r.get::<_, i64>(6).unwrap_or(0) != 0;
-    Ok(Item { key, kind, attempts, excluded_ref, repair })
+    let repair = r.get::<_, i64>(5).unwrap_or(0) != 0;
+    Ok(Item { key, kind, attempts, excluded_ref: None, repair })
 }
 
 impl Queue {
@@ -67,39 +66,43 @@ impl Queue {
     /// a signature by a trusted key and the references it was queued with (so what an older
     /// narq queued unsigned gives way to a signed request); `done` paths stay done, with the
     /// new info if it differs; `stale` and `failed` ones are pending again.
-    pub fn enqueue(&mut self, paths: &[PathInfo], log: Option<&StorePath>) -> Result<usize> {
+    pub fn enqueue<'a>(&mut self, paths: impl IntoIterator<Item = &'a PathInfo>, log: Option<&StorePath>) -> Result<usize> {
         let tx = self.conn.transaction()?;
         let seq = self.last_seq + 1;
         let mut new = 0;
+        let mut keys = Vec::new();
         {
             let mut get = tx.prepare_cached("SELECT state, info FROM items WHERE key = ?1")?;
             let mut insert = tx.prepare_cached(
-                "INSERT INTO items (key, kind, info, state, seq) VALUES (?1, ?2, ?3, 'pending', ?4)
+                "INSERT INTO items (key, kind, info, state, seq, size) VALUES (?1, ?2, ?3, 'pending', ?4, ?5)
                  ON CONFLICT(key) DO UPDATE SET info = ?3, state = 'pending', seq = ?4, attempts = 0,
-                 next_try = 0, last_error = NULL",
+                 next_try = 0, last_error = NULL, size = ?5",
             )?;
             let mut add_ref = tx.prepare_cached("INSERT OR IGNORE INTO refs (key, ref) VALUES (?1, ?2)")?;
             let mut clear_refs = tx.prepare_cached("DELETE FROM refs WHERE key = ?1")?;
             // A pending path keeps its place (its seq, which `wait` counts on, and its backoff).
-            let mut replace = tx.prepare_cached("UPDATE items SET info = ?2 WHERE key = ?1")?;
+            let mut replace = tx.prepare_cached("UPDATE items SET info = ?2, size = ?3 WHERE key = ?1")?;
             for p in paths {
                 let key = p.path.to_string();
+                keys.push(key.clone());
                 let old: Option<(String, String)> = get.query_row([&key], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
                 let json = serde_json::to_string(p).expect("PathInfo serialises");
+                let size = i64::try_from(p.nar_size).unwrap_or(i64::MAX);
                 match old.as_ref().map(|(state, info)| (state.as_str(), info == &json)) {
                     Some(("done", true)) => continue,
                     // Rebuilt with other contents (not every build is reproducible): what the
                     // cache has stays trusted, but if it must be uploaded again it is this.
                     Some(("done", false)) | Some(("pending", _)) => {
-                        replace.execute(params![key, json])?;
+                        replace.execute(params![key, json, size])?;
                     }
                     // A failed one is retried.
                     _ => {
                         new += 1;
-                        insert.execute(params![key, "nar", json, seq])?;
+                        insert.execute(params![key, "nar", json, seq, size])?;
                     }
                 }
                 // The references of the info that replaced the old one, not of both.
+                self.blocked.remove(&key);
                 clear_refs.execute([&key])?;
                 for r in &p.references {
                     if r != &p.path {
@@ -118,7 +121,6 @@ impl Queue {
             }
         }
         // What the request relies on but was only remembered from before a collection.
-        let keys: Vec<String> = paths.iter().map(|p| p.path.to_string()).collect();
         tx.execute(&repend_reached("SELECT value FROM json_each(?2)"), params![seq, serde_json::to_string(&keys).expect("strings serialise")])?;
         tx.commit()?;
         self.last_seq = seq;
@@ -149,6 +151,7 @@ impl Queue {
                 let n = insert.execute(params![key, serde_json::to_string(r).expect("Realisation serialises"), seq])?;
                 new += n;
                 if n > 0 {
+                    self.blocked.remove(&key);
                     clear_refs.execute([&key])?;
                     add_ref.execute(params![key, r.out_path.to_string()])?;
                     // After the realisations it depends on, when they are queued too (a ref to
@@ -173,29 +176,65 @@ impl Queue {
         let mut out = Vec::new();
         let mut unreadable = Vec::new();
         {
-            let mut stmt = self.conn.prepare_cached(
-                "SELECT rowid, key, kind, info, attempts,
-                        (SELECT r.ref FROM refs r JOIN items d ON d.key = r.ref
-                         WHERE r.key = i.key AND d.outcome = 'excluded' LIMIT 1),
-                        repair
-                 FROM items i
-                 WHERE state = 'pending' AND (next_try <= ?1 OR next_try > ?1 + ?3)
-                   AND NOT EXISTS (SELECT 1 FROM refs r JOIN items d ON d.key = r.ref
-                                   WHERE r.key = i.key AND d.state != 'done')
-                 ORDER BY seq, key LIMIT ?2",
+            // In order, by `items_order`; whether each waits on a reference is looked at one
+            // row at a time below, so that the look stops at `limit` ready ones, and only those
+            // are read whole.
+            let mut pending = self.conn.prepare_cached(
+                "SELECT rowid, key FROM items WHERE state = 'pending' AND (next_try <= ?1 OR next_try > ?1 + ?2)
+                 ORDER BY seq, key",
+            )?;
+            let mut whole = self.conn.prepare_cached("SELECT rowid, key, kind, info, attempts, repair FROM items WHERE rowid = ?1")?;
+            let mut state = self.conn.prepare_cached("SELECT state FROM items WHERE key = ?1")?;
+            // The one handed out last, so that a hint holds as long as it can (see `blocked`).
+            let mut blocker = self.conn.prepare_cached(
+                "SELECT r.ref FROM refs r JOIN items d ON d.key = r.ref
+                 WHERE r.key = ?1 AND d.state != 'done' ORDER BY d.seq DESC, d.key DESC LIMIT 1",
+            )?;
+            let mut excluded = self.conn.prepare_cached(
+                "SELECT r.ref FROM refs r JOIN items d ON d.key = r.ref WHERE r.key = ?1 AND d.outcome = 'excluded' LIMIT 1",
             )?;
             // A retry set further ahead than the longest backoff was set by a clock that has
             // since been stepped back (NTP at boot, a VM restored): due now, or it would
             // wait for as long as the step.
-            let mut rows = stmt.query(params![now_ms(), (limit + busy.len()) as i64, BACKOFF_CAP.as_millis() as i64])?;
-            while let Some(r) = rows.next()? {
+            let mut rows = pending.query(params![now_ms(), BACKOFF_CAP.as_millis() as i64])?;
+            // Items looked over that are held back (with a hint).
+            let mut held = 0;
+            while out.len() < limit {
+                let Some(r) = rows.next()? else {
+                    // Looked over every pending item: hints of items no longer pending (done
+                    // or failed by another way than this one) go.
+                    if self.blocked.len() > held {
+                        self.blocked.retain(|k, _| state.query_row([k], |s| s.get::<_, String>(0)).ok().is_some_and(|s| s == "pending"));
+                    }
+                    break;
+                };
                 let key: Option<String> = r.get(1).ok();
-                if key.as_ref().is_some_and(|k| busy.contains(k)) || out.len() >= limit {
-                    continue;
+                if let Some(key) = &key {
+                    if busy.contains(key) {
+                        continue;
+                    }
+                    if let Some(b) = self.blocked.get(key) {
+                        if state.query_row([b], |s| s.get::<_, String>(0)).optional()?.is_some_and(|s| s != "done") {
+                            held += 1;
+                            continue;
+                        }
+                    }
+                    match blocker.query_row([key], |b| b.get::<_, String>(0)).optional()? {
+                        Some(b) => {
+                            self.blocked.insert(key.clone(), b);
+                            held += 1;
+                            continue;
+                        }
+                        None => drop(self.blocked.remove(key)),
+                    }
                 }
-                match item(r) {
-                    Ok(item) => out.push(item),
-                    Err(why) => unreadable.push((r.get::<_, i64>(0)?, key, why)),
+                let rowid: i64 = r.get(0)?;
+                match whole.query_row([rowid], |r| Ok(item(r)))? {
+                    Ok(mut item) => {
+                        item.excluded_ref = excluded.query_row([&item.key], |e| e.get(0)).optional()?;
+                        out.push(item)
+                    }
+                    Err(why) => unreadable.push((rowid, key, why)),
                 }
             }
         }

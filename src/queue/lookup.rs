@@ -2,11 +2,11 @@
 //! lacks, their queued infos, failures they rely on, and the pending graph they join.
 
 
-use rusqlite::params;
+use rusqlite::{params, OptionalExtension};
 use std::collections::HashMap;
 
 use super::{Queue, Result};
-use crate::nix::{PathInfo, StorePath};
+use crate::nix::{PathInfo, Sha256, StorePath};
 
 impl Queue {
     /// Those of `paths` that the queue does not hold, pending or done: unknown ones, and
@@ -72,10 +72,28 @@ impl Queue {
         self.infos_in(paths, "'pending', 'done', 'stale'")
     }
 
+    /// The NarHash each of `paths` that the queue holds (pending, done or stale) was queued
+    /// with, read without the rest of its info (a path may have 100,000 references).
+    pub fn queued_nar_hashes(&self, paths: &[&StorePath]) -> Result<HashMap<StorePath, Option<Sha256>>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT CASE WHEN json_valid(info) THEN json_extract(info, '$.narHash') END FROM items
+             WHERE key = ?1 AND kind = 'nar' AND state IN ('pending', 'done', 'stale')",
+        )?;
+        let mut out = HashMap::new();
+        for p in paths {
+            // A damaged row is held with no NarHash, as `queued_infos` holds it with no info.
+            if let Some(h) = stmt.query_row([p.to_string()], |r| r.get::<_, Option<String>>(0)).optional()? {
+                out.insert((*p).clone(), h.and_then(|h: String| Sha256::parse(&h).ok()));
+            }
+        }
+        Ok(out)
+    }
+
     fn infos_in(&self, paths: &[&StorePath], states: &'static str) -> Result<HashMap<StorePath, Option<PathInfo>>> {
         let keys: Vec<String> = paths.iter().map(|p| p.to_string()).collect();
         let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT i.key, i.info FROM json_each(?1) j JOIN items i ON i.key = j.value
+            // CROSS JOIN: each key looked up, never the items of a state scanned once per key.
+            "SELECT i.key, i.info FROM json_each(?1) j CROSS JOIN items i ON i.key = j.value
              WHERE i.kind = 'nar' AND i.state IN ({states})"
         ))?;
         let json = serde_json::to_string(&keys).expect("strings serialise");

@@ -67,6 +67,8 @@ mod trust;
 pub use items::{backoff, Item, Kind};
 
 use rusqlite::{Connection, OptionalExtension};
+
+use crate::nix::StorePath;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -85,9 +87,9 @@ CREATE TABLE IF NOT EXISTS items (
     outcome    TEXT,                      -- for done: 'uploaded' | 'present' | 'upstream' | 'no-log' | 'excluded'
     bytes      INTEGER NOT NULL DEFAULT 0,
     done_at    INTEGER,
-    repair     INTEGER NOT NULL DEFAULT 0 -- 1: upload even if the cache has a narinfo (see Queue::repair)
+    repair     INTEGER NOT NULL DEFAULT 0, -- 1: upload even if the cache has a narinfo (see Queue::repair)
+    size       INTEGER NOT NULL DEFAULT 0  -- for 'nar': the NarSize, summed by `status`
 );
-CREATE INDEX IF NOT EXISTS items_state ON items(state, seq);
 CREATE TABLE IF NOT EXISTS refs (
     key TEXT NOT NULL,
     ref TEXT NOT NULL,
@@ -105,6 +107,16 @@ CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,             -- 'store': the cache 'done' refers to; 'waited': see wait_checkpoint
     value TEXT NOT NULL
 );
+";
+
+/// Indexes over columns that older queues gain in [`Queue::open`], made after that.
+const INDEXES: &str = "
+-- The order `ready` hands items out in, without sorting all pending ones for each look.
+CREATE INDEX IF NOT EXISTS items_order ON items(state, seq, key);
+-- What `status` sums up, without reading the items (a path's info may hold 100,000 references).
+CREATE INDEX IF NOT EXISTS items_sizes ON items(state, kind, size);
+-- Superseded by items_order (made by narq before it).
+DROP INDEX IF EXISTS items_state;
 ";
 
 /// What `narq status` counts as it happens, so that its counts never go down: an item made
@@ -154,9 +166,10 @@ const DROPPED: &str = "dropped:";
 
 /// Makes `done` items pending again under a new sequence number `?1` (so that `narq wait`
 /// reports what happens to them from here on), for the uploader to check the cache for them;
-/// callers narrow it with `AND …`.
+/// callers narrow it with `AND …`. (`+state`: rows are found by what narrows them, a list of
+/// keys, not by their state, which a million done paths share.)
 const REPEND: &str = "UPDATE items SET state = 'pending', outcome = NULL, bytes = 0, attempts = 0, next_try = 0,
-     last_error = NULL, done_at = NULL, seq = ?1 WHERE state IN ('done', 'stale')";
+     last_error = NULL, done_at = NULL, seq = ?1 WHERE +state IN ('done', 'stale')";
 
 /// [`REPEND`] for the `stale` items reached through references from the keys that `from`
 /// selects: what an upload is about to rely on is looked for in the cache again first.
@@ -178,10 +191,26 @@ fn display_key(key: &str) -> String {
     key.strip_prefix(DROPPED).unwrap_or(key).to_string()
 }
 
+/// Store paths as the queue's queries take a list of them (a JSON array), made once: a `wait`
+/// asks about the same closure, which may hold 100,000 paths, every few milliseconds.
+pub struct PathList(String);
+
+impl PathList {
+    pub fn new(paths: &[StorePath]) -> PathList {
+        PathList(serde_json::to_string(paths).expect("store paths serialise"))
+    }
+}
+
 pub struct Queue {
     conn: Connection,
     /// The highest sequence number handed out; only [`Queue::enqueue`] hands them out.
     last_seq: i64,
+    /// For a pending item found not ready, a reference of it that was not `done` then, the
+    /// one handed out last in [`Queue::ready`]'s order: while that one is still not done, the
+    /// item is not ready either, which one lookup tells (a path with 100,000 references would
+    /// otherwise be looked over whole at each look). Only a hint: forgotten when the item's
+    /// references change, and looked over again once that reference is done.
+    blocked: std::collections::HashMap<String, String>,
 }
 
 fn now_ms() -> i64 {
@@ -234,9 +263,18 @@ impl Queue {
         if has_root_seq == 0 {
             conn.execute_batch("ALTER TABLE roots ADD COLUMN seq INTEGER NOT NULL DEFAULT 0")?;
         }
+        // Queues made before `size` sum the sizes from the infos once.
+        let has_size: i64 = conn.query_row("SELECT COUNT(*) FROM pragma_table_info('items') WHERE name = 'size'", [], |r| r.get(0))?;
+        if has_size == 0 {
+            conn.execute_batch(
+                "ALTER TABLE items ADD COLUMN size INTEGER NOT NULL DEFAULT 0;
+                 UPDATE items SET size = MAX(0, COALESCE(json_extract(info, '$.narSize'), 0)) WHERE kind = 'nar' AND json_valid(info);",
+            )?;
+        }
+        conn.execute_batch(INDEXES)?;
         add_counters(&mut conn)?;
         let last_seq = conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM items", [], |r| r.get(0))?;
-        Ok(Queue { conn, last_seq })
+        Ok(Queue { conn, last_seq, blocked: Default::default() })
     }
 
     /// The highest sequence number handed out so far.

@@ -2,10 +2,9 @@
 //! first), and the checkpoint a wait answers from.
 
 
-use std::collections::HashSet;
+use rusqlite::params;
 
-use super::{display_key, now_ms, Queue, Result, DROPPED};
-use crate::nix::StorePath;
+use super::{display_key, now_ms, PathList, Queue, Result, DROPPED};
 use crate::protocol::{Failure, Status, WaitSummary};
 
 /// `ORDER BY` term that puts failures of their own before those of their dependents.
@@ -46,30 +45,29 @@ impl Queue {
 
     /// The same for the closure `paths` (`narq push --wait`): how many are pending, and the
     /// failures among them, including builds of them the hook dropped and paths the queue does
-    /// not hold at all.
-    pub fn progress_of(&self, paths: &[StorePath]) -> Result<(u64, Vec<Failure>)> {
-        let keys: Vec<String> = paths.iter().flat_map(|p| [p.to_string(), format!("{DROPPED}{p}")]).collect();
-        let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT key, state, COALESCE(last_error, '') FROM items WHERE key IN (SELECT value FROM json_each(?1))
-             ORDER BY {ROOT_CAUSES_FIRST}, key"
-        ))?;
-        let rows = stmt.query_map([serde_json::to_string(&keys).expect("strings serialise")], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
-        })?;
-        let (mut pending, mut failed, mut seen) = (0, Vec::new(), HashSet::new());
-        for row in rows {
-            let (key, state, error) = row?;
-            seen.insert(key.clone());
-            match state.as_str() {
-                "pending" => pending += 1,
-                "failed" => failed.push(Failure { item: display_key(&key), error }),
-                _ => {}
+    /// not hold at all. Counted first, without reading a row: only failures are read.
+    pub fn progress_of(&self, paths: &PathList) -> Result<(u64, Vec<Failure>)> {
+        let (pending, failed, unknown): (u64, u64, u64) = self.conn.prepare_cached(
+            "SELECT COALESCE(SUM(i.state = 'pending'), 0) + COALESCE(SUM(d.state = 'pending'), 0),
+                    COALESCE(SUM(i.state = 'failed'), 0) + COALESCE(SUM(d.state = 'failed'), 0),
+                    COALESCE(SUM(i.key IS NULL), 0)
+             FROM json_each(?1) j LEFT JOIN items i ON i.key = j.value LEFT JOIN items d ON d.key = ?2 || j.value",
+        )?.query_row(params![paths.0, DROPPED], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        let mut out = Vec::new();
+        if failed > 0 {
+            let mut stmt = self.conn.prepare_cached(&format!(
+                "SELECT i.key, COALESCE(i.last_error, '') FROM json_each(?1) j CROSS JOIN items i ON i.key IN (j.value, ?2 || j.value)
+                 WHERE i.state = 'failed' ORDER BY {ROOT_CAUSES_FIRST}, i.key"
+            ))?;
+            out = stmt.query_map(params![paths.0, DROPPED], failure)?.collect::<Result<_>>()?;
+        }
+        if unknown > 0 {
+            let mut stmt = self.conn.prepare_cached("SELECT j.value FROM json_each(?1) j WHERE NOT EXISTS (SELECT 1 FROM items WHERE key = j.value)")?;
+            for key in stmt.query_map([&paths.0], |r| r.get::<_, String>(0))? {
+                out.push(Failure { item: key?, error: "not in the queue (was it pushed?)".into() });
             }
         }
-        for p in paths.iter().map(|p| p.to_string()).filter(|k| !seen.contains(k)) {
-            failed.push(Failure { item: p, error: "not in the queue (was it pushed?)".into() });
-        }
-        Ok((pending, failed))
+        Ok((pending, out))
     }
 
     /// Counts for `narq status` (in-flight and spool counts are the daemon's to fill in):
@@ -77,10 +75,9 @@ impl Queue {
     /// queue was made (the counters, which never go down).
     pub fn status(&self) -> Result<Status> {
         let mut s = Status::default();
-        // A build log is not a store path. A damaged row must not make `status` fail: json_valid.
+        // A build log is not a store path. From `items_sizes` alone.
         let mut stmt = self.conn.prepare_cached(
-            "SELECT kind, state, COUNT(*),
-                    SUM(CASE WHEN kind = 'nar' AND state = 'pending' AND json_valid(info) THEN json_extract(info, '$.narSize') END)
+            "SELECT kind, state, COUNT(*), SUM(CASE WHEN kind = 'nar' AND state = 'pending' THEN size END)
              FROM items WHERE state IN ('pending', 'failed') GROUP BY kind, state",
         )?;
         let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, u64>(2)?, r.get::<_, Option<i64>>(3)?)))?;
@@ -128,16 +125,15 @@ impl Queue {
 
     /// What became of the items a `narq wait` answers for: those enqueued after `since` up to
     /// `upto` ([`Queue::progress`]), or with `paths`, those paths ([`Queue::progress_of`]).
-    pub fn wait_summary(&self, upto: i64, since: i64, paths: Option<&[StorePath]>) -> Result<WaitSummary> {
+    pub fn wait_summary(&self, upto: i64, since: i64, paths: Option<&PathList>) -> Result<WaitSummary> {
         let select = |scope: &str| format!("SELECT kind, state, outcome = 'uploaded', COUNT(*), COALESCE(SUM(bytes), 0) FROM items WHERE {scope} GROUP BY 1, 2, 3");
         let row = |r: &rusqlite::Row| -> rusqlite::Result<(String, String, bool, u64, i64)> {
             Ok((r.get(0)?, r.get(1)?, r.get::<_, Option<bool>>(2)?.unwrap_or(false), r.get(3)?, r.get(4)?))
         };
         let rows = match paths {
             Some(p) => {
-                let keys: Vec<String> = p.iter().flat_map(|p| [p.to_string(), format!("{DROPPED}{p}")]).collect();
-                let mut stmt = self.conn.prepare_cached(&select("key IN (SELECT value FROM json_each(?1))"))?;
-                let rows = stmt.query_map([serde_json::to_string(&keys).expect("strings serialise")], row)?.collect::<Result<Vec<_>>>()?;
+                let mut stmt = self.conn.prepare_cached(&select("key IN (SELECT value FROM json_each(?1) UNION ALL SELECT ?2 || value FROM json_each(?1))"))?;
+                let rows = stmt.query_map(params![p.0, DROPPED], row)?.collect::<Result<Vec<_>>>()?;
                 rows
             }
             None => self.conn.prepare_cached(&select("seq > ?1 AND seq <= ?2"))?.query_map([since, upto], row)?.collect::<Result<Vec<_>>>()?,

@@ -4,7 +4,7 @@
 
 use rusqlite::{params, OptionalExtension};
 
-use super::{now_ms, repend_reached, Queue, Result};
+use super::{now_ms, repend_reached, PathList, Queue, Result};
 use crate::nix::StorePath;
 
 /// A root is recorded in the bucket again once it is this old (see `cache::roots`).
@@ -62,16 +62,13 @@ impl Queue {
     /// Roots noted by requests up to `upto` (all with `None`), or of `paths`, that are not in
     /// the cache yet: `narq wait` waits for them, so that a machine that goes away after it
     /// leaves its paths rooted.
-    pub fn roots_pending(&self, upto: Option<i64>, paths: Option<&[StorePath]>) -> Result<u64> {
+    pub fn roots_pending(&self, upto: Option<i64>, paths: Option<&PathList>) -> Result<u64> {
         match paths {
-            Some(p) => {
-                let keys: Vec<String> = p.iter().map(|p| p.to_string()).collect();
-                self.conn.query_row(
-                    "SELECT COUNT(*) FROM roots WHERE recorded_at IS NULL AND path IN (SELECT value FROM json_each(?1))",
-                    [serde_json::to_string(&keys).expect("strings serialise")],
-                    |r| r.get(0),
-                )
-            }
+            Some(p) => self.conn.query_row(
+                "SELECT COUNT(*) FROM roots WHERE recorded_at IS NULL AND path IN (SELECT value FROM json_each(?1))",
+                [&p.0],
+                |r| r.get(0),
+            ),
             None => self.conn.query_row("SELECT COUNT(*) FROM roots WHERE recorded_at IS NULL AND seq <= ?1", [upto.unwrap_or(i64::MAX)], |r| r.get(0)),
         }
     }

@@ -199,6 +199,52 @@ fn repair_makes_done_paths_pending_and_marked_until_done_again() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// The hints of `ready` (which reference holds an item back) never hold back an item that is
+/// ready: not once that reference is done, nor when the item is queued again with others.
+#[test]
+fn what_holds_an_item_back_is_looked_at_again_when_it_changes() {
+    let (dir, mut q) = fresh_queue("hint");
+    let (a, b, c) = (info("a", &[]), info("b", &[]), info("c", &["a", "b"]));
+    q.enqueue(&[a.clone(), b.clone(), c.clone()], None).unwrap();
+    let keys = |v: Vec<Item>| v.into_iter().map(|i| i.key).collect::<Vec<_>>();
+    let none = HashSet::new();
+    assert_eq!(keys(q.ready(10, &none).unwrap()), [a.path.to_string(), b.path.to_string()]);
+    // c waits for b, the last of its references in the queue's order.
+    assert_eq!(q.blocked.get(&c.path.to_string()), Some(&b.path.to_string()));
+    q.done(&b.path.to_string(), Outcome::Uploaded { bytes: 1 }, None).unwrap();
+    assert_eq!(keys(q.ready(10, &none).unwrap()), [a.path.to_string()], "c still waits for a");
+    assert_eq!(q.blocked.get(&c.path.to_string()), Some(&a.path.to_string()));
+    // Queued again without a: it waits for nothing now.
+    let c2 = info("c", &["b"]);
+    q.enqueue(std::slice::from_ref(&c2), None).unwrap();
+    assert_eq!(keys(q.ready(10, &[a.path.to_string()].into()).unwrap()), [c.path.to_string()]);
+    assert!(q.blocked.is_empty());
+    // b made pending again (a recheck) holds c back again, and the hint of an item that
+    // ended without `ready` (failed) goes once every pending item was looked over.
+    q.recheck(&[b.path.clone()]).unwrap();
+    assert_eq!(keys(q.ready(1, &[a.path.to_string()].into()).unwrap()), [b.path.to_string()]);
+    assert!(q.blocked.contains_key(&c.path.to_string()));
+    q.fail(&b.path.to_string(), "gone").unwrap();
+    assert!(q.ready(10, &[a.path.to_string()].into()).unwrap().is_empty());
+    assert!(q.blocked.is_empty());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A queue of narq before the `size` column sums its pending NARs' sizes from the infos once.
+#[test]
+fn an_older_queue_gains_the_sizes_of_its_pending_paths() {
+    let (dir, mut q) = fresh_queue("size");
+    q.enqueue(&[info("a", &[]), info("b", &["a"])], None).unwrap();
+    q.conn.execute_batch("DROP INDEX items_sizes; ALTER TABLE items DROP COLUMN size; CREATE INDEX items_state ON items(state, seq)").unwrap();
+    drop(q);
+    let q = Queue::open(&dir.join("q.db")).unwrap();
+    assert_eq!(q.status().unwrap().pending_bytes, 16);
+    let indexes: Vec<String> = q.conn.prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'items' AND sql IS NOT NULL ORDER BY name").unwrap()
+        .query_map([], |r| r.get(0)).unwrap().collect::<Result<_>>().unwrap();
+    assert_eq!(indexes, ["items_order", "items_sizes"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn a_bad_row_fails_with_its_reason_and_stops_nothing_else() {
     let (dir, mut q) = fresh_queue("rows");
@@ -208,8 +254,8 @@ fn a_bad_row_fails_with_its_reason_and_stops_nothing_else() {
     set("UPDATE items SET attempts = 1 << 40 WHERE key = ?1", &a);
     set("UPDATE items SET info = '{not json' WHERE key = ?1", &b);
     set("UPDATE items SET kind = 'what' WHERE key = ?1", &d);
-    // `status` still answers, counting the NAR sizes it can read (a and c).
-    assert_eq!(q.status().expect("status with a damaged row").pending_bytes, 16);
+    // `status` still answers, counting the NAR sizes recorded when a, b and c were queued.
+    assert_eq!(q.status().expect("status with a damaged row").pending_bytes, 24);
     let keys = |v: Vec<Item>| v.into_iter().map(|i| i.key).collect::<Vec<_>>();
     assert_eq!(keys(q.ready(10, &HashSet::new()).unwrap()), [a.path.to_string()]);
     let (pending, failed) = q.progress(i64::MAX, 0).unwrap();
@@ -302,7 +348,7 @@ fn a_wait_summary_counts_what_the_wait_answers_for() {
     let w = q.wait_summary(q.current_seq(), since, None).unwrap();
     // `a` was uploaded before: not this wait's.
     assert_eq!(w, WaitSummary { uploaded: 1, bytes: 42, skipped: 1, logs_uploaded: 1, failed: 0, pending: 0 });
-    let w = q.wait_summary(0, 0, Some(&[a.path.clone(), b.path.clone(), info("d", &[]).path])).unwrap();
+    let w = q.wait_summary(0, 0, Some(&PathList::new(&[a.path.clone(), b.path.clone(), info("d", &[]).path]))).unwrap();
     assert_eq!(w, WaitSummary { uploaded: 2, bytes: 140, ..WaitSummary::default() });
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -311,4 +357,27 @@ fn a_wait_summary_counts_what_the_wait_answers_for() {
 fn backoff_is_capped_and_jittered() {
     assert!(backoff(0, "k") >= Duration::from_millis(500) && backoff(0, "k") < Duration::from_secs(1));
     assert!(backoff(30, "k") <= Duration::from_secs(300) && backoff(30, "k") >= Duration::from_secs(150));
+}
+
+/// What `push --wait` polls: the closure's pending count, and its failures, own, of builds
+/// the hook dropped, and of paths the queue does not hold, root causes first.
+#[test]
+fn the_progress_of_a_closure_counts_its_pending_and_names_its_failures() {
+    let (dir, mut q) = fresh_queue("progress");
+    let (a, b, c, d, f) = (info("a", &[]), info("b", &["a"]), info("c", &[]), info("d", &[]), info("f", &[]));
+    q.enqueue(&[a.clone(), b.clone(), c.clone()], None).unwrap();
+    let all = PathList::new(&[a.path.clone(), b.path.clone(), c.path.clone()]);
+    assert_eq!(q.progress_of(&all).unwrap(), (3, vec![]));
+    q.done(&c.path.to_string(), Outcome::Uploaded { bytes: 1 }, None).unwrap();
+    q.fail(&a.path.to_string(), "gone").unwrap();
+    q.record_dropped(std::slice::from_ref(&d.path), None, "no key").unwrap();
+    let (pending, failed) = q.progress_of(&PathList::new(&[a.path.clone(), b.path.clone(), c.path.clone(), d.path.clone(), f.path.clone()])).unwrap();
+    assert_eq!(pending, 0);
+    let failed: Vec<(String, &str)> = failed
+        .iter()
+        .map(|x| (x.item.clone(), if x.error.starts_with("depends on") { "dependent" } else if x.error.contains("not in the queue") { "unknown" } else { "own" }))
+        .collect();
+    let key = |p: &PathInfo| p.path.to_string();
+    assert_eq!(failed, [(key(&a), "own"), (key(&d), "own"), (key(&b), "dependent"), (key(&d), "unknown"), (key(&f), "unknown")]);
+    std::fs::remove_dir_all(&dir).unwrap();
 }

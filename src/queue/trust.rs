@@ -50,7 +50,7 @@ impl Queue {
         let keys: Vec<String> = paths.iter().map(|p| p.to_string()).collect();
         let seq = self.last_seq + 1;
         let n = self.conn.execute(
-            &format!("{REPEND} AND kind = 'nar' AND key IN (SELECT value FROM json_each(?2))"),
+            &format!("{REPEND} AND +kind = 'nar' AND key IN (SELECT value FROM json_each(?2))"),
             params![seq, serde_json::to_string(&keys).expect("strings serialise")],
         )?;
         if n > 0 {

@@ -41,7 +41,7 @@ fn exchange(sock: &std::path::Path, frame: &[u8], timeout: Duration) -> Option<R
 }
 
 fn enqueue_frame(paths: Vec<PathInfo>) -> Vec<u8> {
-    protocol::encode(&Request::Enqueue { paths, drv: None, realisations: vec![] })
+    protocol::encode(&Request::Enqueue { paths, drv: None, realisations: vec![], part: false })
 }
 
 fn refusal(r: Option<Response>) -> String {
@@ -90,7 +90,7 @@ fn an_allowed_user_cannot_poison_a_path_before_the_hook() {
     // Signed properly, with a field that would add lines to the narinfo: refused when parsed.
     let mut good = info.clone();
     good.sign(&secret_key(&n));
-    let body = serde_json::to_value(&Request::Enqueue { paths: vec![good.clone()], drv: None, realisations: vec![] }).unwrap();
+    let body = serde_json::to_value(&Request::Enqueue { paths: vec![good.clone()], drv: None, realisations: vec![], part: false }).unwrap();
     let frame = |v: &serde_json::Value| {
         let b = serde_json::to_vec(v).unwrap();
         let mut f = protocol::encode(&serde_json::Value::Null)[..8].to_vec();

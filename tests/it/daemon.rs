@@ -201,7 +201,7 @@ fn hostile_socket_input_is_refused_and_the_daemon_keeps_serving() {
     huge.extend_from_slice(&1u32.to_le_bytes());
     huge.extend_from_slice(&u32::MAX.to_le_bytes());
     refused(raw_exchange(&sock, &huge), "larger than the limit");
-    let body = serde_json::to_string(&Request::Enqueue { paths: info.clone(), drv: None, realisations: vec![] }).unwrap();
+    let body = serde_json::to_string(&Request::Enqueue { paths: info.clone(), drv: None, realisations: vec![], part: false }).unwrap();
     let bad_path = body.replace(&outs[0], &format!("{}/../../../etc/shadow", outs[0]));
     let mut frame = protocol::encode(&serde_json::Value::Null)[..8].to_vec();
     frame.extend_from_slice(&(bad_path.len() as u32).to_le_bytes());
@@ -212,12 +212,12 @@ fn hostile_socket_input_is_refused_and_the_daemon_keeps_serving() {
     let name = n.public_key.split(':').next().unwrap();
     let other = SecretKey::parse(&SecretKey::generate(name).unwrap().to_nix_string()).unwrap();
     forged[0].sign(&other);
-    refused(raw_exchange(&sock, &protocol::encode(&Request::Enqueue { paths: forged, drv: None, realisations: vec![] })), "does not verify");
+    refused(raw_exchange(&sock, &protocol::encode(&Request::Enqueue { paths: forged, drv: None, realisations: vec![], part: false })), "does not verify");
     // An incomplete closure.
     let mut partial = info.clone();
     partial[0].references.insert(narq::nix::StorePath::parse("/nix/store/00000000000000000000000000000000-x").unwrap());
     partial[0].sign(&SecretKey::read(&n.dir.join("key.sec")).unwrap());
-    refused(raw_exchange(&sock, &protocol::encode(&Request::Enqueue { paths: partial, drv: None, realisations: vec![] })), "incomplete closure");
+    refused(raw_exchange(&sock, &protocol::encode(&Request::Enqueue { paths: partial, drv: None, realisations: vec![], part: false })), "incomplete closure");
     // A peer with another uid (the socket opened up so that it can connect at all) may read
     // the status, but not enqueue.
     std::fs::set_permissions(&sock, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
@@ -229,7 +229,7 @@ fn hostile_socket_input_is_refused_and_the_daemon_keeps_serving() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let mut signed = info.clone();
     signed[0].sign(&SecretKey::read(&n.dir.join("key.sec")).unwrap());
-    let frame = protocol::encode(&Request::Enqueue { paths: signed, drv: None, realisations: vec![] });
+    let frame = protocol::encode(&Request::Enqueue { paths: signed, drv: None, realisations: vec![], part: false });
     refused(crate::admission::exchange_as(65534, &sock, &frame), "uid 65534 may not enqueue");
 
     let log = n.daemon_log();

@@ -409,3 +409,69 @@ fn hook_warns_about_a_secret_key_others_can_read() {
     let r = run_hook(&n, &path);
     assert!(r.ok && r.stderr.is_empty(), "a private key says nothing: {}", r.stderr);
 }
+
+/// Issue 22: a closure larger than a request's part (`hook::PART_PATHS`, here 4 through
+/// `NARQ_TEST_PART_PATHS`) is handed over in parts, references first, spooled as one file of
+/// several requests when the daemon is away, and over the socket when it answers: every path
+/// arrives, and only the closure's top is a root of the cache (a part's own tops are not).
+#[test]
+fn a_large_closure_goes_in_parts_with_only_its_top_as_root() {
+    let mut n = Narq::new("hook-parts", "");
+    let conf = nix_conf(&n.dir.join("plain"), None);
+    // 6 leaves, 3 middles over 2 leaves each, a top over the middles: 10 paths.
+    let closure_of = |tag: &str| {
+        let u = format!("{tag}-{}", unique());
+        let leaves: Vec<String> = (0..6).map(|i| sh_drv(&format!("leaf{i}-{u}"), &format!("echo {i} > $out"))).collect();
+        let mids: Vec<String> = (0..3)
+            .map(|m| format!("(let a = {}; b = {}; in {})", leaves[2 * m], leaves[2 * m + 1], sh_drv(&format!("mid{m}-{u}"), "echo ${a} ${b} > $out")))
+            .collect();
+        let top = format!("(let m0 = {}; m1 = {}; m2 = {}; in {})", mids[0], mids[1], mids[2], sh_drv(&format!("top-{u}"), "echo ${m0} ${m1} ${m2} > $out"));
+        let top = nix_build(&conf, &top, &[]).remove(0);
+        assert_eq!(closure(std::slice::from_ref(&top)).len(), 10);
+        top
+    };
+    let config = n.config.clone();
+    let push = |top: &str, wait: bool| {
+        let mut cmd = Command::new(bin("narq"));
+        cmd.arg("push").args(wait.then_some("--wait")).arg(top).env("NARQ_CONFIG", &config).env("NARQ_TEST_PART_PATHS", "4");
+        let out = output(scaled(&mut cmd));
+        assert!(out.status.success(), "narq push: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let roots = |n: &Narq| -> Vec<String> {
+        let mut r: Vec<String> = std::fs::read_dir(n.cache().join("narq/roots")).map_or(vec![], |d| d.map(|e| e.unwrap().file_name().into_string().unwrap()).collect());
+        r.sort();
+        r
+    };
+
+    // The daemon away: one spool file, of parts (4 + 4 + 1 paths, then the top).
+    let first = closure_of("spooled");
+    assert!(push(&first, false).contains("spooled to"));
+    let files = spooled(&n.dir.join("state/spool"));
+    assert_eq!(files.len(), 1);
+    let mut f = std::io::BufReader::new(std::fs::File::open(&files[0]).unwrap());
+    let mut sizes = Vec::new();
+    while !std::io::BufRead::fill_buf(&mut f).unwrap().is_empty() {
+        match narq::protocol::read::<narq::protocol::Request>(&mut f).unwrap() {
+            narq::protocol::Request::Enqueue { paths, part, .. } => sizes.push((paths.len(), part)),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(sizes, [(4, true), (4, true), (1, true), (1, false)]);
+    n.start_env(&[("NARQ_LOG", "narq=debug")]);
+    n.wait(60);
+    assert!(closure(std::slice::from_ref(&first)).iter().all(|p| n.has(p)), "{}", n.daemon_log());
+    assert!(wait_for(Duration::from_secs(20), || roots(&n).len() == 1), "roots: {:?}", roots(&n));
+    assert_eq!(roots(&n), [hash(&first)]);
+
+    // The daemon up: the parts over the socket, each admitted on its own.
+    let second = closure_of("socket");
+    let enqueued = |log: &str| log.lines().filter(|l| l.contains("enqueued")).count();
+    let before = enqueued(&n.daemon_log());
+    push(&second, true);
+    assert_eq!(enqueued(&n.daemon_log()) - before, 4, "{}", n.daemon_log());
+    let mut want = vec![hash(&first).to_string(), hash(&second).to_string()];
+    want.sort();
+    assert!(wait_for(Duration::from_secs(20), || roots(&n) == want), "roots: {:?}", roots(&n));
+    n.substitute(&second);
+}
