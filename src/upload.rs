@@ -138,20 +138,46 @@ fn compress<W: Write>(path: &Path, nar_size: u64, url: &StoreUrl, out: W, progre
             (enc.finish()?, s)
         }
         Compression::Xz => {
-            let level = url.compression_level.unwrap_or(6) as u32;
-            let mut enc = match parallel(url, nar_size) {
-                true => {
-                    let stream = xz2::stream::MtStreamBuilder::new().threads(cores()).preset(level).encoder().map_err(io::Error::other)?;
-                    xz2::write::XzEncoder::new_stream(out, stream)
-                }
-                false => xz2::write::XzEncoder::new(out, level),
-            };
+            let stream = xz_encoder(url.compression_level.unwrap_or(6) as u32, nar_size, parallel(url, nar_size))?;
+            let mut enc = xz2::write::XzEncoder::new_stream(out, stream);
             let s = dump(&mut enc)?;
             (enc.finish()?, s)
         }
     };
     let (w, file_stats) = out.finish();
     Ok((w, Compressed { nar, file_stats, listing }))
+}
+
+/// The dictionary of xz at `level` (0–9) for a NAR of `nar_size` bytes: the preset's, but no
+/// larger than the NAR (rounded up to a power of two, at least 4 KiB), which compresses it
+/// the same. The encoder's tables follow the dictionary: preset 6's 8 MiB one takes ~90 MiB,
+/// 17 MiB of it written before the first byte, for a path of 100 bytes as for one of 8 MiB;
+/// 64 small paths compressed at once took a daemon past 800 MiB.
+fn xz_dict(level: u32, nar_size: u64) -> u32 {
+    const PRESETS: [u64; 10] = [256 << 10, 1 << 20, 2 << 20, 4 << 20, 4 << 20, 8 << 20, 8 << 20, 16 << 20, 32 << 20, 64 << 20];
+    nar_size.max(4096).next_power_of_two().min(PRESETS[level.min(9) as usize]) as u32
+}
+
+/// An xz encoder at `level` for a NAR of `nar_size` bytes ([`xz_dict`]), on every core if
+/// `parallel`.
+fn xz_encoder(level: u32, nar_size: u64, parallel: bool) -> io::Result<xz2::stream::Stream> {
+    use xz2::stream::{Check, Filters, LzmaOptions, MtStreamBuilder, Stream};
+    let mut lzma = LzmaOptions::new_preset(level).map_err(io::Error::other)?;
+    lzma.dict_size(xz_dict(level, nar_size));
+    let mut filters = Filters::new();
+    filters.lzma2(&lzma);
+    match parallel {
+        true => MtStreamBuilder::new().threads(cores()).filters(filters).check(Check::Crc64).encoder(),
+        false => Stream::new_stream_encoder(&filters, Check::Crc64),
+    }
+    .map_err(io::Error::other)
+}
+
+/// What xz's encoder holds for a NAR of `nar_size` bytes at the default level: its tables,
+/// ~10 bytes per byte of dictionary ([`xz_dict`]; half a MiB more of state and buffers is
+/// not counted: the encoder is dropped before the upload's requests, which take longer).
+fn xz_memory(nar_size: u64) -> u64 {
+    10 * u64::from(xz_dict(6, nar_size))
 }
 
 /// The cores compression may use.
@@ -395,8 +421,10 @@ impl Uploader {
     pub fn cost(&self, item: &Item) -> Cost {
         match &item.kind {
             Kind::Nar(info) if self.in_memory(info.nar_size) => {
-                // Small NARs: the NAR and its compressed copy, plus the encoder's tables.
-                Cost::Memory(2 * info.nar_size + (64 << 10))
+                // Small NARs: the NAR and its compressed copy, plus the encoder's tables
+                // (zstd sizes them to the input: a few KiB).
+                let tables = if self.url.compression == Compression::Xz { xz_memory(info.nar_size).max(64 << 10) } else { 64 << 10 };
+                Cost::Memory(2 * info.nar_size + tables)
             }
             Kind::Nar(info) if self.target.stream_part_size(info.nar_size).is_some() => Cost::Stream,
             // A temp file in the state dir: only the encoder's memory.
@@ -841,6 +869,33 @@ impl Uploader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// xz's dictionary, and with it the encoder's tables, follows the NAR's size up to the
+    /// preset's (preset 6's 8 MiB costs ~94 MiB, `xz -vv -6`; 4 KiB, 2 MiB), as the stream
+    /// says (its first block's LZMA2 property), and what is compressed still decodes.
+    #[test]
+    fn xz_is_sized_to_the_nar() {
+        let dict_of = |packed: &[u8]| {
+            // Stream header (12 bytes), block header size and flags, filter 0x21 (LZMA2), one property byte.
+            assert_eq!(packed[14..16], [0x21, 0x01]);
+            let d = u32::from(packed[16]);
+            (2 | (d & 1)) << (d / 2 + 11)
+        };
+        let pack = |data: &[u8]| {
+            let mut enc = xz2::write::XzEncoder::new_stream(Vec::new(), xz_encoder(6, data.len() as u64, false).unwrap());
+            enc.write_all(data).unwrap();
+            enc.finish().unwrap()
+        };
+        assert_eq!(dict_of(&pack(b"a small path")), 4096);
+        assert_eq!(xz_dict(6, 100 << 20), 8 << 20);
+        assert_eq!(xz_dict(0, 100 << 20), 256 << 10);
+        let data: Vec<u8> = (0..200_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect();
+        let packed = pack(&data);
+        assert_eq!(dict_of(&packed), 1 << 20);
+        let mut out = Vec::new();
+        xz2::read::XzDecoder::new(&packed[..]).read_to_end(&mut out).unwrap();
+        assert_eq!(out, data);
+    }
     use std::io::Read;
 
     #[test]
