@@ -2,10 +2,12 @@
 """A daemon fed one closure of N paths (issue 22: N = 100,000): its peak RSS, and the hook's
 time once the closure is queued.
 
-    bench/daemon_closure.py [N] [--store file|moto] [--keep]
+    bench/daemon_closure.py [N] [--fanout K] [--store file|moto] [--compression xz|zstd|none] [--keep]
 
 Makes N - 1 leaves (`builtins.toFile`, tiny) and a top path that references them all (one
-build; the list goes through `passAsFile`), starts `narq daemon` on a fresh cache (`file://`
+build; the list goes through `passAsFile`), or with `--fanout K` the leaves under middle
+paths of K leaves each (`builtins.toFile` too) and the top over those (no path then has more
+than max(K, N / K) references, as in a real closure), starts `narq daemon` on a fresh cache (`file://`
 by default: the daemon's own cost, not an S3 server's), runs `narq push --wait TOP` (the
 daemon takes the closure from the hook's request and uploads it), then runs the hook as Nix
 would for the top's derivation 20 times (OUT_PATHS empty, DRV_PATH set: the closure is queued
@@ -31,7 +33,10 @@ def sh(*argv, env=None):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("n", type=int, nargs="?", default=100_000)
+    ap.add_argument("--fanout", type=int, default=0, help="leaves per middle path (0: the top references every leaf)")
     ap.add_argument("--store", choices=["file", "moto"], default="file")
+    ap.add_argument("--compression", choices=["xz", "zstd", "none"], default="xz",
+                    help="of the NARs (xz, Nix's default: its encoder takes ~90 MiB for the top path's 7 MB NAR)")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="narq-bench-closure-")
@@ -47,10 +52,19 @@ def main():
         t = time.perf_counter()
         expr = os.path.join(tmp, "closure.nix")
         with open(expr, "w") as f:
-            f.write('let leaf = i: builtins.toFile "scale-%s-${toString i}" (toString i); in\n'
-                    'derivation { name = "scale-top-%s"; system = builtins.currentSystem; builder = "/bin/sh";\n'
-                    '  refs = toString (builtins.genList leaf %d); passAsFile = [ "refs" ];\n'
-                    '  args = ["-c" "/bin/cat $refsPath > $out"]; }\n' % (stamp, stamp, args.n - 1))
+            if args.fanout:
+                mids = max(1, (args.n - 1) // (args.fanout + 1))
+                per = (args.n - 1 - mids) // mids
+                f.write('let leaf = i: builtins.toFile "scale-%s-${toString i}" (toString i);\n'
+                        '    mid = m: builtins.toFile "scale-mid-%s-${toString m}" (toString (builtins.genList (i: leaf (m * %d + i)) %d)); in\n'
+                        'derivation { name = "scale-top-%s"; system = builtins.currentSystem; builder = "/bin/sh";\n'
+                        '  refs = toString (builtins.genList mid %d); passAsFile = [ "refs" ];\n'
+                        '  args = ["-c" "/bin/cat $refsPath > $out"]; }\n' % (stamp, stamp, per, per, stamp, mids))
+            else:
+                f.write('let leaf = i: builtins.toFile "scale-%s-${toString i}" (toString i); in\n'
+                        'derivation { name = "scale-top-%s"; system = builtins.currentSystem; builder = "/bin/sh";\n'
+                        '  refs = toString (builtins.genList leaf %d); passAsFile = [ "refs" ];\n'
+                        '  args = ["-c" "/bin/cat $refsPath > $out"]; }\n' % (stamp, stamp, args.n - 1))
         top = sh("nix-build", "--no-out-link", expr, env=nixenv).strip()
         drv = sh("nix-store", "-q", "--deriver", top, env=nixenv).strip()
         paths = sh("nix-store", "-qR", top, env=nixenv).split()
@@ -68,6 +82,7 @@ def main():
             env.update(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_EC2_METADATA_DISABLED="true")
         else:
             store = f"file://{tmp}/cache"
+        store += ("&" if "?" in store else "?") + f"compression={args.compression}"
         cfg = os.path.join(tmp, "narq.toml")
         with open(cfg, "w") as f:
             f.write(f'state-dir = "{tmp}/state"\nsocket = "{tmp}/narq.sock"\nsecret-key-files = ["{key}"]\nstore = "{store}"\n')
@@ -93,8 +108,12 @@ def main():
         with open(f"/proc/{daemon.pid}/status") as f:
             peak = max(peak, next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024)
         times.sort()
-        print(f"{len(paths):,} paths to {args.store}: narq push --wait {push:.1f} s, daemon peak RSS {peak:.0f} MiB; "
+        shape = f"fan-out {args.fanout}" if args.fanout else "one top over all"
+        print(f"{len(paths):,} paths ({shape}) to {args.store} ({args.compression}): narq push --wait {push:.1f} s, daemon peak RSS {peak:.0f} MiB; "
               f"hook once queued: median {statistics.median(times) * 1000:.1f} ms, p95 {times[18] * 1000:.1f} ms; load {load:.1f}", flush=True)
+        if os.environ.get("NARQ_BENCH_HOLD"):
+            print(f"holding: NARQ_CONFIG={cfg} OUT_PATHS= DRV_PATH={drv}", flush=True)
+            time.sleep(float(os.environ["NARQ_BENCH_HOLD"]))
     finally:
         if daemon:
             daemon.terminate()

@@ -332,7 +332,7 @@ pub fn submit(config: &Config, h: Handover) -> anyhow::Result<Delivery> {
 /// connection, or one spool file), so that what the daemon holds while it admits a request
 /// is bounded (a path's info takes about 1 KiB in memory, and more while it is parsed) and
 /// no request nears [`protocol::MAX_FRAME`].
-const PART_PATHS: usize = 10_000;
+const PART_PATHS: usize = 2_000;
 
 /// What a daemon older than parts answers a request that is one.
 const NO_PARTS: &str = "unknown field `part`";
