@@ -16,7 +16,7 @@ With `--store garage` the cache is first uploaded to a 3-node Garage cluster (be
 every object is new there, so gc runs with `--grace 0s`); gc-real then comes last and removes
 from the bucket itself.
 
-Each line: case, seconds, CPU seconds (user + system: what a loaded machine does not hide), peak RSS (the process's own, from wait4), the calls by kind
+Each line: case, seconds, CPU seconds (user + system: what a loaded machine does not hide), peak RSS (GNU time's), the calls by kind
 (`--json`'s `calls`; older narq reports none: then what its `--json` says it read), the
 load average before the run. `--narq` names the binary (default target/release/narq), so the
 same cache measures two builds; `--json FILE` appends the lines as JSON.
@@ -28,20 +28,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_rss(argv, env, ok=(0,)):
     """Runs argv with its output in files; returns (seconds, peak RSS MiB, stdout, stderr); the
-    CPU seconds it used (user + system) are in CPU[0] after."""
-    with tempfile.TemporaryFile("w+") as o, tempfile.TemporaryFile("w+") as e:
+    CPU seconds it used (user + system) are in CPU[0] after. The peak is GNU time's, of a
+    process execed from a small one: Linux starts a forked child's peak at its parent's size
+    (this script holds hundreds of MiB after an upload to Garage), which wait4 would report."""
+    with tempfile.TemporaryFile("w+") as o, tempfile.TemporaryFile("w+") as e, tempfile.NamedTemporaryFile("r") as m:
         t = time.perf_counter()
-        p = subprocess.Popen(argv, env=env, stdout=o, stderr=e)
-        _, status, ru = os.wait4(p.pid, 0)
+        p = subprocess.Popen(["/usr/bin/time", "-o", m.name, "-f", "%M %U %S", *argv], env=env, stdout=o, stderr=e)
+        p.wait()
         dt = time.perf_counter() - t
-        CPU[0] = ru.ru_utime + ru.ru_stime
-        p.returncode = os.waitstatus_to_exitcode(status)
+        rss_kib, user, system = m.read().split()[-3:]
+        CPU[0] = float(user) + float(system)
         o.seek(0)
         e.seek(0)
         out, err = o.read(), e.read()
     if p.returncode not in ok:
         sys.exit(f"{' '.join(argv[:3])}: exit {p.returncode}\n{out[-3000:]}\n{err[-3000:]}")
-    return dt, ru.ru_maxrss / 1024, out, err
+    return dt, int(rss_kib) / 1024, out, err
 
 
 CPU = [0.0]

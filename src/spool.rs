@@ -8,7 +8,6 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use crate::protocol::{HEADER_LEN, MAX_FRAME};
 
 use crate::dirfd::Dir;
 
@@ -74,7 +73,9 @@ pub fn list(dir: &Path) -> io::Result<Vec<PathBuf>> {
 
 /// Opens a spooled request for reading without ever blocking or following a link
 /// (`O_NONBLOCK | O_NOFOLLOW`): whatever sits in the spool, reading it cannot stall the
-/// daemon. Anything but a regular file of at most one frame is an `InvalidData` error.
+/// daemon. Anything but a regular file is an `InvalidData` error. Its size is not bounded
+/// here: a large closure is spooled as many requests in one file, which are read one frame at
+/// a time, each refused past [`MAX_FRAME`](crate::protocol::MAX_FRAME).
 pub fn open(file: &Path) -> io::Result<File> {
     let f = OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW).open(file).map_err(|e| {
         match e.raw_os_error() {
@@ -85,10 +86,6 @@ pub fn open(file: &Path) -> io::Result<File> {
     let meta = f.metadata()?;
     if !meta.is_file() {
         return Err(io::Error::new(io::ErrorKind::InvalidData, format!("not a regular file ({:?})", meta.file_type())));
-    }
-    let max = (HEADER_LEN + MAX_FRAME as usize) as u64;
-    if meta.len() > max {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{} bytes, more than a request can be ({max})", meta.len())));
     }
     Ok(f)
 }

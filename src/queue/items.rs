@@ -213,19 +213,28 @@ impl Queue {
                     if busy.contains(key) {
                         continue;
                     }
+                    // A value of another type (a damaged row) holds the item back, as the
+                    // comparison in SQL did, and stops nothing else.
                     if let Some(b) = self.blocked.get(key) {
-                        if state.query_row([b], |s| s.get::<_, String>(0)).optional()?.is_some_and(|s| s != "done") {
-                            held += 1;
-                            continue;
+                        match state.query_row([b], |s| s.get::<_, String>(0)).optional() {
+                            Ok(Some(s)) if s == "done" => {}
+                            Ok(None) => {}
+                            Ok(Some(_)) | Err(rusqlite::Error::InvalidColumnType(..)) => {
+                                held += 1;
+                                continue;
+                            }
+                            Err(e) => return Err(e),
                         }
                     }
-                    match blocker.query_row([key], |b| b.get::<_, String>(0)).optional()? {
-                        Some(b) => {
+                    match blocker.query_row([key], |b| b.get::<_, String>(0)).optional() {
+                        Ok(Some(b)) => {
                             self.blocked.insert(key.clone(), b);
                             held += 1;
                             continue;
                         }
-                        None => drop(self.blocked.remove(key)),
+                        Err(rusqlite::Error::InvalidColumnType(..)) => continue,
+                        Ok(None) => drop(self.blocked.remove(key)),
+                        Err(e) => return Err(e),
                     }
                 }
                 let rowid: i64 = r.get(0)?;

@@ -267,8 +267,10 @@ impl Queue {
         let has_size: i64 = conn.query_row("SELECT COUNT(*) FROM pragma_table_info('items') WHERE name = 'size'", [], |r| r.get(0))?;
         if has_size == 0 {
             conn.execute_batch(
-                "ALTER TABLE items ADD COLUMN size INTEGER NOT NULL DEFAULT 0;
-                 UPDATE items SET size = MAX(0, COALESCE(json_extract(info, '$.narSize'), 0)) WHERE kind = 'nar' AND json_valid(info);",
+                "BEGIN;
+                 ALTER TABLE items ADD COLUMN size INTEGER NOT NULL DEFAULT 0;
+                 UPDATE items SET size = MAX(0, COALESCE(json_extract(info, '$.narSize'), 0)) WHERE kind = 'nar' AND json_valid(info);
+                 COMMIT;",
             )?;
         }
         conn.execute_batch(INDEXES)?;

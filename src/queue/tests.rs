@@ -230,6 +230,24 @@ fn what_holds_an_item_back_is_looked_at_again_when_it_changes() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A reference whose state is not text (a damaged row) holds its referrer back, as the SQL
+/// comparison did, and stops no other upload.
+#[test]
+fn a_damaged_reference_holds_back_only_its_referrers() {
+    let (dir, mut q) = fresh_queue("hintbad");
+    let (a, b, c) = (info("a", &[]), info("b", &["a"]), info("c", &[]));
+    q.enqueue(&[a.clone(), b.clone(), c.clone()], None).unwrap();
+    let keys = |v: Vec<Item>| v.into_iter().map(|i| i.key).collect::<Vec<_>>();
+    q.conn.execute("UPDATE items SET state = X'00' WHERE key = ?1", [a.path.to_string()]).unwrap();
+    assert_eq!(keys(q.ready(10, &HashSet::new()).unwrap()), [c.path.to_string()]);
+    // Held with a hint too, once it was found waiting on a.
+    q.conn.execute("UPDATE items SET state = 'pending' WHERE key = ?1", [a.path.to_string()]).unwrap();
+    assert_eq!(keys(q.ready(10, &[a.path.to_string(), c.path.to_string()].into()).unwrap()), Vec::<String>::new());
+    q.conn.execute("UPDATE items SET state = X'00' WHERE key = ?1", [a.path.to_string()]).unwrap();
+    assert_eq!(keys(q.ready(10, &HashSet::new()).unwrap()), [c.path.to_string()]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A queue of narq before the `size` column sums its pending NARs' sizes from the infos once.
 #[test]
 fn an_older_queue_gains_the_sizes_of_its_pending_paths() {
