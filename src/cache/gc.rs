@@ -851,22 +851,25 @@ pub fn plan_rm(m: &Model, paths: &[StorePath], with_referrers: bool) -> Result<P
 }
 
 /// Deletes what `plan` says, round by round, under `run`'s heartbeat: up to [`DELETE_JOBS`]
-/// requests of a round at once (fewer on a slow store, [`delete_jobs`]), each sent right
+/// requests of a round at once (fewer and smaller on a slow store, [`delete_sizing`]), each sent right
 /// after its own heartbeat check; a round
 /// begins once every request of the one before it has returned.
 pub async fn execute(target: &dyn Target, run: &mut Run<'_>, plan: &Plan, m: &Model) -> Result<(), TargetError> {
     let run = tokio::sync::Mutex::new(run);
-    let narinfos = plan.rounds.iter().map(|round| round.chunks(DELETE_BATCH).map(Batch::Narinfos).collect::<Vec<_>>());
-    let objects = std::iter::once(plan.objects.chunks(DELETE_BATCH).map(Batch::Objects).collect());
-    // The first request goes alone, and how long it took sets how many go at once.
-    let mut jobs = None;
-    for mut batches in narinfos.chain(objects) {
-        if jobs.is_none() && !batches.is_empty() {
+    let rounds = plan.rounds.iter().map(|round| Batch::Narinfos(round)).chain([Batch::Objects(&plan.objects)]);
+    // The first request, of a few keys, goes alone; its time sets the size of the others and
+    // how many go at once.
+    let mut sizing = None;
+    for mut round in rounds {
+        if sizing.is_none() && round.len() > 0 {
+            let (probe, rest) = round.split_at(PROBE_KEYS.min(round.len()));
             let started = std::time::Instant::now();
-            delete_batch(target, &run, m, batches.remove(0)).await?;
-            jobs = Some(delete_jobs(started.elapsed()));
+            delete_batch(target, &run, m, probe).await?;
+            sizing = Some(delete_sizing(started.elapsed(), probe.len()));
+            round = rest;
         }
-        crate::par::try_concurrently(batches, jobs.unwrap_or(DELETE_JOBS), |b| delete_batch(target, &run, m, b)).await?;
+        let (keys, jobs) = sizing.unwrap_or((DELETE_BATCH, DELETE_JOBS));
+        crate::par::try_concurrently(round.chunks(keys), jobs, |b| delete_batch(target, &run, m, b)).await?;
     }
     for i in &plan.incomplete {
         run.lock().await.heartbeat().await?;
@@ -892,21 +895,53 @@ async fn delete_batch(target: &dyn Target, run: &tokio::sync::Mutex<&mut Run<'_>
     target.delete(&keys).await
 }
 
-/// Delete requests at once, after the first took `first`: [`DELETE_JOBS`] where a request
-/// is quick, fewer where the store takes its time, so that each is still answered well
-/// within the time a request is given (a 3-node Garage cluster on 2 cores deletes ~300 keys
-/// a second in all: 8 requests of 1,000 keys at once went unanswered for 20 s, and the gc
-/// failed). Requests at once share the store, so each takes about `first` times their number;
-/// they are kept under 5 s.
-fn delete_jobs(first: std::time::Duration) -> usize {
-    const WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
-    (WITHIN.as_secs_f64() / first.as_secs_f64().max(1e-3)).floor().clamp(1.0, DELETE_JOBS as f64) as usize
+/// Keys in [`execute`]'s first delete request, which sizes the others.
+const PROBE_KEYS: usize = 100;
+
+/// Keys a delete request and requests at once, after the first, of `n` keys, took `first`:
+/// [`DELETE_BATCH`] and [`DELETE_JOBS`] where that is quick, fewer where the store takes its
+/// time, so that each request is answered well within the time it is given (20 s) and sent
+/// well within the 60 s after its heartbeat check. A 3-node Garage cluster on 2 cores deletes
+/// keys one after the other, ~25 ms each: one request of 1,000 keys went unanswered for 20 s
+/// and the gc failed. Requests at once share the store, so each takes about its keys times
+/// the time a key took times their number; that is kept under 5 s.
+fn delete_sizing(first: std::time::Duration, n: usize) -> (usize, usize) {
+    const WITHIN: f64 = 5.0;
+    let per_key = (first.as_secs_f64() / n.max(1) as f64).max(1e-6);
+    let keys = (WITHIN / per_key).floor().clamp(10.0, DELETE_BATCH as f64) as usize;
+    let jobs = (WITHIN / (keys as f64 * per_key)).floor().clamp(1.0, DELETE_JOBS as f64) as usize;
+    (keys, jobs)
 }
 
-/// One delete request of [`execute`].
+/// One delete request of [`execute`], or a round of them.
+#[derive(Clone, Copy)]
 enum Batch<'a> {
     Narinfos(&'a [u32]),
     Objects(&'a [Doomed]),
+}
+
+impl<'a> Batch<'a> {
+    fn len(&self) -> usize {
+        match self {
+            Batch::Narinfos(b) => b.len(),
+            Batch::Objects(b) => b.len(),
+        }
+    }
+
+    fn split_at(self, n: usize) -> (Batch<'a>, Batch<'a>) {
+        match self {
+            Batch::Narinfos(b) => (Batch::Narinfos(&b[..n]), Batch::Narinfos(&b[n..])),
+            Batch::Objects(b) => (Batch::Objects(&b[..n]), Batch::Objects(&b[n..])),
+        }
+    }
+
+    /// Requests of `keys` keys each (the last may have fewer).
+    fn chunks(self, keys: usize) -> Vec<Batch<'a>> {
+        match self {
+            Batch::Narinfos(b) => b.chunks(keys).map(Batch::Narinfos).collect(),
+            Batch::Objects(b) => b.chunks(keys).map(Batch::Objects).collect(),
+        }
+    }
 }
 
 /// After the lease (see [`super::collection`]): the narinfos, roots and pins written since
@@ -973,12 +1008,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn delete_requests_at_once_follow_the_store() {
+    fn delete_requests_follow_the_store() {
         let ms = std::time::Duration::from_millis;
-        assert_eq!(delete_jobs(ms(40)), DELETE_JOBS);
-        assert_eq!(delete_jobs(ms(900)), 5);
-        assert_eq!(delete_jobs(ms(3300)), 1);
-        assert_eq!(delete_jobs(ms(25_000)), 1);
+        // S3 or a directory: 100 keys in 40 ms.
+        assert_eq!(delete_sizing(ms(40), 100), (DELETE_BATCH, DELETE_JOBS));
+        // 100 keys in 300 ms: full requests, fewer at once.
+        assert_eq!(delete_sizing(ms(300), 100), (DELETE_BATCH, 1));
+        // Garage on 2 cores: 25 ms a key.
+        assert_eq!(delete_sizing(ms(2500), 100), (200, 1));
+        // Slower yet: never fewer than 10 keys a request.
+        assert_eq!(delete_sizing(ms(60_000), 100), (10, 1));
     }
     use crate::nix::{nixbase32, Sha256};
 
